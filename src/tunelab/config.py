@@ -1,0 +1,366 @@
+"""The whole configuration schema, as typed pydantic models.
+
+One YAML file describes a run. Rules:
+
+* unknown keys are errors (with a "did you mean" hint), and so are wrong types and
+  impossible combinations; every problem found is reported at once, one line each, naming
+  the field path, the bad value and the fix;
+* ``--set a.b=value`` overrides any field (the value is read as YAML, so ``--set
+  train.lr=1e-4`` is a float and ``--set data.packing=true`` a bool);
+* the resolved config is saved into the run directory together with where each value came
+  from (``default``, the file, or ``--set``).
+
+Field descriptions are the documentation: ``tunelab train --help`` prints them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunelab.errors import ConfigError, UserError
+from tunelab.methods import MethodConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Strict):
+    """Where the run directory goes."""
+
+    name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
+
+
+class ModelSection(_Strict):
+    """The base model."""
+
+    path: str = Field(
+        ...,
+        description="An alias (smollm2-135m-instruct, tiny-random-llama), a local Hugging Face folder, "
+        "a .gguf file, or a hub id already in the local cache.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the weights as loaded. Keep float32 master weights and let train.precision "
+        "choose autocast; bfloat16 halves memory at some accuracy cost.",
+    )
+
+
+class DatasetSpec(_Strict):
+    """One data file."""
+
+    path: str = Field(..., description="A .json, .jsonl, .csv, .parquet or .txt file.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "classification"] = Field(
+        "auto", description="Row format; 'auto' detects it from the keys of the first row."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical field names to yours, e.g. {instruction: question, output: answer}.",
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows (first rows).")
+
+
+class DataSection(_Strict):
+    """Training and evaluation data, chat template, masking and lengths."""
+
+    train: list[DatasetSpec] = Field(..., min_length=1, description="Training files (records are concatenated).")
+    eval: list[DatasetSpec] = Field(default_factory=list, description="Validation files for eval loss and early stopping.")
+    eval_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of the training records for validation (seeded)."
+    )
+    template: str = Field(
+        "auto", description="Chat template: 'auto' (the tokenizer's own, chatml if it has none), chatml, llama3, alpaca."
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="Which tokens get a loss: every assistant turn, only the last one, or all tokens."
+    )
+    max_length: int = Field(1024, ge=8, description="Maximum tokens per sample (and per packed row).")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with a sample longer than max_length: cut it, drop it (reported), or stop."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several samples into each row of max_length tokens with no attention across samples "
+        "(position ids restart per sample). Removes padding; same loss as unpacked.",
+    )
+
+
+class TrainSection(_Strict):
+    """Optimiser, schedule, batching, precision, evaluation and checkpoints."""
+
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw (torch.optim.AdamW) or sgd (with momentum).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not applied to biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["linear", "cosine", "constant"] = Field("cosine", description="LR decay after warm-up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up length in optimiser steps.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a share of all steps (instead of warmup_steps).")
+    batch_size: int = Field(4, ge=1, description="Samples (or packed rows) per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
+    seed: int = Field(42, description="Seeds data order, dropout and initialisation.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 autocast on GPUs and CPUs that support it, fp16 with loss scaling on older GPUs, "
+        "fp32 otherwise. The choice is recorded in the run.",
+    )
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimiser steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimiser steps (0: only at the end).")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many step checkpoints (oldest pruned).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better eval loss."
+    )
+    log_every: int = Field(1, ge=1, description="Write metrics every N optimiser steps.")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
+    )
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: physical cores).")
+
+
+def _default_method():
+    from tunelab.methods import METHODS
+
+    return METHODS["lora"].Config()
+
+
+class TuneConfig(_Strict):
+    """A fine-tuning run."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    method: MethodConfig = Field(default_factory=lambda: _default_method(), description="The tuning method.")  # type: ignore[assignment]
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE such as train.lr=1e-4")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            node = node[idx]
+            continue
+        if part not in node or not isinstance(node[part], dict | list):
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: tree}
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names valid at a location (for "did you mean" hints)."""
+    model: Any = TuneConfig
+    from tunelab.methods import METHODS
+
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        if part == "method":
+            return sorted({f for m in METHODS.values() for f in m.Config.model_fields})
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        if inner:  # list[DatasetSpec] and friends
+            ann = next((a for a in inner if hasattr(a, "model_fields")), ann)
+        model = ann if hasattr(ann, "model_fields") else None
+    return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
+
+
+def _format_error(err: dict, method_names: list[str]) -> str:
+    loc = tuple(p for p in err["loc"] if p not in method_names or err["loc"][0] != "method")
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        raw_loc = err["loc"]
+        if raw_loc[0] == "method" and len(raw_loc) > 2 and raw_loc[1] in method_names:
+            from tunelab.methods import METHODS
+
+            options = [f for f in METHODS[raw_loc[1]].Config.model_fields if f != "name"]
+            guess = difflib.get_close_matches(str(loc[-1]), options, n=1)
+            hint = f"did you mean '{guess[0]}'?" if guess else f"its keys are: {', '.join(options) or '(none)'}"
+            return f"{path}: unknown key for method '{raw_loc[1]}'. Remove it; {hint}"
+        parent = loc[:-1]
+        options = _fields_at(parent)
+        guess = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"did you mean '{guess[0]}'?" if guess else f"valid keys here: {', '.join(options)}"
+        return f"{path}: unknown key. Remove it; {hint}"
+    if kind == "missing":
+        return f"{path}: required field is missing. Add it to the config or pass --set {path}=..."
+    if kind == "union_tag_not_found":
+        return f"{path}.name: missing. Choose one of: {', '.join(method_names)}"
+    if kind == "union_tag_invalid":
+        return f"{path}.name: unknown method (got {value.get('name') if isinstance(value, dict) else value!r}). Choose one of: {', '.join(method_names)}"
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{path}: {err['msg']} (got {shown}). Fix the value in the config or with --set {path}=..."
+
+
+def _cross_field_problems(cfg: TuneConfig) -> list[str]:
+    """Rules that involve several fields; worded with the field paths."""
+    p: list[str] = []
+    t, d = cfg.train, cfg.data
+    if t.warmup_steps is not None and t.warmup_ratio is not None:
+        p.append("train.warmup_steps and train.warmup_ratio are both set. Choose one.")
+    if t.max_steps is None and t.epochs is None:
+        p.append("train.epochs and train.max_steps are both empty. Set one of them.")
+    has_eval = bool(d.eval) or d.eval_ratio > 0
+    if t.early_stopping_patience is not None and not has_eval:
+        p.append("train.early_stopping_patience needs validation data: set data.eval or data.eval_ratio.")
+    if d.eval and d.eval_ratio > 0:
+        p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
+    return p
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> tuple[TuneConfig, dict[str, str]]:
+    """Read, override and validate a config. Returns the config and each field's source.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    raw: dict[str, Any] = dict(base or {})
+    source_name = "config"
+    if path is not None:
+        path = Path(path)
+        source_name = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found. Check the path, or start from one in examples/")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)}). Fix the syntax") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a UTF-8 text file. Save the config as UTF-8 YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (got {type(loaded).__name__}). See examples/")
+        raw.update(loaded)
+    from_file = set(_flatten(raw))
+    over = parse_overrides(overrides or [])
+    for key, value in over.items():
+        try:
+            _set_path(raw, key, value)
+        except (ValueError, TypeError, IndexError):
+            raise UserError(f"--set {key}={value!r}: that path does not fit the config's structure") from None
+
+    from tunelab.methods import METHODS
+
+    if isinstance(raw.get("method"), dict) and "name" not in raw["method"]:
+        raw["method"] = {"name": "lora", **raw["method"]}  # the default method
+    try:
+        cfg = TuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_format_error(e, list(METHODS)) for e in exc.errors()]
+        raise ConfigError(list(dict.fromkeys(problems)), source_name) from None
+    problems = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source_name)
+
+    sources: dict[str, str] = {}
+    for key in _flatten(cfg.model_dump(mode="json")):
+        if any(key == o or key.startswith(o + ".") for o in over):
+            sources[key] = "--set"
+        elif key in from_file:
+            sources[key] = source_name
+        else:
+            sources[key] = "default"
+    return cfg, sources
+
+
+def dump_config(cfg: TuneConfig, sources: dict[str, str] | None = None) -> str:
+    """The resolved config as YAML; with ``sources``, each leaf is annotated ``# from <source>``."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    if not sources:
+        return text
+    return text + "\n# where each value came from:\n" + "".join(
+        f"#   {k} = {v}\n" for k, v in sorted(sources.items()) if v != "default"
+    )
+
+
+def describe_schema(model: type[BaseModel] = TuneConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(path, type, default, description) for every field: the source of ``--help``."""
+    from tunelab.methods import METHODS
+
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if name == "method" and model is TuneConfig:
+            for mname, module in METHODS.items():
+                rows.append((f"method.name={mname}", "", "", (module.Config.__doc__ or "").strip()))
+                rows.extend(describe_schema(module.Config, f"method[{mname}]."))
+            continue
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_schema(ann, path + "."))
+            continue
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if inner:
+            rows.append((path, "list", "[]" if not field.is_required() else "required", field.description or ""))
+            rows.extend(describe_schema(inner[0], path + "[]."))
+            continue
+        if name == "name" and prefix.startswith("method["):
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((path, type_name, default, field.description or ""))
+    return rows

@@ -1,0 +1,153 @@
+"""Rows, batches and the data order.
+
+A *row* is what one line of a micro-batch holds: one sample (padded per micro-batch) or,
+with packing, several samples laid end to end in ``max_length`` tokens, with position ids
+that restart at 0 for every sample. Transformers (>= 4.54) turns restarting position ids
+with no attention mask into a block-diagonal causal mask, so no token attends across
+samples (only when the forward runs with ``use_cache=False``: with a KV cache transformers
+skips that detection, which is why the loss module passes it); the first token of each sample is never a target (its label is set to -100), so
+no sample is trained to predict the next one's start.
+
+The data order is a pure function of (seed, epoch, step): every process computes the same
+plan and takes its own slice, which makes 1 process = N processes, batch B x accumulation A
+= batch B*A, and resume-from-step-k exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a micro-batch: one or more samples (``segments`` = their lengths)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    segments: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        """Labelled tokens that are targets after the causal shift (the loss's denominator)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def _first_token_unlabelled(labels: list[int]) -> list[int]:
+    out = list(labels)
+    if out:
+        out[0] = IGNORE
+    return out
+
+
+def rows_unpacked(samples) -> list[Row]:
+    """One row per sample (``samples`` are ``Encoded``-like: ``input_ids``, ``labels``)."""
+    return [
+        Row(tuple(s.input_ids), tuple(_first_token_unlabelled(s.labels)), (len(s.input_ids),)) for s in samples
+    ]
+
+
+def rows_packed(samples, max_length: int) -> list[Row]:
+    """Best-fit-decreasing packing of samples into rows of at most ``max_length`` tokens.
+
+    Deterministic (ties broken by input order). Our own code: the HF collators pack greedily
+    in order, which wastes more of each row.
+    """
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    bins: list[list[int]] = []  # sample indices per row
+    free: list[tuple[int, int]] = []  # sorted (space left, bin index)
+    for i in order:
+        n = len(samples[i].input_ids)
+        if n > max_length:
+            raise ValueError(f"sample {samples[i].id} has {n} tokens > max_length {max_length}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_length - n, len(bins) - 1))
+    rows = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in sorted(members):
+            ids.extend(samples[i].input_ids)
+            labels.extend(_first_token_unlabelled(samples[i].labels))
+        rows.append(Row(tuple(ids), tuple(labels), tuple(len(samples[i].input_ids) for i in sorted(members))))
+    return rows
+
+
+def collate(rows: list[Row], *, pad_id: int, packed: bool, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch, right-padded to the longest row (or ``pad_to``).
+
+    Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` that restart
+    for every sample and for the padding tail (so padding is its own block).
+    """
+    if not rows:  # an empty slice on some process: one fully ignored token keeps DDP in step
+        rows = [Row((pad_id,), (IGNORE,), (1,))]
+    width = max(pad_to or 0, max(len(r) for r in rows))
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r.input_ids, dtype=torch.long)
+        labels[i, : len(r)] = torch.tensor(r.labels, dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        pos = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            start = 0
+            for seg in r.segments + ((width - len(r),) if width > len(r) else ()):
+                pos[i, start : start + seg] = torch.arange(seg)
+                start += seg
+        batch["position_ids"] = pos
+    else:
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            mask[i, : len(r)] = 1
+        batch["attention_mask"] = mask
+    return batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rows every process uses at every micro-step of every optimiser step."""
+
+    n_rows: int
+    batch_size: int  # rows per micro-batch per process
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.n_rows // self.rows_per_step))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_rows, generator=g).tolist()
+
+    def step_rows(self, step: int) -> list[int]:
+        """Row indices of optimiser step ``step`` (0-based, counted over all epochs)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        return order[k * self.rows_per_step : (k + 1) * self.rows_per_step]
+
+    def micro_rows(self, step: int, micro: int, rank: int) -> list[int]:
+        """Rows of micro-batch ``micro`` on process ``rank`` at optimiser step ``step``."""
+        chunk = self.step_rows(step)
+        start = (micro * self.world_size + rank) * self.batch_size
+        return chunk[start : start + self.batch_size]

@@ -1,0 +1,837 @@
+"""Read data files into canonical :class:`~tunelab.data.records.Record` objects.
+
+Files are parsed with the standard library (``json``, ``csv``) and pyarrow (``.parquet``);
+this module only maps each row of a known *format* onto the canonical record:
+
+* ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
+  (a list of ``[user, assistant]`` pairs that become earlier turns);
+* ``sharegpt``: ``conversations`` (a list of ``{from, value}``), optional ``system``, ``tools``;
+* ``messages``: OpenAI style ``messages`` (a list of ``{role, content}``), optional ``tools``;
+* ``text``: a ``text`` field (or a ``.txt`` file, one document per non-empty line);
+* ``classification``: ``text`` plus ``label`` and/or ``label_text``.
+
+Two kinds of problems, two ways of reporting them:
+
+* a problem with the whole file (missing, empty, not UTF-8, not JSON, unknown extension, no
+  row has the fields the format needs) raises :class:`~tunelab.errors.UserError`;
+* a problem with one row never stops the read and is never silent: the row becomes a
+  :class:`~tunelab.data.records.Reject` with a short ``reason`` code and a one-line ``detail``.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.records import ROLES, Message, Record, Reject
+from tunelab.errors import UserError
+
+FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "text", "classification")
+EXTENSIONS: tuple[str, ...] = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+#: Canonical field names a ``columns:`` mapping may rename. The first group are row keys,
+#: the second keys inside one turn of ``conversations`` / ``messages``.
+ROW_FIELDS: tuple[str, ...] = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "conversations",
+    "messages",
+    "tools",
+    "text",
+    "label",
+    "label_text",
+)
+TURN_FIELDS: tuple[str, ...] = ("from", "value", "role", "content")
+
+#: ShareGPT speaker names and the canonical role each one becomes.
+SHAREGPT_ROLES: dict[str, str] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+_RAW_LIMIT = 500
+_FORMAT_HINT = f"Set `format:` to one of {', '.join(FORMATS)}"
+
+
+@dataclass
+class ReadResult:
+    """What :func:`read_records` found in one file."""
+
+    records: list[Record]
+    rejects: list[Reject]
+    format: str  # the format used (detected when ``format="auto"``)
+    path: str
+    rows: int  # rows seen (records + rejects)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_records(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+) -> ReadResult:
+    """Read one ``.json``/``.jsonl``/``.csv``/``.parquet``/``.txt`` file into records.
+
+    ``format="auto"`` detects the format from the keys of the first row that is a JSON
+    object. ``columns`` maps canonical field names to the file's own names, for example
+    ``{"instruction": "question", "output": "answer"}`` or
+    ``{"conversations": "dialog", "from": "speaker", "value": "text"}``. ``limit`` stops
+    after that many rows.
+    """
+    p = Path(path)
+    if format != "auto" and format not in FORMATS:
+        raise UserError(
+            f"data.format: unknown format (got {format!r}). Use auto or one of {', '.join(FORMATS)}."
+        )
+    cols = _check_columns(columns)
+    _check_file(p)
+    ext = p.suffix.lower()
+
+    if ext == ".txt":
+        if format not in ("auto", "text"):
+            raise UserError(
+                f"{p}: a .txt file is read as plain text, one document per line (got format {format!r}). "
+                "Set `format: text` (or auto), or convert the file to .jsonl."
+            )
+        rows = list(_read_txt(p, limit))
+        fmt = "text"
+    else:
+        rows = list(_iter_rows(p, ext, limit))
+        fmt = format if format != "auto" else _detect_format(p, rows, cols)
+
+    parse = _PARSERS[fmt]
+    records: list[Record] = []
+    errors: list[tuple[_Ctx, _RowError]] = []
+    for index, row in rows:
+        ctx = _Ctx(path=p, row=index, raw=row)
+        try:
+            records.append(parse(_rename(_as_object(row), cols), ctx, cols))
+        except _RowError as err:
+            errors.append((ctx, err))
+
+    if rows and not records:
+        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors])
+    rejects = [err.to_reject(ctx) for ctx, err in errors]
+    return ReadResult(records=records, rejects=rejects, format=fmt, path=str(p), rows=len(rows))
+
+
+def write_rejects(rejects: list[Reject], path: Path) -> None:
+    """Append ``rejects`` to ``path`` as JSON Lines (one :meth:`Reject.to_dict` per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for reject in rejects:
+            fh.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
+
+
+def summarize_rejects(rejects: list[Reject]) -> dict[str, int]:
+    """Count rejects per ``reason``, most frequent first."""
+    return dict(Counter(r.reason for r in rejects).most_common())
+
+
+# --------------------------------------------------------------------------- row errors
+
+
+@dataclass
+class _Ctx:
+    path: Path
+    row: int
+    raw: Any
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.name}:{self.row}"
+
+
+class _RowError(Exception):
+    """One row is unusable; becomes a :class:`Reject` (never escapes this module)."""
+
+    def __init__(self, reason: str, field: str, value: Any, what: str, fix: str):
+        super().__init__(what)
+        self.reason, self.field, self.value, self.what, self.fix = reason, field, value, what, fix
+
+    def to_reject(self, ctx: _Ctx) -> Reject:
+        where = f"{ctx.path.name} row {ctx.row}" + (f", field '{self.field}'" if self.field else "")
+        detail = f"{where}: {self.what} (got {_show(self.value)}). {self.fix}."
+        raw = ctx.raw.line if isinstance(ctx.raw, _BadLine) else _show(ctx.raw, _RAW_LIMIT)
+        return Reject(source=str(ctx.path), row=ctx.row, reason=self.reason, detail=detail, raw=raw)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A one-line, truncated rendering of a value for messages."""
+    if value is _MISSING:
+        return "nothing"
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+# --------------------------------------------------------------------------- files → rows
+
+
+def _as_object(row: Any) -> dict[str, Any]:
+    """The row as a JSON object, or the row's reject."""
+    if isinstance(row, _BadLine):
+        raise _RowError(
+            "bad_json",
+            "",
+            row.line,
+            f"the line is not valid JSON ({row.error})",
+            "Fix the JSON syntax or remove the line",
+        )
+    if not isinstance(row, dict):
+        raise _RowError(
+            "wrong_type", "", row, "the row is not a JSON object", "Write each row as an object {...}"
+        )
+    return row
+
+
+@dataclass
+class _BadLine:
+    """A JSON Lines line that did not parse."""
+
+    line: str
+    error: str
+
+
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        hint = ""
+        if p.parent.is_dir():
+            close = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{p}: file not found (got path {str(p)!r}). Check the path.{hint}")
+    if p.is_dir():
+        names = sorted(c.name for c in p.iterdir() if c.suffix.lower() in EXTENSIONS)[:5]
+        raise UserError(
+            f"{p}: is a directory, not a data file (got a folder with {len(names)} data file(s)"
+            f"{': ' + ', '.join(names) if names else ''}). Point at one file."
+        )
+    if p.suffix.lower() not in EXTENSIONS:
+        raise UserError(
+            f"{p}: unsupported file type (got {p.suffix or 'no extension'!r}). "
+            f"Use one of {', '.join(EXTENSIONS)}, e.g. convert it to JSON Lines."
+        )
+    try:
+        size = p.stat().st_size
+        with p.open("rb"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{p}: cannot read the file (got {err.strerror or err}). Check its permissions."
+        ) from err
+    if size == 0:
+        raise UserError(f"{p}: the file is empty (got 0 bytes). Point at a file with rows.")
+
+
+def _read_text(p: Path) -> str:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{p}: the file is not UTF-8 text (got byte 0x{data[err.start]:02x} at offset {err.start}). "
+            "Re-save it as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`."
+        ) from err
+    if not text.strip():
+        raise UserError(f"{p}: the file is empty (got only whitespace). Point at a file with rows.")
+    return text
+
+
+def _iter_rows(p: Path, ext: str, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row index, row)``; a row is a parsed value or a :class:`_BadLine`."""
+    if ext == ".parquet":
+        yield from _read_parquet(p, limit)
+        return
+    text = _read_text(p)
+    if ext == ".csv":
+        yield from _read_csv(p, text, limit)
+    elif ext == ".jsonl":
+        rows = _read_jsonl(text, limit)
+        if not any(isinstance(r, dict) for _, r in rows):
+            raise UserError(_not_jsonl_message(p, rows))
+        yield from rows
+    else:  # .json: a list of objects, else JSON Lines
+        yield from _read_json(p, text, limit)
+
+
+def _read_json(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
+    """A ``.json`` file: a list of rows, else JSON Lines, else a :class:`UserError`."""
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as err:
+        data, error = _MISSING, err
+    else:
+        error = None
+    if isinstance(data, list):
+        if not data:
+            raise UserError(f"{p}: the JSON list is empty (got []). Point at a file with rows.")
+        return list(enumerate(data[:limit] if limit is not None else data))
+    # Not a list: JSON Lines saved as .json? Only if the file is one JSON value per line from
+    # its first line on; a pretty-printed document must not half-parse line by line.
+    one_line = error is None and isinstance(data, dict) and "\n" not in text.strip()
+    rows = _read_jsonl(text, limit) if error is not None or one_line else []
+    if rows and isinstance(rows[0][1], dict):
+        return rows
+    if error is not None:
+        raise UserError(
+            f"{p}: not valid JSON and not JSON Lines either (got {error.msg} at line {error.lineno} "
+            f"column {error.colno}). Fix the syntax: a .json file holds one list [{{...}}, ...] of rows."
+        )
+    what = (
+        f"an object with keys {_show(sorted(data))}"
+        if isinstance(data, dict)
+        else f"a JSON {type(data).__name__}"
+    )
+    raise UserError(
+        f"{p}: the top level is not a list of rows (got {what}). "
+        "Put the rows in a top-level list [{...}, ...], or write JSON Lines (one object per line)."
+    )
+
+
+def _read_jsonl(text: str, limit: int | None) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    for index, line in enumerate(text.splitlines()):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            rows.append((index, json.loads(line)))
+        except json.JSONDecodeError as err:
+            rows.append((index, _BadLine(line=line[:_RAW_LIMIT], error=f"{err.msg} at column {err.colno}")))
+    return rows
+
+
+def _not_jsonl_message(p: Path, rows: list[tuple[int, Any]]) -> str:
+    first = rows[0][1] if rows else None
+    got = f"line {rows[0][0] + 1}: {first.error}" if isinstance(first, _BadLine) else f"{_show(first)}"
+    return (
+        f"{p}: no line is a JSON object (got {got}). "
+        "Write JSON Lines: one object {...} per line, or a .json file holding a list."
+    )
+
+
+def _read_csv(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = []
+        for index, row in enumerate(reader):
+            if limit is not None and index >= limit:
+                break
+            rows.append((index, {k: v for k, v in row.items() if k is not None}))
+    except csv.Error as err:
+        raise UserError(
+            f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header."
+        ) from err
+    if not rows:
+        raise UserError(
+            f"{p}: the CSV file has a header but no rows (got {_show(reader.fieldnames)}). Add rows."
+        )
+    return rows
+
+
+def _read_parquet(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(
+            f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]}). Re-export it."
+        ) from err
+    if table.num_rows == 0:
+        raise UserError(f"{p}: the Parquet file has no rows (got columns {table.column_names}). Add rows.")
+    if limit is not None:
+        table = table.slice(0, limit)
+    yield from enumerate(table.to_pylist())
+
+
+def _read_txt(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    seen = 0
+    for index, line in enumerate(_read_text(p).splitlines()):
+        if limit is not None and seen >= limit:
+            return
+        if line.strip():
+            seen += 1
+            yield index, {"text": line}
+
+
+# --------------------------------------------------------------------------- columns and detection
+
+
+def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    if not columns:
+        return {}
+    known = ROW_FIELDS + TURN_FIELDS
+    for canonical, name in columns.items():
+        if canonical not in known:
+            close = difflib.get_close_matches(canonical, known, n=1)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise UserError(
+                f"data.columns: unknown canonical field (got {canonical!r}). {hint}"
+                f"Keys are the canonical names ({', '.join(known)}); values are your column names."
+            )
+        if not isinstance(name, str) or not name:
+            raise UserError(
+                f"data.columns.{canonical}: the column name must be a non-empty string (got {name!r})."
+            )
+    return dict(columns)
+
+
+def _rename(row: dict[str, Any], cols: dict[str, str]) -> dict[str, Any]:
+    """Expose the user's row keys under their canonical names (the mapping wins on clashes)."""
+    renamed = {c: u for c, u in cols.items() if c in ROW_FIELDS and c != u}
+    if not renamed:
+        return row
+    out = dict(row)
+    for canonical, user in renamed.items():
+        out.pop(canonical, None)
+        if user in row:
+            out[canonical] = row[user]
+    return out
+
+
+def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -> str:
+    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    if first is None:
+        raise UserError(
+            f"{p}: no row is a JSON object (got {_show(rows[0][1] if rows else None)}). {_FORMAT_HINT}."
+        )
+    keys = set(_rename(first, cols))
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "messages"
+    if "instruction" in keys:
+        return "alpaca"
+    if "text" in keys and keys & {"label", "label_text"}:
+        return "classification"
+    if "text" in keys:
+        return "text"
+    raise UserError(
+        f"{p}: cannot tell the data format from the keys of the first row (got {_show(sorted(first))}). "
+        f"{_FORMAT_HINT} and map your column names with `columns:`, e.g. columns: {{instruction: question}}."
+    )
+
+
+def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError]) -> None:
+    """No row survived and every row lacked a required field: the format or columns are wrong."""
+    if not errors or any(err.reason != "missing_field" for err in errors):
+        return
+    first = next((r for _, r in rows if isinstance(r, dict)), {})
+    missing = errors[0].field
+    raise UserError(
+        f"{p}: no row has the fields format {fmt!r} needs (got keys {_show(sorted(first))}; "
+        f"{missing!r} is missing in all {len(rows)} rows). Map your column names with `columns:`, "
+        f"e.g. columns: {{{missing}: <your column>}}, or {_FORMAT_HINT[0].lower()}{_FORMAT_HINT[1:]}."
+    )
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _get(row: dict[str, Any], key: str) -> Any:
+    """The value under ``key``; ``None`` counts as missing."""
+    value = row.get(key, _MISSING)
+    return _MISSING if value is None else value
+
+
+def _missing(key: str) -> _RowError:
+    return _RowError(
+        "missing_field",
+        key,
+        _MISSING,
+        f"required field {key!r} is missing",
+        f"Add {key!r} to the row, or map your column with columns: {{{key}: <column>}}",
+    )
+
+
+def _required_str(row: dict[str, Any], key: str) -> str:
+    value = _get(row, key)
+    if value is _MISSING:
+        raise _missing(key)
+    if not isinstance(value, str):
+        raise _RowError(
+            "wrong_type",
+            key,
+            value,
+            f"{key!r} must be a string, not {type(value).__name__}",
+            f"Write {key!r} as text",
+        )
+    return value
+
+
+def _optional_str(row: dict[str, Any], key: str) -> str | None:
+    value = _get(row, key)
+    if value is _MISSING or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _RowError(
+            "wrong_type",
+            key,
+            value,
+            f"{key!r} must be a string, not {type(value).__name__}",
+            f"Write {key!r} as text or leave it out",
+        )
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    """Nested fields in CSV files arrive as JSON text: decode them (other values as they are)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _tools(row: dict[str, Any]) -> str | None:
+    """``tools`` as a JSON string: JSON text is checked, a JSON value is serialised."""
+    value = _get(row, "tools")
+    if value is _MISSING or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise _RowError(
+                "bad_tools",
+                "tools",
+                value,
+                f"'tools' is not valid JSON ({err.msg})",
+                "Write tools as a JSON list of function schemas",
+            ) from err
+    else:
+        parsed = value
+    if not isinstance(parsed, (list, dict)):
+        raise _RowError(
+            "bad_tools",
+            "tools",
+            value,
+            "'tools' must be a JSON list or object",
+            "Write tools as a JSON list of function schemas",
+        )
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _check_turns(messages: list[Message], key: str) -> None:
+    """Shared rules for every chat format: order, an answer to train on, no empty answers."""
+    for index, message in enumerate(messages):
+        if message.role == "assistant" and not message.content.strip():
+            raise _RowError(
+                "empty_response",
+                f"{key}[{index}]",
+                message.content,
+                "the assistant turn is empty",
+                "Fill in the response or drop the row",
+            )
+    roles = [m.role for m in messages]
+    if "assistant" not in roles:
+        raise _RowError(
+            "no_assistant_turn",
+            key,
+            roles,
+            "the conversation has no assistant turn",
+            "Add the assistant's answer, or use format: classification for labelled text",
+        )
+    if roles[-1] != "assistant":
+        raise _RowError(
+            "no_assistant_turn",
+            key,
+            roles,
+            "the conversation does not end with an assistant turn",
+            "End each conversation with the assistant's answer (drop trailing turns)",
+        )
+    first = next(r for r in roles if r != "system")
+    if first == "assistant":
+        raise _RowError(
+            "bad_turn_order",
+            key,
+            roles,
+            "the conversation starts with an assistant turn",
+            "Start with a user turn (after an optional system turn)",
+        )
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _alpaca(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    instruction = _required_str(row, "instruction")
+    extra = _optional_str(row, "input")
+    output = _get(row, "output")
+    if output is _MISSING:
+        raise _missing("output")
+    if not isinstance(output, str):
+        raise _RowError(
+            "wrong_type",
+            "output",
+            output,
+            f"'output' must be a string, not {type(output).__name__}",
+            "Write one response as text (preference pairs are not SFT data)",
+        )
+    if not output.strip():
+        raise _RowError(
+            "empty_response", "output", output, "'output' is empty", "Fill in the response or drop the row"
+        )
+    prompt = "\n".join(part for part in (instruction, extra) if part)
+    if not prompt.strip():
+        raise _RowError(
+            "empty_prompt",
+            "instruction",
+            instruction,
+            "'instruction' and 'input' are both empty",
+            "Fill in the instruction or drop the row",
+        )
+    messages: list[Message] = []
+    system = _optional_str(row, "system")
+    if system:
+        messages.append(Message("system", system))
+    messages += _history(row)
+    messages += [Message("user", prompt), Message("assistant", output)]
+    _check_turns(messages, "history")
+    return Record(id=ctx.id, messages=tuple(messages), source=str(ctx.path))
+
+
+def _history(row: dict[str, Any]) -> list[Message]:
+    value = _json_value(_get(row, "history"))
+    if value is _MISSING or value == "":
+        return []
+    fix = "Write history as a list of [user, assistant] pairs of strings"
+    if not isinstance(value, list):
+        raise _RowError("bad_history", "history", value, "'history' must be a list of pairs", fix)
+    messages: list[Message] = []
+    for index, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise _RowError(
+                "bad_history",
+                f"history[{index}]",
+                pair,
+                "a history item is not a [user, assistant] pair",
+                fix,
+            )
+        if not pair[1].strip():
+            raise _RowError(
+                "empty_response",
+                f"history[{index}][1]",
+                pair[1],
+                "the assistant turn is empty",
+                "Fill in the response or drop the row",
+            )
+        messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+    return messages
+
+
+def _turn_list(row: dict[str, Any], key: str) -> list[Any]:
+    value = _json_value(_get(row, key))
+    if value is _MISSING:
+        raise _missing(key)
+    if not isinstance(value, list):
+        raise _RowError(
+            "wrong_type",
+            key,
+            value,
+            f"{key!r} must be a list of turns, not {type(value).__name__}",
+            f"Write {key!r} as a list of turn objects",
+        )
+    if not value:
+        raise _RowError(
+            "no_assistant_turn", key, value, "the conversation is empty", "Add the turns or drop the row"
+        )
+    return value
+
+
+def _sharegpt(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    who, what = cols.get("from", "from"), cols.get("value", "value")
+    messages: list[Message] = []
+    system = _optional_str(row, "system")
+    if system:
+        messages.append(Message("system", system))
+    for index, turn in enumerate(_turn_list(row, "conversations")):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise _RowError(
+                "wrong_type",
+                where,
+                turn,
+                "a turn is not an object",
+                f"Write each turn as {{{who!r}: ..., {what!r}: ...}}",
+            )
+        speaker = _get(turn, who)
+        if speaker is _MISSING:
+            raise _RowError(
+                "missing_field",
+                f"{where}.{who}",
+                turn,
+                f"the turn has no {who!r}",
+                f"Add {who!r} or map your key with columns: {{from: <key>}}",
+            )
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise _RowError(
+                "unknown_role",
+                f"{where}.{who}",
+                speaker,
+                "unknown speaker",
+                f"Use one of {', '.join(SHAREGPT_ROLES)}",
+            )
+        messages.append(Message(role, _turn_text(turn, what, f"{where}.{what}")))  # type: ignore[arg-type]
+    _check_turns(messages, "conversations")
+    return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path))
+
+
+def _messages(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    role_key, content_key = cols.get("role", "role"), cols.get("content", "content")
+    messages: list[Message] = []
+    for index, turn in enumerate(_turn_list(row, "messages")):
+        where = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise _RowError(
+                "wrong_type",
+                where,
+                turn,
+                "a message is not an object",
+                f"Write each message as {{{role_key!r}: ..., {content_key!r}: ...}}",
+            )
+        role = _get(turn, role_key)
+        if role is _MISSING:
+            raise _RowError(
+                "missing_field",
+                f"{where}.{role_key}",
+                turn,
+                f"the message has no {role_key!r}",
+                f"Add {role_key!r} or map your key with columns: {{role: <key>}}",
+            )
+        if role not in ROLES:
+            raise _RowError(
+                "unknown_role", f"{where}.{role_key}", role, "unknown role", f"Use one of {', '.join(ROLES)}"
+            )
+        if _get(turn, content_key) is _MISSING and turn.get("tool_calls"):
+            content = json.dumps([c.get("function", c) for c in turn["tool_calls"]], ensure_ascii=False)
+        else:
+            content = _turn_text(turn, content_key, f"{where}.{content_key}")
+        messages.append(Message(role, content))
+    _check_turns(messages, "messages")
+    return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path))
+
+
+def _turn_text(turn: dict[str, Any], key: str, where: str) -> str:
+    """A turn's text: a string, or a list of text parts (``{"type": "text", "text": ...}``) joined."""
+    value = _get(turn, key)
+    if value is _MISSING:
+        raise _RowError(
+            "missing_field",
+            where,
+            turn,
+            f"the turn has no {key!r}",
+            f"Add {key!r} or map your key with columns",
+        )
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
+                text = part.get("text", part.get("value"))
+                if not isinstance(text, str):
+                    break
+                parts.append(text)
+            else:
+                break
+        else:
+            return "\n".join(parts)
+    raise _RowError(
+        "wrong_type",
+        where,
+        value,
+        "the content must be text or a list of text parts",
+        "Only text content is supported; drop images/audio parts",
+    )
+
+
+def _text(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    text = _required_str(row, "text")
+    if not text.strip():
+        raise _RowError("empty_text", "text", text, "'text' is empty", "Drop the row")
+    return Record(id=ctx.id, text=text, source=str(ctx.path))
+
+
+def _classification(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    text = _required_str(row, "text")
+    if not text.strip():
+        raise _RowError("empty_text", "text", text, "'text' is empty", "Drop the row")
+    label: Any = _get(row, "label_text")
+    if label is _MISSING or label == "":
+        label = _get(row, "label")
+    if label is _MISSING or label == "":
+        raise _RowError(
+            "missing_field",
+            "label",
+            _MISSING,
+            "required field 'label' (or 'label_text') is missing",
+            "Add a label, or map your column with columns: {label: <column>}",
+        )
+    if not isinstance(label, (str, int, float)):
+        raise _RowError(
+            "wrong_type",
+            "label",
+            label,
+            f"the label must be a string or number, not {type(label).__name__}",
+            "Write one label per row",
+        )
+    return Record(id=ctx.id, messages=(Message("user", text),), label=str(label), source=str(ctx.path))
+
+
+_PARSERS = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _messages,
+    "text": _text,
+    "classification": _classification,
+}
+
+__all__ = [
+    "EXTENSIONS",
+    "FORMATS",
+    "ReadResult",
+    "read_records",
+    "summarize_rejects",
+    "write_rejects",
+]

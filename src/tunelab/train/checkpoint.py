@@ -1,0 +1,142 @@
+"""Checkpoints that survive SIGKILL, and exact resume.
+
+A checkpoint is ``<run>/checkpoints/step-000123/`` with
+
+* ``trainable.safetensors``: every parameter that requires grad (the adapter, or all
+  weights for full fine-tuning);
+* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
+* ``rng-<rank>.pt``: Python, NumPy and torch (CPU and CUDA) RNG states of each process;
+* ``state.json``: the step, counters, best eval loss, and the data position (the data order
+  is a pure function of seed and step, so the step *is* the position).
+
+It is written into ``.tmp-step-000123`` and renamed when complete, so a kill at any moment
+leaves either the previous checkpoints or a complete new one; stale temp folders are
+removed on the next save. Only the newest ``limit`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.errors import UserError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    rank: int,
+    is_main: bool,
+    barrier,
+    limit: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically (all processes call this; ``barrier`` syncs them)."""
+    final = step_dir(ckpt_root, step)
+    tmp = ckpt_root / f".tmp-step-{step:06d}"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    barrier()
+    if is_main:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        prune(ckpt_root, limit)
+    barrier()
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders are never complete)."""
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune(ckpt_root: Path, limit: int) -> None:
+    for old in list_checkpoints(ckpt_root)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this process's RNG; return ``state.json``."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise UserError(
+            f"{path}: checkpoint does not match this model/method ({len(missing)} trainable tensors missing, "
+            f"{len(unknown)} unknown, e.g. {(missing + unknown)[0]}). Resume with the config the run was started with"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng-{rank}.pt"
+    if not rng_file.exists():
+        rng_file = path / "rng-0.pt"
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "state.json").read_text())

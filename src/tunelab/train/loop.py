@@ -1,0 +1,236 @@
+"""The training loop: one readable function on top of accelerate.
+
+Invariants it keeps (each has a test):
+
+* the loss of an optimiser step is the mean over the *labelled tokens of the whole step*
+  (all micro-batches of all processes), so batch 8 = batch 2 x accumulation 4 = 2 processes
+  x batch 4, and packed = unpacked;
+* the data order is a pure function of (seed, step) (:class:`~tunelab.data.batching.Plan`), and
+  checkpoints hold every other piece of state, so a run killed at any point and resumed ends
+  with the same weights as one that never stopped (CPU, fp32);
+* a step whose loss or gradient is not finite is skipped and counted; too many in a row stop
+  the run with a usable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunelab.config import TrainSection
+from tunelab.data.batching import Plan, Row, collate
+from tunelab.errors import UserError
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.run import RunDir
+
+# Tests set TUNELAB_FAULT_KILL_AT_STEP=N to SIGKILL the process right after optimiser step N.
+_KILL_AT_STEP = int(os.environ.get("TUNELAB_FAULT_KILL_AT_STEP", "0")) or None
+
+
+@dataclass
+class LoopSetup:
+    """Everything the loop needs, built by :func:`tunelab.train.recipe.fine_tune`."""
+
+    accelerator: Any
+    loss_model: torch.nn.Module  # CausalLMLoss, prepared by accelerate (DDP-wrapped with >1 process)
+    model: torch.nn.Module  # the tuned model itself (unwrapped), for checkpoints
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rows: list[Row]
+    eval_rows: list[Row]
+    plan: Plan
+    total_steps: int
+    pad_id: int
+    packed: bool
+    cfg: TrainSection
+    run: RunDir
+    save_weights: Callable[[Path], None]  # writes the tuned model/adapter + tokenizer to a folder
+    resume_from: Path | None = None
+    console: Console = field(default_factory=Console)
+    tensorboard: Any = None
+
+
+def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
+    idx = s.plan.micro_rows(step, micro, s.accelerator.process_index)
+    batch = collate([s.rows[i] for i in idx], pad_id=s.pad_id, packed=s.packed)
+    return {k: v.to(s.accelerator.device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(s: LoopSetup) -> float | None:
+    """Mean loss per labelled token over the validation rows (all processes)."""
+    if not s.eval_rows:
+        return None
+    acc = s.accelerator
+    s.loss_model.eval()
+    mine = s.eval_rows[acc.process_index :: acc.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for start in range(0, max(len(mine), 1), s.cfg.batch_size):
+        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed)
+        loss_sum, n = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
+        total += torch.stack([loss_sum.double(), n.double()])
+    total = acc.reduce(total, "sum")
+    s.loss_model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _save_checkpoint(s: LoopSetup, step: int, state: dict) -> None:
+    acc = s.accelerator
+    ckpt.save_checkpoint(
+        s.run.checkpoints, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
+        state=state, rank=acc.process_index, is_main=acc.is_main_process,
+        barrier=acc.wait_for_everyone, limit=s.cfg.save_total_limit,
+    )
+
+
+def train_loop(s: LoopSetup) -> dict[str, Any]:
+    acc, cfg, plan = s.accelerator, s.cfg, s.plan
+    world = acc.num_processes
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+
+    # --- state: fresh, or restored from a checkpoint --------------------------------------
+    state = {"step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "skipped_steps": 0,
+             "nonfinite_in_a_row": 0, "tokens_seen": 0}
+    if s.resume_from is not None:
+        state.update(ckpt.load_checkpoint(s.resume_from, model=s.model, optimizer=s.optimizer,
+                                          scheduler=s.scheduler, rank=acc.process_index))
+        if acc.is_main_process:
+            s.run.log_metrics({"kind": "resume", "step": state["step"], "from": s.resume_from.name})
+            s.console.print(f"resumed from [bold]{s.resume_from}[/] at step {state['step']}")
+
+    progress = Progress(
+        TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=s.console, disable=not acc.is_main_process, transient=False,
+    )
+    task = progress.add_task("train", total=s.total_steps, completed=state["step"], loss="-", lr="-", tps="-")
+    stop_reason = "completed"
+    s.loss_model.train()
+    t_start, tokens_window, t_window = time.perf_counter(), 0, time.perf_counter()
+    start_step, tokens_at_start = state["step"], state["tokens_seen"]
+
+    with progress:
+        try:
+            while state["step"] < s.total_steps:
+                step = state["step"]
+                # --- one optimiser step: the loss is a mean over the step's labelled tokens
+                step_rows = [s.rows[i] for i in plan.step_rows(step)]
+                n_targets = max(1, sum(r.n_targets for r in step_rows))  # same on every process
+                step_tokens = sum(len(r) for r in step_rows)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+                for micro in range(cfg.grad_accum):
+                    batch = _micro_batch(s, step, micro)
+                    last = micro == cfg.grad_accum - 1
+                    with acc.no_sync(s.loss_model) if not last else nullcontext():
+                        part, _ = s.loss_model(**batch)
+                        # DDP averages gradients over processes, hence the factor `world`.
+                        acc.backward(part * (world / n_targets))
+                    loss_sum += part.detach().double()
+                step_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
+
+                # --- clip, check, update ------------------------------------------------
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+                grad_norm = acc.clip_grad_norm_(trainable, max_norm)
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:
+                    s.optimizer.step()
+                    state["nonfinite_in_a_row"] = 0
+                else:
+                    state["skipped_steps"] += 1
+                    state["nonfinite_in_a_row"] += 1
+                s.optimizer.zero_grad(set_to_none=True)
+                lr = s.scheduler.get_last_lr()[0]
+                s.scheduler.step()
+                state["step"] = step = step + 1
+                state["tokens_seen"] += step_tokens
+                tokens_window += step_tokens
+
+                # --- log --------------------------------------------------------------------
+                now = time.perf_counter()
+                tps = tokens_window / max(now - t_window, 1e-9)
+                if acc.is_main_process and (step % cfg.log_every == 0 or step == s.total_steps or not finite):
+                    record = {"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                              "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
+                              "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2)}
+                    if not finite:
+                        record["skipped"] = "non-finite loss or gradient"
+                    s.run.log_metrics(record)
+                    if s.tensorboard is not None:
+                        s.tensorboard.add_scalar("train/loss", step_loss, step)
+                        s.tensorboard.add_scalar("train/lr", lr, step)
+                    tokens_window, t_window = 0, now
+                progress.update(task, completed=step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+                if _KILL_AT_STEP == step:  # fault injection for the resume tests: a real SIGKILL
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                    stop_reason = "diverged"
+                    break
+
+                # --- evaluate; early stopping; keep the best ---------------------------------
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < s.total_steps:
+                    if _eval_and_track(s, state, step) == "early_stop":
+                        stop_reason = "early_stopping"
+                        break
+
+                # --- checkpoint ---------------------------------------------------------------
+                if cfg.save_every and step % cfg.save_every == 0 and step < s.total_steps:
+                    _save_checkpoint(s, step, state)
+        except KeyboardInterrupt:
+            _save_checkpoint(s, state["step"], state)
+            raise UserError(
+                f"interrupted at step {state['step']}: checkpoint saved in {s.run.checkpoints}. "
+                f"Continue with: tunelab train CONFIG --resume"
+            ) from None
+
+    # --- the end: a last evaluation, a last checkpoint -------------------------------------------
+    if stop_reason == "completed" and s.eval_rows:
+        _eval_and_track(s, state, state["step"])
+    _save_checkpoint(s, state["step"], state)
+    if stop_reason == "diverged":
+        raise UserError(
+            f"training diverged: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+            f"(step {state['step']}); the last checkpoint is in {s.run.checkpoints}. Lower train.lr, set "
+            f"train.max_grad_norm, or use train.precision=fp32"
+        )
+    seconds = time.perf_counter() - t_start
+    return {**state, "stop_reason": stop_reason, "train_seconds": round(seconds, 2),
+            "steps_this_session": state["step"] - start_step,
+            "tokens_per_s": round((state["tokens_seen"] - tokens_at_start) / max(seconds, 1e-9), 1)}
+
+
+def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:
+    eval_loss = evaluate(s)
+    if eval_loss is None:
+        return None
+    best = state["best_eval_loss"]
+    improved = best is None or eval_loss < best
+    if improved:
+        state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
+        if s.accelerator.is_main_process:
+            s.save_weights(s.run.best)
+            s.run.write_json("best.json", {"step": step, "eval_loss": eval_loss})
+    else:
+        state["evals_without_improvement"] += 1
+    if s.accelerator.is_main_process:
+        s.run.log_metrics({"kind": "eval", "step": step, "eval_loss": eval_loss, "best": improved})
+        if s.tensorboard is not None:
+            s.tensorboard.add_scalar("eval/loss", eval_loss, step)
+        s.console.print(f"step {step}: eval loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+    s.accelerator.wait_for_everyone()
+    patience = s.cfg.early_stopping_patience
+    if patience is not None and state["evals_without_improvement"] >= patience:
+        return "early_stop"
+    return None

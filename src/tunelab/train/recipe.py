@@ -1,0 +1,277 @@
+"""``fine_tune(config)``: data -> model -> method -> loop -> run directory.
+
+The one entry function behind ``tunelab train``. Each phase calls one module; nothing here
+knows how a method, a data format or the loop works inside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from tunelab import methods
+from tunelab.config import TuneConfig, dump_config
+from tunelab.data.batching import Plan, Row, rows_packed, rows_unpacked
+from tunelab.errors import UserError
+from tunelab.fsutil import atomic_folder, atomic_write_text
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.loop import LoopSetup, train_loop
+from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
+from tunelab.train.run import RunDir, environment
+from tunelab.train.schedule import lr_factor, warmup_steps
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`fine_tune` returns: the summary written to ``summary.json`` and the model."""
+
+    summary: dict[str, Any]
+    model: torch.nn.Module
+    tokenizer: Any
+    run_dir: Path
+
+
+@dataclass
+class PreparedData:
+    train: list[Row]
+    eval: list[Row]
+    summary: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> int:
+    """torch threads: as configured, else the physical cores shared among this machine's processes."""
+    if threads is None:
+        try:
+            import psutil
+
+            cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        except ImportError:
+            cores = os.cpu_count() or 1
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, cores // local_procs)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Console, is_main: bool = True) -> PreparedData:
+    """Read, split, tokenise and row the data; write rejects; summarise what happened."""
+    from tunelab.data.formats import read_records, summarize_rejects, write_rejects
+    from tunelab.data.tokenize import encode_records
+
+    d = cfg.data
+
+    def read(specs):
+        records, rejects, files = [], [], []
+        for spec in specs:
+            res = read_records(spec.path, format=spec.format, columns=spec.columns or None, limit=spec.limit)
+            records += res.records
+            rejects += res.rejects
+            files.append({"path": str(spec.path), "format": res.format, "rows": res.rows,
+                          "records": len(res.records), "rejected": len(res.rejects)})
+        return records, rejects, files
+
+    train_records, rejects, files = read(d.train)
+    eval_records, eval_rejects, eval_files = read(d.eval)
+    rejects += eval_rejects
+    if d.eval_ratio > 0:
+        order = list(range(len(train_records)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, round(d.eval_ratio * len(train_records)))
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(train_records) if i in held]
+        train_records = [r for i, r in enumerate(train_records) if i not in held]
+
+    encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation)
+    train_enc, tok_rejects = encode_records(train_records, tokenizer, **encode)
+    eval_enc, eval_tok_rejects = encode_records(eval_records, tokenizer, **encode)
+    rejects += tok_rejects + eval_tok_rejects
+    if not train_enc:
+        reasons = summarize_rejects(rejects)
+        raise UserError(
+            f"data.train: no usable training sample ({len(rejects)} rejected: {reasons}). "
+            f"See the reasons in {run.rejects_file if run else 'the rejects file'}"
+        )
+    if d.packing:
+        train_rows, eval_rows = rows_packed(train_enc, d.max_length), rows_packed(eval_enc, d.max_length)
+    else:
+        train_rows, eval_rows = rows_unpacked(train_enc), rows_unpacked(eval_enc)
+
+    summary = {
+        "files": files, "eval_files": eval_files,
+        "train_samples": len(train_enc), "eval_samples": len(eval_enc),
+        "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+        "train_tokens": sum(len(e.input_ids) for e in train_enc),
+        "train_target_tokens": sum(r.n_targets for r in train_rows),
+        "truncated": sum(1 for e in train_enc + eval_enc if e.truncated),
+        "rejected": len(rejects), "rejected_by_reason": summarize_rejects(rejects),
+    }
+    if run is not None and is_main:
+        if rejects:
+            write_rejects(rejects, run.rejects_file)
+        run.write_json("data.json", summary)
+    if is_main:
+        msg = (f"data: {summary['train_samples']} train / {summary['eval_samples']} eval samples, "
+               f"{summary['train_tokens']:,} train tokens in {summary['train_rows']} rows")
+        if rejects:
+            msg += f"; [yellow]{len(rejects)} rejected[/] {summary['rejected_by_reason']}"
+            if run is not None:
+                msg += f" -> {run.rejects_file}"
+        console.print(msg)
+    return PreparedData(train_rows, eval_rows, summary)
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UserError("method: no trainable parameter left after applying the method. Check method.* settings")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def weights_saver(model, tokenizer, cfg: TuneConfig):
+    """A function writing the tuned weights + tokenizer + tunelab.json to a folder, atomically."""
+    method = methods.get(cfg.method.name)
+
+    def save(folder: Path) -> None:
+        def fill(tmp: Path) -> None:
+            method.save(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            info = {"base_model": cfg.model.path, "method": cfg.method.name, "dtype": cfg.model.dtype,
+                    "run": cfg.run.name}
+            (tmp / "tunelab.json").write_text(json.dumps(info, indent=2))
+
+        atomic_folder(folder, fill)
+
+    return save
+
+
+def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume: bool = False,
+              console: Console | None = None) -> TrainOutcome:
+    """Train as configured; the summary is also written to ``<run>/summary.json``."""
+    from accelerate import Accelerator
+
+    from tunelab.data.templates import set_chat_template
+    from tunelab.models.load import describe_model, load_model, load_tokenizer
+    from tunelab.objectives.causal_lm import CausalLMLoss
+
+    console = console or Console()
+    t = cfg.train
+    threads = set_threads(t.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(t.precision, device)
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu")
+    is_main = accelerator.is_main_process
+
+    # --- run directory ------------------------------------------------------------------
+    run = RunDir(cfg.run_dir)
+    if is_main:
+        run = RunDir.create(cfg.run_dir, resume=resume)
+        if not resume:
+            atomic_write_text(run.path / "config.yaml", dump_config(cfg, sources))
+            run.write_json("config.sources.json", sources or {})
+    accelerator.wait_for_everyone()
+    resume_from = None
+    if resume:
+        done = ckpt.list_checkpoints(run.checkpoints)
+        resume_from = done[-1] if done else None
+        if resume_from is None and is_main:
+            console.print("[yellow]no checkpoint yet: starting from step 0[/]")
+
+    # --- data ---------------------------------------------------------------------------
+    seed_everything(t.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    template = set_chat_template(tokenizer, cfg.data.template)
+    data = prepare_data(cfg, tokenizer, run, console, is_main)
+
+    # --- model and method -----------------------------------------------------------------
+    seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
+    model = load_model(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+    model = methods.get(cfg.method.name).apply(model, cfg.method)
+    info = describe_model(model)
+    if is_main:
+        console.print(
+            f"model: {cfg.model.path}, method {cfg.method.name}: {info['trainable_parameters']:,} of "
+            f"{info['parameters']:,} parameters trained ({info['trainable_percent']:.2f}%); precision {precision}, {accelerator.num_processes} "
+            f"process(es) on {device.type}, {threads} threads"
+        )
+        run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
+                                    "template": template, "model": info})
+
+    # --- optimiser, schedule, plan ----------------------------------------------------------
+    plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed)
+    total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
+    warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
+    optimizer = build_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warm, kind=t.schedule)
+    )
+    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+
+    tensorboard = None
+    if t.tensorboard and is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("train.tensorboard: the tensorboard package is not installed. pip install tensorboard") from None
+        tensorboard = SummaryWriter(str(run.path / "tensorboard"))
+
+    setup = LoopSetup(
+        accelerator=accelerator, loss_model=loss_model, model=model, optimizer=optimizer, scheduler=scheduler,
+        rows=data.train, eval_rows=data.eval, plan=plan, total_steps=total_steps,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        packed=cfg.data.packing, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
+        resume_from=resume_from, console=console, tensorboard=tensorboard,
+    )
+    result = train_loop(setup)
+
+    # --- final weights and summary ---------------------------------------------------------
+    if is_main:
+        setup.save_weights(run.final)
+        summary = {**result, "run_dir": str(run.path), "total_steps": total_steps, "precision": precision,
+                   "processes": accelerator.num_processes, "data": data.summary}
+        run.write_json("summary.json", summary)
+        if tensorboard is not None:
+            tensorboard.close()
+        _print_summary(console, summary, run)
+    else:
+        summary = {**result}
+    accelerator.wait_for_everyone()
+    return TrainOutcome(summary, model, tokenizer, run.path)
+
+
+def _print_summary(console: Console, summary: dict[str, Any], run: RunDir) -> None:
+    table = Table(title=f"run {run.path}", show_header=False)
+    table.add_row("stopped", summary["stop_reason"])
+    table.add_row("steps", f"{summary['step']} / {summary['total_steps']}")
+    table.add_row("train time", f"{summary['train_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)")
+    if summary.get("best_eval_loss") is not None:
+        table.add_row("best eval loss", f"{summary['best_eval_loss']:.4f}")
+    if summary.get("skipped_steps"):
+        table.add_row("skipped steps (non-finite)", str(summary["skipped_steps"]))
+    table.add_row("weights", str(run.final))
+    console.print(table)

@@ -1,0 +1,109 @@
+"""The run directory: the hand-off between training and everything after it.
+
+``runs/<name>/`` holds ``config.yaml`` (resolved, with sources), ``env.json`` (versions,
+device, precision), ``data.json`` (counts, rejects by reason, token totals),
+``metrics.jsonl`` (append-only), ``rejects.jsonl``, ``checkpoints/``, ``best/`` and
+``final/`` (a PEFT adapter folder or a full model, each with the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_text
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # layout
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def rejects_file(self) -> Path:
+        return self.path / "rejects.jsonl"
+
+    @classmethod
+    def create(cls, path: Path, *, resume: bool) -> RunDir:
+        """A new run folder, or the existing one when resuming. Never clobbers a finished run."""
+        run = cls(path)
+        if resume:
+            if not (run.path / "config.yaml").is_file():
+                raise UserError(f"{path}: no run to resume here (no config.yaml). Drop --resume to start a new run")
+        elif run.path.exists() and run.has_trained():
+            raise UserError(
+                f"{path}: a run with this name already exists. Resume it with --resume, or choose another "
+                f"name with --set run.name=NEW"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def has_trained(self) -> bool:
+        """True once the run wrote weights or metrics (a start that failed before training can be reused)."""
+        return any((self.path / p).exists() for p in ("final", "best", "metrics.jsonl")) or any(
+            self.checkpoints.glob("step-*")
+        )
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def weights_dir(self, which: str = "final") -> Path:
+        return {"final": self.final, "best": self.best}.get(which) or self.checkpoints / which
+
+
+def environment(device: str, precision: str, world_size: int) -> dict[str, Any]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "device": device,
+        "precision": precision,
+        "processes": world_size,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

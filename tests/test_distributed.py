@@ -1,0 +1,52 @@
+"""1 process = 2 processes: DDP on CPU (gloo), launched through accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_one_process_equals_two_processes(tmp_path, alpaca_path):
+    common = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
+    one = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 4}, run={"name": "one"})
+    two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "two"})
+    one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
+    for cfg in (one, two):
+        (tmp_path / f"{cfg['run']['name']}.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "one.yaml")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    accelerate = Path(sys.executable).with_name("accelerate")
+    multi = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    assert json.loads((run2 / "env.json").read_text())["processes"] == 2
+    l1, l2 = losses(run1), losses(run2)
+    assert len(l1) == len(l2) == 3
+    for a, b in zip(l1, l2, strict=True):
+        assert abs(a - b) < 1e-5, (l1, l2)
+    w1 = load_file(str(run1 / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(run2 / "final" / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)

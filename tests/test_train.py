@@ -1,0 +1,215 @@
+"""End-to-end training on tiny-random-llama: the run directory, what changes, and the invariants.
+
+Invariants (all fp32 on CPU): batch 8 = batch 2 x accumulation 4 (same losses within 1e-5),
+packed = unpacked, resume after SIGKILL = uninterrupted (bit-identical weights),
+1 process = 2 processes (in tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from tunelab.config import load_config
+from tunelab.train.recipe import fine_tune
+
+
+def run_config(tmp_path: Path, cfg: dict, name: str):
+    cfg = {**cfg, "run": {**cfg["run"], "name": name}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config, sources = load_config(path)
+    return fine_tune(config, sources)
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def test_lora_run_directory_and_what_changed(tmp_path, alpaca_path):
+    from peft import PeftModel
+
+    from tunelab.models.load import load_model
+
+    cfg = tiny_config(tmp_path, alpaca_path, train={"epochs": 3, "eval_every": 4, "save_every": 4, "lr": 5e-2},
+                      data={"train": [{"path": str(alpaca_path), "limit": 48}], "eval_ratio": 0.1,
+                            "max_length": 128})
+    out = run_config(tmp_path, cfg, "lora")
+    run = out.run_dir
+    for name in ("config.yaml", "config.sources.json", "env.json", "data.json", "metrics.jsonl", "summary.json",
+                 "final/adapter_config.json", "final/adapter_model.safetensors", "final/tokenizer.json",
+                 "final/tunelab.json", "best/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    total = out.summary["total_steps"]
+    assert total == 3 * -(-43 // 8)  # 48 rows, 10% held out; 3 epochs of ceil(43 / 8) steps
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000016", f"step-{total:06d}"]
+    env = json.loads((run / "env.json").read_text())
+    assert env["precision"] == "fp32" and env["processes"] == 1
+
+    losses = train_losses(run)
+    assert len(losses) == total
+    # a random 64-wide model with rank-4 adapters can only learn so much; it must still learn
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+    # exactly the LoRA matrices were trained; the base weights are bit-identical to a fresh load
+    base = load_model("tiny-random-llama")
+    base_sd = base.state_dict()
+    tuned = out.model
+    for name, p in tuned.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad, name
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base_sd[key]), name
+    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+
+    # the saved adapter reloads onto a fresh base and gives the same logits
+    reloaded = PeftModel.from_pretrained(load_model("tiny-random-llama"), run / "final").eval()
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, tuned.eval()(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_full_fine_tuning_saves_a_plain_model(tmp_path, alpaca_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.load import load_model
+
+    cfg = tiny_config(tmp_path, alpaca_path, method={"name": "full"}, train={"lr": 1e-3, "max_steps": 6})
+    out = run_config(tmp_path, cfg, "full")
+    losses = train_losses(out.run_dir)
+    assert losses[-1] < losses[0]
+    base = load_model("tiny-random-llama").state_dict()
+    changed = {n for n, p in out.model.named_parameters() if not torch.equal(p.detach(), base[n])}
+    assert changed == {n for n, _ in out.model.named_parameters()}  # every weight was trained
+    plain = AutoModelForCausalLM.from_pretrained(out.run_dir / "final").eval()
+    ids = torch.tensor([[1, 520, 9531, 198, 28120, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, out.model.eval()(input_ids=ids).logits)
+
+
+def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path):
+    common = {"lr": 1e-3, "max_steps": 4, "schedule": "constant"}
+    a = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 8, "grad_accum": 1}), "b8")
+    b = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2, "grad_accum": 4}), "b2x4")
+    la, lb = train_losses(a.run_dir), train_losses(b.run_dir)
+    assert len(la) == 4
+    for x, y in zip(la, lb, strict=True):
+        assert abs(x - y) < 1e-5, (la, lb)
+    wa = load_file(str(a.run_dir / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(b.run_dir / "final" / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_training_matches_unpacked(tmp_path, alpaca_path):
+    # one row per step both ways: the packed run packs all 12 samples into rows of 512 tokens
+    # and takes them all in one step; the unpacked run takes the same 12 samples in one step.
+    data = {"train": [{"path": str(alpaca_path), "limit": 12}], "max_length": 512}
+    common = {"lr": 1e-3, "max_steps": 3, "grad_accum": 1}
+    packed = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data={**data, "packing": True},
+                                              train={**common, "batch_size": 12}), "packed")
+    plain = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, train={**common, "batch_size": 12}),
+                       "plain")
+    lp, lu = train_losses(packed.run_dir), train_losses(plain.run_dir)
+    assert json.loads((packed.run_dir / "data.json").read_text())["train_rows"] < 12
+    for x, y in zip(lp, lu, strict=True):
+        assert abs(x - y) < 1e-4 * abs(y), (lp, lu)
+
+
+def _cli(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path):
+    cfg = tiny_config(tmp_path, alpaca_path, train={"max_steps": 8, "save_every": 2, "lr": 1e-3},
+                      method={"name": "lora", "r": 4, "dropout": 0.1})
+    for name in ("straight", "killed"):
+        c = {**cfg, "run": {**cfg["run"], "name": name}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
+    straight = _cli(["train", str(tmp_path / "straight.yaml")])
+    assert straight.returncode == 0, straight.stderr
+    killed = _cli(["train", str(tmp_path / "killed.yaml")], env={"TUNELAB_FAULT_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL, mid-run
+    run = tmp_path / "runs" / "killed"
+    assert not (run / "final").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    again = _cli(["train", str(tmp_path / "killed.yaml")])
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    resumed = _cli(["train", str(tmp_path / "killed.yaml"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "runs" / "straight" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert train_losses(tmp_path / "runs" / "straight") == train_losses(run)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, alpaca_path):
+    cfg = tiny_config(tmp_path, alpaca_path, method={"name": "full"},
+                      train={"lr": 1e12, "max_grad_norm": None, "max_steps": 20, "max_nonfinite_steps": 3,
+                             "optimizer": "sgd", "momentum": 0.0})
+    path = tmp_path / "div.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = _cli(["train", str(path)])
+    assert out.returncode == 2
+    assert "training diverged" in out.stderr and "Traceback" not in out.stderr
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for m in metrics if m.get("skipped")) == 3
+    assert list((tmp_path / "runs" / "tiny" / "checkpoints").glob("step-*"))
+
+
+def test_early_stopping_keeps_the_best(tmp_path, alpaca_path):
+    # a learning rate far too high makes the eval loss climb after the first evaluations
+    cfg = tiny_config(tmp_path, alpaca_path, method={"name": "full"},
+                      data={"train": [{"path": str(alpaca_path), "limit": 48}], "eval_ratio": 0.2, "max_length": 128},
+                      train={"lr": 0.3, "optimizer": "adamw", "max_steps": 40, "eval_every": 1,
+                             "early_stopping_patience": 2, "max_grad_norm": None, "schedule": "constant"})
+    out = run_config(tmp_path, cfg, "early")
+    assert out.summary["stop_reason"] == "early_stopping"
+    assert out.summary["step"] < 40
+    evals = [json.loads(x) for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    best = json.loads((out.run_dir / "best.json").read_text())
+    assert best["eval_loss"] == min(e["eval_loss"] for e in evals)
+    assert (out.run_dir / "best" / "model.safetensors").is_file()
+
+
+def test_cli_user_errors_are_one_line(tmp_path, alpaca_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"path": "tiny-random-llama"}, "data": {"train": [{"path": "nope.jsonl"}]},
+                                   "train": {"lr": "fast"}}))
+    out = _cli(["train", str(bad)])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "train.lr" in out.stderr and "'fast'" in out.stderr
+    bad.write_text(yaml.safe_dump({"model": {"path": "tiny-random-llama"},
+                                   "data": {"train": [{"path": str(tmp_path / 'nope.jsonl')}]},
+                                   "run": {"output_dir": str(tmp_path / "runs")}}))
+    out = _cli(["train", str(bad)])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nope.jsonl" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_train_help_documents_every_option():
+    out = _cli(["train", "--help"])
+    assert out.returncode == 0
+    from tunelab.config import describe_schema
+
+    for path, *_ in describe_schema():
+        assert path in out.stdout, path
