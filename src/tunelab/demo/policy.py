@@ -39,20 +39,21 @@ Then label noise: with probability ``noise`` the label is replaced by a uniforml
 Predicting the most clicked category alone (ties to the most recent) scores clearly less
 (about 62-65%), and always predicting the majority class about 20-25%.
 
-Prompts are short (about 95-140 tokens with SmolLM2's chat template: ~104 on average in
-English, ~123 in Chinese) because the demo trains on a CPU. Half the rows (``zh_ratio``)
+Prompts are short (about 100-180 tokens with SmolLM2's chat template: ~118 on average in
+English, ~142 in Chinese) because the demo trains on a CPU. Each click shows the notice's
+category in brackets (the portal knows it), so what the model must learn is the rule. Half the rows (``zh_ratio``)
 are in Chinese; the answer is always the English category name, and the allowed answers
 are listed in every prompt. Example English prompt (answer ``Export``: clause 2, although Financing was clicked most)::
 
     Firm: retail, small (42 staff), Zhejiang
-    Clicks, newest first: Microloan program; Overseas warehouse; Credit line notice
+    Clicks, newest first: Microloan program [Financing]; Overseas warehouse [Export]; Credit line notice [Financing]
     Which policy category to push next? Answer with one of: Tax relief, R&D subsidy, Talent, Export, Green, Financing
 
 Example Chinese prompt (answer ``R&D subsidy``: clause 4, Talent and R&D are tied at two
 clicks each and the software default breaks the tie; the most recent click was Talent)::
 
     企业：软件，中型350人，四川
-    点击（新→旧）：人才公寓、专利、招聘会、退税、研发
+    点击（新→旧）：人才公寓 [Talent]、专利 [R&D subsidy]、招聘会 [Talent]、退税 [Tax relief]、研发 [R&D subsidy]
     推荐（选一）：Tax relief, R&D subsidy, Talent, Export, Green, Financing
 """
 
@@ -346,7 +347,10 @@ def _one_row(rng: random.Random, noise: float, zh_ratio: float) -> dict[str, Any
     label = rule_label
     if noisy:
         label = rng.choice([name for name in LABELS if name != rule_label])
-    prompt = make_prompt(industry, size, region, employees, titles, lang)
+    # the portal knows each notice's category, and shows it: the model has to learn the rule's
+    # clauses, not to guess which category a notice title belongs to
+    shown = [f"{t} [{_BY_KEY[c].name}]" for t, c in zip(titles, clicks, strict=True)]
+    prompt = make_prompt(industry, size, region, employees, shown, lang)
     return {
         "messages": [
             {"role": "user", "content": prompt},

@@ -26,14 +26,14 @@ DEMO_CONFIG = {
     "model": {"path": "smollm2-135m-instruct"},
     "data": {
         "train": [{"path": "data/train.jsonl", "format": "messages"}],
-        "eval_ratio": 0.1,
+        "eval_ratio": 0.05,
         "max_length": 512,
         "packing": True,
     },
     "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "train": {
-        "lr": 1e-3, "epochs": 2, "batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.05,
-        "schedule": "cosine", "eval_every": 20, "save_every": 20, "precision": "auto", "seed": 0,
+        "lr": 1e-3, "epochs": 3, "batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.05,
+        "schedule": "cosine", "eval_every": 40, "save_every": 40, "precision": "auto", "seed": 0,
     },
 }
 

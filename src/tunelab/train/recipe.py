@@ -33,6 +33,13 @@ from tunelab.train.schedule import lr_factor, warmup_steps
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(requested: str, precision: str, method: str) -> str:
+    """``model.dtype: auto``: frozen base weights in bf16 under bf16 autocast, else fp32 masters."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if precision == "bf16" and method != "full" else "float32"
+
+
 @dataclass
 class TrainOutcome:
     """What :func:`fine_tune` returns: the summary written to ``summary.json`` and the model."""
@@ -161,7 +168,7 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
         def fill(tmp: Path) -> None:
             method.save(model, tmp)
             tokenizer.save_pretrained(tmp)
-            info = {"base_model": cfg.model.path, "method": cfg.method.name, "dtype": cfg.model.dtype,
+            info = {"base_model": cfg.model.path, "method": cfg.method.name,
                     "run": cfg.run.name}
             (tmp / "tunelab.json").write_text(json.dumps(info, indent=2))
 
@@ -210,7 +217,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
 
     # --- model and method -----------------------------------------------------------------
     seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
-    model = load_model(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+    dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
+    model = load_model(cfg.model.path, dtype=DTYPES[dtype])
     model = methods.get(cfg.method.name).apply(model, cfg.method)
     info = describe_model(model)
     if is_main:
@@ -220,7 +228,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
             f"process(es) on {device.type}, {threads} threads"
         )
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "model": info})
+                                    "template": template, "dtype": dtype, "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
     plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed)

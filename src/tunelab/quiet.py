@@ -1,0 +1,28 @@
+"""Keep library chatter off the user's terminal: tunelab prints its own progress.
+
+transformers' per-load tqdm bars ("Loading weights", "Converting GGUF tensors") and its
+deprecation warnings would otherwise drown the lines that matter. ``TUNELAB_VERBOSE=1``
+turns them back on for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    if os.environ.get("TUNELAB_VERBOSE"):
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft\..*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
