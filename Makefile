@@ -36,5 +36,8 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out docs/benchmarks.md
+
 clean-demo:
 	rm -rf demo_run

@@ -21,6 +21,8 @@ from rich.table import Table
 
 from tunelab.fsutil import atomic_write_text
 
+N_TRAIN, N_TEST = 1200, 120  # one pass over 1,200 distinct rows generalises better than 3 over 400
+
 DEMO_CONFIG = {
     "run": {"name": "policy-lora", "output_dir": "runs"},
     "model": {"path": "smollm2-135m-instruct"},
@@ -32,8 +34,8 @@ DEMO_CONFIG = {
     },
     "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "train": {
-        "lr": 1e-3, "epochs": 3, "batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.05,
-        "schedule": "cosine", "eval_every": 40, "save_every": 40, "precision": "auto", "seed": 0,
+        "lr": 1e-3, "epochs": 1, "batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.05,
+        "schedule": "cosine", "eval_every": 50, "save_every": 50, "precision": "auto", "seed": 0,
     },
 }
 
@@ -59,10 +61,10 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     console = console or Console()
     work = Path(workdir).resolve()
     t0 = time.perf_counter()
-    paths = write_demo_data(work / "data", n_train=400, n_test=120, seed=0)
+    paths = write_demo_data(work / "data", n_train=N_TRAIN, n_test=N_TEST, seed=0)
     test = [json.loads(line) for line in paths["test"].read_text(encoding="utf-8").splitlines()]
     console.rule("[bold]tunelab demo: enterprise policy recommendation")
-    console.print(f"data: {paths['train']} (400 rows), {paths['test']} (120 held-out rows), 6 categories, "
+    console.print(f"data: {paths['train']} ({N_TRAIN} rows), {paths['test']} ({N_TEST} held-out rows), 6 categories, "
                   "half Chinese, half English")
 
     cfg_dict = json.loads(json.dumps(DEMO_CONFIG))

@@ -1,0 +1,56 @@
+"""The LoRA benchmark script end to end, on the tiny random model (both sides, real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, shared
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_lora_tiny_end_to_end(tmp_path):
+    shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
+    results = tmp_path / "results"
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nbefore\n<!-- bench:lora:start -->\nold\n<!-- bench:lora:end -->\nafter\n")
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--model", "tiny-random-llama",
+         "--records", "16", "--eval-records", "8", "--max-length", "128",
+         "--results-dir", str(results), "--out", str(docs)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
+
+    files = list(results.glob("*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())
+    sides = result["sides"]
+    assert set(sides) == {"ours", "baseline"}
+    for name, side in sides.items():
+        assert side["tokens_per_s"] > 0, name
+        assert side["peak_rss_mib"] > 0, name
+        assert side["eval_loss"] is not None and math.isfinite(side["eval_loss"]), name
+        assert side["optimiser_steps"] >= 1, name
+        assert side["train_samples"] == 16 and side["eval_samples"] == 8, name
+        # every training token exactly once, no padding counted
+        assert side["tokens_trained"] == side["train_tokens"], name
+    assert sides["ours"]["train_tokens"] == sides["baseline"]["train_tokens"]
+    assert sides["ours"]["train_target_tokens"] == sides["baseline"]["train_target_tokens"]
+    assert sides["ours"]["eval_target_tokens"] == sides["baseline"]["eval_target_tokens"]
+    assert result["comparison"]["same_tokens"] is True
+    assert result["comparison"]["tokens_per_s_ratio"] > 0
+
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")
+    assert "old" not in text and "dataset tokens/s" in text and "tiny-random-llama" in text
+    assert "dataset tokens/s" in proc.stdout
