@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_config
 
+from conftest import tiny_config
 from tunelab.cli import main
 from tunelab.train.schedule import lr_factor, warmup_steps
 

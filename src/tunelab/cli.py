@@ -7,7 +7,6 @@ line per problem) and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 
