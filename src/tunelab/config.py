@@ -84,6 +84,11 @@ class DataSection(_Strict):
     truncation: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with a sample longer than max_length: cut it, drop it (reported), or stop."
     )
+    cache: bool = Field(
+        True,
+        description="Cache tokenised data on disk, keyed by a fingerprint of the records, tokenizer, template "
+        "and these settings; a second run skips tokenisation.",
+    )
     packing: bool = Field(
         False,
         description="Pack several samples into each row of max_length tokens with no attention across samples "
@@ -125,6 +130,12 @@ class TrainSection(_Strict):
     )
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: physical cores).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the decoder (packed rows are padded to max_length for static shapes)."
+    )
 
 
 def _default_method():

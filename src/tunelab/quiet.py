@@ -16,6 +16,7 @@ def quiet_libraries() -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the GGUF dequantisation bar; ours are rich bars
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft\..*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")

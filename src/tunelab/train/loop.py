@@ -53,6 +53,7 @@ class LoopSetup:
     total_steps: int
     pad_id: int
     packed: bool
+    pad_to: int | None  # fixed row width (static shapes for torch.compile), or None
     cfg: TrainSection
     run: RunDir
     save_weights: Callable[[Path], None]  # writes the tuned model/adapter + tokenizer to a folder
@@ -63,7 +64,7 @@ class LoopSetup:
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
     idx = s.plan.micro_rows(step, micro, s.accelerator.process_index)
-    batch = collate([s.rows[i] for i in idx], pad_id=s.pad_id, packed=s.packed)
+    batch = collate([s.rows[i] for i in idx], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to)
     return {k: v.to(s.accelerator.device) for k, v in batch.items()}
 
 
@@ -77,7 +78,7 @@ def evaluate(s: LoopSetup) -> float | None:
     mine = s.eval_rows[acc.process_index :: acc.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for start in range(0, max(len(mine), 1), s.cfg.batch_size):
-        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed)
+        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to)
         loss_sum, n = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
         total += torch.stack([loss_sum.double(), n.double()])
     total = acc.reduce(total, "sum")

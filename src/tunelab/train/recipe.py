@@ -80,8 +80,8 @@ def set_threads(threads: int | None) -> int:
 
 def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Console, is_main: bool = True) -> PreparedData:
     """Read, split, tokenise and row the data; write rejects; summarise what happened."""
+    from tunelab.data.cache import encode_records_cached
     from tunelab.data.formats import read_records, summarize_rejects, write_rejects
-    from tunelab.data.tokenize import encode_records
 
     d = cfg.data
 
@@ -106,9 +106,9 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
         eval_records = [r for i, r in enumerate(train_records) if i in held]
         train_records = [r for i, r in enumerate(train_records) if i not in held]
 
-    encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation)
-    train_enc, tok_rejects = encode_records(train_records, tokenizer, **encode)
-    eval_enc, eval_tok_rejects = encode_records(eval_records, tokenizer, **encode)
+    encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation, use_cache=d.cache)
+    train_enc, tok_rejects, hit = encode_records_cached(train_records, tokenizer, **encode)
+    eval_enc, eval_tok_rejects, _ = encode_records_cached(eval_records, tokenizer, **encode)
     rejects += tok_rejects + eval_tok_rejects
     if not train_enc:
         reasons = summarize_rejects(rejects)
@@ -128,6 +128,7 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
         "train_tokens": sum(len(e.input_ids) for e in train_enc),
         "train_target_tokens": sum(r.n_targets for r in train_rows),
         "truncated": sum(1 for e in train_enc + eval_enc if e.truncated),
+        "tokenized_from_cache": hit,
         "rejected": len(rejects), "rejected_by_reason": summarize_rejects(rejects),
     }
     if run is not None and is_main:
@@ -136,7 +137,8 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
         run.write_json("data.json", summary)
     if is_main:
         msg = (f"data: {summary['train_samples']} train / {summary['eval_samples']} eval samples, "
-               f"{summary['train_tokens']:,} train tokens in {summary['train_rows']} rows")
+               f"{summary['train_tokens']:,} train tokens in {summary['train_rows']} rows"
+               + (" (tokenised data from the cache)" if hit else ""))
         if rejects:
             msg += f"; [yellow]{len(rejects)} rejected[/] {summary['rejected_by_reason']}"
             if run is not None:
@@ -220,6 +222,9 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model = load_model(cfg.model.path, dtype=DTYPES[dtype])
     model = methods.get(cfg.method.name).apply(model, cfg.method)
+    if t.gradient_checkpointing:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     info = describe_model(model)
     if is_main:
         console.print(
@@ -238,7 +243,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warm, kind=t.schedule)
     )
-    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    loss_module = CausalLMLoss(model)
+    if t.compile:
+        from tunelab.objectives.causal_lm import causal_lm_parts
+
+        causal_lm_parts(model)[0].compile(dynamic=False)
+    loss_model, optimizer = accelerator.prepare(loss_module, optimizer)
 
     tensorboard = None
     if t.tensorboard and is_main:
@@ -252,7 +262,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         accelerator=accelerator, loss_model=loss_model, model=model, optimizer=optimizer, scheduler=scheduler,
         rows=data.train, eval_rows=data.eval, plan=plan, total_steps=total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        packed=cfg.data.packing, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
+        packed=cfg.data.packing, pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
         resume_from=resume_from, console=console, tensorboard=tensorboard,
     )
     result = train_loop(setup)
