@@ -193,6 +193,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     threads = set_threads(t.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(t.precision, device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps process-global state; a second fine_tune in the same Python process
+        # (the Python API, sweeps, tests) may use another precision. Single-process only.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu")
     is_main = accelerator.is_main_process
 
