@@ -22,10 +22,13 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_one_process_equals_two_processes(tmp_path, alpaca_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     common = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
-    one = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 4}, run={"name": "one"})
-    two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "two"})
+    data = {"train": [{"path": str(alpaca_path), "limit": 96 if packing else 48}], "max_length": 128,
+            "packing": packing}
+    one = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 4}, run={"name": "one"}, data=data)
+    two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "two"}, data=data)
     one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
     for cfg in (one, two):
         (tmp_path / f"{cfg['run']['name']}.yaml").write_text(yaml.safe_dump(cfg))

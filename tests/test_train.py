@@ -105,10 +105,15 @@ def test_full_fine_tuning_through_the_cli(tmp_path, alpaca_path, capsys):
     assert "6 / 6" in capsys.readouterr().out
 
 
-def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path, packing):
     common = {"lr": 1e-3, "max_steps": 4, "schedule": "constant"}
-    a = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 8, "grad_accum": 1}), "b8")
-    b = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2, "grad_accum": 4}), "b2x4")
+    data = {"train": [{"path": str(alpaca_path), "limit": 96 if packing else 48}], "max_length": 128,
+            "packing": packing}
+    a = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data,
+                                         train={**common, "batch_size": 8, "grad_accum": 1}), "b8")
+    b = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data,
+                                         train={**common, "batch_size": 2, "grad_accum": 4}), "b2x4")
     la, lb = train_losses(a.run_dir), train_losses(b.run_dir)
     assert len(la) == 4
     for x, y in zip(la, lb, strict=True):
@@ -140,9 +145,12 @@ def _cli(args: list[str], env: dict | None = None, cwd: Path | None = None) -> s
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path, packing):
     cfg = tiny_config(tmp_path, alpaca_path, train={"max_steps": 8, "save_every": 2, "lr": 1e-3},
-                      method={"name": "lora", "r": 4, "dropout": 0.1})
+                      method={"name": "lora", "r": 4, "dropout": 0.1},
+                      data={"train": [{"path": str(alpaca_path), "limit": 128 if packing else 48}],
+                            "max_length": 128, "packing": packing})
     for name in ("straight", "killed"):
         c = {**cfg, "run": {**cfg["run"], "name": name}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
@@ -217,3 +225,14 @@ def test_train_help_documents_every_option():
 
     for path, *_ in describe_schema():
         assert path in out.stdout, path
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "compile"])
+def test_speed_and_memory_options_keep_the_loss_curve(tmp_path, alpaca_path, option):
+    """Recomputing activations, or compiling the decoder, must not change what is learned."""
+    data = {"train": [{"path": str(alpaca_path), "limit": 48}], "max_length": 128, "packing": True}
+    common = {"lr": 1e-3, "max_steps": 3, "batch_size": 2}
+    base = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, train=common), "base")
+    other = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, train={**common, option: True}), option)
+    for x, y in zip(train_losses(base.run_dir), train_losses(other.run_dir), strict=True):
+        assert abs(x - y) < 1e-4, (option, x, y)

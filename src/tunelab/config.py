@@ -84,6 +84,10 @@ class DataSection(_Strict):
     truncation: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="What to do with a sample longer than max_length: cut it, drop it (reported), or stop."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Unpacked rows only: batch rows of similar length together (less padding), in a seeded order.",
+    )
     cache: bool = Field(
         True,
         description="Cache tokenised data on disk, keyed by a fingerprint of the records, tokenizer, template "
@@ -276,6 +280,10 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     has_eval = bool(d.eval) or d.eval_ratio > 0
     if t.early_stopping_patience is not None and not has_eval:
         p.append("train.early_stopping_patience needs validation data: set data.eval or data.eval_ratio.")
+    if d.packing and d.group_by_length:
+        p.append("data.packing and data.group_by_length are both set: packed rows have no padding to save. Choose one.")
+    if t.compile and not d.packing:
+        p.append("train.compile needs data.packing: true (fixed-width rows give the static shapes it compiles for).")
     if d.eval and d.eval_ratio > 0:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
     return p

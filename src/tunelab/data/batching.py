@@ -16,6 +16,7 @@ plan and takes its own slice, which makes 1 process = N processes, batch B x acc
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -120,13 +121,20 @@ def collate(rows: list[Row], *, pad_id: int, packed: bool, pad_to: int | None = 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which rows every process uses at every micro-step of every optimiser step."""
+    """Which rows every process uses at every micro-step of every optimiser step.
+
+    With ``lengths`` (length-grouped batching, for unpacked rows), each block of 16 steps'
+    worth of shuffled rows is sorted by length and cut into steps, and the full steps are
+    shuffled again: micro-batches hold rows of similar length, so little is padded, while the
+    order stays random across steps and a pure function of (seed, epoch).
+    """
 
     n_rows: int
     batch_size: int  # rows per micro-batch per process
     grad_accum: int
     world_size: int
     seed: int
+    lengths: tuple[int, ...] | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -137,8 +145,7 @@ class Plan:
         return max(1, -(-self.n_rows // self.rows_per_step))
 
     def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_rows, generator=g).tolist()
+        return _epoch_order(self, epoch)
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of optimiser step ``step`` (0-based, counted over all epochs)."""
@@ -151,3 +158,21 @@ class Plan:
         chunk = self.step_rows(step)
         start = (micro * self.world_size + rank) * self.batch_size
         return chunk[start : start + self.batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(plan: Plan, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(plan.seed * 1_000_003 + epoch)
+    order = torch.randperm(plan.n_rows, generator=g).tolist()
+    if plan.lengths is None:
+        return order
+    per_step = plan.rows_per_step
+    block = per_step * 16
+    steps: list[list[int]] = []
+    for start in range(0, len(order), block):
+        chunk = sorted(order[start : start + block], key=lambda i: -plan.lengths[i])
+        steps += [chunk[i : i + per_step] for i in range(0, len(chunk), per_step)]
+    full = [s for s in steps if len(s) == per_step]
+    partial = [s for s in steps if len(s) < per_step]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+    return [i for s in shuffled + partial for i in s]

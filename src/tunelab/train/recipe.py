@@ -242,7 +242,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
                                     "template": template, "dtype": dtype, "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
-    plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed)
+    lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
+    plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed, lengths)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
     warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     optimizer = build_optimizer(model, t)
