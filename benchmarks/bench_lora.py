@@ -151,6 +151,7 @@ def worker_ours(spec: dict) -> dict:
             "max_grad_norm": HYPER["max_grad_norm"], "batch_size": batch_size, "grad_accum": grad_accum,
             "epochs": HYPER["epochs"], "eval_every": 0, "save_every": 0, "precision": "auto",
             "seed": HYPER["seed"], "threads": spec["threads"], "log_every": 1,
+            "gradient_checkpointing": spec.get("ours_gradient_checkpointing", False),
         },
     }
     cfg, sources = load_config(None, base=raw)
@@ -562,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: physical cores)")
     p.add_argument("--ours-batch-size", type=int, default=1,
                    help="packed rows per micro-batch for ours (accumulation makes up ~16 records per step)")
+    p.add_argument("--ours-gradient-checkpointing", action="store_true",
+                   help="recompute activations in ours' backward pass (less memory, more compute)")
+    p.add_argument("--baseline-from", type=Path, default=None,
+                   help="reuse the baseline side of an earlier result JSON (same workload) instead of re-running it")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary run folders and worker logs")
     p.add_argument("--worker", choices=("ours", "baseline", "prepare"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -579,11 +584,16 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "train_path": str(train_path), "eval_path": str(eval_path),
             "max_length": args.max_length, "threads": args.threads or default_threads(),
             "ours_batch_size": args.ours_batch_size, "workdir": str(workdir),
+            "ours_gradient_checkpointing": args.ours_gradient_checkpointing,
         }
         launch("prepare", spec, workdir)  # a first use of an alias builds it: not in either side's memory
         sides = {}
+        if args.baseline_from is not None:  # the baseline does not change with our code: reuse a measured one
+            previous = json.loads(args.baseline_from.read_text())
+            sides["baseline"] = previous["sides"]["baseline"]
+            print(f"[bench] baseline: reused from {args.baseline_from}")
         for side in ("ours", "baseline"):
-            if args.only in (None, side):
+            if args.only in (None, side) and side not in sides:
                 sides[side] = launch(side, spec, workdir)
     finally:
         if args.keep_workdir:
