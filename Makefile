@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.tunelab-installed
 
-.PHONY: setup demo test test-fast lint bench clean-demo help
+.PHONY: setup demo test test-fast lint bench bench-memory clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
@@ -35,6 +35,9 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+bench-memory: setup
+	$(PY) benchmarks/bench_memory.py --checkpointing
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out docs/benchmarks.md

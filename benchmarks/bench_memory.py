@@ -51,7 +51,8 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
                          **SHAPES[shape])
-    model = LlamaForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
+    # built directly in the training dtype: an fp32 build of the 1B shape alone would peak at 4.3 GB
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
     model = lora.apply(model, lora.Config(r=16, alpha=32))
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
