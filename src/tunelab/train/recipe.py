@@ -168,13 +168,7 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
 
     def save(folder: Path) -> None:
         def fill(tmp: Path) -> None:
-            from tunelab.objectives.attention import restore_sdpa, use_packed_attention
-
-            restore_sdpa(model)  # what we save must load with plain transformers
-            try:
-                method.save(model, tmp)
-            finally:
-                use_packed_attention(model)
+            method.save(model, tmp)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
                     "run": cfg.run.name}
@@ -234,9 +228,6 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model = load_model(cfg.model.path, dtype=DTYPES[dtype])
     model = methods.get(cfg.method.name).apply(model, cfg.method)
-    from tunelab.objectives.attention import use_packed_attention
-
-    attention = "tunelab_packed (segment-wise causal SDPA)" if use_packed_attention(model) else "model default"
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -248,7 +239,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
             f"process(es) on {device.type}, {threads} threads"
         )
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "attention": attention, "model": info})
+                                    "template": template, "dtype": dtype, "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
