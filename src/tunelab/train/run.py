@@ -76,14 +76,6 @@ class RunDir:
         with open(self.metrics_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
-
-    def weights_dir(self, which: str = "final") -> Path:
-        return {"final": self.final, "best": self.best}.get(which) or self.checkpoints / which
-
 
 def environment(device: str, precision: str, world_size: int) -> dict[str, Any]:
     import accelerate
