@@ -140,6 +140,11 @@ class TrainSection(_Strict):
     compile: bool = Field(
         False, description="torch.compile the decoder (packed rows are padded to max_length for static shapes)."
     )
+    fused_kernels: bool = Field(
+        True,
+        description="Use tunelab's training kernels where they apply: segment-wise causal attention for packed "
+        "rows on CPU and a fused LoRA linear forward/backward. false: the stock transformers / PEFT code.",
+    )
 
 
 def _default_method():

@@ -168,7 +168,14 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
 
     def save(folder: Path) -> None:
         def fill(tmp: Path) -> None:
-            method.save(model, tmp)
+            from tunelab.kernels import restore_stock, use_training_kernels
+
+            restore_stock(model)  # what we save must load and run with plain transformers / PEFT
+            try:
+                method.save(model, tmp)
+            finally:
+                if cfg.train.fused_kernels:
+                    use_training_kernels(model)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
                     "run": cfg.run.name}
@@ -185,6 +192,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     from accelerate import Accelerator
 
     from tunelab.data.templates import set_chat_template
+    from tunelab.kernels import restore_stock, use_training_kernels
     from tunelab.models.load import describe_model, load_model, load_tokenizer
     from tunelab.objectives.causal_lm import CausalLMLoss
 
@@ -228,6 +236,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model = load_model(cfg.model.path, dtype=DTYPES[dtype])
     model = methods.get(cfg.method.name).apply(model, cfg.method)
+    kernels = use_training_kernels(model) if t.fused_kernels else []
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -239,7 +248,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
             f"process(es) on {device.type}, {threads} threads"
         )
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "model": info})
+                                    "template": template, "dtype": dtype, "kernels": kernels, "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
@@ -286,6 +295,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     else:
         summary = {**result}
     accelerator.wait_for_everyone()
+    restore_stock(model)  # the returned model runs the stock code (generation, saving, a user's own use)
     return TrainOutcome(summary, model, tokenizer, run.path)
 
 

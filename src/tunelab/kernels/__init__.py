@@ -1,0 +1,37 @@
+"""Training-time kernels of our own, switched on for the duration of training only.
+
+* :mod:`~tunelab.kernels.attention`: segment-wise causal attention for packed rows on CPU;
+* :mod:`~tunelab.kernels.lora`: a fused forward/backward for PEFT's LoRA linear layers.
+
+Both leave the parameters and the saved formats alone: :func:`restore_stock` puts the stock
+transformers / PEFT code back before a model is saved, used for generation or handed to a user,
+and :func:`use_training_kernels` switches them on again.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def use_training_kernels(model: nn.Module, *, attention: bool = True, lora: bool = True) -> list[str]:
+    """Switch ``model`` to our training kernels where they apply; returns what was switched on."""
+    from tunelab.kernels import attention as att
+    from tunelab.kernels import lora as fused_lora
+
+    used = []
+    if attention and att.use_packed_attention(model):
+        used.append("segment-wise causal attention")
+    if lora:
+        n = fused_lora.use_fused_lora(model)
+        if n:
+            used.append(f"fused LoRA linear ({n} layers)")
+    return used
+
+
+def restore_stock(model: nn.Module) -> None:
+    """The stock transformers attention and PEFT forward again."""
+    from tunelab.kernels import attention as att
+    from tunelab.kernels import lora as fused_lora
+
+    att.restore_sdpa(model)
+    fused_lora.restore(model)

@@ -1,0 +1,132 @@
+"""Segment-wise causal attention: equal to SDPA with a block-diagonal causal mask, values and gradients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.kernels import attention as att
+
+
+def _reference(q, k, v, bounds, scale):
+    b_, h, length, _ = q.shape
+    mask = torch.zeros(b_, 1, length, length, dtype=torch.bool)
+    for b, spans in enumerate(bounds):
+        for s, e in spans:
+            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("segments", [[40], [1, 150, 19, 4], [200]])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+def test_matches_masked_sdpa_in_values_and_gradients(segments, heads, monkeypatch):
+    monkeypatch.setattr(att, "BLOCK", 64)  # several query blocks per long segment
+    torch.manual_seed(0)
+    h, kv = heads
+    length = sum(segments)
+    pos = torch.cat([torch.arange(n) for n in segments]).view(1, -1).expand(2, -1)
+    bounds = att.segment_bounds(pos)
+    q = torch.randn(2, h, length, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, kv, length, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv, length, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, length, h, 8, dtype=torch.float64)
+    ours = att.SegmentCausalAttention.apply(q, k, v, bounds, 0.25)
+    grads = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    ref = _reference(q, k, v, bounds, 0.25)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_segment_bounds_restart_at_zero():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert att.segment_bounds(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+
+
+def test_bf16_close_to_fp32():
+    torch.manual_seed(1)
+    pos = torch.cat([torch.arange(n) for n in (90, 150)]).view(1, -1)
+    bounds = att.segment_bounds(pos)
+    q, k, v = (torch.randn(1, n, 240, 64) for n in (9, 3, 3))
+    exact = att.SegmentCausalAttention.apply(q, k, v, bounds, 0.125)
+    low = att.SegmentCausalAttention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16(), bounds, 0.125)
+    assert (low.float() - exact).abs().max() < 0.05
+
+
+# --------------------------------------------------------------------------- fused LoRA
+
+
+def _tiny_lora(seed: int = 0):
+    from tunelab.methods import lora
+    from tunelab.models.load import load_model
+
+    torch.manual_seed(seed)
+    model = lora.apply(load_model("tiny-random-llama", dtype=torch.float32), lora.Config(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so the adapter path matters
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_fused_lora_equals_peft_in_values_and_gradients():
+    from tunelab.kernels.lora import restore, use_fused_lora
+
+    model = _tiny_lora()
+    ids = torch.randint(0, 100, (2, 24))
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref, ref_grads = run()
+    assert use_fused_lora(model) == 7 * model.config.num_hidden_layers
+    ours, grads = run()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    restore(model)
+    assert not any("forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_fused_lora_falls_back_to_peft_when_it_does_not_apply():
+    from tunelab.kernels.lora import use_fused_lora
+
+    model = _tiny_lora()
+    use_fused_lora(model)
+    ids = torch.randint(0, 100, (1, 10))
+    with model.disable_adapter():  # adapters off: the base model's output exactly
+        off = model(input_ids=ids).logits
+    base = model.get_base_model()
+    for m in base.modules():
+        if hasattr(m, "lora_A"):
+            m.lora_B["default"].weight.data.zero_()
+    torch.testing.assert_close(model(input_ids=ids).logits, off)
+
+
+def test_fused_kernels_keep_the_training_curve(tmp_path, alpaca_path):
+    from conftest import tiny_config
+    from tunelab.config import load_config
+    from tunelab.train.recipe import fine_tune
+
+    losses = {}
+    for fused in (True, False):
+        raw = tiny_config(tmp_path, alpaca_path, data={"train": [{"path": str(alpaca_path), "limit": 24}],
+                                                        "max_length": 256, "packing": True},
+                          train={"max_steps": 3, "lr": 1e-3, "fused_kernels": fused})
+        raw["run"]["name"] = f"fused-{fused}"
+        out = fine_tune(load_config(None, base=raw)[0])
+        env = json.loads((out.run_dir / "env.json").read_text())
+        assert bool(env["kernels"]) == fused
+        losses[fused] = [json.loads(x)["loss"] for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()
+                         if json.loads(x)["kind"] == "train"]
+        # the model handed back runs the stock code again
+        assert out.model.get_base_model().config._attn_implementation == "sdpa"
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
