@@ -203,3 +203,45 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
                     made[op] += 1
     return {"output": str(out), "original_rows": len(originals), "augmented_rows": sum(made.values()),
             "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+
+
+def augment_records(records, s: AugmentSettings):
+    """Augmented copies of records (for the training config): ``(new records, counts per op)``."""
+    import dataclasses
+
+    from tunelab.data.records import Message
+
+    rng = random.Random(s.seed)
+    synonyms = load_synonyms(s.synonyms)
+    rewriter = ModelRewriter(s.model, s.max_new_tokens) if {"paraphrase", "backtranslate"} & set(s.ops) else None
+    if rewriter is None and {"paraphrase", "backtranslate"} & set(s.ops):
+        raise UserError("data.prepare.augment: paraphrase/backtranslate need data.prepare.augment.model.")
+    made: Counter = Counter()
+    out = []
+    for r in records[: s.limit] if s.limit else records:
+        for op in s.ops:
+            for copy in range(s.copies):
+                if op == "paraphrase":
+                    fn = rewriter.paraphrase
+                elif op == "backtranslate":
+                    fn = lambda t: rewriter.backtranslate(t, s.pivot)  # noqa: E731
+                elif op == "reorder":
+                    fn = lambda t: reorder(t, rng)  # noqa: E731
+                else:
+                    fn = lambda t, op=op: eda(t, op, s.alpha, rng, synonyms)  # noqa: E731
+                if r.is_text:
+                    new = dataclasses.replace(r, text=fn(r.text or ""))
+                else:
+                    last = max(i for i, m in enumerate(r.messages) if m.role == "assistant") if r.label is None else -1
+                    msgs = tuple(
+                        Message(m.role, fn(m.content)) if (
+                            (m.role == "user" and s.field in ("prompt", "both"))
+                            or (m.role == "assistant" and i == last and s.field in ("answer", "both"))) else m
+                        for i, m in enumerate(r.messages))
+                    new = dataclasses.replace(r, messages=msgs)
+                if new == r:
+                    continue
+                out.append(dataclasses.replace(new, id=f"{r.id}#aug-{op}-{copy}",
+                                               meta={**r.meta, "augmented": op, "source_id": r.id}))
+                made[op] += 1
+    return out, dict(made)

@@ -177,6 +177,8 @@ class Plan:
     world_size: int
     seed: int
     lengths: tuple[int, ...] | None = None
+    sampler: str = "random"  # random | stratified | balanced (tunelab.data.sampling)
+    strata: tuple[int, ...] | None = None  # a class per row, for the stratified / balanced samplers
 
     @property
     def rows_per_step(self) -> int:
@@ -204,6 +206,10 @@ class Plan:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(plan: Plan, epoch: int) -> list[int]:
+    if plan.sampler != "random" and plan.strata is not None:
+        from tunelab.data.sampling import balanced_order, stratified_order
+
+        return (stratified_order if plan.sampler == "stratified" else balanced_order)(plan.strata, plan.seed, epoch)
     g = torch.Generator().manual_seed(plan.seed * 1_000_003 + epoch)
     order = torch.randperm(plan.n_rows, generator=g).tolist()
     if plan.lengths is None:

@@ -153,11 +153,12 @@ def clean_file(
     removed: str | Path | None = None,
     chunk: int = 4096,
     progress: bool = False,
+    limit: int | None = None,
 ) -> CleanReport:
     """Clean ``input_path`` into ``out`` (same format as the extension of ``out``)."""
     t0 = time.perf_counter()
     s = settings or CleanSettings()
-    src = open_source(input_path, format, columns)
+    src = open_source(input_path, format, columns, limit)
     out = Path(out)
     removed_path = Path(removed) if removed else default_removed_path(out)
     protect = [src.path]
