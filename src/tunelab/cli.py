@@ -168,7 +168,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 def cmd_data_clean(args: argparse.Namespace) -> int:
     from tunelab.data.clean import clean_file
-    from tunelab.data.settings import CleanSettings, ConflictSettings, DedupSettings, LengthSettings, PiiSettings
+    from tunelab.data.settings import (
+        CleanSettings,
+        ConflictSettings,
+        DedupSettings,
+        LengthSettings,
+        PiiSettings,
+    )
 
     length = None
     if any(v is not None for v in (args.min_chars, args.max_chars, args.min_tokens, args.max_tokens)):

@@ -337,7 +337,7 @@ def _first_pass(batch, s: CleanSettings, tokenizer, steps, pii_counts, reasons, 
                 survivors.append(item)
         kept = survivors
     key = s.dedup.key if s.dedup else "full"
-    dedup_texts, prompt_texts = [], []
+    dedup_texts, answer_texts, prompt_texts = [], [], []
     for item in kept:
         r = item.record
         p, a = dedup_key(prompt_text(r)), answer_text(r)
@@ -347,11 +347,12 @@ def _first_pass(batch, s: CleanSettings, tokenizer, steps, pii_counts, reasons, 
         facts.prompt.append(digest64(p))
         facts.answer.append(digest64(dedup_key(a)) if a is not None else 0)
         facts.has_answer.append(a is not None)
-        dedup_texts.append(f)
+        dedup_texts.append(p)
+        answer_texts.append(dedup_key(a) if a is not None and key == "full" else "")
         prompt_texts.append(p)
         spool.write(json.dumps(item.raw, ensure_ascii=False) + "\n")
     if dedup_index is not None:
-        dedup_index.add(dedup_texts)
+        dedup_index.add(dedup_texts, answer_texts)
     if prompt_index is not None:
         prompt_index.add(prompt_texts)
 

@@ -5,7 +5,7 @@
   digests, so memory is 8 bytes per row whatever the text length.
 * **Near**: MinHash over *character* shingles (so Chinese, which has no spaces, works), with
   datasketch's ``affine32`` hash family (its permutations and MurmurHash3 pre-mix) and the LSH
-  band/row split datasketch's ``MinHashLSH`` picks for the threshold. datasketch hashes one
+  band/row split datasketch's ``MinHashLSH`` picks for the threshold (recall-weighted). datasketch hashes one
   shingle at a time in Python; here the same signatures are computed for thousands of rows at
   once with numpy (``test_data_dedup`` checks they equal datasketch's, value for value).
   Signatures are spooled to a temporary file and memory-mapped; LSH buckets are found by
@@ -59,10 +59,11 @@ def shingles(text: str, k: int) -> list[str]:
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) as datasketch's MinHashLSH chooses them for ``threshold``."""
+    """(bands, rows per band) as datasketch's MinHashLSH chooses them for ``threshold``, weighing a
+    missed pair 9x a false candidate (candidates are verified on the signatures anyway)."""
     from datasketch import MinHashLSH
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     return lsh.b, lsh.r
 
 
@@ -181,11 +182,18 @@ class NearDupIndex:
         self._path = Path(self._dir.name) / "signatures.u32"
         self._fh = open(self._path, "wb")  # noqa: SIM115 - closed in close()/_sigs()
 
-    def add(self, texts: list[str]) -> None:
-        """Add the (already normalised) texts of the next rows, in order."""
+    def add(self, texts: list[str], also: list[str] | None = None) -> None:
+        """Add the (already normalised) texts of the next rows, in order.
+
+        With ``also`` (a second text per row, e.g. the answer), a row's shingle set is the union
+        of both texts' shingles (MinHash of a union = element-wise min), so no shingle spans the
+        two fields and an edit at the end of one field does not also disturb the other.
+        """
         if not texts:
             return
         sigs = self.hasher.signatures(texts)
+        if also is not None:
+            np.minimum(sigs, self.hasher.signatures(also), out=sigs)
         self._fh.write(sigs.tobytes())
         self._keys.append(band_keys(sigs, self.bands, self.rows))
         self.n += len(texts)

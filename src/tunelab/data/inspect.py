@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
+from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
+from tunelab.data.split import row_keys
 from tunelab.data.stream import answer_text, full_text, open_source
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -101,9 +102,9 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
                     texts[m.role].append(m.content)
                     owner[m.role].append(k)
                 turns.append(sum(1 for m in rec.messages if m.role == "user"))
-                key = dedup_key(full_text(rec))
+                key = row_keys(rec)
                 keys.append(key)
-                digests.append(digest64(key))
+                digests.append(digest64(key[0] + "\n" + key[1]))
                 if rec.label is not None:
                     labels[rec.label] += 1
                 langs[language(full_text(rec))] += 1
@@ -113,7 +114,7 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
                     n_short += 1
                     if len(short) < 10:
                         short.append({"id": rec.id, "answer": ans})
-            index.add(keys)
+            index.add([k[0] for k in keys], [k[1] for k in keys])
             row_tokens = np.zeros(len(batch), dtype=np.int64)
             row_msgs = np.array([max(1, len(i.record.messages)) for i in batch])
             for role in ROLES:

@@ -23,7 +23,7 @@ import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
 from tunelab.data.settings import SplitSettings
-from tunelab.data.stream import RowWriter, full_text, open_source, prompt_text
+from tunelab.data.stream import RowWriter, answer_text, open_source, prompt_text
 from tunelab.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -65,16 +65,23 @@ def assign(labels: Sequence[Any], groups: Sequence[int], ratios: Sequence[float]
     return out
 
 
-def groups_of(texts: list[str], how: str, threshold: float, batch: int = 4096) -> np.ndarray:
-    """Group id (the first row of its group) per text: near duplicates, exact duplicates, or none."""
-    keys = [dedup_key(t) for t in texts]
+def row_keys(record) -> tuple[str, str]:
+    """(normalised input, normalised answer) of a record: what duplicates are judged on."""
+    answer = answer_text(record)
+    return dedup_key(prompt_text(record)), dedup_key(answer) if answer is not None else ""
+
+
+def groups_of(records: list, how: str, threshold: float, batch: int = 4096) -> np.ndarray:
+    """Group id (the first row of its group) per record: near duplicates, exact duplicates, or none."""
+    keys = [row_keys(r) for r in records]
     if how == "none":
-        return np.arange(len(texts), dtype=np.int64)
+        return np.arange(len(records), dtype=np.int64)
     if how == "exact":
-        return exact_duplicates(np.asarray([digest64(k) for k in keys], dtype=np.int64))
+        return exact_duplicates(np.asarray([digest64(p + "\n" + a) for p, a in keys], dtype=np.int64))
     with NearDupIndex(threshold=threshold) as index:
         for s in range(0, len(keys), batch):
-            index.add(keys[s : s + batch])
+            part = keys[s : s + batch]
+            index.add([p for p, _ in part], [a for _, a in part])
         near = index.clusters()[0]
     return near
 
@@ -117,7 +124,7 @@ def split_file(path: str | Path, out_dir: str | Path, settings: SplitSettings | 
     src, originals, augmented, rejected = _read(path, format, columns)
     labels = [i.record.label for i in originals]
     stratify = s.stratify and any(label is not None for label in labels)
-    groups = groups_of([full_text(i.record) for i in originals], s.group, s.threshold)
+    groups = groups_of([i.record for i in originals], s.group, s.threshold)
     ratios = [1.0 / kfold] * kfold if kfold else list(s.ratios)
     which = assign(labels, groups, ratios, s.seed, stratify)
     report = SplitReport(str(src.path), rejected=rejected)
@@ -181,14 +188,16 @@ def leakage(paths: Sequence[str | Path], *, threshold: float = 0.8, format: str 
     """Exact and near overlaps of every later file with the first one (e.g. TRAIN then TEST...)."""
     if len(paths) < 2:
         raise UserError(f"leakage: give at least two files (got {len(paths)}). E.g. tunelab data leakage train.jsonl test.jsonl")
-    texts, prompts, file_of, ids = [], [], [], []
+    texts, answers, prompts, file_of, ids = [], [], [], [], []
     for f, path in enumerate(paths):
         src = open_source(path, format)
         for item in src.items():
             if item.record is None:
                 continue
-            texts.append(dedup_key(full_text(item.record)))
-            prompts.append(dedup_key(prompt_text(item.record)))
+            p, a = row_keys(item.record)
+            texts.append(p + "\n" + a)
+            answers.append(a)
+            prompts.append(p)
             file_of.append(f)
             ids.append(item.record.id)
     file_arr = np.asarray(file_of)
@@ -197,7 +206,7 @@ def leakage(paths: Sequence[str | Path], *, threshold: float = 0.8, format: str 
     first_full, first_prompt = set(full[file_arr == 0].tolist()), set(prompt[file_arr == 0].tolist())
     with NearDupIndex(threshold=threshold) as index:
         for s in range(0, len(texts), 4096):
-            index.add(texts[s : s + 4096])
+            index.add(prompts[s : s + 4096], answers[s : s + 4096])
         root, sim = index.clusters(cross=file_arr)
     report: dict[str, Any] = {"reference": str(paths[0]), "threshold": threshold, "files": []}
     for f in range(1, len(paths)):

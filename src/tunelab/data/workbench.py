@@ -151,7 +151,6 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
     """Read the data files and run the configured workbench steps; returns records to tokenise."""
     from tunelab.data.sampling import mix, mix_counts
     from tunelab.data.split import assign, groups_of
-    from tunelab.data.stream import full_text
 
     d, prep = cfg.data, cfg.data.prepare
     report: dict[str, Any] = {}
@@ -196,7 +195,7 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
     elif prep is not None and prep.split is not None:
         s = prep.split
         labels = [r.label for r in train]
-        groups = groups_of([full_text(r) for r in train], s.group, s.threshold)
+        groups = groups_of(train, s.group, s.threshold)
         which = assign(labels, groups, s.ratios, s.seed, s.stratify and any(x is not None for x in labels))
         parts = [[r for r, w in zip(train, which, strict=True) if w == k] for k in range(len(s.ratios))]
         train, eval_records = parts[0], parts[1]
