@@ -389,7 +389,7 @@ def _conflicts(s: CleanSettings, facts: _Facts, status, dup_of, prompt_index) ->
             members.setdefault(g, []).append(i)
     policy = s.conflicts.policy
     out = []
-    for g, rows in members.items():
+    for rows in members.values():
         counts = Counter(int(answer[i]) for i in rows)
         ranked = counts.most_common()
         tie = len(ranked) > 1 and ranked[0][1] == ranked[1][1]
