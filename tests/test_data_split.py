@@ -6,7 +6,6 @@ import json
 from collections import Counter
 
 from conftest import shared
-
 from tunelab.data.annotate import agreement, cohen_kappa, fleiss_kappa
 from tunelab.data.augment import augment_file
 from tunelab.data.settings import AugmentSettings, SplitSettings

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import shared, tiny_config
 
-from tunelab.data.batching import Row, collate, rows_unpacked
+from conftest import shared, tiny_config
+from tunelab.data.batching import collate, rows_unpacked
 from tunelab.data.sampling import balanced_order, mix, mix_counts, stratified_order
 from tunelab.data.tokenize import Encoded
 from tunelab.data.weights import class_weights

@@ -30,7 +30,16 @@ import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
 from tunelab.data.settings import CleanSettings, NormalizeSettings, PiiSettings
-from tunelab.data.stream import RowWriter, answer_text, full_text, map_text, open_source, parse, prompt_text
+from tunelab.data.stream import (
+    RowWriter,
+    answer_text,
+    check_usable,
+    full_text,
+    map_text,
+    open_source,
+    parse,
+    prompt_text,
+)
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
@@ -196,6 +205,7 @@ def clean_file(
                         dedup_index, prompt_index, src)
             bar.update(task, advance=len(batch))
 
+            check_usable(src, report.rows_read, len(facts.src) + steps["length"]["removed"], reasons)
             n = len(facts.src)
             status = np.zeros(n, dtype=np.int8)  # 0 kept, else an index into _REASONS
             dup_of = np.full(n, -1, dtype=np.int64)

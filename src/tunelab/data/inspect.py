@@ -23,7 +23,7 @@ import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
 from tunelab.data.split import row_keys
-from tunelab.data.stream import answer_text, full_text, open_source
+from tunelab.data.stream import answer_text, check_usable, full_text, open_source
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -139,6 +139,7 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
                 batch = []
         if batch:
             flush(batch)
+        check_usable(src, rows, rows - sum(rejects.values()), rejects)
         dig = np.frombuffer(digests, dtype=np.int64) if len(digests) else np.zeros(0, dtype=np.int64)
         first = exact_duplicates(dig)
         exact = int((first != np.arange(len(first))).sum())

@@ -75,6 +75,15 @@ def open_source(path: str | Path, format: str = "auto", columns: dict[str, str] 
     return Source(p, _f._detect_format(p, head, cols), cols, limit)
 
 
+def check_usable(source: Source, rows: int, records: int, reasons: dict[str, int]) -> None:
+    """No row was usable and every one lacked a required field: the format or columns are wrong."""
+    if rows and not records and reasons.get("missing_field", 0) == rows:
+        raise UserError(
+            f"{source.path}: no row has the fields format {source.format!r} needs ({rows} rows, each missing a "
+            "required field). Map your column names with --column/columns, or set the format explicitly."
+        )
+
+
 def parse(index: int, raw: Any, source: Source) -> Item:
     """The record (or reject) of one raw row, by the same parsers ``read_records`` uses."""
     ctx = _f._Ctx(path=source.path, row=index, raw=raw)
