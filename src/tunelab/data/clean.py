@@ -308,16 +308,18 @@ def _first_pass(batch, s: CleanSettings, tokenizer, steps, pii_counts, reasons, 
             _remove_now(removed_writer, reasons, steps, "read", name, item.index, item.reject.reason,
                         item.reject.detail, item.raw)
             continue
-        raw = item.raw
+        raw, changed = item.raw, False
         if s.normalize is not None:
             new = map_text(raw, lambda t: normalize_text(t, s.normalize))
-            steps["normalize"]["changed"] += new != raw
-            raw = new
+            if new != raw:
+                steps["normalize"]["changed"] += 1
+                raw, changed = new, True
         if s.pii is not None:
             new = map_text(raw, lambda t: mask_pii(t, s.pii, pii_counts))
-            steps["pii"]["changed"] += new != raw
-            raw = new
-        if raw is not item.raw:
+            if new != raw:
+                steps["pii"]["changed"] += 1
+                raw, changed = new, True
+        if changed:  # re-parse only what cleaning changed
             item = parse(item.index, raw, src)
             if item.reject is not None:  # e.g. an answer that was only HTML is empty now
                 _remove_now(removed_writer, reasons, steps, "normalize", name, item.index,
