@@ -138,6 +138,202 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- data workbench verbs
+
+
+def _print_json(obj) -> None:
+    import json
+
+    Console().print_json(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.data.inspect import inspect_target, print_report, public, write_html
+
+    reports = inspect_target(args.target, model=args.model, max_length=args.max_length, limit=args.limit,
+                             near_threshold=args.threshold)
+    console = Console()
+    for r in reports:
+        print_report(r, console)
+    if args.html:
+        console.print(f"HTML report: {write_html(reports, args.html)}")
+    if args.json:
+        from tunelab.fsutil import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([public(r) for r in reports], indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_data_clean(args: argparse.Namespace) -> int:
+    from tunelab.data.clean import clean_file
+    from tunelab.data.settings import (
+        CleanSettings,
+        ConflictSettings,
+        DedupSettings,
+        LengthSettings,
+        PiiSettings,
+    )
+
+    length = None
+    if any(v is not None for v in (args.min_chars, args.max_chars, args.min_tokens, args.max_tokens)):
+        length = LengthSettings(field=args.length_field, min_chars=args.min_chars, max_chars=args.max_chars,
+                                min_tokens=args.min_tokens, max_tokens=args.max_tokens, tokenizer=args.tokenizer)
+    s = CleanSettings(
+        normalize=None if args.no_normalize else CleanSettings().normalize,
+        pii=PiiSettings() if args.pii else None, length=length,
+        conflicts=None if args.conflicts == "off" else ConflictSettings(policy=args.conflicts),
+        dedup=None if (args.no_exact and args.no_near) else DedupSettings(
+            exact=not args.no_exact, near=not args.no_near, threshold=args.threshold, key=args.key),
+    )
+    r = clean_file(args.input, args.out, s, format=args.format, removed=args.removed, progress=True)
+    Console().print(f"{r.rows_read:,} rows read, {r.rows_written:,} written to {r.output}; removed "
+                    f"{r.removed_by_reason or 'none'} -> {r.removed_file}" +
+                    (f"; {r.conflict_groups} conflicting groups -> {r.conflicts_file}" if r.conflicts_file else ""))
+    _print_json(r.steps)
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from tunelab.data.settings import SplitSettings
+    from tunelab.data.split import split_file
+
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(","))
+        s = SplitSettings(ratios=ratios, stratify=not args.no_stratify, group=args.group, seed=args.seed)
+    except ValueError as err:
+        raise UserError(f"--ratios: {str(err).splitlines()[-1].strip()} (got {args.ratios!r}). "
+                        "E.g. --ratios 0.7,0.15,0.15") from None
+    r = split_file(args.input, args.out_dir, s, kfold=args.kfold, format=args.format)
+    _print_json(r.to_dict())
+    return 0
+
+
+def cmd_data_leakage(args: argparse.Namespace) -> int:
+    from tunelab.data.split import leakage
+
+    r = leakage(args.files, threshold=args.threshold)
+    _print_json(r)
+    leaked = any(f["exact"] or f["near"] for f in r["files"])
+    return 1 if (leaked and args.fail) else 0
+
+
+def cmd_data_agreement(args: argparse.Namespace) -> int:
+    from tunelab.data.annotate import agreement_file
+
+    r = agreement_file(args.input, column=args.column, annotators=args.annotators, out=args.out)
+    d = r.to_dict()
+    d["disagreements"] = d["disagreements"][: args.show]
+    _print_json(d)
+    return 0
+
+
+def cmd_data_augment(args: argparse.Namespace) -> int:
+    from tunelab.data.augment import augment_file
+    from tunelab.data.settings import AugmentSettings
+
+    s = AugmentSettings(ops=args.ops, copies=args.copies, alpha=args.alpha, field=args.field,
+                        synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed, limit=args.limit)
+    _print_json(augment_file(args.input, args.out, s, format=args.format))
+    return 0
+
+
+def cmd_data_weights(args: argparse.Namespace) -> int:
+    from tunelab.data.weights import weights_file
+
+    _print_json(weights_file(args.input, args.out, scheme=args.scheme, beta=args.beta, format=args.format))
+    return 0
+
+
+def _add_data_verbs(sub) -> None:
+    """``tunelab data VERB``: the data workbench."""
+    d = sub.add_parser("data", help="inspect, clean, de-duplicate, split, augment and weight data files")
+    dsub = d.add_subparsers(dest="data_verb", metavar="ACTION")
+    fmt_help = "row format (auto detects it)"
+
+    i = dsub.add_parser("inspect", help="statistics of a data file or of a training config's files (+ HTML)")
+    i.add_argument("target", help="a data file, or a training config (.yaml): its files, model and max_length")
+    i.add_argument("--model", default=None, help="tokenizer for token lengths (an alias or model folder)")
+    i.add_argument("--max-length", type=int, default=None, help="report the share of rows over this many tokens")
+    i.add_argument("--html", default=None, help="write an HTML page with histograms here")
+    i.add_argument("--json", default=None, help="write the statistics as JSON here")
+    i.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    i.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
+    i.set_defaults(fn=cmd_data_inspect)
+
+    c = dsub.add_parser("clean", help="normalise, mask PII, filter lengths, resolve conflicts, de-duplicate")
+    c.add_argument("input")
+    c.add_argument("--out", required=True, help="output file (its extension picks the format); never the input")
+    c.add_argument("--removed", default=None, help="removed-rows file (default <out>.removed.jsonl)")
+    c.add_argument("--format", default="auto", help=fmt_help)
+    c.add_argument("--no-normalize", action="store_true", help="skip NFKC / whitespace / control / HTML cleanup")
+    c.add_argument("--pii", action="store_true", help="mask e-mails, phone and ID numbers")
+    c.add_argument("--min-chars", type=int, default=None)
+    c.add_argument("--max-chars", type=int, default=None)
+    c.add_argument("--min-tokens", type=int, default=None)
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--tokenizer", default=None, help="model whose tokenizer counts tokens for --min/max-tokens")
+    c.add_argument("--length-field", choices=["full", "prompt", "answer"], default="full")
+    c.add_argument("--conflicts", choices=["flag", "drop", "majority", "off"], default="flag",
+                   help="same input, different answers: flag (keep, report), drop, majority, off")
+    c.add_argument("--no-exact", action="store_true", help="keep exact duplicates")
+    c.add_argument("--no-near", action="store_true", help="keep near duplicates")
+    c.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
+    c.add_argument("--key", choices=["full", "prompt"], default="full", help="compare whole rows or inputs only")
+    c.set_defaults(fn=cmd_data_clean)
+
+    s = dsub.add_parser("split", help="stratified, group-aware train/val/test split (or k folds)")
+    s.add_argument("input")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--ratios", default="0.7,0.15,0.15", help="train,val[,test] shares")
+    s.add_argument("--no-stratify", action="store_true", help="ignore labels")
+    s.add_argument("--group", choices=["near", "exact", "none"], default="near",
+                   help="keep duplicate clusters in one split")
+    s.add_argument("--kfold", type=int, default=None, help="write K folds instead (fold_i/train, fold_i/val)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", default="auto", help=fmt_help)
+    s.set_defaults(fn=cmd_data_split)
+
+    lk = dsub.add_parser("leakage", help="exact and near overlaps of later files with the first (TRAIN TEST ...)")
+    lk.add_argument("files", nargs="+")
+    lk.add_argument("--threshold", type=float, default=0.8)
+    lk.add_argument("--fail", action="store_true", help="exit 1 when anything leaks (for CI)")
+    lk.set_defaults(fn=cmd_data_leakage)
+
+    ag = dsub.add_parser("agreement", help="annotator agreement (Cohen / Fleiss kappa), disagreements, majority vote")
+    ag.add_argument("input")
+    ag.add_argument("--column", default="labels", help="list column holding the annotations")
+    ag.add_argument("--annotators", nargs="+", default=None, help="one column per annotator instead")
+    ag.add_argument("--out", default=None, help="write rows with the majority label (label_tie flags ties)")
+    ag.add_argument("--show", type=int, default=20, help="disagreements to print")
+    ag.set_defaults(fn=cmd_data_agreement)
+
+    au = dsub.add_parser("augment", help="EDA, sentence re-ordering, model paraphrase / back-translation")
+    au.add_argument("input")
+    au.add_argument("--out", required=True)
+    au.add_argument("--ops", nargs="+", default=["swap", "delete"],
+                    choices=["synonym", "insert", "swap", "delete", "reorder", "paraphrase", "backtranslate"])
+    au.add_argument("--copies", type=int, default=1)
+    au.add_argument("--alpha", type=float, default=0.1)
+    au.add_argument("--field", choices=["prompt", "answer", "both"], default="prompt")
+    au.add_argument("--synonyms", default=None, help="synonym file (JSON or 'word syn1 syn2' lines)")
+    au.add_argument("--model", default=None, help="causal LM for paraphrase / backtranslate")
+    au.add_argument("--pivot", default="French")
+    au.add_argument("--limit", type=int, default=None, help="augment at most this many rows")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--format", default="auto", help=fmt_help)
+    au.set_defaults(fn=cmd_data_augment)
+
+    w = dsub.add_parser("weights", help="add class-balanced sample weights (a weight column)")
+    w.add_argument("input")
+    w.add_argument("--out", required=True)
+    w.add_argument("--scheme", choices=["inverse", "effective"], default="inverse")
+    w.add_argument("--beta", type=float, default=0.999)
+    w.add_argument("--format", default="auto", help=fmt_help)
+    w.set_defaults(fn=cmd_data_weights)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -190,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo_run", help="folder for the demo's data and runs")
     d.add_argument("--fresh", action="store_true", help="start a new run even if one exists")
     d.set_defaults(fn=cmd_demo)
+    _add_data_verbs(sub)
     return p
 
 

@@ -64,6 +64,12 @@ class DatasetSpec(_Strict):
         description="Map canonical field names to yours, e.g. {instruction: question, output: answer}.",
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (first rows).")
+    name: str | None = Field(None, description="Dataset name (default: the file stem); per-dataset train losses use it.")
+    ratio: float | None = Field(None, gt=0, description="Share of this dataset in the mix (data.mix.strategy: ratio).")
+    weight: float = Field(1.0, ge=0, description="Loss weight multiplied into every row of this dataset.")
+
+
+from tunelab.data.settings import MixSettings, PrepareSection  # noqa: E402  (the data workbench's sections)
 
 
 class DataSection(_Strict):
@@ -98,6 +104,11 @@ class DataSection(_Strict):
         description="Pack several samples into each row of max_length tokens with no attention across samples "
         "(position ids restart per sample). Removes padding; same loss as unpacked.",
     )
+    prepare: PrepareSection | None = Field(None, description="Data-workbench steps before tokenisation: clean, split, augment, weights.")
+    mix: MixSettings = Field(default_factory=MixSettings, description="How several data.train files are mixed.")
+    sampler: Literal["random", "stratified", "balanced"] = Field(
+        "random", description="Data order: random; stratified (every batch keeps the label shares); balanced "
+        "(class-balanced batches, drawn with replacement). Labels, else datasets, are the classes.")
 
 
 class TrainSection(_Strict):
@@ -291,6 +302,9 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         p.append("train.compile needs data.packing: true (fixed-width rows give the static shapes it compiles for).")
     if d.eval and d.eval_ratio > 0:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
+    from tunelab.data.workbench import data_problems
+
+    p += data_problems(d)
     return p
 
 

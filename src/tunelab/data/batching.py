@@ -31,9 +31,29 @@ class Row:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     segments: tuple[int, ...]
+    weights: tuple[float, ...] | None = None  # per segment; None = all 1 (the fast path)
+    groups: tuple[int, ...] | None = None  # dataset index per segment (per-dataset losses)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def target_weight(self) -> float:
+        """Sum of the weights of the target tokens (the weighted loss's denominator)."""
+        if self.weights is None:
+            return float(self.n_targets)
+        total, start = 0.0, 0
+        for seg, w in zip(self.segments, self.weights, strict=True):
+            total += w * sum(1 for x in self.labels[start + 1 : start + seg] if x != IGNORE)
+            start += seg
+        return total
+
+    def token_values(self, per_segment: tuple, width: int, fill) -> list:
+        """A per-segment value spread over the row's tokens (``fill`` for padding)."""
+        out: list = []
+        for seg, v in zip(self.segments, per_segment, strict=True):
+            out += [v] * seg
+        return out + [fill] * (width - len(out))
 
     @property
     def n_targets(self) -> int:
@@ -48,14 +68,29 @@ def _first_token_unlabelled(labels: list[int]) -> list[int]:
     return out
 
 
-def rows_unpacked(samples) -> list[Row]:
-    """One row per sample (``samples`` are ``Encoded``-like: ``input_ids``, ``labels``)."""
+def _extras(samples, members, groups) -> dict:
+    """Per-segment weights / groups of a row, only when some sample needs them."""
+    extra = {}
+    if any(getattr(samples[i], "weight", 1.0) != 1.0 for i in members):
+        extra["weights"] = tuple(float(samples[i].weight) for i in members)
+    if groups is not None:
+        extra["groups"] = tuple(int(groups[i]) for i in members)
+    return extra
+
+
+def rows_unpacked(samples, groups=None) -> list[Row]:
+    """One row per sample (``samples`` are ``Encoded``-like: ``input_ids``, ``labels``, ``weight``).
+
+    ``groups`` (a dataset index per sample) keeps per-dataset losses apart.
+    """
     return [
-        Row(tuple(s.input_ids), tuple(_first_token_unlabelled(s.labels)), (len(s.input_ids),)) for s in samples
+        Row(tuple(s.input_ids), tuple(_first_token_unlabelled(s.labels)), (len(s.input_ids),),
+            **_extras(samples, (i,), groups))
+        for i, s in enumerate(samples)
     ]
 
 
-def rows_packed(samples, max_length: int) -> list[Row]:
+def rows_packed(samples, max_length: int, groups=None) -> list[Row]:
     """Best-fit-decreasing packing of samples into rows of at most ``max_length`` tokens.
 
     Deterministic (ties broken by input order). Our own code: the HF collators pack greedily
@@ -83,7 +118,8 @@ def rows_packed(samples, max_length: int) -> list[Row]:
         for i in sorted(members):
             ids.extend(samples[i].input_ids)
             labels.extend(_first_token_unlabelled(samples[i].labels))
-        rows.append(Row(tuple(ids), tuple(labels), tuple(len(samples[i].input_ids) for i in sorted(members))))
+        rows.append(Row(tuple(ids), tuple(labels), tuple(len(samples[i].input_ids) for i in sorted(members)),
+                        **_extras(samples, sorted(members), groups)))
     return rows
 
 
@@ -103,6 +139,12 @@ def collate(rows: list[Row], *, pad_id: int, packed: bool, pad_to: int | None = 
         input_ids[i, : len(r)] = torch.tensor(r.input_ids, dtype=torch.long)
         labels[i, : len(r)] = torch.tensor(r.labels, dtype=torch.long)
     batch = {"input_ids": input_ids, "labels": labels}
+    if any(r.weights is not None for r in rows):  # sample weights: a weight per token
+        batch["weights"] = torch.tensor([r.token_values(r.weights or (1.0,) * len(r.segments), width, 0.0)
+                                         for r in rows], dtype=torch.float32)
+    if any(r.groups is not None for r in rows):  # dataset index per token (per-dataset losses)
+        batch["groups"] = torch.tensor([r.token_values(r.groups or (0,) * len(r.segments), width, 0)
+                                        for r in rows], dtype=torch.long)
     if packed:
         pos = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -135,6 +177,8 @@ class Plan:
     world_size: int
     seed: int
     lengths: tuple[int, ...] | None = None
+    sampler: str = "random"  # random | stratified | balanced (tunelab.data.sampling)
+    strata: tuple[int, ...] | None = None  # a class per row, for the stratified / balanced samplers
 
     @property
     def rows_per_step(self) -> int:
@@ -162,6 +206,10 @@ class Plan:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(plan: Plan, epoch: int) -> list[int]:
+    if plan.sampler != "random" and plan.strata is not None:
+        from tunelab.data.sampling import balanced_order, stratified_order
+
+        return (stratified_order if plan.sampler == "stratified" else balanced_order)(plan.strata, plan.seed, epoch)
     g = torch.Generator().manual_seed(plan.seed * 1_000_003 + epoch)
     order = torch.randperm(plan.n_rows, generator=g).tolist()
     if plan.lengths is None:

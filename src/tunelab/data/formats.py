@@ -21,9 +21,11 @@ Two kinds of problems, two ways of reporting them:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,7 +128,8 @@ def read_records(
     for index, row in rows:
         ctx = _Ctx(path=p, row=index, raw=row)
         try:
-            records.append(parse(_rename(_as_object(row), cols), ctx, cols))
+            obj = _rename(_as_object(row), cols)
+            records.append(_with_weight(obj, parse(obj, ctx, cols)))
         except _RowError as err:
             errors.append((ctx, err))
 
@@ -508,6 +511,21 @@ def _optional_str(row: dict[str, Any], key: str) -> str | None:
             f"Write {key!r} as text or leave it out",
         )
     return value
+
+
+def _with_weight(row: dict[str, Any], record: Record) -> Record:
+    """An optional ``weight`` column (a number >= 0) scales the row's share of the loss."""
+    value = row.get("weight")
+    if value is None or value == "":
+        return record
+    try:
+        weight = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not math.isfinite(weight) or weight < 0:
+        raise _RowError("bad_weight", "weight", value, "'weight' must be a finite number >= 0",
+                        "Write the row's loss weight as a number such as 1.5, or leave it out")
+    return dataclasses.replace(record, weight=weight)
 
 
 def _json_value(value: Any) -> Any:

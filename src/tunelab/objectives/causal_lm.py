@@ -107,7 +107,9 @@ class CausalLMLoss(nn.Module):
         # the fused path covers a bias-free linear head without soft-capping (Llama, Qwen, Mistral, ...)
         self.fused = getattr(causal_lm_parts(model)[1], "bias", None) is None and not self.softcap
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None, groups=None):
+        """``(loss_sum, n_targets)``; with ``weights`` (per token) ``(sum(w*ce), sum(w))``; with
+        ``groups`` (dataset per token) a third value: ``{group: (ce_sum, tokens)}``, unweighted."""
         decoder, head = causal_lm_parts(self.model)
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -115,8 +117,34 @@ class CausalLMLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         h = hidden[:, :-1][keep]
+        if weights is not None or groups is not None:
+            return self._weighted(h, head, targets[keep], weights, groups, keep)
         if self.fused:
             loss_sum = chunked_cross_entropy_sum(h, head.weight, targets[keep], self.chunk)
         else:
             loss_sum = plain_cross_entropy_sum(h, head, targets[keep], self.softcap, self.chunk)
         return loss_sum, keep.sum()
+
+    def _weighted(self, h, head, targets, weights, groups, keep):
+        """The loss per (group, weight) class of tokens: one chunked CE call per distinct pair.
+
+        sum(w * ce) = sum over distinct w of w * (CE sum of the tokens with weight w), so the
+        fused kernel is used unchanged; a batch has few distinct weights.
+        """
+        w = weights[:, 1:][keep] if weights is not None else torch.ones_like(targets, dtype=torch.float32)
+        g = groups[:, 1:][keep] if groups is not None else torch.zeros_like(targets)
+        total = (h.sum() * 0.0).float()
+        per_group: dict[int, tuple[torch.Tensor, int]] = {}
+        pairs = torch.unique(torch.stack([g.double(), w.double()], dim=1), dim=0) if len(targets) else []
+        for gv, wv in pairs.tolist() if len(targets) else []:
+            sel = (g == int(gv)) & (w.double() == wv)
+            if self.fused:
+                part = chunked_cross_entropy_sum(h[sel], head.weight, targets[sel], self.chunk)
+            else:
+                part = plain_cross_entropy_sum(h[sel], head, targets[sel], self.softcap, self.chunk)
+            total = total + part * wv
+            s, n = per_group.get(int(gv), (0.0, 0))
+            per_group[int(gv)] = (s + part.detach().double(), n + int(sel.sum()))
+        if groups is None:
+            return total, w.sum()
+        return total, w.sum(), per_group

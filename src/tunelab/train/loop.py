@@ -60,6 +60,7 @@ class LoopSetup:
     resume_from: Path | None = None
     console: Console = field(default_factory=Console)
     tensorboard: Any = None
+    datasets: tuple[str, ...] = ()  # names of mixed training datasets: per-dataset losses in the metrics
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -79,7 +80,7 @@ def evaluate(s: LoopSetup) -> float | None:
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for start in range(0, max(len(mine), 1), s.cfg.batch_size):
         batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to)
-        loss_sum, n = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
+        loss_sum, n, *_ = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
         total += torch.stack([loss_sum.double(), n.double()])
     total = acc.reduce(total, "sum")
     s.loss_model.train()
@@ -129,17 +130,25 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- one optimiser step: the loss is a mean over the step's labelled tokens
                 step_rows = [s.rows[i] for i in plan.step_rows(step)]
                 n_targets = max(1, sum(r.n_targets for r in step_rows))  # same on every process
+                if any(r.weights is not None for r in step_rows):  # sample weights: sum(w*ce)/sum(w)
+                    n_targets = max(1e-12, sum(r.target_weight for r in step_rows))
+                by_dataset = torch.zeros((len(s.datasets), 2), dtype=torch.float64, device=acc.device) if s.datasets else None
                 step_tokens = sum(len(r) for r in step_rows)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
                 for micro in range(cfg.grad_accum):
                     batch = _micro_batch(s, step, micro)
                     last = micro == cfg.grad_accum - 1
                     with acc.no_sync(s.loss_model) if not last else nullcontext():
-                        part, _ = s.loss_model(**batch)
+                        part, _, *groups = s.loss_model(**batch)
+                        for g, (g_sum, g_n) in (groups[0].items() if groups and by_dataset is not None else ()):
+                            by_dataset[g, 0] += g_sum
+                            by_dataset[g, 1] += g_n
                         # DDP averages gradients over processes, hence the factor `world`.
                         acc.backward(part * (world / n_targets))
                     loss_sum += part.detach().double()
                 step_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
+                if by_dataset is not None:
+                    by_dataset = acc.reduce(by_dataset, "sum")
 
                 # --- clip, check, update ------------------------------------------------
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
@@ -166,6 +175,9 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                     record = {"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
                               "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
                               "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2)}
+                    for g, name in enumerate(s.datasets) if by_dataset is not None else ():
+                        if by_dataset[g, 1] > 0:
+                            record[f"loss/{name}"] = (by_dataset[g, 0] / by_dataset[g, 1]).item()
                     if not finite:
                         record["skipped"] = "non-finite loss or gradient"
                     s.run.log_metrics(record)

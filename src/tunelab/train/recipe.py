@@ -55,6 +55,8 @@ class PreparedData:
     train: list[Row]
     eval: list[Row]
     summary: dict[str, Any]
+    datasets: tuple[str, ...] = ()  # names of mixed datasets (per-dataset losses)
+    strata: tuple[int, ...] | None = None  # class per row for data.sampler
 
 
 def seed_everything(seed: int) -> None:
@@ -81,30 +83,13 @@ def set_threads(threads: int | None) -> int:
 def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Console, is_main: bool = True) -> PreparedData:
     """Read, split, tokenise and row the data; write rejects; summarise what happened."""
     from tunelab.data.cache import encode_records_cached
-    from tunelab.data.formats import read_records, summarize_rejects, write_rejects
+    from tunelab.data.formats import summarize_rejects, write_rejects
+    from tunelab.data.workbench import prepare_records
 
     d = cfg.data
-
-    def read(specs):
-        records, rejects, files = [], [], []
-        for spec in specs:
-            res = read_records(spec.path, format=spec.format, columns=spec.columns or None, limit=spec.limit)
-            records += res.records
-            rejects += res.rejects
-            files.append({"path": str(spec.path), "format": res.format, "rows": res.rows,
-                          "records": len(res.records), "rejected": len(res.rejects)})
-        return records, rejects, files
-
-    train_records, rejects, files = read(d.train)
-    eval_records, eval_rejects, eval_files = read(d.eval)
-    rejects += eval_rejects
-    if d.eval_ratio > 0:
-        order = list(range(len(train_records)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, round(d.eval_ratio * len(train_records)))
-        held = set(order[:n_eval])
-        eval_records = [r for i, r in enumerate(train_records) if i in held]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
+    prep = prepare_records(cfg, run, console, is_main)  # read + data.prepare steps (clean, split, mix, weights)
+    train_records, eval_records, rejects = prep.train, prep.eval, prep.rejects
+    files, eval_files = prep.files, prep.eval_files
 
     encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation, use_cache=d.cache)
     train_enc, tok_rejects, hit = encode_records_cached(train_records, tokenizer, **encode)
@@ -116,10 +101,11 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
             f"data.train: no usable training sample ({len(rejects)} rejected: {reasons}). "
             f"See the reasons in {run.rejects_file if run else 'the rejects file'}"
         )
+    groups = prep.groups(train_enc)
     if d.packing:
-        train_rows, eval_rows = rows_packed(train_enc, d.max_length), rows_packed(eval_enc, d.max_length)
+        train_rows, eval_rows = rows_packed(train_enc, d.max_length, groups), rows_packed(eval_enc, d.max_length)
     else:
-        train_rows, eval_rows = rows_unpacked(train_enc), rows_unpacked(eval_enc)
+        train_rows, eval_rows = rows_unpacked(train_enc, groups), rows_unpacked(eval_enc)
 
     summary = {
         "files": files, "eval_files": eval_files,
@@ -130,6 +116,7 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
         "truncated": sum(1 for e in train_enc + eval_enc if e.truncated),
         "tokenized_from_cache": hit,
         "rejected": len(rejects), "rejected_by_reason": summarize_rejects(rejects),
+        **({"prepare": prep.report} if prep.report else {}),
     }
     if run is not None and is_main:
         if rejects:
@@ -144,7 +131,8 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
             if run is not None:
                 msg += f" -> {run.rejects_file}"
         console.print(msg)
-    return PreparedData(train_rows, eval_rows, summary)
+    strata = prep.strata(train_enc) if d.sampler != "random" else None
+    return PreparedData(train_rows, eval_rows, summary, prep.datasets, strata)
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -252,7 +240,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
-    plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed, lengths)
+    plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed, lengths,
+                cfg.data.sampler, data.strata)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
     warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     optimizer = build_optimizer(model, t)
@@ -279,7 +268,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         rows=data.train, eval_rows=data.eval, plan=plan, total_steps=total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         packed=cfg.data.packing, pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
-        resume_from=resume_from, console=console, tensorboard=tensorboard,
+        resume_from=resume_from, console=console, tensorboard=tensorboard, datasets=data.datasets,
     )
     result = train_loop(setup)
 

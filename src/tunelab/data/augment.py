@@ -1,0 +1,247 @@
+"""``tunelab data augment``: EDA operations, sentence re-ordering, model paraphrase / back-translation.
+
+EDA (Wei & Zou 2019): synonym replacement, random insertion (of a synonym), random swap and
+random deletion, each changing about ``alpha`` of the words. Words come from ``jieba`` for
+Chinese text and whitespace splitting otherwise; synonyms from a user file, else WordNet
+(nltk) when its data is installed. Paraphrase and back-translation prompt any local causal LM
+(``tunelab.ship.inference``). Augmented rows carry ``augmented: <op>``, ``source_id`` (the id
+of the row they came from) and ``source_row`` (its index in the output file, which starts with
+every original row), so ``tunelab data split`` keeps them out of validation and test.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunelab.data.settings import AugmentSettings
+from tunelab.errors import UserError
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_SENTENCE = re.compile(r"(?<=[.!?。！？])\s*")
+
+
+def is_chinese(text: str) -> bool:
+    return len(_CJK.findall(text)) * 3 >= len(text.strip()) > 0
+
+
+def words_of(text: str) -> tuple[list[str], str]:
+    """(words, joiner): jieba segmentation for Chinese, whitespace otherwise."""
+    if is_chinese(text):
+        import jieba
+
+        jieba.setLogLevel(60)
+        return [w for w in jieba.lcut(text) if w.strip()], ""
+    return text.split(), " "
+
+
+def load_synonyms(path: str | None) -> Callable[[str], list[str]]:
+    """A synonym function from a JSON {word: [..]} or 'word syn1 syn2' file, else WordNet, else none."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"augment.synonyms: file not found (got {path!r}). Give a JSON or 'word syn1 syn2' file.")
+        text = p.read_text(encoding="utf-8")
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError:
+            table = {}
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) >= 2:
+                    table.setdefault(parts[0], []).extend(parts[1:])
+        if not isinstance(table, dict):
+            raise UserError(f"{p}: a synonym file is an object {{word: [synonyms]}} or lines 'word syn1 syn2'.")
+        return lambda w: [s for s in table.get(w, []) if s != w]
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.synsets("good")
+    except (ImportError, LookupError):
+        return lambda w: []
+
+    def wn(word: str) -> list[str]:
+        names = {lem.name().replace("_", " ") for s in wordnet.synsets(word) for lem in s.lemmas()}
+        return sorted(n for n in names if n.lower() != word.lower())
+
+    return wn
+
+
+def eda(text: str, op: str, alpha: float, rng: random.Random, synonyms: Callable[[str], list[str]]) -> str:
+    words, joiner = words_of(text)
+    if not words:
+        return text
+    n = max(1, round(alpha * len(words)))
+    if op == "synonym":
+        options = [i for i, w in enumerate(words) if synonyms(w)]
+        for i in rng.sample(options, min(n, len(options))):
+            words[i] = rng.choice(synonyms(words[i]))
+    elif op == "insert":
+        candidates = [s for w in words for s in synonyms(w)]
+        for _ in range(n if candidates else 0):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(candidates))
+    elif op == "swap":
+        for _ in range(n if len(words) > 1 else 0):
+            i, j = rng.sample(range(len(words)), 2)
+            words[i], words[j] = words[j], words[i]
+    elif op == "delete":
+        if len(words) > 1:
+            kept = [w for w in words if rng.random() > alpha]
+            words = kept or [rng.choice(words)]
+    return joiner.join(words)
+
+
+def reorder(text: str, rng: random.Random) -> str:
+    parts = [p for p in _SENTENCE.split(text) if p.strip()]
+    if len(parts) < 2:
+        return text
+    for _ in range(5):
+        shuffled = parts[:]
+        rng.shuffle(shuffled)
+        if shuffled != parts:
+            break
+    return ("" if is_chinese(text) else " ").join(shuffled)
+
+
+class ModelRewriter:
+    """Paraphrase / back-translate with a local causal LM (greedy, so deterministic)."""
+
+    def __init__(self, model: str, max_new_tokens: int):
+        from tunelab.ship.inference import load_for_inference
+
+        self.loaded = load_for_inference(model)
+        self.max_new_tokens = max_new_tokens
+
+    def ask(self, prompt: str) -> str:
+        from tunelab.ship.inference import generate_reply
+
+        return generate_reply(self.loaded, [{"role": "user", "content": prompt}],
+                              max_new_tokens=self.max_new_tokens, temperature=0.0).strip()
+
+    def paraphrase(self, text: str) -> str:
+        return self.ask(f"Rewrite the following text with different words, keeping its meaning. "
+                        f"Reply with the rewritten text only.\n\n{text}")
+
+    def backtranslate(self, text: str, pivot: str) -> str:
+        there = self.ask(f"Translate into {pivot}. Reply with the translation only.\n\n{text}")
+        back = "Chinese" if is_chinese(text) else "English"
+        return self.ask(f"Translate into {back}. Reply with the translation only.\n\n{there}")
+
+
+def _prompt_keys(fmt: str) -> tuple[str, ...]:
+    return {"alpaca": ("instruction", "input"), "classification": ("text",), "text": ("text",)}.get(fmt, ())
+
+
+def rewrite_row(raw: dict[str, Any], fmt: str, field: str, fn: Callable[[str], str]) -> dict[str, Any]:
+    """The row with ``fn`` applied to its prompt and/or answer fields (format-aware)."""
+    new = json.loads(json.dumps(raw))
+    prompt, answer = field in ("prompt", "both"), field in ("answer", "both")
+    if fmt in ("alpaca", "classification", "text"):
+        for k in _prompt_keys(fmt) if prompt else ():
+            if isinstance(new.get(k), str) and new[k].strip():
+                new[k] = fn(new[k])
+        if answer and fmt == "alpaca" and isinstance(new.get("output"), str):
+            new["output"] = fn(new["output"])
+        return new
+    turns_key, role_key, text_key, user, bot = (
+        ("conversations", "from", "value", ("human", "user"), ("gpt", "assistant"))
+        if fmt == "sharegpt" else ("messages", "role", "content", ("user",), ("assistant",)))
+    for turn in new.get(turns_key) or []:
+        if isinstance(turn, dict) and isinstance(turn.get(text_key), str):
+            if (prompt and turn.get(role_key) in user) or (answer and turn.get(role_key) in bot):
+                turn[text_key] = fn(turn[text_key])
+    return new
+
+
+def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | None = None, *,
+                 format: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """Write the original rows, then the augmented ones, to ``out``; return counts per operation."""
+    from tunelab.data.stream import RowWriter, open_source
+
+    s = settings or AugmentSettings()
+    src = open_source(path, format)
+    needs_model = {"paraphrase", "backtranslate"} & set(s.ops)
+    if needs_model and not s.model:
+        raise UserError(f"augment: {', '.join(sorted(needs_model))} need a model (got none). "
+                        "Pass --model smollm2-135m-instruct (or any local causal LM).")
+    rewriter = ModelRewriter(s.model, s.max_new_tokens) if needs_model else None
+    synonyms = load_synonyms(s.synonyms)
+    if {"synonym", "insert"} & set(s.ops) and not s.synonyms and not synonyms("good"):
+        raise UserError("augment: synonym/insert need synonyms (got no --synonyms file and no WordNet data). "
+                        "Pass --synonyms FILE (JSON {word: [..]} or 'word syn1 syn2' lines), or install WordNet data.")
+    rng = random.Random(s.seed)
+    made: Counter = Counter()
+    unchanged: Counter = Counter()
+    with RowWriter(out, protect=[src.path]) as w:
+        originals = []
+        for item in src.items():
+            w.write(item.raw)
+            if item.record is not None and isinstance(item.raw, dict) and not item.raw.get("augmented"):
+                originals.append((w.count - 1, item))
+        for position, item in originals[: s.limit] if s.limit else originals:
+            for op in s.ops:
+                for _ in range(s.copies):
+                    if op == "paraphrase":
+                        fn = rewriter.paraphrase
+                    elif op == "backtranslate":
+                        fn = lambda t: rewriter.backtranslate(t, s.pivot)  # noqa: E731
+                    elif op == "reorder":
+                        fn = lambda t: reorder(t, rng)  # noqa: E731
+                    else:
+                        fn = lambda t, op=op: eda(t, op, s.alpha, rng, synonyms)  # noqa: E731
+                    new = rewrite_row(item.raw, src.format, s.field, fn)
+                    if new == item.raw:
+                        unchanged[op] += 1
+                        continue
+                    new.update({"augmented": op, "source_id": item.record.id, "source_row": position})
+                    w.write(new)
+                    made[op] += 1
+    return {"output": str(out), "original_rows": len(originals), "augmented_rows": sum(made.values()),
+            "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+
+
+def augment_records(records, s: AugmentSettings):
+    """Augmented copies of records (for the training config): ``(new records, counts per op)``."""
+    import dataclasses
+
+    from tunelab.data.records import Message
+
+    rng = random.Random(s.seed)
+    synonyms = load_synonyms(s.synonyms)
+    rewriter = ModelRewriter(s.model, s.max_new_tokens) if {"paraphrase", "backtranslate"} & set(s.ops) else None
+    if rewriter is None and {"paraphrase", "backtranslate"} & set(s.ops):
+        raise UserError("data.prepare.augment: paraphrase/backtranslate need data.prepare.augment.model.")
+    made: Counter = Counter()
+    out = []
+    for r in records[: s.limit] if s.limit else records:
+        for op in s.ops:
+            for copy in range(s.copies):
+                if op == "paraphrase":
+                    fn = rewriter.paraphrase
+                elif op == "backtranslate":
+                    fn = lambda t: rewriter.backtranslate(t, s.pivot)  # noqa: E731
+                elif op == "reorder":
+                    fn = lambda t: reorder(t, rng)  # noqa: E731
+                else:
+                    fn = lambda t, op=op: eda(t, op, s.alpha, rng, synonyms)  # noqa: E731
+                if r.is_text:
+                    new = dataclasses.replace(r, text=fn(r.text or ""))
+                else:
+                    last = max(i for i, m in enumerate(r.messages) if m.role == "assistant") if r.label is None else -1
+                    msgs = tuple(
+                        Message(m.role, fn(m.content)) if (
+                            (m.role == "user" and s.field in ("prompt", "both"))
+                            or (m.role == "assistant" and i == last and s.field in ("answer", "both"))) else m
+                        for i, m in enumerate(r.messages))
+                    new = dataclasses.replace(r, messages=msgs)
+                if new == r:
+                    continue
+                out.append(dataclasses.replace(new, id=f"{r.id}#aug-{op}-{copy}",
+                                               meta={**r.meta, "augmented": op, "source_id": r.id}))
+                made[op] += 1
+    return out, dict(made)

@@ -1,0 +1,292 @@
+"""``tunelab data inspect``: what is in a data file, in one streaming pass.
+
+Rows read and rejected (by reason); token lengths per role with the model's tokenizer
+(p50/p90/p99/max and the share of rows over ``max_length``, the rendered length estimated as
+content tokens + the chat template's measured per-message overhead); turns per conversation;
+exact and near duplicates (:mod:`tunelab.data.dedup`); label distribution and imbalance ratio;
+language mix (Chinese / English / other, by script and English function words); empty or very
+short answers. Terminal tables (rich) and an HTML page with histograms (matplotlib).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
+from tunelab.data.split import row_keys
+from tunelab.data.stream import answer_text, check_usable, full_text, open_source
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+_LETTER = re.compile(r"[^\W\d_]")
+_EN_WORDS = frozenset("the a an and or of to in is are was be it that this for with on as you i not by at from "
+                      "what how why which can do does your my we they he she".split())
+ROLES = ("system", "user", "assistant", "tool", "text")
+
+
+def language(text: str) -> str:
+    """zh when CJK characters are >= 30% of the letters; en for Latin script with English function
+    words (or too short to tell); other otherwise."""
+    sample = text[:2000]
+    letters = len(_LETTER.findall(sample))
+    if not letters:
+        return "other"
+    if len(_CJK.findall(sample)) >= 0.3 * letters:
+        return "zh"
+    if len(_LATIN.findall(sample)) >= 0.5 * letters:
+        words = re.findall(r"[a-z']+", sample.lower())
+        if len(words) < 4 or any(w in _EN_WORDS for w in words):
+            return "en"
+    return "other"
+
+
+def _pct(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"n": int(len(values)), "mean": round(float(values.mean()), 1), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "max": int(values.max())}
+
+
+def template_overhead(tokenizer) -> float:
+    """Tokens the chat template adds per message (measured on a two-message chat)."""
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    try:
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        content = sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs)
+        return max(0.0, (len(ids) - content) / 2)
+    except Exception:  # noqa: BLE001 - no template: no overhead to add
+        return 0.0
+
+
+def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = None, format: str = "auto",
+                 columns: dict[str, str] | None = None, near_threshold: float = 0.85, short_answer: int = 3,
+                 limit: int | None = None, chunk: int = 4096) -> dict[str, Any]:
+    """The statistics of one file (see the module docstring)."""
+    src = open_source(path, format, columns, limit)
+    rows = 0
+    rejects: Counter = Counter()
+    chars: dict[str, array] = {r: array("i") for r in ROLES}
+    tokens: dict[str, array] = {r: array("i") for r in ROLES}
+    totals, turns, digests = array("i"), array("i"), array("q")
+    labels: Counter = Counter()
+    langs: Counter = Counter()
+    short: list[dict[str, Any]] = []
+    n_short = 0
+    overhead = template_overhead(tokenizer) if tokenizer is not None else 0.0
+    index = NearDupIndex(threshold=near_threshold)
+    try:
+        batch: list = []
+
+        def flush(batch: list) -> None:
+            texts: dict[str, list[str]] = {r: [] for r in ROLES}
+            owner: dict[str, list[int]] = {r: [] for r in ROLES}
+            keys = []
+            for k, item in enumerate(batch):
+                rec = item.record
+                if rec.is_text:
+                    texts["text"].append(rec.text or "")
+                    owner["text"].append(k)
+                for m in rec.messages:
+                    texts[m.role].append(m.content)
+                    owner[m.role].append(k)
+                turns.append(sum(1 for m in rec.messages if m.role == "user"))
+                key = row_keys(rec)
+                keys.append(key)
+                digests.append(digest64(key[0] + "\n" + key[1]))
+                if rec.label is not None:
+                    labels[rec.label] += 1
+                langs[language(full_text(rec))] += 1
+                ans = answer_text(rec)
+                nonlocal n_short
+                if ans is not None and rec.label is None and len(ans.strip()) <= short_answer:
+                    n_short += 1
+                    if len(short) < 10:
+                        short.append({"id": rec.id, "answer": ans})
+            index.add([k[0] for k in keys], [k[1] for k in keys])
+            row_tokens = np.zeros(len(batch), dtype=np.int64)
+            row_msgs = np.array([max(1, len(i.record.messages)) for i in batch])
+            for role in ROLES:
+                if not texts[role]:
+                    continue
+                chars[role].extend(len(t) for t in texts[role])
+                if tokenizer is not None:
+                    lens = [len(x) for x in tokenizer(texts[role], add_special_tokens=False)["input_ids"]]
+                    tokens[role].extend(lens)
+                    np.add.at(row_tokens, owner[role], lens)
+            if tokenizer is not None:
+                totals.extend((row_tokens + np.round(overhead * row_msgs)).astype(int).tolist())
+
+        for item in src.items():
+            rows += 1
+            if item.reject is not None:
+                rejects[item.reject.reason] += 1
+                continue
+            batch.append(item)
+            if len(batch) >= chunk:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+        check_usable(src, rows, rows - sum(rejects.values()), rejects)
+        dig = np.frombuffer(digests, dtype=np.int64) if len(digests) else np.zeros(0, dtype=np.int64)
+        first = exact_duplicates(dig)
+        exact = int((first != np.arange(len(first))).sum())
+        root, _ = index.clusters(first == np.arange(len(first)))
+        near = int((root != np.arange(len(root))).sum())
+    finally:
+        index.close()
+    records = rows - sum(rejects.values())
+    report: dict[str, Any] = {
+        "path": str(src.path), "format": src.format, "rows": rows, "records": records,
+        "rejected": sum(rejects.values()), "rejected_by_reason": dict(rejects.most_common()),
+        "chars": {r: _pct(np.frombuffer(a, dtype=np.int32)) for r, a in chars.items() if len(a)},
+        "turns": _pct(np.frombuffer(turns, dtype=np.int32)) if any(turns) else None,
+        "exact_duplicates": exact, "near_duplicates": near, "near_threshold": near_threshold,
+        "labels": dict(labels.most_common()),
+        "imbalance_ratio": round(max(labels.values()) / min(labels.values()), 3) if labels else None,
+        "languages": {k: round(v / max(records, 1), 4) for k, v in langs.most_common()},
+        "short_answers": n_short, "short_answer_examples": short,
+    }
+    if tokenizer is not None:
+        report["tokens"] = {r: _pct(np.frombuffer(a, dtype=np.int32)) for r, a in tokens.items() if len(a)}
+        tot = np.frombuffer(totals, dtype=np.int32)
+        report["tokens_total"] = _pct(tot)
+        report["template_overhead_per_message"] = round(overhead, 2)
+        if max_length:
+            report["max_length"] = max_length
+            report["over_max_length"] = round(float((tot > max_length).mean()) if len(tot) else 0.0, 4)
+    report["_hist"] = {"tokens" if tokenizer is not None else "chars":
+                       {r: np.frombuffer(a, dtype=np.int32) for r, a in (tokens if tokenizer is not None else chars).items() if len(a)},
+                       "turns": np.frombuffer(turns, dtype=np.int32)}
+    return report
+
+
+def inspect_target(target: str | Path, *, model: str | None = None, max_length: int | None = None,
+                   **kw) -> list[dict[str, Any]]:
+    """A data file, or every training/eval file of a training config (with its model and max_length)."""
+    from tunelab.models.load import load_tokenizer
+
+    p = Path(target)
+    specs: list[tuple[str, str, dict]] = []
+    if p.suffix.lower() in (".yaml", ".yml"):
+        from tunelab.config import load_config
+
+        cfg, _ = load_config(p)
+        model = model or cfg.model.path
+        max_length = max_length or cfg.data.max_length
+        specs = [(s.path, s.format, s.columns) for s in cfg.data.train + cfg.data.eval]
+    else:
+        specs = [(str(p), kw.pop("format", "auto"), kw.pop("columns", None) or {})]
+    tokenizer = load_tokenizer(model) if model else None
+    return [inspect_file(path, tokenizer=tokenizer, max_length=max_length, format=fmt, columns=cols or None, **kw)
+            for path, fmt, cols in specs]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def print_report(report: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['path']} ({report['format']})", show_header=False)
+    t.add_row("rows read / usable / rejected", f"{report['rows']:,} / {report['records']:,} / {report['rejected']:,}")
+    if report["rejected_by_reason"]:
+        t.add_row("rejected by reason", ", ".join(f"{k}: {v}" for k, v in report["rejected_by_reason"].items()))
+    t.add_row("exact / near duplicates", f"{report['exact_duplicates']:,} / {report['near_duplicates']:,} "
+              f"(near: Jaccard >= {report['near_threshold']})")
+    t.add_row("languages", ", ".join(f"{k} {v:.1%}" for k, v in report["languages"].items()))
+    if report["labels"]:
+        t.add_row("labels", ", ".join(f"{k}: {v}" for k, v in report["labels"].items()))
+        t.add_row("imbalance ratio (max/min)", str(report["imbalance_ratio"]))
+    if report.get("turns"):
+        tr = report["turns"]
+        t.add_row("user turns per conversation", f"p50 {tr['p50']:.0f}, p90 {tr['p90']:.0f}, max {tr['max']}")
+    t.add_row("empty / very short answers", f"{report['short_answers']:,}")
+    if "over_max_length" in report:
+        t.add_row(f"rows over max_length {report['max_length']}", f"{report['over_max_length']:.2%} "
+                  f"(template overhead {report['template_overhead_per_message']} tokens/message)")
+    console.print(t)
+    for kind in ("tokens", "chars"):
+        if kind not in report:
+            continue
+        lt = Table(title=f"{kind} per role")
+        for col in ("role", "n", "mean", "p50", "p90", "p99", "max"):
+            lt.add_column(col, justify="right" if col != "role" else "left")
+        rows = dict(report[kind])
+        if kind == "tokens" and report.get("tokens_total", {}).get("n"):
+            rows["(row total)"] = report["tokens_total"]
+        for role, st in rows.items():
+            lt.add_row(role, *(f"{st[c]:,.0f}" if c != "mean" else f"{st[c]:,.1f}" for c in ("n", "mean", "p50", "p90", "p99", "max")))
+        console.print(lt)
+
+
+def _figure(data: dict[str, np.ndarray], title: str, xlabel: str, vline: float | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, values in data.items():
+        if len(values):
+            ax.hist(values, bins=min(60, max(5, len(np.unique(values)))), alpha=0.55, label=name)
+    if vline:
+        ax.axvline(vline, color="red", linestyle="--", label=f"max_length {vline:.0f}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """One HTML page: the tables and histograms of every report (images embedded)."""
+    import json
+
+    from tunelab.fsutil import atomic_write_text
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>tunelab data inspect</title>",
+             "<style>body{font-family:sans-serif;max-width:980px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}</style>",
+             "<h1>tunelab data inspect</h1>"]
+    for r in reports:
+        parts.append(f"<h2>{html.escape(r['path'])} <small>({r['format']})</small></h2>")
+        summary = {k: v for k, v in r.items() if not k.startswith("_") and k not in ("chars", "tokens", "tokens_total")}
+        parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v, ensure_ascii=False))}</td></tr>"
+                                         for k, v in summary.items()) + "</table>")
+        for kind in ("tokens", "chars"):
+            if kind in r:
+                parts.append(f"<h3>{kind} per role</h3><table><tr><th>role</th>" +
+                             "".join(f"<th>{c}</th>" for c in ("n", "mean", "p50", "p90", "p99", "max")) + "</tr>" +
+                             "".join(f"<tr><td>{role}</td>" + "".join(f"<td>{st.get(c, '')}</td>" for c in ("n", "mean", "p50", "p90", "p99", "max")) + "</tr>"
+                                     for role, st in r[kind].items()) + "</table>")
+        hist = r.get("_hist", {})
+        for kind in ("tokens", "chars"):
+            if hist.get(kind):
+                img = _figure(hist[kind], f"{kind} per message, by role", kind, r.get("max_length") if kind == "tokens" else None)
+                parts.append(f"<img src='data:image/png;base64,{img}'>")
+        if len(hist.get("turns", [])) and hist["turns"].max() > 0:
+            parts.append(f"<img src='data:image/png;base64,{_figure({'conversations': hist['turns']}, 'user turns per conversation', 'turns')}'>")
+    atomic_write_text(Path(path), "\n".join(parts))
+    return Path(path)
+
+
+def public(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without the raw histogram arrays (for JSON)."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}

@@ -1,0 +1,47 @@
+"""The data verbs end to end; the bad-file corpus gives one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import shared
+from tunelab.cli import main
+
+BAD = sorted((Path(__file__).parent / "data" / "bad").iterdir())
+WHOLE_FILE_BAD = [p for p in BAD if p.name in {"broken.json", "empty.json", "not_a_list.json", "not_utf8.jsonl",
+                                               "unsupported.xml", "all_missing.json", "no_known_keys.jsonl"}]
+
+
+@pytest.mark.parametrize("path", WHOLE_FILE_BAD, ids=lambda p: p.name)
+@pytest.mark.parametrize("verb", ["inspect", "clean"])
+def test_bad_files_give_one_line_errors(tmp_path, capsys, path, verb):
+    args = ["data", verb, str(path)] + (["--out", str(tmp_path / "o.jsonl")] if verb == "clean" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_inspect_clean_split_leakage_weights_verbs(tmp_path, capsys):
+    src = shared("instruct", "llamafactory_demo", "alpaca_zh_demo.json")
+    html = tmp_path / "inspect.html"
+    assert main(["data", "inspect", str(src), "--model", "tiny-random-llama", "--max-length", "256",
+                 "--html", str(html), "--json", str(tmp_path / "i.json")]) == 0
+    stats = json.loads((tmp_path / "i.json").read_text())[0]
+    assert stats["rows"] == 1000 and stats["exact_duplicates"] == 8 and stats["languages"]["zh"] > 0.9
+    assert 0 < stats["over_max_length"] < 1 and stats["tokens"]["assistant"]["p99"] > stats["tokens"]["user"]["p50"]
+    assert html.read_text().count("data:image/png;base64") >= 2
+    out = tmp_path / "clean.json"
+    assert main(["data", "clean", str(src), "--out", str(out), "--pii"]) == 0
+    assert len(json.loads(out.read_text())) == 992  # the 8 exact duplicates removed, same format (.json list)
+    assert main(["data", "split", str(out), "--out-dir", str(tmp_path / "s"), "--ratios", "0.8,0.2"]) == 0
+    assert main(["data", "leakage", str(tmp_path / "s" / "train.json"), str(tmp_path / "s" / "val.json"), "--fail"]) == 0
+    assert main(["data", "leakage", str(src), str(src), "--fail"]) == 1
+    sst = shared("classification", "sst2", "train.jsonl")
+    assert main(["data", "weights", str(sst), "--out", str(tmp_path / "w.jsonl")]) == 0
+    weights = {r["label"]: r["weight"] for r in map(json.loads, (tmp_path / "w.jsonl").read_text().splitlines())}
+    assert weights[0] > 1 > weights[1]  # SST-2 here has fewer negatives
+    assert main(["data", "split", str(sst), "--out-dir", str(tmp_path / "x"), "--ratios", "0.5,0.6"]) == 2
+    assert "--ratios" in capsys.readouterr().err
