@@ -196,6 +196,9 @@ def test_head_mlp_learns_only_head_changes_and_reloads(tmp_path):
     texts = ["we saw a red", "the old dog", "then horse"]
     assert torch.allclose(batch_logits(out.model.eval(), out.tokenizer, texts),
                           batch_logits(reloaded, out.tokenizer, texts), atol=1e-6)
+    from tunelab.models.classifier import predict
+
+    assert [p["label"] for p in predict(reloaded, out.tokenizer, texts)] == ["colour", "animal", "animal"]
 
 
 def test_lora_trains_head_through_modules_to_save_and_reloads(tmp_path):
@@ -289,13 +292,14 @@ def test_minilm_head_on_sst2_slice(tmp_path):
         "task": "classification",
         "run": {"name": "minilm", "output_dir": str(tmp_path / "runs")},
         "model": {"path": "all-minilm-l6-v2"},
-        "data": {"train": [{"path": str(sst2 / "train.jsonl"), "limit": 256}],
-                 "eval": [{"path": str(sst2 / "test.jsonl"), "limit": 200}], "max_length": 64},
+        "data": {"train": [{"path": str(sst2 / "train.jsonl"), "limit": 128}],
+                 "eval": [{"path": str(sst2 / "test.jsonl"), "limit": 128}], "max_length": 64},
         "method": {"name": "head", "dropout": 0.0},
-        "train": {"lr": 1e-2, "batch_size": 32, "epochs": 3, "precision": "fp32", "schedule": "constant",
+        "train": {"lr": 3e-2, "batch_size": 32, "epochs": 2, "precision": "fp32", "schedule": "constant",
                   "seed": 0},
     }
     out = run(tmp_path, cfg)
     metrics = out.summary["eval_metrics"]
     assert out.model.spec.labels == ["negative", "positive"] and out.model.spec.pooling == "mean"
-    assert metrics["n"] == 200 and metrics["accuracy"] > 0.7, metrics  # majority class is ~50%
+    assert metrics["n"] == 128 and metrics["accuracy"] > 0.65, metrics  # the majority class is ~50%
+    assert (out.run_dir / "final" / "head.safetensors").stat().st_size < 10_000  # the frozen encoder is not copied

@@ -93,8 +93,8 @@ def class_weights(spec: str | dict[str, float] | None, labels: list[str], counts
     if spec is None:
         return None
     if spec == "balanced":
-        from sklearn.utils.class_weight import compute_class_weight
         import numpy as np
+        from sklearn.utils.class_weight import compute_class_weight
 
         present = [lab for lab in labels if counts.get(lab, 0) > 0]
         y = np.array([lab for lab in present for _ in range(counts[lab])])

@@ -154,12 +154,19 @@ class SequenceClassifier(nn.Module):
         lists = [m for m in self.backbone.modules() if isinstance(m, nn.ModuleList)]
         return max(lists, key=len) if lists else None
 
-    def save_pretrained(self, folder: str | Path, safe_serialization: bool = True, **_: Any) -> None:
-        """Backbone (``save_pretrained``, with id2label/label2id) + ``head.safetensors`` + ``classifier.json``."""
+    def save_pretrained(self, folder: str | Path, safe_serialization: bool = True, *, with_backbone: bool = True,
+                        **_: Any) -> None:
+        """Backbone (``save_pretrained``, with id2label/label2id) + ``head.safetensors`` + ``classifier.json``.
+
+        ``with_backbone=False`` (a frozen backbone) writes only the config: the weights are the base model's.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        self.backbone.save_pretrained(folder, safe_serialization=True)
+        if with_backbone:
+            self.backbone.save_pretrained(folder, safe_serialization=True)
+        else:
+            self.config.save_pretrained(folder)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.score.state_dict().items()}, str(folder / HEAD_FILE))
         write_spec(self, folder)
 
@@ -255,6 +262,26 @@ def load_classifier(folder: str | Path, *, dtype: torch.dtype = torch.float32) -
         base = SequenceClassifier(load_backbone(spec.base_model, dtype=dtype), spec)
         base.score.to(torch.float32)
         return PeftModel.from_pretrained(base, folder).eval()
-    model = SequenceClassifier(load_backbone(str(folder), dtype=dtype), spec)
+    has_backbone = any(p.name != HEAD_FILE for p in folder.glob("*.safetensors"))
+    source = str(folder) if has_backbone else spec.base_model  # a frozen backbone is the base model's
+    model = SequenceClassifier(load_backbone(source, dtype=dtype), spec)
     model.score.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 32,
+            max_length: int = 512) -> list[dict[str, Any]]:
+    """``[{"label", "score", "probs": {label: p}}]`` for each text, labels mapped back through the saved label set."""
+    clf = unwrap(model)
+    labels = clf.spec.labels
+    device = next(clf.parameters()).device
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        probs = clf(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).softmax(-1)
+        for row in probs.tolist():
+            best = max(range(len(labels)), key=row.__getitem__)
+            out.append({"label": labels[best], "score": row[best], "probs": dict(zip(labels, row, strict=True))})
+    return out
