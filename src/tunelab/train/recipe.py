@@ -192,7 +192,7 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
     method = methods.get(cfg.method.name)
     if cfg.task == "classification":
         from tunelab.data.tasks import class_weights
-        from tunelab.models.classifier import build_classifier
+        from tunelab.models.classifier import build_classifier, unwrap
         from tunelab.objectives.classification import ClassificationLoss
 
         labels = data.task.labels
@@ -200,6 +200,8 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
             dtype = "float32"  # unfrozen blocks train in fp32 master weights
         model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype])
         model = method.apply(model, cfg.method)
+        if not hasattr(model, "peft_config"):  # PEFT trains it via modules_to_save; other methods may freeze it
+            unwrap(model).score.requires_grad_(True)  # the new head always trains
         weights = class_weights(cfg.classification.class_weights, labels, data.task.label_counts)
         loss = ClassificationLoss(model, labels, weights)
         return model, loss, lambda acc: loss.take_metrics(acc)
