@@ -63,11 +63,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-rows", type=int, default=400)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--only", choices=["head", "full"], default=None, help="run only one of the two")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in RUNS.items():
-            results.append(one_run(name, spec, args.train_rows, Path(tmp)))
+            if args.only is None or name.startswith(args.only):
+                results.append(one_run(name, spec, args.train_rows, Path(tmp)))
     print("| run | trained parameters | steps | accuracy | macro-F1 | train time | fine_tune wall time |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
