@@ -158,6 +158,35 @@ class TrainSection(_Strict):
     )
 
 
+class ClassificationSection(_Strict):
+    """Options of the classification tasks (``task: classification`` and ``task: generative_classification``)."""
+
+    labels: list[str] | None = Field(
+        None,
+        description="The label set, in class-id order. Default: every label of the training data, sorted "
+        "(numerically when all labels are integers). Evaluation rows with another label are rejected.",
+    )
+    pooling: Literal["auto", "last", "mean", "cls"] = Field(
+        "auto",
+        description="Sequence representation fed to the head: the last non-pad token (decoders), the mean over "
+        "non-pad tokens (sentence encoders), or the first token. auto: last for causal LMs, mean for encoders.",
+    )
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None,
+        description="Per-class loss weights: 'balanced' (n / (k * count), scikit-learn's rule) or {label: weight}; "
+        "each example's cross-entropy is multiplied by its class weight, the mean is over examples.",
+    )
+    prompt: str = Field(
+        "Classify the text into exactly one of these labels: {labels}.\n\nText: {text}\n\nAnswer with the label only.",
+        description="generative_classification: the user turn built from each row; {labels} is the comma-separated "
+        "label set and {text} the row's text. The assistant's answer is the label.",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="generative_classification: tokens generated per answer at evaluation "
+        "(default: the longest label's tokens + 4)."
+    )
+
+
 def _default_method():
     from tunelab.methods import METHODS
 
@@ -167,11 +196,21 @@ def _default_method():
 class TuneConfig(_Strict):
     """A fine-tuning run."""
 
+    task: Literal["sft", "pretrain", "classification", "generative_classification"] = Field(
+        "sft",
+        description="sft: chat/instruction tuning (loss on assistant tokens). pretrain: continued pre-training on "
+        "raw text (documents joined with eos, cut into max_length rows, every token a target). classification: "
+        "a class head on the model (labels from the data). generative_classification: the label is the "
+        "assistant's answer; evaluation parses it and reports accuracy and macro-F1.",
+    )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
     data: DataSection
     method: MethodConfig = Field(default_factory=lambda: _default_method(), description="The tuning method.")  # type: ignore[assignment]
     train: TrainSection = Field(default_factory=TrainSection)
+    classification: ClassificationSection = Field(
+        default_factory=ClassificationSection, description="Options of the classification tasks."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -305,6 +344,13 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     from tunelab.data.workbench import data_problems
 
     p += data_problems(d)
+    # tasks (classification, pretrain)
+    if cfg.method.name == "head" and cfg.task != "classification":
+        p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
+    if cfg.task == "classification" and d.packing:
+        p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
+    if cfg.task == "pretrain" and d.group_by_length:
+        p.append("data.group_by_length with task: pretrain: rows are all max_length long. Remove it.")
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-_MODULES = ("full", "lora")
+_MODULES = ("full", "lora", "head")
 
 
 def _load() -> dict[str, ModuleType]:

@@ -40,13 +40,15 @@ class Config(BaseModel):
 def apply(model, cfg: Config):
     from peft import LoraConfig, get_peft_model
 
+    from tunelab.models.classifier import peft_task_type
+
     peft_config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(model),  # SEQ_CLS for classifiers: the `score` head is trained and saved
     )
     try:
         return get_peft_model(model, peft_config)

