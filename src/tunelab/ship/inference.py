@@ -1,8 +1,11 @@
-"""Load a run (or any model) for inference, and generate from chat messages.
+"""Load a run (or any model) for inference; generate from chat messages; classify texts.
 
 ``load_for_inference`` accepts a run directory (uses its ``final/`` weights, or ``best/``),
 a weights folder written by tunelab (it holds ``tunelab.json``), an alias, a Hugging Face
-folder or a .gguf file. Adapters are attached to their base with PEFT.
+folder or a .gguf file. Adapters are attached to their base with PEFT. Classification runs
+(``tunelab.json`` says ``"task": "classification"``, or the folder holds a
+``...ForSequenceClassification`` model or a ``SEQ_CLS`` adapter) load as
+``AutoModelForSequenceClassification`` with the run's labels; :func:`classify` scores texts.
 """
 
 from __future__ import annotations
@@ -214,25 +217,43 @@ def generate_reply(
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def sampling_kwargs(tokenizer, *, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """``generate`` arguments for greedy (temperature 0) or nucleus sampling, with pad/eos ids."""
+    sample = temperature > 0
+    return {
+        "do_sample": sample,
+        "temperature": temperature if sample else None,
+        "top_p": top_p if sample else None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token lists padded on the left (generation continues on the right)."""
+    width = max(len(e) for e in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, e in enumerate(sequences):
+        if e:
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_batch(loaded: Loaded, conversations: list[list[dict]], *, max_new_tokens: int = 32,
-                   batch_size: int = 16) -> list[str]:
-    """Greedy replies for many chats at once (left padding, KV cache)."""
+                   batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Replies for many chats at once (left padding, KV cache); greedy unless ``temperature > 0``."""
     tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kwargs = sampling_kwargs(tok, temperature=temperature, top_p=top_p)
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
         encoded = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                    for c in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
-        replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        ids, mask = left_pad(encoded, kwargs["pad_token_id"])
+        out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        replies += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
     return replies
