@@ -36,7 +36,7 @@ def _train_lora(root: Path) -> Path:
     from tunelab.config import load_config
     from tunelab.train.recipe import fine_tune
 
-    cfg = tiny_config(root, _alpaca(), train={"max_steps": 2, "lr": 5e-2, "batch_size": 2, "grad_accum": 1})
+    cfg = tiny_config(root, _alpaca(), train={"max_steps": 2, "lr": 5e-2})
     cfg["run"]["name"] = "lora"
     path = root / "lora.yaml"
     path.write_text(yaml.safe_dump(cfg))

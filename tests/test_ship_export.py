@@ -7,8 +7,8 @@ import types
 
 import pytest
 import torch
-from ship_fixtures import ship_runs  # noqa: F401 - the session fixture
 
+from ship_fixtures import ship_runs  # noqa: F401 - the session fixture
 from tunelab.cli import main
 from tunelab.errors import UserError
 from tunelab.ship.export import export, verify_manifest

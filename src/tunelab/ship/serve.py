@@ -182,7 +182,9 @@ def load_models(targets: list[str], *, checkpoint: str = "final", dtype: torch.d
         served[name] = Served(name, loaded, name if loaded.is_adapter else None, lock)
         if loaded.is_adapter:
             base_name = _unique(Path(str(info["base_model"]).rstrip("/")).name, served)
-            groups[key] = served[base_name] = Served(base_name, loaded, None, lock)
+            groups[key] = Served(base_name, loaded, None, lock)
+            if loaded.task == "generation":  # a base classifier would answer with an untrained head
+                served[base_name] = groups[key]
     return served
 
 
@@ -203,6 +205,7 @@ class _Request(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
 
 
 class ChatMessage(BaseModel):
@@ -276,7 +279,8 @@ class Engine:
                            code="context_length_exceeded")
 
     def generate(self, served: Served, ids: list[int], *, n: int, max_new: int, temperature: float, top_p: float,
-                 seed: int | None, stop: list[str], streamer=None, cancel: _Cancel | None = None) -> Generation:
+                 seed: int | None, stop: list[str], min_new: int = 0, streamer=None,
+                 cancel: _Cancel | None = None) -> Generation:
         from transformers import StoppingCriteriaList
 
         from tunelab.ship.inference import sampling_kwargs
@@ -289,7 +293,8 @@ class Engine:
             if seed is not None:
                 torch.manual_seed(seed)
             out = served.loaded.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, streamer=streamer,
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new or None,
+                streamer=streamer,
                 max_time=self.settings.request_timeout_s,
                 stopping_criteria=StoppingCriteriaList([cancel]) if cancel else None, **kwargs, **extra)
         eos = {kwargs["eos_token_id"]} if isinstance(kwargs["eos_token_id"], int) else set(kwargs["eos_token_id"] or [])
@@ -594,10 +599,13 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
         if req.presence_penalty or req.frequency_penalty:
             raise ApiError(400, "presence_penalty and frequency_penalty are not supported (use 0)",
                            param="frequency_penalty")
+        if req.min_tokens > max_new:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_new})",
+                           param="min_tokens")
         stop = _stops(req.stop)
         engine.check_prompt(served, ids, max_new)
         gen = {"n": req.n, "max_new": max_new, "temperature": req.temperature, "top_p": req.top_p,
-               "seed": req.seed, "stop": stop}
+               "seed": req.seed, "stop": stop, "min_new": req.min_tokens}
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         await admission.acquire()
         if req.stream:
@@ -684,10 +692,13 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
                                       "total_tokens": out.prompt_tokens + out.completion_tokens}})
             yield "data: [DONE]\n\n"
         finally:
-            cancel.event.set()  # a client that went away stops the generation at the next token
-            with contextlib.suppress(Exception):
-                await asyncio.shield(task)
-            admission.release()
+            # A client that went away stops the generation at its next token; the slot is freed when the
+            # generating thread has really finished (no await here: a cancelled scope would cut it short).
+            cancel.event.set()
+            if task.done():
+                admission.release()
+            else:
+                task.add_done_callback(lambda _: admission.release())
 
     app.state.metrics, app.state.admission, app.state.models = metrics, admission, models
     return Guard(app, settings.max_body_bytes, metrics)
