@@ -210,3 +210,64 @@ def test_queue_timeout_is_503_and_a_dropped_stream_frees_its_slot(served):
         started = time.monotonic()
         r = http.post(srv.url + "/v1/chat/completions", json={"model": "lora", "messages": CHAT, "max_tokens": 2})
         assert r.status_code == 200 and time.monotonic() - started < 10
+
+
+def test_cli_serve_builds_the_server_from_its_options(ship_runs, monkeypatch, capsys):  # noqa: F811
+    from tunelab.cli import main
+    from tunelab.ship import serve as serve_module
+
+    assert main(["serve", str(ship_runs["lora"]), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "needs API keys" in err and len(err.strip().splitlines()) == 1
+
+    seen = {}
+
+    def fake_run(app, host, port, **kw):  # run it for one request instead of forever
+        seen.update(host=host, port=port, **kw)
+        with ThreadedServer(app) as srv:
+            r = httpx.post(srv.url + "/v1/chat/completions", headers={"authorization": "Bearer key-from-env-1"},
+                           json={"model": "lora", "messages": CHAT, "max_tokens": 99})
+            seen["status"], seen["error"] = r.status_code, r.json()["error"]["param"]
+
+    monkeypatch.setattr(serve_module, "run_server", fake_run)
+    monkeypatch.setenv("TUNELAB_API_KEYS", "key-from-env-1")
+    assert main(["serve", str(ship_runs["lora"]), "--port", "8123", "--max-tokens-limit", "50",
+                 "--max-queue", "3"]) == 0
+    assert seen == {"host": "127.0.0.1", "port": 8123, "connection_limit": 1 + 3 + 32, "status": 400,
+                    "error": "max_tokens"}
+    assert "serving on http://127.0.0.1:8123/v1" in capsys.readouterr().out
+
+
+def test_admission_is_fifo_with_429_when_full_and_503_after_the_queue_timeout():
+    import asyncio
+
+    from tunelab.ship.serve import Admission, ApiError, Metrics
+
+    async def scenario():
+        adm = Admission(ServeSettings(max_concurrency=1, max_queue=2, queue_timeout_s=0.5), Metrics())
+        order: list[str] = []
+        await adm.acquire()  # A runs
+
+        async def waiter(name):
+            try:
+                await adm.acquire()
+                order.append(name)
+            except ApiError as err:
+                order.append(f"{name}:{err.status}")
+
+        b = asyncio.create_task(waiter("B"))
+        await asyncio.sleep(0.01)
+        c = asyncio.create_task(waiter("C"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ApiError) as busy:
+            await adm.acquire()  # D: one running, two queued
+        assert busy.value.status == 429 and adm.full()
+        adm.release()  # A done: the slot goes to B, the oldest waiter, not to a newcomer
+        await asyncio.sleep(0.01)
+        assert order == ["B"] and adm.free == 0
+        await asyncio.gather(b, c)  # C waits past the timeout while B holds the slot
+        assert order == ["B", "C:503"] and adm.waiting == 0
+        adm.release()
+        assert adm.free == 1 and adm.running == 0
+
+    asyncio.run(scenario())

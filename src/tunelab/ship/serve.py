@@ -25,6 +25,7 @@ Hardening (every limit is a :class:`ServeSettings` field and a CLI option):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -332,36 +333,66 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 class Admission:
-    """``max_concurrency`` requests run; up to ``max_queue`` wait (else 429); waiting too long is 503."""
+    """``max_concurrency`` requests run; up to ``max_queue`` wait in FIFO order (else 429); waiting too long is 503.
+
+    A freed slot is handed straight to the oldest waiter, so a newcomer never overtakes the queue.
+    """
 
     def __init__(self, settings: ServeSettings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self.slots = asyncio.Semaphore(settings.max_concurrency)
-        self.waiting = self.running = 0
+        self.free = settings.max_concurrency
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self.waiters)
+
+    def full(self) -> bool:
+        """No free slot and a full queue: a new request would get 429."""
+        return self.free == 0 and self.waiting >= self.settings.max_queue
+
+    def busy_error(self) -> ApiError:
+        self.metrics.rejected.labels("queue_full").inc()
+        return ApiError(429, f"The server is busy ({self.waiting} requests queued). Retry after a short wait",
+                        type="rate_limit_error", code="server_busy")
 
     async def acquire(self) -> None:
-        if self.slots.locked() and self.waiting >= self.settings.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, f"The server is busy ({self.waiting} requests queued). Retry after a short wait",
-                           type="rate_limit_error", code="server_busy")
-        self.waiting += 1
-        self.metrics.queued.inc()
-        try:
-            await asyncio.wait_for(self.slots.acquire(), self.settings.queue_timeout_s)
-        except TimeoutError:
-            self.metrics.rejected.labels("queue_timeout").inc()
-            raise ApiError(503, f"Waited {self.settings.queue_timeout_s:g} s for a free slot. Retry later",
-                           type="server_error", code="queue_timeout") from None
-        finally:
-            self.waiting -= 1
-            self.metrics.queued.dec()
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+        else:
+            if self.full():
+                raise self.busy_error()
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            self.metrics.queued.inc()
+            try:
+                await asyncio.wait_for(fut, self.settings.queue_timeout_s)
+            except TimeoutError:
+                if fut.done() and not fut.cancelled():
+                    self._hand_over()  # the slot arrived just as the time ran out: pass it on
+                self.metrics.rejected.labels("queue_timeout").inc()
+                raise ApiError(503, f"Waited {self.settings.queue_timeout_s:g} s for a free slot. Retry later",
+                               type="server_error", code="queue_timeout") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+                self.metrics.queued.dec()
         self.running += 1
         self.metrics.running.inc()
 
     def release(self) -> None:
         self.running -= 1
         self.metrics.running.dec()
-        self.slots.release()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
 
 
 class Metrics:
@@ -387,6 +418,7 @@ class Metrics:
 # ----------------------------------------------------------------------------- the ASGI guard
 
 
+_QUEUED = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
 _ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/health", "/metrics"}
 
 
@@ -397,8 +429,8 @@ class Guard:
     calls go to the server, so streaming responses still see a client's disconnect.
     """
 
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, metrics: Metrics, admission: Admission):
+        self.app, self.limit, self.metrics, self.admission = app, limit, metrics, admission
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -412,6 +444,10 @@ class Guard:
             await send(message)
 
         try:
+            if route in _QUEUED and self.admission.full():  # cheap 429 before reading or parsing anything
+                err = self.admission.busy_error()
+                await _send_json(counting_send, 429, err.body())
+                return
             body = await self._read_body(scope, receive)
             if body is None:
                 await _send_json(counting_send, 413, ApiError(
@@ -701,7 +737,7 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
                 task.add_done_callback(lambda _: admission.release())
 
     app.state.metrics, app.state.admission, app.state.models = metrics, admission, models
-    return Guard(app, settings.max_body_bytes, metrics)
+    return Guard(app, settings.max_body_bytes, metrics, admission)
 
 
 def _text(content) -> str:
