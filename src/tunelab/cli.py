@@ -157,7 +157,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(f"exported {result.kind} model ({result.dtype or 'as trained'}) to {result.out}: "
+    what = {"merged": "merged model", "adapter": "adapters (PEFT)", "full": "full model", "model": "model"}[result.kind]
+    console.print(f"exported {what} ({result.dtype or 'as trained'}) to {result.out}: "
                   f"{len(result.files)} files + SHA256SUMS", highlight=False)
     if result.gguf is not None:
         check = (f"read back by transformers, logits within {result.gguf_error:.1e} (relative)"
