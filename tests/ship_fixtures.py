@@ -36,7 +36,8 @@ def _train_lora(root: Path) -> Path:
     from tunelab.config import load_config
     from tunelab.train.recipe import fine_tune
 
-    cfg = tiny_config(root, _alpaca(), train={"max_steps": 2, "lr": 5e-2})
+    cfg = tiny_config(root, _alpaca(), train={"max_steps": 2, "lr": 5e-2, "batch_size": 2, "grad_accum": 1},
+                      data={"train": [{"path": str(_alpaca()), "limit": 16}], "max_length": 128})
     cfg["run"]["name"] = "lora"
     path = root / "lora.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -102,7 +102,13 @@ def test_chat_compare_base_shows_the_base_answer_from_the_same_model(ship_runs, 
         via_disable = generate_reply(loaded, chat, max_new_tokens=5)
     base = load_for_inference("tiny-random-llama")
     assert base_line[7:].strip() == via_disable == generate_reply(base, chat, max_new_tokens=5)
-    assert via_disable != tuned_line[7:].strip()
+    ids = loaded.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+    with torch.no_grad(), base_only(loaded):
+        base_logits = loaded.model(input_ids=ids).logits
+    with torch.no_grad():
+        assert not torch.allclose(loaded.model(input_ids=ids).logits, base_logits)  # the adapters matter
+        assert torch.allclose(base.model(input_ids=ids).logits, base_logits)
 
     with pytest.raises(UserError, match="--compare-base needs an adapter run"):
         base_only(load_for_inference(ship_runs["cls"]))
