@@ -198,3 +198,15 @@ def test_classification_adapter_merges_into_a_plain_sequence_classifier(ship_run
     assert (logits(plain) - logits(adapter)).abs().max() < 1e-5
     with pytest.raises(UserError, match="only Llama-family causal LMs"):
         export(ship_runs["cls_lora"], tmp_path / "cls_gguf", merge=True, gguf=True)
+
+
+def test_gguf_refuses_sentencepiece_style_tokenizers_in_one_line():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.ship.to_gguf import _vocab
+
+    spm_like = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True))
+    spm_like.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(UserError, match="only byte-level BPE.*convert_hf_to_gguf"):
+        _vocab(PreTrainedTokenizerFast(tokenizer_object=spm_like), 3)

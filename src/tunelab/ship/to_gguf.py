@@ -18,6 +18,7 @@ architectures are refused with a one-line error rather than written half right.
 
 from __future__ import annotations
 
+import json
 from hashlib import sha256
 from pathlib import Path
 
@@ -60,6 +61,11 @@ def check_supported(model) -> None:
             f"--gguf: only Llama-family causal LMs can be written as GGUF (got {type(model).__name__}, model_type "
             f"{cfg.model_type!r}). Export without --gguf and convert with llama.cpp's convert_hf_to_gguf.py"
         )
+    if getattr(cfg, "sliding_window", None):
+        raise UserError(
+            f"--gguf: sliding-window attention is not written as a plain Llama GGUF (got sliding_window "
+            f"{cfg.sliding_window}). Export without --gguf and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(
@@ -79,10 +85,12 @@ def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise UserError("--gguf: the tokenizer has no fast (tokenizers) backend. Export without --gguf")
-    model_type = tokenizer.backend_tokenizer.to_str()
-    if '"type":"BPE"' not in model_type.replace(" ", ""):
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if spec.get("model", {}).get("type") != "BPE" or not byte_level or spec["model"].get("byte_fallback"):
         raise UserError(
-            "--gguf: only BPE (GPT-2 style) tokenizers are written (got a different tokenizer model). "
+            "--gguf: only byte-level BPE (GPT-2 / Llama 3 style) tokenizers are written (got a "
+            f"{spec.get('model', {}).get('type')} tokenizer{'' if byte_level else ' without byte-level pre-tokenizing'}). "
             "Export without --gguf and convert with llama.cpp's convert_hf_to_gguf.py"
         )
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
