@@ -26,7 +26,8 @@ CHAT = [{"role": "user", "content": "Name a colour."}]
 
 @pytest.fixture(scope="module")
 def served(ship_runs):  # noqa: F811
-    return load_models([str(ship_runs["lora"]), str(ship_runs["lora_b"]), str(ship_runs["cls_lora"])])
+    return load_models([str(ship_runs["lora"]), str(ship_runs["lora_b"]), str(ship_runs["cls_lora"]),
+                        str(ship_runs["cls"])])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def client(srv, key: str = "unused"):
 
 def test_adapters_share_one_base_and_the_model_field_picks_one(ship_runs, served, server):  # noqa: F811
     ids = [m.id for m in client(server).models.list().data]
-    assert ids == ["lora", "tiny-random-llama", "lora_b", "cls_lora"]  # no random-headed base classifier
+    assert ids == ["lora", "tiny-random-llama", "lora_b", "cls_lora", "cls"]  # no random-headed base classifier
     assert served["lora"].loaded.model is served["lora_b"].loaded.model is served["tiny-random-llama"].loaded.model
     assert served["cls_lora"].task == "classification"
 
@@ -95,12 +96,13 @@ def test_completions_with_stop_strings_and_streaming(server):
     assert echo.choices[0].text == "Colours:" + text
 
 
-def test_classify_endpoint_gives_the_run_labels_and_probabilities(ship_runs, server):  # noqa: F811
+@pytest.mark.parametrize("run", ["cls_lora", "cls"])
+def test_classify_endpoint_gives_the_run_labels_and_probabilities(ship_runs, server, run):  # noqa: F811
     texts = ["the invoice is wrong", "site down"]
-    r = httpx.post(server.url + "/v1/classify", json={"model": "cls_lora", "input": texts}, timeout=30)
+    r = httpx.post(server.url + "/v1/classify", json={"model": run, "input": texts}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
-    want = classify(load_for_inference(ship_runs["cls_lora"]), texts)
+    want = classify(load_for_inference(ship_runs[run]), texts)
     assert [d["label"] for d in body["data"]] == [w["label"] for w in want]
     for got, exp in zip(body["data"], want, strict=True):
         assert got["probs"] == pytest.approx(exp["probs"], abs=1e-5)
