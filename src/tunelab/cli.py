@@ -105,13 +105,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from tunelab.ship.inference import generate_reply, load_for_inference
+    from tunelab.ship.inference import base_only, generate_reply, load_for_inference
 
     loaded = load_for_inference(args.target, checkpoint=args.checkpoint)
+    compare = getattr(args, "compare_base", False)
+    if compare:
+        base_only(loaded)  # refuses a model without adapters now, not after the first question
     console = Console()
     console.print(f"[bold]{loaded.description}[/]  (empty line or Ctrl-D to quit, /reset to clear history)")
+    if compare:
+        console.print(f"[dim]--compare-base: each answer is followed by the base model's ({loaded.base_model}), "
+                      "the same weights with the adapters disabled[/]")
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "seed": args.seed, "streamer": streamer}
     while True:
         try:
             text = input("you> ").strip()
@@ -124,9 +132,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": text})
-        print("model> ", end="", flush=True)
-        reply = generate_reply(loaded, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed, streamer=streamer)
+        print("tuned> " if compare else "model> ", end="", flush=True)
+        reply = generate_reply(loaded, history, **options)
+        if compare:
+            print("base>  ", end="", flush=True)
+            with base_only(loaded):
+                generate_reply(loaded, history, **options)
         history.append({"role": "assistant", "content": reply})
     return 0
 
@@ -333,6 +344,110 @@ def _add_data_verbs(sub) -> None:
     w.add_argument("--format", default="auto", help=fmt_help)
     w.set_defaults(fn=cmd_data_weights)
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.ship.export import export
+
+    result = export(args.target, args.out, merge=args.merge, dtype=args.dtype, gguf=args.gguf, force=args.force,
+                    checkpoint=args.checkpoint, verify=not args.no_verify)
+    console = Console(soft_wrap=True)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    what = {"merged": "merged model", "adapter": "adapters (PEFT)", "full": "full model", "model": "model"}[result.kind]
+    console.print(f"exported {what} ({result.dtype or 'as trained'}) to {result.out}: "
+                  f"{len(result.files)} files + SHA256SUMS", highlight=False)
+    if result.gguf is not None:
+        check = (f"read back by transformers, logits within {result.gguf_error:.1e} (relative)"
+                 if result.gguf_error is not None else "not read back (--no-verify)")
+        console.print(f"GGUF: {result.gguf} ({check})", highlight=False)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tunelab.ship.predict import predict
+
+    s = predict(args.target, args.data, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                system=args.system)
+    console = Console(soft_wrap=True)
+    resumed = f", {s.done_before} already there" if s.done_before else ""
+    console.print(f"{s.written} predictions written to {s.out} ({s.rows} rows{resumed})", highlight=False)
+    if s.rejected:
+        reasons = ", ".join(f"{k}: {v}" for k, v in s.reject_reasons.items())
+        console.print(f"[yellow]{s.rejected} rows rejected[/] ({reasons}); see {s.rejects_file}", highlight=False)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tunelab.ship.serve import ServeSettings, serve
+
+    keys = tuple(args.api_key) + tuple(k.strip() for k in os.environ.get("TUNELAB_API_KEYS", "").split(",")
+                                       if k.strip())
+    settings = ServeSettings(host=args.host, port=args.port, api_keys=keys, max_body_bytes=args.max_body_bytes,
+                             max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                             default_max_tokens=args.default_max_tokens, max_n=args.max_n,
+                             max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                             queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout)
+    serve(args.targets, settings, checkpoint=args.checkpoint, dtype=args.dtype, console=Console())
+    return 0
+
+
+def _add_ship_verbs(sub) -> None:
+    """``export``, ``predict`` and ``serve`` (``tunelab.ship``)."""
+    e = sub.add_parser("export", help="export a run: merged model, adapters only, GGUF; with a checksum manifest",
+                       description="Write a run's weights to --out in the Hugging Face layout (safetensors, tokenizer, "
+                       "chat template, generation config) with a SHA256SUMS manifest. Adapter runs export the PEFT "
+                       "adapters unless --merge folds them into the base.")
+    e.add_argument("target", help="a run directory, a weights folder, or a model")
+    e.add_argument("--out", required=True, help="the folder to write (must not exist or be empty, unless --force)")
+    e.add_argument("--merge", action="store_true", help="fold the adapters into the base weights (mergeable methods)")
+    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weights dtype (default: the base model's published dtype)")
+    e.add_argument("--gguf", action="store_true",
+                   help="also write a GGUF file of the merged model (Llama family; read back and checked)")
+    e.add_argument("--no-verify", action="store_true", help="skip reading the GGUF back to compare logits")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--checkpoint", default="final", help="which weights of a run: final (default) or best")
+    e.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="batched, resumable predictions for a data file (JSONL out)")
+    p.add_argument("target", help="a run directory, a weights folder, or a model")
+    p.add_argument("--data", required=True, help="input rows (.jsonl/.json/.csv/.parquet): messages, alpaca, "
+                   "sharegpt, prompt or text")
+    p.add_argument("--out", required=True, help="JSONL output; re-running continues after the rows already in it")
+    p.add_argument("--checkpoint", default="final", help="which weights of a run: final (default) or best")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="maximum tokens to generate per row")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--system", default=None, help="system prompt for rows that have none")
+    p.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API over one or more runs",
+                       description="Serve runs (several adapter runs share one base; pick one with the request's "
+                       "`model`) at /v1/models, /v1/chat/completions, /v1/completions, /v1/classify, /health "
+                       "and /metrics.")
+    s.add_argument("targets", nargs="+", metavar="RUN_OR_MODEL", help="run directories, weights folders or models")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (other than loopback needs --api-key)")
+    s.add_argument("--port", type=int, default=8000, help="port to bind")
+    s.add_argument("--api-key", action="append", default=[],
+                   help="accepted bearer key (repeatable; also TUNELAB_API_KEYS=k1,k2)")
+    s.add_argument("--checkpoint", default="final", help="which weights of the runs: final (default) or best")
+    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32", help="weights dtype for serving")
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longer prompts get 400")
+    s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (else 400)")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a chat request gives none")
+    s.add_argument("--max-n", type=int, default=4, help="largest n accepted (else 400)")
+    s.add_argument("--max-concurrency", type=int, default=1, help="requests generating at once")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot; more get 429")
+    s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait (then 503)")
+    s.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds of generation per request (then it stops, finish_reason 'length')")
+    s.set_defaults(fn=cmd_serve)
+
 
 # ----------------------------------------------------------------------------- parser
 
@@ -378,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="interactive chat with streaming output")
     add_inference_args(ch)
+    ch.add_argument("--compare-base", action="store_true",
+                    help="after each answer, show the base model's (an adapter run with its adapters disabled)")
     ch.set_defaults(fn=cmd_chat)
 
     d = sub.add_parser("demo", help="the bundled demo: policy recommendation with SmolLM2 + LoRA",
@@ -387,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fresh", action="store_true", help="start a new run even if one exists")
     d.set_defaults(fn=cmd_demo)
     _add_data_verbs(sub)
+    _add_ship_verbs(sub)
     return p
 
 

@@ -1,8 +1,11 @@
-"""Load a run (or any model) for inference, and generate from chat messages.
+"""Load a run (or any model) for inference; generate from chat messages; classify texts.
 
 ``load_for_inference`` accepts a run directory (uses its ``final/`` weights, or ``best/``),
 a weights folder written by tunelab (it holds ``tunelab.json``), an alias, a Hugging Face
-folder or a .gguf file. Adapters are attached to their base with PEFT.
+folder or a .gguf file. Adapters are attached to their base with PEFT. Classification runs
+(``tunelab.json`` says ``"task": "classification"``, or the folder holds a
+``...ForSequenceClassification`` model or a ``SEQ_CLS`` adapter) load as
+``AutoModelForSequenceClassification`` with the run's labels; :func:`classify` scores texts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ class Loaded:
     tokenizer: object
     description: str
     base_model: str | None = None  # the base this was tuned from (for --compare-base)
+    task: str = "generation"  # "generation" (causal LM) or "classification" (sequence classification)
+    method: str | None = None  # the tunelab method that produced the weights, if a run
+    folder: Path | None = None  # the weights folder, if a run
+    id2label: dict[int, str] | None = None  # classification labels
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the model is a PEFT model (adapters on a frozen base)."""
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
 
 
 def weights_folder(target: str | Path, checkpoint: str = "final") -> Path | None:
@@ -41,7 +55,52 @@ def weights_folder(target: str | Path, checkpoint: str = "final") -> Path | None
     return None
 
 
-def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: torch.dtype = torch.float32) -> Loaded:
+def read_info(folder: Path) -> dict:
+    """``tunelab.json`` of a weights folder, with ``task`` and ``id2label`` filled in.
+
+    A folder is a classification run when ``tunelab.json`` says ``"task": "classification"``,
+    or its ``config.json`` names a ``...ForSequenceClassification`` architecture, or its PEFT
+    ``adapter_config.json`` has ``task_type: SEQ_CLS``. Labels come from ``tunelab.json``
+    (``id2label`` or a ``labels`` list) or from ``config.json``'s ``id2label``.
+    """
+    info = json.loads((folder / "tunelab.json").read_text())
+    config = _json_or_empty(folder / "config.json")
+    adapter = _json_or_empty(folder / "adapter_config.json")
+    if "task" not in info:
+        archs = config.get("architectures") or []
+        is_cls = any(a.endswith("ForSequenceClassification") for a in archs) or adapter.get("task_type") == "SEQ_CLS"
+        info["task"] = "classification" if is_cls else "generation"
+    if info["task"] == "classification":
+        labels = info.get("id2label") or config.get("id2label")
+        if labels is None and info.get("labels"):
+            labels = dict(enumerate(info["labels"]))
+        if not labels:
+            raise UserError(
+                f"{folder}: a classification run without labels (got no id2label in tunelab.json or config.json). "
+                "Re-save the run with its label names"
+            )
+        info["id2label"] = {int(k): str(v) for k, v in labels.items()}
+    return info
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def base_model_folder(name: str) -> str:
+    """The local folder (or hub id) behind a base-model name: aliases are resolved and built."""
+    from tunelab.models.registry import resolve_alias
+
+    folder = resolve_alias(name)
+    return str(folder) if folder is not None else name
+
+
+def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: torch.dtype = torch.float32,
+                       adapter_name: str = "default") -> Loaded:
+    """Load a run, weights folder or model; adapters are attached to their base with PEFT.
+
+    ``adapter_name`` names the PEFT adapter (the server loads several into one base by name).
+    """
     from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_model, load_tokenizer
 
@@ -52,20 +111,74 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         model = load_model(str(target), dtype=dtype)
         return Loaded(model.eval(), tokenizer, f"base model {target}", None)
 
-    info = json.loads((folder / "tunelab.json").read_text())
+    info = read_info(folder)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    id2label = info.get("id2label")
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(info["base_model"], dtype=dtype)
-        model = PeftModel.from_pretrained(base, folder)
+        if info["task"] == "classification":
+            base = _load_classifier(base_model_folder(info["base_model"]), id2label, dtype, tokenizer)
+        else:
+            base = load_model(info["base_model"], dtype=dtype)
+        model = PeftModel.from_pretrained(base, folder, adapter_name=adapter_name)
+    elif info["task"] == "classification":
+        model = _load_classifier(str(folder), id2label, dtype, tokenizer)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"])
+    return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"],
+                  task=info["task"], method=info["method"], folder=folder, id2label=id2label)
+
+
+def _load_classifier(location: str, id2label: dict[int, str], dtype: torch.dtype, tokenizer):
+    """An ``AutoModelForSequenceClassification`` with the run's labels and a pad id (needed to pool)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        location, dtype=dtype, num_labels=len(id2label), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def base_only(loaded: Loaded):
+    """A context in which an adapter model answers as its base (PEFT ``disable_adapter``; no copy)."""
+    import contextlib
+
+    if not loaded.is_adapter:
+        raise UserError(
+            f"{loaded.description}: --compare-base needs an adapter run (got a {loaded.method or 'plain'} model, "
+            "which holds no separate base weights). Chat with the base model in a second terminal instead"
+        )
+    disable = getattr(loaded.model, "disable_adapter", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def classify(loaded: Loaded, texts: list[str], *, batch_size: int = 16, max_length: int | None = None) -> list[dict]:
+    """Label probabilities for each text (softmax over the classification head), best label first."""
+    if loaded.task != "classification" or not loaded.id2label:
+        raise UserError(f"{loaded.description}: not a classification model. Use generation (predict/chat) instead")
+    tok = loaded.tokenizer
+    results: list[dict] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        enc = tok(chunk, return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length)
+        logits = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        probs = torch.softmax(logits.float(), dim=-1)
+        for row in probs.tolist():
+            ranked = sorted(range(len(row)), key=lambda i: -row[i])
+            results.append({"label": loaded.id2label[ranked[0]], "score": row[ranked[0]],
+                            "probs": {loaded.id2label[i]: row[i] for i in ranked}})
+    return results
 
 
 def chat_inputs(tokenizer, messages: list[dict]) -> dict[str, torch.Tensor]:
@@ -104,25 +217,43 @@ def generate_reply(
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def sampling_kwargs(tokenizer, *, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """``generate`` arguments for greedy (temperature 0) or nucleus sampling, with pad/eos ids."""
+    sample = temperature > 0
+    return {
+        "do_sample": sample,
+        "temperature": temperature if sample else None,
+        "top_p": top_p if sample else None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token lists padded on the left (generation continues on the right)."""
+    width = max(len(e) for e in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, e in enumerate(sequences):
+        if e:
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_batch(loaded: Loaded, conversations: list[list[dict]], *, max_new_tokens: int = 32,
-                   batch_size: int = 16) -> list[str]:
-    """Greedy replies for many chats at once (left padding, KV cache)."""
+                   batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Replies for many chats at once (left padding, KV cache); greedy unless ``temperature > 0``."""
     tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kwargs = sampling_kwargs(tok, temperature=temperature, top_p=top_p)
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
         encoded = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
                    for c in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
-        replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        ids, mask = left_pad(encoded, kwargs["pad_token_id"])
+        out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+        replies += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
     return replies

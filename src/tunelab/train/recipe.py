@@ -170,7 +170,7 @@ def _prepare_task_data(cfg: TuneConfig, tokenizer, train_records, eval_records, 
             if run is not None:
                 msg += f" -> {run.rejects_file}"
         console.print(msg)
-    return PreparedData(rows.train, rows.eval, summary, rows)
+    return PreparedData(rows.train, rows.eval, summary, task=rows)
 
 
 def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):

@@ -1,0 +1,232 @@
+"""``tunelab export``: a run's weights as a folder other tools load directly.
+
+Three shapes, all in the standard Hugging Face layout (safetensors, tokenizer with its chat
+template, generation config) plus ``tunelab.json`` and a ``SHA256SUMS`` manifest
+(``sha256sum -c SHA256SUMS`` checks it):
+
+* **merged** (``--merge``): PEFT's ``merge_and_unload()`` folds the adapters into the base
+  weights (computed in float32, then cast to ``--dtype``); plain ``transformers`` loads the
+  folder with ``AutoModelForCausalLM`` (or ``...ForSequenceClassification``) and gets the same
+  outputs as the adapter model;
+* **adapters only** (the default for adapter runs): the PEFT adapter folder
+  (``PeftModel.from_pretrained(base, folder)``) with the tokenizer;
+* **full** runs and plain models are written as they are (cast to ``--dtype`` if asked).
+
+``--gguf`` also writes a GGUF file of the merged model (Llama family, :mod:`tunelab.ship.to_gguf`)
+and reads it back with transformers' GGUF loader to check its logits against the exported model.
+
+Whether a method can be merged is the method module's business: ``MERGEABLE`` and, for those
+that cannot, ``NOT_MERGEABLE`` (one line: why, and how to serve instead). The output folder is
+built in a temporary sibling and renamed into place; an existing non-empty ``--out`` is never
+written over without ``--force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import UserError
+from tunelab.fsutil import atomic_folder
+from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_GGUF_KIND = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+#: max |GGUF logits - exported logits| / max |exported logits| accepted by the round-trip check.
+GGUF_TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2}
+MANIFEST = "SHA256SUMS"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    kind: str  # "merged", "adapter", "full" or "model"
+    dtype: str | None
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    gguf: Path | None = None
+    gguf_error: float | None = None  # relative max logit difference of the GGUF read back
+
+
+def merge_policy(method: str) -> tuple[bool, str]:
+    """(mergeable, reason-if-not) for a tunelab method name, read from its module."""
+    from tunelab import methods
+
+    module = methods.METHODS.get(method)
+    if module is None:
+        return True, ""  # unknown here (a newer run): PEFT decides when merging
+    mergeable = bool(getattr(module, "MERGEABLE", False))
+    reason = getattr(module, "NOT_MERGEABLE", None) or (
+        f"method '{method}' cannot be folded into the base weights; serve the adapters on their base with "
+        "`tunelab serve RUN`"
+    )
+    return mergeable, reason
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is a file (got a file). Choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: the folder exists and is not empty. Choose another folder, or pass --force "
+                        "to replace it")
+
+
+def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: str | None = None,
+           gguf: bool = False, force: bool = False, checkpoint: str = "final", verify: bool = True) -> ExportResult:
+    """Export a run (or a model) to ``out``; see the module docstring for the shapes."""
+    out = Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype (got {dtype!r}). Use one of {', '.join(DTYPES)}")
+    check_out(out, force)
+    folder = weights_folder(target, checkpoint)
+    info = read_info(folder) if folder is not None else {}
+    is_adapter = folder is not None and (folder / "adapter_config.json").is_file()
+    notes: list[str] = []
+
+    if is_adapter:
+        mergeable, reason = merge_policy(info["method"])
+        if (merge or gguf) and not mergeable:
+            raise UserError(f"--merge: {reason}")
+        if gguf and not merge:
+            merge = True
+            notes.append("--gguf writes a merged model, so the adapters are merged (--merge implied)")
+        if not merge:
+            notes.append(f"adapters only (PEFT format); {'add --merge for a standalone model' if mergeable else reason}")
+    elif merge:
+        notes.append("these are full weights: there is nothing to merge, exported as they are")
+
+    if is_adapter and not merge:
+        result = ExportResult(out, "adapter", dtype, notes=notes)
+        atomic_folder(out, lambda tmp: _fill_adapter(tmp, folder, info, dtype, result))
+    else:
+        kind = "merged" if is_adapter else ("full" if folder is not None else "model")
+        result = ExportResult(out, kind, dtype, notes=notes)
+        atomic_folder(out, lambda tmp: _fill_model(tmp, target, checkpoint, info, result, gguf, verify))
+    result.gguf = out / result.gguf.name if result.gguf is not None else None
+    return result
+
+
+def _fill_adapter(tmp: Path, folder: Path, info: dict, dtype: str | None, result: ExportResult) -> None:
+    """The PEFT adapter folder + tokenizer; adapter tensors cast to ``dtype`` if given."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    for name in ("adapter_config.json", "README.md"):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, tmp / name)
+    for weights in folder.glob("adapter_model*.safetensors"):
+        if dtype is None:
+            shutil.copy2(weights, tmp / weights.name)
+        else:
+            tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+            save_file(tensors, tmp / weights.name, metadata={"format": "pt"})
+    if (folder / "adapter_model.bin").is_file():
+        raise UserError(f"{folder}: the adapter is a pickle (adapter_model.bin). Re-save it as safetensors")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    _copy_generation_config(info, tmp)
+    _write_info(tmp, info, folder, merged=False, dtype=dtype)
+    result.files = _write_manifest(tmp)
+
+
+def _copy_generation_config(info: dict, tmp: Path) -> None:
+    """The base model's generation config beside the adapters (stop tokens, sampling defaults)."""
+    src = Path(base_model_folder(info["base_model"])) / "generation_config.json"
+    if src.is_file():
+        shutil.copy2(src, tmp / "generation_config.json")
+
+
+def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportResult, gguf: bool,
+                verify: bool) -> None:
+    """Merged / full / plain model: ``save_pretrained`` (safetensors) + tokenizer (+ GGUF)."""
+    loaded = load_for_inference(target, checkpoint=checkpoint, dtype=torch.float32)
+    model = loaded.model
+    if loaded.is_adapter:
+        model = model.merge_and_unload()  # PEFT folds W + scale * B A into W (float32)
+    dtype = result.dtype or _saved_dtype(model)
+    result.dtype = dtype
+    model = model.to(DTYPES[dtype]).eval()
+    tok = loaded.tokenizer
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if getattr(gen, key, None) is None and getattr(tok, key, None) is not None:
+                setattr(gen, key, getattr(tok, key))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if info:
+        _write_info(tmp, info, loaded.folder, merged=loaded.is_adapter, dtype=dtype)
+    if gguf:
+        from tunelab.ship.to_gguf import write_gguf
+
+        kind = _GGUF_KIND[dtype]
+        name = info.get("run") or Path(str(target)).name
+        path = write_gguf(model, tok, tmp, tmp / f"{name}-{kind}.gguf", kind=kind, name=name)
+        result.gguf = path
+        if verify:
+            result.gguf_error = _check_gguf(model, tok, path, kind)
+    result.files = _write_manifest(tmp)
+
+
+def _saved_dtype(model) -> str:
+    """The dtype the base model was published in (its config), as fp32 / fp16 / bf16."""
+    saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    name = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(name, "fp32")
+
+
+def _check_gguf(model, tokenizer, path: Path, kind: str) -> float:
+    """Read the GGUF back with transformers and compare logits with the exported model on a probe."""
+    from tunelab.ship.to_gguf import load_gguf_back
+
+    probe = tokenizer("The quick brown fox jumps over the lazy dog. 1234 你好", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model.float()(input_ids=probe).logits
+        got = load_gguf_back(path)(input_ids=probe).logits
+    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+    if error > GGUF_TOLERANCE[kind]:
+        raise UserError(
+            f"--gguf: the GGUF file read back gives different logits (relative max difference {error:.2e} > "
+            f"{GGUF_TOLERANCE[kind]:.0e} for {kind}). Export without --gguf and report this model's config"
+        )
+    return error
+
+
+def _write_info(tmp: Path, info: dict, folder: Path | None, *, merged: bool, dtype: str | None) -> None:
+    exported = {**info, "merged": merged, "exported_from": str(folder) if folder else None, "export_dtype": dtype}
+    (tmp / "tunelab.json").write_text(json.dumps(exported, indent=2, default=str))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> list[str]:
+    """``SHA256SUMS`` over every file (``sha256sum -c`` format); returns the files it lists."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    lines = [f"{_sha256(folder / f)}  {f}" for f in files]
+    (folder / MANIFEST).write_text("\n".join(lines) + "\n")
+    return files
+
+
+def verify_manifest(folder: str | Path) -> list[str]:
+    """Files whose checksum differs from ``SHA256SUMS`` (or that are missing); empty when all match."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{folder}: no {MANIFEST} manifest (got none). Export with `tunelab export` to get one")
+    bad = []
+    for line in manifest.read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            bad.append(name)
+    return bad

@@ -1,0 +1,820 @@
+"""``tunelab serve``: an OpenAI-compatible HTTP API over one or more runs (FastAPI + uvicorn).
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``
+(streaming server-sent events or not), ``POST /v1/classify`` (classification runs),
+``GET /health`` and ``GET /metrics`` (Prometheus, ``prometheus-client``).
+
+Several adapter runs over the same base share one copy of the base weights: the first loads
+the base and its adapter (PEFT), the others are added with ``load_adapter`` and picked per
+request by the ``model`` field (``set_adapter``); the base itself is served under its own name
+with the adapters disabled. Full runs and plain models are loaded on their own.
+
+Hardening (every limit is a :class:`ServeSettings` field and a CLI option):
+
+* binds 127.0.0.1 by default; binding elsewhere needs API keys (``Authorization: Bearer``,
+  compared with ``hmac.compare_digest`` against every key);
+* request bodies over ``max_body_bytes`` get 413 before they are parsed; prompts over
+  ``max_prompt_tokens``, ``max_tokens`` over ``max_tokens_limit``, ``n`` over ``max_n`` get 400;
+* ``max_concurrency`` requests generate at once, ``max_queue`` more wait (then 429); a request
+  that waited ``queue_timeout_s`` gets 503; generation stops after ``request_timeout_s``
+  (``finish_reason: "length"``) and when a streaming client disconnects;
+* every error is an OpenAI-style JSON body ``{"error": {"message", "type", "param", "code"}}``
+  with the right status; unexpected exceptions are logged and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import Request  # a module-level name: FastAPI resolves the handlers' annotations here
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.errors import UserError
+from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
+
+logger = logging.getLogger("tunelab.serve")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class ServeSettings:
+    """Limits and network settings of the server (each is a ``tunelab serve`` option)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1_000_000
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_n: int = 4
+    max_batch_inputs: int = 64  # texts per /v1/classify request, prompts per /v1/completions request
+    max_concurrency: int = 1
+    max_queue: int = 16
+    queue_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0
+
+    def check(self) -> None:
+        """Refuse an unsafe or impossible configuration with a one-line UserError."""
+        if not is_loopback(self.host) and not self.api_keys:
+            raise UserError(
+                f"--host {self.host}: binding beyond this machine needs API keys (got none). Pass --api-key KEY "
+                "(or set TUNELAB_API_KEYS), or keep the default --host 127.0.0.1"
+            )
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "max_n", "max_concurrency",
+                     "max_batch_inputs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(self, name)})")
+        if any(len(k) < 8 for k in self.api_keys):
+            raise UserError("--api-key: keys must be at least 8 characters (got a shorter one). Use a random key, "
+                            "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` body with ``status``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Served:
+    """One name the API answers to: a loaded model, and which adapter of it (None: the base/plain model)."""
+
+    name: str
+    loaded: Loaded
+    adapter: str | None
+    lock: threading.Lock
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def task(self) -> str:
+        return self.loaded.task
+
+    @contextlib.contextmanager
+    def active(self):
+        """Hold the model's lock with this adapter active (PEFT ``set_adapter`` / ``disable_adapter``)."""
+        with self.lock:
+            model = self.loaded.model
+            if not self.loaded.is_adapter:
+                yield
+            elif self.adapter is None:
+                with model.disable_adapter():
+                    yield
+            else:
+                model.set_adapter(self.adapter)
+                yield
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.loaded.model.config
+        return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+
+
+def _unique(name: str, taken: dict) -> str:
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    return name
+
+
+def load_models(targets: list[str], *, checkpoint: str = "final", dtype: torch.dtype = torch.float32
+                ) -> dict[str, Served]:
+    """Load every target; adapter runs on the same base (and task) share one base model."""
+    from transformers import AutoTokenizer
+
+    served: dict[str, Served] = {}
+    groups: dict[tuple[str, str], Served] = {}  # (base model, task) -> the served base of that group
+    for target in targets:
+        folder = weights_folder(target, checkpoint)
+        info = read_info(folder) if folder is not None else {}
+        name = _unique(str(info.get("run") or Path(str(target).rstrip("/")).name), served)
+        key = (info.get("base_model"), info.get("task"))
+        if folder is not None and (folder / "adapter_config.json").is_file() and key in groups:
+            base = groups[key]
+            base.loaded.model.load_adapter(folder, adapter_name=name)
+            tok = AutoTokenizer.from_pretrained(folder)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            loaded = dataclasses.replace(base.loaded, tokenizer=tok, folder=folder, method=info["method"],
+                                         description=f"{info['method']} on {info['base_model']} ({folder})",
+                                         id2label=info.get("id2label"))
+            served[name] = Served(name, loaded, name, base.lock)
+            continue
+        loaded = load_for_inference(target, checkpoint=checkpoint, dtype=dtype, adapter_name=name)
+        lock = threading.Lock()
+        served[name] = Served(name, loaded, name if loaded.is_adapter else None, lock)
+        if loaded.is_adapter:
+            base_name = _unique(Path(str(info["base_model"]).rstrip("/")).name, served)
+            groups[key] = Served(base_name, loaded, None, lock)
+            if loaded.task == "generation":  # a base classifier would answer with an untrained head
+                served[base_name] = groups[key]
+    return served
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream_options: dict[str, Any] | None = None
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class _Cancel:
+    """A stopping criterion that ends generation when the client has gone away."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    finish: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine:
+    """The served models and the blocking generation / classification calls (run in threads)."""
+
+    def __init__(self, models: dict[str, Served], settings: ServeSettings):
+        self.models, self.settings = models, settings
+
+    def get(self, name: str, task: str) -> Served:
+        served = self.models.get(name)
+        if served is None:
+            raise ApiError(404, f"The model '{name}' does not exist. Models: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        if served.task != task:
+            use = "/v1/classify" if served.task == "classification" else "/v1/chat/completions or /v1/completions"
+            raise ApiError(400, f"The model '{name}' is a {served.task} model; use {use}", param="model",
+                           code="wrong_endpoint")
+        return served
+
+    def check_prompt(self, served: Served, ids: list[int], max_new: int) -> None:
+        s = self.settings
+        if len(ids) > s.max_prompt_tokens:
+            raise ApiError(400, f"The prompt has {len(ids)} tokens; this server accepts at most {s.max_prompt_tokens}",
+                           param="messages", code="context_length_exceeded")
+        if len(ids) + max_new > served.context_length:
+            raise ApiError(400, f"The prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
+                           f"context length ({served.context_length})", param="max_tokens",
+                           code="context_length_exceeded")
+
+    def generate(self, served: Served, ids: list[int], *, n: int, max_new: int, temperature: float, top_p: float,
+                 seed: int | None, stop: list[str], min_new: int = 0, streamer=None,
+                 cancel: _Cancel | None = None) -> Generation:
+        from transformers import StoppingCriteriaList
+
+        from tunelab.ship.inference import sampling_kwargs
+
+        tok = served.loaded.tokenizer
+        kwargs = sampling_kwargs(tok, temperature=temperature, top_p=top_p)
+        input_ids, mask = left_pad([ids] * n, kwargs["pad_token_id"])
+        extra: dict[str, Any] = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+        with served.active(), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = served.loaded.model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=min_new or None,
+                streamer=streamer,
+                max_time=self.settings.request_timeout_s,
+                stopping_criteria=StoppingCriteriaList([cancel]) if cancel else None, **kwargs, **extra)
+        eos = {kwargs["eos_token_id"]} if isinstance(kwargs["eos_token_id"], int) else set(kwargs["eos_token_id"] or [])
+        texts, finish, used = [], [], 0
+        for row in out[:, input_ids.shape[1]:].tolist():
+            end = next((i for i, t in enumerate(row) if t in eos), None)
+            tokens = row if end is None else row[:end]
+            used += len(tokens) + (end is not None)
+            text = tok.decode(tokens, skip_special_tokens=True)
+            cut = _first_stop(text, stop)
+            if cut is not None:
+                text = text[:cut]
+            texts.append(text)
+            finish.append("stop" if end is not None or cut is not None else "length")
+        return Generation(texts, finish, len(ids), used)
+
+    def classify(self, served: Served, texts: list[str]) -> list[dict]:
+        with served.active(), torch.inference_mode():
+            return classify(served.loaded, texts, batch_size=16, max_length=self.settings.max_prompt_tokens)
+
+
+def _first_stop(text: str, stop: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "stop: give at most 4 non-empty strings", param="stop")
+    return stops
+
+
+# ----------------------------------------------------------------------------- admission
+
+
+class Admission:
+    """``max_concurrency`` requests run; up to ``max_queue`` wait in FIFO order (else 429); waiting too long is 503.
+
+    A freed slot is handed straight to the oldest waiter, so a newcomer never overtakes the queue.
+    """
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.free = settings.max_concurrency
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self.waiters)
+
+    def full(self) -> bool:
+        """No free slot and a full queue: a new request would get 429."""
+        return self.free == 0 and self.waiting >= self.settings.max_queue
+
+    def busy_error(self) -> ApiError:
+        self.metrics.rejected.labels("queue_full").inc()
+        return ApiError(429, f"The server is busy ({self.waiting} requests queued). Retry after a short wait",
+                        type="rate_limit_error", code="server_busy")
+
+    async def acquire(self) -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+        else:
+            if self.full():
+                raise self.busy_error()
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            self.metrics.queued.inc()
+            try:
+                await asyncio.wait_for(fut, self.settings.queue_timeout_s)
+            except TimeoutError:
+                if fut.done() and not fut.cancelled():
+                    self._hand_over()  # the slot arrived just as the time ran out: pass it on
+                self.metrics.rejected.labels("queue_timeout").inc()
+                raise ApiError(503, f"Waited {self.settings.queue_timeout_s:g} s for a free slot. Retry later",
+                               type="server_error", code="queue_timeout") from None
+            finally:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(fut)
+                self.metrics.queued.dec()
+        self.running += 1
+        self.metrics.running.inc()
+
+    def release(self) -> None:
+        self.running -= 1
+        self.metrics.running.dec()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps may live in one process)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tunelab_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("tunelab_request_seconds", "Time to the end of the response", ["route"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.prompt_tokens = Counter("tunelab_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("tunelab_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.running = Gauge("tunelab_requests_running", "Requests generating now", registry=r)
+        self.queued = Gauge("tunelab_requests_queued", "Requests waiting for a slot", registry=r)
+        self.rejected = Counter("tunelab_requests_rejected", "Requests turned away by admission control", ["reason"],
+                                registry=r)
+
+
+# ----------------------------------------------------------------------------- the ASGI guard
+
+
+_QUEUED = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
+_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/health", "/metrics"}
+
+
+class Guard:
+    """Pure ASGI middleware: refuse oversize bodies (413) before parsing, and count every response.
+
+    The body (at most ``limit`` bytes) is read here and replayed to the app; later ``receive``
+    calls go to the server, so streaming responses still see a client's disconnect.
+    """
+
+    def __init__(self, app, limit: int, metrics: Metrics, admission: Admission):
+        self.app, self.limit, self.metrics, self.admission = app, limit, metrics, admission
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        started, status = time.perf_counter(), {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if route in _QUEUED and self.admission.full():  # cheap 429 before reading or parsing anything
+                err = self.admission.busy_error()
+                await _send_json(counting_send, 429, err.body())
+                return
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await _send_json(counting_send, 413, ApiError(
+                    413, f"The request body is larger than {self.limit} bytes", code="body_too_large").body())
+                return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counting_send)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.limit:
+                        return None
+                except ValueError:
+                    return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(models: dict[str, Served], settings: ServeSettings):
+    """The FastAPI app serving ``models`` under ``settings`` (see the module docstring)."""
+    from fastapi import Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings.check()
+    engine = Engine(models, settings)
+    metrics = Metrics()
+    admission = Admission(settings, metrics)
+    keys = [k.encode() for k in settings.api_keys]
+    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(ApiError(400, "The request body is not valid JSON", code="invalid_json").body(), 400)
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(ApiError(400, message, param=".".join(loc) or None, code="invalid_value").body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        kind = "not_found" if err.status_code == 404 else "http_error"
+        return JSONResponse(ApiError(err.status_code, str(err.detail), code=kind).body(), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception):
+        logger.exception("request to %s failed", request.url.path)
+        return JSONResponse(ApiError(500, "Internal server error", type="server_error").body(), 500)
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip().encode() if header.lower().startswith("bearer ") else b""
+        ok = False
+        for key in keys:  # compare with every key, in constant time each
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise ApiError(401, "Missing or invalid API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(models), "running": admission.running,
+                "queued": admission.waiting}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": s.created, "owned_by": "tunelab", "task": s.task,
+             "root": s.loaded.base_model or s.name, "max_model_len": s.context_length} for s in models.values()]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(req: ChatRequest):
+        served = engine.get(req.model, "generation")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+                    for m in req.messages]
+        try:
+            ids = served.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True)["input_ids"]
+        except Exception as err:  # the template refuses the message order (jinja raise_exception)
+            raise ApiError(400, f"messages: the chat template refused them ({str(err).splitlines()[0][:200]})",
+                           param="messages", code="invalid_messages") from None
+        return await _complete(served, req, list(ids), req.max_completion_tokens or req.max_tokens, chat=True)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: CompletionRequest):
+        served = engine.get(req.model, "generation")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or len(prompts) > settings.max_batch_inputs:
+            raise ApiError(400, f"prompt: give 1 to {settings.max_batch_inputs} prompts", param="prompt")
+        if req.stream and len(prompts) > 1:
+            raise ApiError(400, "stream: streaming takes a single prompt", param="stream")
+        tok = served.loaded.tokenizer
+        if len(prompts) == 1:
+            ids = tok(prompts[0], add_special_tokens=True)["input_ids"]
+            return await _complete(served, req, ids, req.max_tokens or 16, chat=False, echo=prompts[0])
+        results = []
+        for p in prompts:  # several prompts: answered one after the other, one choice list
+            ids = tok(p, add_special_tokens=True)["input_ids"]
+            results.append(await _complete(served, req, ids, req.max_tokens or 16, chat=False, echo=p))
+        choices = [dict(c, index=i) for i, c in enumerate(c for r in results for c in r["choices"])]
+        usage = {k: sum(r["usage"][k] for r in results) for k in ("prompt_tokens", "completion_tokens",
+                                                                   "total_tokens")}
+        return {**results[0], "choices": choices, "usage": usage}
+
+    @app.post("/v1/classify", dependencies=auth)
+    async def classify_texts(req: ClassifyRequest):
+        served = engine.get(req.model, "classification")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or len(texts) > settings.max_batch_inputs or any(not t.strip() for t in texts):
+            raise ApiError(400, f"input: give 1 to {settings.max_batch_inputs} non-empty texts", param="input")
+        await admission.acquire()
+        try:
+            scored = await asyncio.wait_for(asyncio.to_thread(engine.classify, served, texts),
+                                            settings.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(503, "Classification took too long", type="server_error", code="timeout") from None
+        finally:
+            admission.release()
+        tokens = sum(len(served.loaded.tokenizer(t)["input_ids"]) for t in texts)
+        metrics.prompt_tokens.labels(served.name).inc(tokens)
+        return {"object": "list", "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [{"object": "classification", "index": i, **s} for i, s in enumerate(scored)]}
+
+    async def _complete(served: Served, req: _Request, ids: list[int], max_tokens: int | None, *, chat: bool,
+                        echo: str | None = None):
+        if req.n > settings.max_n:
+            raise ApiError(400, f"n is {req.n}; this server allows at most {settings.max_n}", param="n")
+        max_new = max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
+        if max_new > settings.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_new}; this server allows at most {settings.max_tokens_limit}",
+                           param="max_tokens", code="max_tokens_too_large")
+        if req.stream and req.n > 1:
+            raise ApiError(400, "n > 1 cannot be streamed; set n to 1 or stream to false", param="n")
+        if req.logprobs:
+            raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.presence_penalty or req.frequency_penalty:
+            raise ApiError(400, "presence_penalty and frequency_penalty are not supported (use 0)",
+                           param="frequency_penalty")
+        if req.min_tokens > max_new:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_new})",
+                           param="min_tokens")
+        stop = _stops(req.stop)
+        engine.check_prompt(served, ids, max_new)
+        gen = {"n": req.n, "max_new": max_new, "temperature": req.temperature, "top_p": req.top_p,
+               "seed": req.seed, "stop": stop, "min_new": req.min_tokens}
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        await admission.acquire()
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            events = _stream(served, ids, gen, rid, chat, include_usage)
+            await events.__anext__()  # started: from here its `finally` frees the slot whatever happens
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            out = await asyncio.to_thread(engine.generate, served, ids, **gen)
+        finally:
+            admission.release()
+        metrics.prompt_tokens.labels(served.name).inc(out.prompt_tokens)
+        metrics.completion_tokens.labels(served.name).inc(out.completion_tokens)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
+                        "logprobs": None} for i, (t, f) in enumerate(zip(out.texts, out.finish, strict=True))]
+        else:
+            prefix = echo if getattr(req, "echo", False) else ""
+            choices = [{"index": i, "text": prefix + t, "finish_reason": f, "logprobs": None}
+                       for i, (t, f) in enumerate(zip(out.texts, out.finish, strict=True))]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": served.name, "choices": choices,
+                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                          "total_tokens": out.prompt_tokens + out.completion_tokens}}
+
+    async def _stream(served: Served, ids: list[int], gen: dict, rid: str, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks while a thread generates; holds the admission slot until generation has ended."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = _Cancel()
+        streamer = _queue_streamer(served.loaded.tokenizer, loop, queue)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return _sse({"id": rid, "object": obj, "created": created, "model": served.name, "choices": [choice]})
+
+        task = asyncio.ensure_future(asyncio.to_thread(engine.generate, served, ids, streamer=streamer,
+                                                       cancel=cancel, **gen))
+        task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        stop, hold = gen["stop"], max((len(s) for s in gen["stop"]), default=1) - 1
+        text, sent, stopped = "", 0, False
+        try:
+            yield ""  # the priming step (see _complete)
+            if chat:
+                yield chunk(None, role=True)
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    break
+                if stopped:
+                    continue
+                text += piece
+                cut = _first_stop(text, stop)
+                upto = cut if cut is not None else max(sent, len(text) - hold)
+                if upto > sent:
+                    yield chunk(text[sent:upto])
+                    sent = upto
+                if cut is not None:
+                    stopped = True
+                    cancel.event.set()
+            try:
+                out = task.result()
+            except Exception:
+                logger.exception("streaming generation failed")
+                yield _sse(ApiError(500, "Internal server error", type="server_error").body())
+                yield "data: [DONE]\n\n"
+                return
+            if not stopped and len(text) > sent:
+                yield chunk(text[sent:])
+            finish = "stop" if stopped else out.finish[0]
+            yield chunk(None, finish)
+            metrics.prompt_tokens.labels(served.name).inc(out.prompt_tokens)
+            metrics.completion_tokens.labels(served.name).inc(out.completion_tokens)
+            if include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": served.name, "choices": [],
+                            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                                      "total_tokens": out.prompt_tokens + out.completion_tokens}})
+            yield "data: [DONE]\n\n"
+        finally:
+            # A client that went away stops the generation at its next token; the slot is freed when the
+            # generating thread has really finished (no await here: a cancelled scope would cut it short).
+            cancel.event.set()
+            if task.done():
+                admission.release()
+            else:
+                task.add_done_callback(lambda _: admission.release())
+
+    app.state.metrics, app.state.admission, app.state.models = metrics, admission, models
+    return Guard(app, settings.max_body_bytes, metrics, admission)
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return content or ""
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _queue_streamer(tokenizer, loop, queue):
+    """A transformers ``TextStreamer`` (it does the incremental decoding) handing text to the event loop."""
+    from transformers import TextStreamer
+
+    class QueueStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+
+    return QueueStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def run_server(app, host: str, port: int, *, log_level: str = "warning", connection_limit: int | None = None) -> None:
+    """Serve ``app`` with uvicorn until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=connection_limit,
+                timeout_keep_alive=5, timeout_graceful_shutdown=5)
+
+
+class ThreadedServer:
+    """uvicorn on a background thread (tests, benchmarks); ``with ThreadedServer(app) as srv: srv.url``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, connection_limit: int | None = None):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error",
+                                                    limit_concurrency=connection_limit, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(targets: list[str], settings: ServeSettings, *, checkpoint: str = "final", dtype: str = "fp32",
+          console=None) -> None:
+    """``tunelab serve``: load the targets, print what is served, and run until Ctrl-C."""
+    from tunelab.ship.export import DTYPES
+
+    settings.check()
+    models = load_models(targets, checkpoint=checkpoint, dtype=DTYPES[dtype])
+    app = create_app(models, settings)
+    if console is not None:
+        console.print(f"serving on http://{settings.host}:{settings.port}/v1  models: "
+                      + ", ".join(f"{n} ({s.task})" for n, s in models.items())
+                      + ("  [API key required]" if settings.api_keys else ""))
+    run_server(app, settings.host, settings.port,
+               connection_limit=settings.max_concurrency + settings.max_queue + 32)

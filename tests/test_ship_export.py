@@ -1,0 +1,212 @@
+"""``tunelab export``: merged = adapter model, adapters-only = PEFT, GGUF read back = same logits, safe --out."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from ship_fixtures import ship_runs  # noqa: F401 - the session fixture
+from tunelab.cli import main
+from tunelab.errors import UserError
+from tunelab.ship.export import export, verify_manifest
+from tunelab.ship.inference import load_for_inference
+
+IDS = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2, 198, 504, 3287, 28]])
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_merged_export_loads_in_plain_transformers_with_the_adapter_model_outputs(ship_runs, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    run = ship_runs["lora"]
+    result = export(run, tmp_path / "merged", merge=True, dtype="fp32")
+    out = result.out
+    assert result.kind == "merged" and result.gguf is None
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+                 "chat_template.jinja", "tunelab.json", "SHA256SUMS"):
+        assert (out / name).is_file(), name
+    assert not (out / "adapter_config.json").exists()
+    assert verify_manifest(out) == []
+
+    adapter = load_for_inference(run).model
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no PEFT, no tunelab
+    assert (logits(merged) - logits(adapter)).abs().max() < 1e-5
+    assert merged.generation_config.eos_token_id == 2 and GenerationConfig.from_pretrained(out).pad_token_id == 2
+    run_tok, out_tok = AutoTokenizer.from_pretrained(run / "final"), AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "hi"}]
+    assert out_tok.apply_chat_template(chat, tokenize=False) == run_tok.apply_chat_template(chat, tokenize=False)
+
+
+def small_vocab_llama(folder):
+    """A random 2-layer Llama (GQA, untied head) with a 300-token byte-level BPE trained here.
+
+    The GGUF round trip is about the writer, not the vocabulary: a small one keeps reading the file
+    back fast (the gguf reader parses every token string).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Name a colour. Blue is a colour.", "1234 你好 world"]
+    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  pad_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gguf_export_round_trips_through_transformers_gguf_loader(tmp_path, dtype):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.ship.to_gguf import load_gguf_back
+
+    src = small_vocab_llama(tmp_path / "model")
+    result = export(src, tmp_path / "out", gguf=True, dtype=dtype)
+    kind = {"fp32": "f32", "fp16": "f16"}[dtype]
+    assert result.gguf == tmp_path / "out" / f"model-{kind}.gguf" and verify_manifest(result.out) == []
+    exported = AutoModelForCausalLM.from_pretrained(result.out).float().eval()
+    back = load_gguf_back(result.gguf)  # transformers' own GGUF loader (it undoes the Q/K permutation)
+    ids = torch.tensor([[1, 5, 17, 40, 80, 120, 200, 250, 33, 7]])
+    assert (logits(back, ids) - logits(exported, ids)).abs().max() < 1e-5
+    assert result.gguf_error is not None and result.gguf_error < 1e-5
+
+    reader = gguf.GGUFReader(result.gguf)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert (fields["llama.block_count"], fields["llama.attention.head_count"],
+            fields["llama.attention.head_count_kv"], fields["llama.rope.dimension_count"]) == (2, 4, 2, 8)
+    assert fields["tokenizer.ggml.eos_token_id"] == 2 and len(fields["tokenizer.ggml.merges"]) > 0
+    assert "<|im_start|>assistant" in fields["tokenizer.chat_template"]  # chatml, given to a model without one
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_k.weight",
+            "blk.0.ffn_gate.weight", "blk.0.attn_norm.weight"} <= set(tensors)
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    want = gguf.GGMLQuantizationType.F16 if dtype == "fp16" else gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_q.weight"].tensor_type == want
+    # Q rows are stored in GGML's rotary order, not Hugging Face's
+    q = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.astype("float32"))
+    hf_q = exported.model.layers[0].self_attn.q_proj.weight
+    assert q.shape == hf_q.shape and not torch.equal(q, hf_q)
+    # transformers rebuilds the tokenizer from the GGUF metadata alone and it encodes the same
+    text = "The lazy dog. 你好 1234"
+    assert AutoTokenizer.from_pretrained(result.out, gguf_file=result.gguf.name)(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+
+
+def test_llama_cpp_pre_tokenizer_names_smollm2s_tokenizer():
+    from tunelab.models.load import load_tokenizer
+    from tunelab.ship.to_gguf import bpe_pre_tokenizer
+
+    assert bpe_pre_tokenizer(load_tokenizer("tiny-random-llama")) == "smollm"  # the SmolLM2 tokenizer
+
+
+@pytest.mark.real_model
+def test_smollm2_bf16_gguf_export_reads_back_with_the_same_logits(tmp_path):
+    result = export("smollm2-135m-instruct", tmp_path / "smol", gguf=True, dtype="bf16")
+    assert result.gguf is not None and result.gguf_error is not None and result.gguf_error < 5e-3
+
+
+def test_bf16_merge_is_within_bf16_tolerance(ship_runs, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    result = export(ship_runs["lora"], tmp_path / "bf16", merge=True, dtype="bf16")
+    merged = AutoModelForCausalLM.from_pretrained(result.out)
+    assert merged.dtype == torch.bfloat16
+    want = logits(load_for_inference(ship_runs["lora"]).model)
+    assert (logits(merged) - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_adapter_only_export_is_a_peft_folder_with_a_checked_manifest(ship_runs, tmp_path):  # noqa: F811
+    from peft import PeftModel
+
+    from tunelab.models.load import load_model
+
+    result = export(ship_runs["lora"], tmp_path / "adapter")
+    assert result.kind == "adapter" and "add --merge" in result.notes[0]
+    out = result.out
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "generation_config.json",
+            "SHA256SUMS"} <= {p.name for p in out.iterdir()}
+    reloaded = PeftModel.from_pretrained(load_model("tiny-random-llama"), out).eval()
+    assert torch.equal(logits(reloaded), logits(load_for_inference(ship_runs["lora"]).model))
+    assert verify_manifest(out) == []
+    (out / "tokenizer_config.json").write_text("{}")
+    assert verify_manifest(out) == ["tokenizer_config.json"]
+
+
+def test_out_is_never_written_over_without_force(ship_runs, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="not empty.*--force"):
+        export(ship_runs["lora"], out)
+    assert (out / "mine.txt").read_text() == "precious"
+    export(ship_runs["lora"], out, force=True)
+    assert not (out / "mine.txt").exists() and (out / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
+    with pytest.raises(UserError, match="--dtype"):
+        export(ship_runs["lora"], tmp_path / "x", dtype="int3")
+
+
+def test_non_mergeable_methods_say_why_in_one_line(ship_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import shutil
+
+    from tunelab import methods
+
+    reason = "prefix tuning adds virtual tokens, not weight deltas; serve it with `tunelab serve RUN`"
+    monkeypatch.setitem(methods.METHODS, "prefix", types.SimpleNamespace(
+        MERGEABLE=False, NOT_MERGEABLE=reason, Config=methods.METHODS["lora"].Config))
+    weights = tmp_path / "prefix_run"
+    shutil.copytree(ship_runs["lora"] / "final", weights)
+    info = json.loads((weights / "tunelab.json").read_text())
+    (weights / "tunelab.json").write_text(json.dumps({**info, "method": "prefix"}))
+
+    assert main(["export", str(weights), "--out", str(tmp_path / "m"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    assert main(["export", str(weights), "--out", str(tmp_path / "a")]) == 0
+    assert reason in capsys.readouterr().out
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+
+
+def test_classification_adapter_merges_into_a_plain_sequence_classifier(ship_runs, tmp_path):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification
+
+    result = export(ship_runs["cls_lora"], tmp_path / "cls", merge=True)
+    plain = AutoModelForSequenceClassification.from_pretrained(result.out).eval()
+    assert plain.config.id2label == {0: "billing", 1: "outage", 2: "other"}
+    adapter = load_for_inference(ship_runs["cls_lora"]).model
+    assert (logits(plain) - logits(adapter)).abs().max() < 1e-5
+    with pytest.raises(UserError, match="only Llama-family causal LMs"):
+        export(ship_runs["cls_lora"], tmp_path / "cls_gguf", merge=True, gguf=True)
+
+
+def test_gguf_refuses_sentencepiece_style_tokenizers_in_one_line():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.ship.to_gguf import _vocab
+
+    spm_like = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True))
+    spm_like.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(UserError, match="only byte-level BPE.*convert_hf_to_gguf"):
+        _vocab(PreTrainedTokenizerFast(tokenizer_object=spm_like), 3)
