@@ -56,7 +56,10 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if (folder / "adapter_config.json").is_file():
+    custom = _method_loader(info.get("method"))
+    if custom is not None:  # the method rebuilds its own model (own modules, a quantised base)
+        model = custom(folder, info, dtype)
+    elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = load_model(info["base_model"], dtype=dtype)
@@ -66,6 +69,14 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"])
+
+
+def _method_loader(name: str | None):
+    """The ``load(folder, info, dtype)`` hook of a registered method, if it has one."""
+    from tunelab import methods
+
+    module = methods.METHODS.get(name or "")
+    return getattr(module, "load", None) if module is not None else None
 
 
 def chat_inputs(tokenizer, messages: list[dict]) -> dict[str, torch.Tensor]:

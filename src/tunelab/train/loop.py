@@ -60,6 +60,7 @@ class LoopSetup:
     resume_from: Path | None = None
     console: Console = field(default_factory=Console)
     tensorboard: Any = None
+    before_update: Callable[[int], None] | None = None  # called with the step after backward (gradual unfreezing)
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -142,6 +143,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 step_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
 
                 # --- clip, check, update ------------------------------------------------
+                if s.before_update is not None:
+                    s.before_update(step)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
                 grad_norm = acc.clip_grad_norm_(trainable, max_norm)
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
