@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from tunelab import methods
 from tunelab.config import load_config
 from tunelab.errors import ConfigError

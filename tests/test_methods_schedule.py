@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 
+from conftest import tiny_config
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_model
