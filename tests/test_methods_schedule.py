@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,11 +67,12 @@ def test_unfreezing_schedule_which_groups_train_when():
 
 def test_gradual_unfreezing_in_a_run(tmp_path, alpaca_path):
     """Full fine-tuning, one more layer every 2 steps: after 2 steps layer 0 and the (tied)
-    embeddings are untouched, layer 1 and the final norm trained; after 4, layer 0 too."""
+    embeddings are untouched, layer 1 and the final norm trained; after 4, layer 0 too; a run
+    resumed from step 2 ends bit-identical."""
     base = {n: p.detach().clone() for n, p in load_model("tiny-random-llama").named_parameters()}
     raw = tiny_config(tmp_path, alpaca_path, method={"name": "full"},
                       train={"max_steps": 4, "epochs": None, "grad_accum": 1, "batch_size": 2, "save_every": 2,
-                             "unfreeze": {"every": 2, "unit": "step"}, "schedule": "stlr"},
+                             "unfreeze": {"every": 2, "unit": "step"}, "schedule": "stlr", "layer_lr_decay": 0.5},
                       data={"train": [{"path": str(alpaca_path), "limit": 8}], "max_length": 64})
     out = fine_tune(load_config(None, base=raw)[0])
 
@@ -79,8 +82,17 @@ def test_gradual_unfreezing_in_a_run(tmp_path, alpaca_path):
     two = changed(load_file(str(out.run_dir / "checkpoints" / "step-000002" / "trainable.safetensors")))
     assert two == {n for n in base if n.startswith("model.layers.1.")} | {"model.norm.weight"}
     four = changed(load_file(str(out.run_dir / "final" / "model.safetensors")))
+    saved = {n: t.clone() for n, t in load_file(str(out.run_dir / "final" / "model.safetensors")).items()}
     assert {n for n in base if n.startswith("model.layers.")} <= four
     assert "model.embed_tokens.weight" not in four
+
+    # resume from the step-2 checkpoint: the same unfreezing and LRs, bit-identical final weights
+    shutil.rmtree(out.run_dir / "checkpoints" / "step-000004")
+    shutil.rmtree(out.run_dir / "final")
+    resumed = fine_tune(load_config(None, base=raw)[0], resume=True)
+    assert resumed.summary["steps_this_session"] == 2
+    again = load_file(str(resumed.run_dir / "final" / "model.safetensors"))
+    assert set(again) == set(saved) and all(torch.equal(again[n], saved[n]) for n in saved)
 
 
 def test_stlr_and_warmup_conflict(tmp_path):
