@@ -221,3 +221,6 @@ def test_freeze_and_method_errors_are_one_line(base, tmp_path):
     with pytest.raises(ConfigError, match="data.packing is not supported with method prefix"):
         load_config(None, base=tiny_config(tmp_path, tmp_path / "x.json", method={"name": "prefix"},
                                            data={"train": [{"path": "x.json"}], "packing": True}))
+    with pytest.raises(ConfigError, match="gradient_checkpointing is not supported with method prefix"):
+        load_config(None, base=tiny_config(tmp_path, tmp_path / "x.json", method={"name": "prefix"},
+                                           train={"gradient_checkpointing": True}))

@@ -313,6 +313,9 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     if d.packing and getattr(_method(cfg.method.name), "VIRTUAL_TOKENS", False):
         p.append(f"data.packing is not supported with method {cfg.method.name}: its virtual tokens must precede every "
                  "sample. Set data.packing: false")
+    if t.gradient_checkpointing and not getattr(_method(cfg.method.name), "GRADIENT_CHECKPOINTING", True):
+        p.append(f"train.gradient_checkpointing is not supported with method {cfg.method.name} (its prefix lives in "
+                 "the attention cache, which recomputation replays). Set train.gradient_checkpointing: false")
     if d.eval and d.eval_ratio > 0:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
     return p

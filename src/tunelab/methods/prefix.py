@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.methods.virtual import MERGEABLE, NOT_MERGEABLE, VIRTUAL_TOKENS, save, wrap  # noqa: F401
 
+# The prefix is a key/value cache; a checkpointed layer's recomputation appends it a second time.
+GRADIENT_CHECKPOINTING = False
+
 
 class Config(BaseModel):
     """Prefix tuning (PEFT): learned past keys/values in every layer, via a reparameterisation MLP."""
