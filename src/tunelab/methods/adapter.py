@@ -22,9 +22,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 MERGEABLE = False
 NOT_MERGEABLE = (
@@ -33,7 +31,6 @@ NOT_MERGEABLE = (
 )
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
 CONFIG_FILE = "bottleneck_adapter.json"
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 class Config(BaseModel):
@@ -51,46 +48,9 @@ class Config(BaseModel):
     )
 
 
-class Bottleneck(nn.Module):
-    """``h + up(act(down(h)))``; computed in the adapter's dtype, returned in ``h``'s."""
-
-    def __init__(self, hidden: int, size: int, activation: str):
-        super().__init__()
-        self.down = nn.Linear(hidden, size)
-        self.act = _ACTIVATIONS[activation]()
-        self.up = nn.Linear(size, hidden)
-        nn.init.normal_(self.down.weight, std=1e-2)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        delta = self.up(self.act(self.down(h.to(self.down.weight.dtype))))
-        return h + delta.to(h.dtype)
-
-
-def _hook(adapter: Bottleneck):
-    def hook(module, args, output):
-        if isinstance(output, tuple):  # attention returns (output, weights)
-            return (adapter(output[0]), *output[1:])
-        return adapter(output)
-
-    return hook
-
-
-def _sublayers(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    attn = next((getattr(layer, n) for n in ("self_attn", "attn", "attention", "self_attention") if hasattr(layer, n)), None)
-    ffn = next((getattr(layer, n) for n in ("mlp", "feed_forward", "ffn") if hasattr(layer, n)), None)
-    if attn is None or ffn is None:
-        from tunelab.errors import UserError
-
-        raise UserError(f"method adapter: cannot find the attention / feed-forward modules of {type(layer).__name__}. "
-                        "Use lora for this architecture")
-    return attn, ffn
-
-
 def apply(model, cfg: Config):
     from tunelab.errors import UserError
+    from tunelab.methods.bottleneck import Bottleneck, output_hook, sublayers
 
     decoder = model.get_decoder()
     layers = decoder.layers
@@ -104,17 +64,17 @@ def apply(model, cfg: Config):
     hidden = model.config.get_text_config().hidden_size
     for i in sorted({i % n for i in chosen}):
         layer = layers[i]
-        attn, ffn = _sublayers(layer)
+        attn, ffn = sublayers(layer)
         targets = [("adapter_ffn", ffn)] + ([("adapter_attn", attn)] if cfg.placement == "houlsby" else [])
         for attr, sub in targets:
             adapter = Bottleneck(hidden, cfg.size, cfg.activation).to(next(layer.parameters()).device)
             layer.add_module(attr, adapter)
-            sub.register_forward_hook(_hook(adapter))
+            sub.register_forward_hook(output_hook(adapter))
     model.bottleneck_adapter_config = cfg
     return model
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
+def adapter_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
             if ".adapter_ffn." in n or ".adapter_attn." in n}
 
@@ -127,7 +87,7 @@ def save(model, folder: Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(model.bottleneck_adapter_config.model_dump(), indent=2))
 
 
-def load(folder: Path, info: dict, dtype: torch.dtype):
+def load(folder: Path, info: dict, dtype):
     """The base model with the saved adapters hooked in."""
     from safetensors.torch import load_file
 

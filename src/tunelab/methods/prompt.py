@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.methods.virtual import MERGEABLE, NOT_MERGEABLE, VIRTUAL_TOKENS, save, wrap  # noqa: F401
@@ -42,6 +41,7 @@ def text_init_ids(tokenizer, text: str, n: int) -> list[int]:
 
 
 def apply(model, cfg: Config):
+    import torch
     from peft import PromptTuningConfig
 
     from tunelab.models.load import load_tokenizer

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.methods import lora
@@ -33,13 +32,17 @@ class Config(lora.Config):
     )
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+def _dtype(name: str, default=None):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name, default)
 
 
-def quantization_config(cfg: Config, dtype: torch.dtype):
+def quantization_config(cfg: Config, dtype):
+    import torch
     from transformers import BitsAndBytesConfig
 
-    compute = _DTYPES[cfg.compute_dtype] if cfg.compute_dtype != "auto" else dtype
+    compute = _dtype(cfg.compute_dtype) if cfg.compute_dtype != "auto" else dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
@@ -49,7 +52,7 @@ def quantization_config(cfg: Config, dtype: torch.dtype):
     )
 
 
-def load_options(cfg: Config, dtype: torch.dtype) -> dict:
+def load_options(cfg: Config, dtype) -> dict:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -74,14 +77,14 @@ def save(model, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def load(folder: Path, info: dict, dtype: torch.dtype):
+def load(folder: Path, info: dict, dtype):
     """The base re-quantised exactly as in training, with the adapter on top (same outputs)."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from tunelab.models.load import load_model
 
     cfg = Config.model_validate(info["method_config"])
-    trained_dtype = _DTYPES.get(info.get("dtype", ""), dtype)
+    trained_dtype = _dtype(info.get("dtype", ""), dtype)
     base = load_model(info["base_model"], dtype=trained_dtype, **load_options(cfg, trained_dtype))
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return PeftModel.from_pretrained(base, folder)

@@ -18,8 +18,10 @@ prepends the virtual tokens.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MERGEABLE = False
 NOT_MERGEABLE = (
@@ -52,6 +54,7 @@ def is_virtual(model) -> bool:
 def hidden_states(model, decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   position_ids: torch.Tensor | None) -> torch.Tensor:
     """Last hidden states ``[batch, length, hidden]`` of the real tokens of ``input_ids``."""
+    import torch
     from peft.utils import PeftType
 
     config = model.active_peft_config
