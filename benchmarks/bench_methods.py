@@ -24,6 +24,7 @@ Usage::
     python benchmarks/bench_methods.py --out docs/methods.md      # ... and write the table into the docs
     python benchmarks/bench_methods.py --steps 2 --records 16 --eval-records 8 --cls-train 16 --cls-test 8 \\
         --methods full lora --model tiny-random-llama             # smoke run
+    python benchmarks/bench_methods.py --counts                   # trainable parameters only, ~1 min
 """
 
 from __future__ import annotations
@@ -155,6 +156,32 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "n": scores["n"]}
 
 
+def count_only(model_path: str, names: list[str]) -> str:
+    """Trainable parameters of every method on ``model_path``, without training (one process)."""
+    import copy
+    import gc
+
+    import torch
+    from pydantic import TypeAdapter
+
+    from tunelab import methods
+    from tunelab.models.load import load_model
+
+    parse = TypeAdapter(methods.MethodConfig).validate_python
+    base = load_model(model_path)
+    lines = ["| method | config | trainable | % |", "| --- | --- | ---: | ---: |"]
+    for name in names:
+        cfg = parse(METHODS[name][0])
+        options = methods.load_options(cfg, torch.float32)
+        model = methods.get(cfg.name).apply(load_model(model_path, **options) if options else copy.deepcopy(base), cfg)
+        trainable, total = _parameter_counts(model)
+        shown = ", ".join(f"{k}: {v}" for k, v in METHODS[name][0].items())
+        lines.append(f"| {name} | `{{{shown}}}` | {trainable:,} | {100 * trainable / total:.3f} |")
+        del model
+        gc.collect()
+    return "\n".join(lines)
+
+
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--counts", action="store_true", help="only count trainable parameters (no training), print the table")
     p.add_argument("--out", type=Path, help="write the table into this markdown file between the bench:methods markers")
     args = p.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    if args.counts:
+        print(count_only(args.model, args.methods))
         return 0
 
     base = {"model": args.model, "steps": args.steps, "records": args.records, "eval_records": args.eval_records,
