@@ -111,6 +111,15 @@ class DataSection(_Strict):
         "(class-balanced batches, drawn with replacement). Labels, else datasets, are the classes.")
 
 
+class UnfreezeSection(_Strict):
+    """Gradual unfreezing (ULMFiT): train the top group first, then add one group below every ``every`` units."""
+
+    every: int = Field(1, ge=1, description="Unfreeze one more group every this many units.")
+    unit: Literal["epoch", "step"] = Field("epoch", description="What `every` counts: epochs or optimiser steps.")
+    group_size: int = Field(1, ge=1, description="Decoder layers per group (the head and final norm join the top group).")
+    start_groups: int = Field(1, ge=1, description="Groups training from the first step.")
+
+
 class TrainSection(_Strict):
     """Optimiser, schedule, batching, precision, evaluation and checkpoints."""
 
@@ -119,7 +128,9 @@ class TrainSection(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not applied to biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    schedule: Literal["linear", "cosine", "constant"] = Field("cosine", description="LR decay after warm-up.")
+    schedule: Literal["linear", "cosine", "constant", "stlr"] = Field(
+        "cosine", description="LR decay after warm-up; stlr: slanted triangular (ULMFiT; no warm-up, see stlr_*)."
+    )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up length in optimiser steps.")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warm-up as a share of all steps (instead of warmup_steps).")
     batch_size: int = Field(4, ge=1, description="Samples (or packed rows) per micro-batch per process.")
@@ -155,6 +166,17 @@ class TrainSection(_Strict):
         True,
         description="Use tunelab's training kernels where they apply: segment-wise causal attention for packed "
         "rows on CPU and a fused LoRA linear forward/backward. false: the stock transformers / PEFT code.",
+    )
+    # --- ULMFiT-style tools (train/schedule.py); they apply to full, freeze and LoRA-family runs
+    stlr_cut_frac: float = Field(0.1, gt=0, lt=1, description="schedule stlr: share of the steps spent rising to the peak LR.")
+    stlr_ratio: float = Field(32.0, ge=1, description="schedule stlr: how much smaller the lowest LR is than the peak.")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1,
+        description="Discriminative LRs: the head and final norm train at train.lr, each decoder layer below at this "
+        "factor times the one above, the input embeddings last (e.g. 0.9; ULMFiT uses 1/2.6).",
+    )
+    unfreeze: UnfreezeSection | None = Field(
+        None, description="Gradual unfreezing: layer groups start training top-down, one more every N epochs or steps."
     )
 
 
@@ -339,6 +361,16 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         p.append("data.packing and data.group_by_length are both set: packed rows have no padding to save. Choose one.")
     if t.compile and not d.packing:
         p.append("train.compile needs data.packing: true (fixed-width rows give the static shapes it compiles for).")
+    if t.schedule == "stlr" and (t.warmup_steps or t.warmup_ratio):
+        p.append("train.schedule stlr has its own rise (train.stlr_cut_frac): remove train.warmup_steps / warmup_ratio.")
+    from tunelab.methods import get as _method
+
+    if d.packing and getattr(_method(cfg.method.name), "VIRTUAL_TOKENS", False):
+        p.append(f"data.packing is not supported with method {cfg.method.name}: its virtual tokens must precede every "
+                 "sample. Set data.packing: false")
+    if t.gradient_checkpointing and not getattr(_method(cfg.method.name), "GRADIENT_CHECKPOINTING", True):
+        p.append(f"train.gradient_checkpointing is not supported with method {cfg.method.name} (its prefix lives in "
+                 "the attention cache, which recomputation replays). Set train.gradient_checkpointing: false")
     if d.eval and d.eval_ratio > 0:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
     from tunelab.data.workbench import data_problems

@@ -8,7 +8,21 @@ A method module defines
   and returns the model to train (its ``requires_grad`` flags say what is trained);
 * ``save(model, folder)``: writes the tuned weights in the standard Hugging Face layout
   (a PEFT adapter folder or a full ``save_pretrained`` folder);
-* ``MERGEABLE``: whether ``tunelab export --merge`` can fold the tuning into the base weights.
+* ``MERGEABLE``: whether ``tunelab export --merge`` can fold the tuning into the base weights
+  (PEFT ``merge_and_unload()`` for LoRA, DoRA, IA3; full and freeze are plain models already);
+  when False, ``NOT_MERGEABLE``: one line saying why not and how such a run is served instead.
+
+Optional hooks (absent means "nothing special"):
+
+* ``load_options(cfg, dtype) -> dict``: extra keyword arguments for
+  :func:`tunelab.models.load.load_model` (QLoRA: a bitsandbytes 4-bit ``quantization_config``);
+* ``lr_multiplier(cfg) -> (name -> float)``: a per-parameter LR factor (LoRA+: ``B`` matrices);
+* ``VIRTUAL_TOKENS = True``: the method feeds virtual tokens / past key values (prefix, prompt,
+  P-tuning); :class:`~tunelab.objectives.causal_lm.CausalLMLoss` then runs
+  :func:`tunelab.methods.virtual.hidden_states` instead of the bare decoder;
+* ``load(folder, info, dtype) -> model``: rebuilds the tuned model from ``save``'s folder when a
+  plain PEFT or transformers load cannot (own modules, a quantised base);
+  :func:`tunelab.ship.inference.load_for_inference` calls it.
 
 Adding a method is a checklist: write the module, add it to ``_MODULES`` below, add a row to
 ``docs/methods.md`` and a case to ``tests/test_methods.py``.
@@ -22,7 +36,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-_MODULES = ("full", "lora", "head")
+_MODULES = ("full", "lora", "qlora", "freeze", "head", "prefix", "prompt", "ptuning", "ia3", "adapter", "llama_adapter")
 
 
 def _load() -> dict[str, ModuleType]:
@@ -45,3 +59,15 @@ MethodConfig = Annotated[
 def get(name: str) -> ModuleType:
     """The module of method ``name`` (validated configs always name a registered one)."""
     return METHODS[name]
+
+
+def load_options(cfg, dtype) -> dict:
+    """Extra ``load_model`` keyword arguments the method needs (empty for most)."""
+    hook = getattr(get(cfg.name), "load_options", None)
+    return hook(cfg, dtype) if hook else {}
+
+
+def lr_multiplier(cfg):
+    """The method's per-parameter LR factor function, or None."""
+    hook = getattr(get(cfg.name), "lr_multiplier", None)
+    return hook(cfg) if hook else None

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MERGEABLE = True
+MERGEABLE = True  # already a plain model
 
 
 class Config(BaseModel):

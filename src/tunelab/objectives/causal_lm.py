@@ -92,6 +92,13 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
+def _virtual_tokens_forward(model: nn.Module):
+    """:func:`tunelab.methods.virtual.hidden_states` for prompt-learning PEFT models, else None."""
+    from tunelab.methods import virtual
+
+    return virtual.hidden_states if virtual.is_virtual(model) else None
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; ``forward(batch) -> (loss_sum, n_targets)``.
 
@@ -106,14 +113,19 @@ class CausalLMLoss(nn.Module):
         self.softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         # the fused path covers a bias-free linear head without soft-capping (Llama, Qwen, Mistral, ...)
         self.fused = getattr(causal_lm_parts(model)[1], "bias", None) is None and not self.softcap
+        # prefix / prompt / P-tuning feed virtual tokens first (tunelab.methods.virtual); None for the rest
+        self.virtual = _virtual_tokens_forward(model)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None, groups=None):
         """``(loss_sum, n_targets)``; with ``weights`` (per token) ``(sum(w*ce), sum(w))``; with
         ``groups`` (dataset per token) a third value: ``{group: (ce_sum, tokens)}``, unweighted."""
         decoder, head = causal_lm_parts(self.model)
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        if self.virtual is None:
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        else:  # hidden states of the real tokens only: labels line up, virtual tokens get no loss
+            hidden = self.virtual(self.model, decoder, input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         keep = targets != IGNORE
         h = hidden[:, :-1][keep]

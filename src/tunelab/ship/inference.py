@@ -118,7 +118,10 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     id2label = info.get("id2label")
-    if (folder / "adapter_config.json").is_file():
+    custom = _method_loader(info.get("method"))
+    if custom is not None:  # the method rebuilds its own model (own modules, a quantised base)
+        model = custom(folder, info, dtype)
+    elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
         if info["task"] == "classification":
@@ -179,6 +182,14 @@ def classify(loaded: Loaded, texts: list[str], *, batch_size: int = 16, max_leng
             results.append({"label": loaded.id2label[ranked[0]], "score": row[ranked[0]],
                             "probs": {loaded.id2label[i]: row[i] for i in ranked}})
     return results
+
+
+def _method_loader(name: str | None):
+    """The ``load(folder, info, dtype)`` hook of a registered method, if it has one."""
+    from tunelab import methods
+
+    module = methods.METHODS.get(name or "")
+    return getattr(module, "load", None) if module is not None else None
 
 
 def chat_inputs(tokenizer, messages: list[dict]) -> dict[str, torch.Tensor]:

@@ -63,6 +63,7 @@ class LoopSetup:
     datasets: tuple[str, ...] = ()  # names of mixed training datasets: per-dataset losses in the metrics
     # task metrics at each evaluation (classification: accuracy, macro-F1), or None
     eval_extra: Callable[[], dict[str, Any]] | None = None
+    before_update: Callable[[int], None] | None = None  # called with the step after backward (gradual unfreezing)
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -153,6 +154,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                     by_dataset = acc.reduce(by_dataset, "sum")
 
                 # --- clip, check, update ------------------------------------------------
+                if s.before_update is not None:
+                    s.before_update(step)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
                 grad_norm = acc.clip_grad_norm_(trainable, max_norm)
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")

@@ -37,7 +37,7 @@ def resolve_dtype(requested: str, precision: str, method: str) -> str:
     """``model.dtype: auto``: frozen base weights in bf16 under bf16 autocast, else fp32 masters."""
     if requested != "auto":
         return requested
-    return "bfloat16" if precision == "bf16" and method != "full" else "float32"
+    return "bfloat16" if precision == "bf16" and method not in ("full", "freeze") else "float32"
 
 
 @dataclass
@@ -195,7 +195,8 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
         return model, loss, lambda acc: loss.take_metrics(acc)
     from tunelab.models.load import load_model
 
-    model = method.apply(load_model(cfg.model.path, dtype=DTYPES[dtype]), cfg.method)
+    model = method.apply(load_model(cfg.model.path, dtype=DTYPES[dtype], **methods.load_options(cfg.method, DTYPES[dtype])),
+                         cfg.method)
     if cfg.task == "generative_classification":
         from tunelab.objectives.classification import GenerativeEval
 
@@ -206,8 +207,10 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
 
 
 def kernels_apply(cfg: TuneConfig) -> bool:
-    """Our training kernels (``train.fused_kernels``) assume right-padded or packed causal-LM rows."""
-    return cfg.train.fused_kernels and cfg.task != "classification"
+    """Our training kernels (``train.fused_kernels``) assume right-padded or packed causal-LM rows and no
+    virtual tokens (prefix / prompt / P-tuning / LLaMA-Adapter bring their own keys or masks)."""
+    virtual = cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter")
+    return cfg.train.fused_kernels and cfg.task != "classification" and not virtual
 
 
 def _with_stock_code(model, kernels: list[str], fn, *args):
@@ -223,14 +226,17 @@ def _with_stock_code(model, kernels: list[str], fn, *args):
         use_training_kernels(model)
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def build_optimizer(model: torch.nn.Module, cfg, lr_multiplier=None) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on biases and norm weights (1-D tensors).
+
+    Parameter groups per layer when ``cfg.layer_lr_decay`` is set (discriminative LRs), and per
+    LR factor of the method (``lr_multiplier(name)``: LoRA+); see ``schedule.param_groups``.
+    """
+    from tunelab.train.schedule import num_layers, param_groups
+
+    n_layers = num_layers(model) if cfg.layer_lr_decay is not None else 0
+    groups = param_groups(model.named_parameters(), n_layers=n_layers, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          layer_decay=cfg.layer_lr_decay, multiplier=lr_multiplier)
     if not groups:
         raise UserError("method: no trainable parameter left after applying the method. Check method.* settings")
     if cfg.optimizer == "sgd":
@@ -254,7 +260,8 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
                     use_training_kernels(model)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
-                    "run": cfg.run.name, "task": cfg.task}
+                    "run": cfg.run.name, "task": cfg.task, "method_config": cfg.method.model_dump(mode="json"),
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
             if cfg.task == "classification":  # labels, pooling and head shape for load_classifier
                 from tunelab.models.classifier import write_spec
 
@@ -314,6 +321,9 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model, loss_module, eval_extra = _task_model_and_loss(cfg, data, dtype, tokenizer)
+    for p in model.parameters():  # trained tensors keep fp32 masters whatever dtype the frozen base has
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     kernels = use_training_kernels(model) if kernels_apply(cfg) else []
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -334,10 +344,19 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
                 cfg.data.sampler, data.strata)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
     warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warm, kind=t.schedule)
+        optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup=warm, kind=t.schedule,
+                                          stlr_cut_frac=t.stlr_cut_frac, stlr_ratio=t.stlr_ratio)
     )
+    unfreezing = None
+    if t.unfreeze is not None:
+        from tunelab.train.schedule import GradualUnfreezing, num_layers
+
+        u = t.unfreeze
+        unfreezing = GradualUnfreezing(model.named_parameters(), n_layers=num_layers(model), every=u.every,
+                                       unit=u.unit, group_size=u.group_size, start_groups=u.start_groups,
+                                       steps_per_epoch=plan.steps_per_epoch)
     if t.compile:
         from tunelab.objectives.causal_lm import causal_lm_parts
 
@@ -359,6 +378,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         packed=cfg.data.packing or cfg.task == "pretrain", pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
         resume_from=resume_from, console=console, tensorboard=tensorboard, datasets=data.datasets,
         eval_extra=(lambda: _with_stock_code(model, kernels, eval_extra, accelerator)) if eval_extra is not None else None,
+        before_update=unfreezing.drop_frozen_grads if unfreezing else None,
     )
     result = train_loop(setup)
 
