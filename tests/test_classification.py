@@ -227,6 +227,16 @@ def test_lora_trains_head_through_modules_to_save_and_reloads(tmp_path):
                           batch_logits(reloaded, out.tokenizer, texts), atol=1e-5)
     assert evals(out.run_dir)[-1]["accuracy"] > 0.5
 
+    # the shipping side (predict, serve's /v1/classify) loads the same run and gives the same probabilities
+    from tunelab.ship.inference import classify, load_for_inference
+
+    loaded = load_for_inference(out.run_dir)
+    assert loaded.task == "classification" and sorted(loaded.id2label.values()) == ["animal", "colour"]
+    got = classify(loaded, texts)
+    expected = torch.softmax(batch_logits(reloaded, out.tokenizer, texts).float(), dim=-1)
+    for row, probs in zip(got, expected.tolist(), strict=True):
+        assert row["probs"] == pytest.approx({loaded.id2label[i]: p for i, p in enumerate(probs)}, abs=1e-5)
+
 
 def test_batch_8_equals_batch_2_times_accumulation_4_full_weighted(tmp_path):
     common = dict(classification={"class_weights": "balanced"}, n_train=32)

@@ -66,12 +66,17 @@ def read_info(folder: Path) -> dict:
     info = json.loads((folder / "tunelab.json").read_text())
     config = _json_or_empty(folder / "config.json")
     adapter = _json_or_empty(folder / "adapter_config.json")
+    spec = _json_or_empty(folder / "classifier.json")  # a tunelab SequenceClassifier (task: classification)
     if "task" not in info:
         archs = config.get("architectures") or []
         is_cls = any(a.endswith("ForSequenceClassification") for a in archs) or adapter.get("task_type") == "SEQ_CLS"
-        info["task"] = "classification" if is_cls else "generation"
+        info["task"] = "classification" if is_cls or spec else "generation"
+    if info["task"] != "classification":  # sft, pretrain, generative_classification: a causal LM that generates
+        info["trained_task"], info["task"] = info["task"], "generation"
     if info["task"] == "classification":
         labels = info.get("id2label") or config.get("id2label")
+        if labels is None and spec.get("labels"):
+            labels = dict(enumerate(spec["labels"]))
         if labels is None and info.get("labels"):
             labels = dict(enumerate(info["labels"]))
         if not labels:
@@ -119,7 +124,11 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         tokenizer.pad_token = tokenizer.eos_token
     id2label = info.get("id2label")
     custom = _method_loader(info.get("method"))
-    if custom is not None:  # the method rebuilds its own model (own modules, a quantised base)
+    if (folder / "classifier.json").is_file():  # trained with task: classification (head, full, LoRA, ...)
+        from tunelab.models.classifier import load_classifier
+
+        model = _LogitsOutput(load_classifier(folder, dtype=dtype))
+    elif custom is not None:  # the method rebuilds its own model (own modules, a quantised base)
         model = custom(folder, info, dtype)
     elif (folder / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -137,6 +146,19 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"],
                   task=info["task"], method=info["method"], folder=folder, id2label=id2label)
+
+
+class _LogitsOutput(torch.nn.Module):
+    """Gives a tunelab ``SequenceClassifier`` (which returns a tensor) the ``.logits`` of transformers' outputs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask))
 
 
 def _load_classifier(location: str, id2label: dict[int, str], dtype: torch.dtype, tokenizer):
