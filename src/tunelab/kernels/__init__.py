@@ -28,10 +28,14 @@ def use_training_kernels(model: nn.Module, *, attention: bool = True, lora: bool
     return used
 
 
-def restore_stock(model: nn.Module) -> None:
-    """The stock transformers attention and PEFT forward again."""
+def restore_stock(model: nn.Module) -> bool:
+    """The stock transformers attention and PEFT forward again; returns whether any of ours was on."""
     from tunelab.kernels import attention as att
     from tunelab.kernels import lora as fused_lora
 
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_on = getattr(getattr(lm, "config", None), "_attn_implementation", None) == att.NAME or any(
+        getattr(vars(m).get("forward"), "__func__", None) is fused_lora._fused_forward for m in model.modules())
     att.restore_sdpa(model)
     fused_lora.restore(model)
+    return was_on

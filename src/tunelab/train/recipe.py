@@ -252,11 +252,11 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
         def fill(tmp: Path) -> None:
             from tunelab.kernels import restore_stock, use_training_kernels
 
-            restore_stock(model)  # what we save must load and run with plain transformers / PEFT
+            was_on = restore_stock(model)  # what we save must load and run with plain transformers / PEFT
             try:
                 method.save(model, tmp)
             finally:
-                if kernels_apply(cfg):
+                if was_on:
                     use_training_kernels(model)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
