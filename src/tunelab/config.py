@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.errors import ConfigError, UserError
+from tunelab.eval.config import EvalSection
 from tunelab.methods import MethodConfig
 
 
@@ -156,6 +157,7 @@ class TuneConfig(_Strict):
     data: DataSection
     method: MethodConfig = Field(default_factory=lambda: _default_method(), description="The tuning method.")  # type: ignore[assignment]
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation after training, report, MLflow.")
 
     @property
     def run_dir(self) -> Path:

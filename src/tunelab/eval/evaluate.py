@@ -59,6 +59,7 @@ class EvalRequest:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     max_length: int = 1024
     modes: tuple[str, ...] = ("constrained", "generated")
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the scored models are loaded in
 
 
 @dataclass
@@ -107,9 +108,17 @@ def _head_target(folder: Path) -> Target | None:
                   info.get("base_model"), id2label)
 
 
-def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "tuned") -> Target:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "tuned", dtype: str = "float32") -> Target:
     """A run directory, a weights folder, an alias, a HF folder or a .gguf file, ready to score."""
+    import torch
+
     from tunelab.ship.inference import load_for_inference, weights_folder
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype {dtype!r}. Choose one of {', '.join(DTYPES)}")
 
     folder = weights_folder(target, checkpoint)
     if folder is not None:
@@ -117,7 +126,7 @@ def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "t
         if head is not None:
             head.name = name
             return head
-    loaded = load_for_inference(target, checkpoint=checkpoint)
+    loaded = load_for_inference(target, checkpoint=checkpoint, dtype=getattr(torch, dtype))
     return Target(name if folder is not None else "model", loaded.model, loaded.tokenizer, loaded.description,
                   loaded.base_model)
 
@@ -234,7 +243,7 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
     tuned: Target | None = None
     for sys_name, k in systems:
         if k is None:
-            tuned = load_target(target, checkpoint=checkpoint)
+            tuned = load_target(target, checkpoint=checkpoint, dtype=req.dtype)
             t = tuned
             sys_label = t.name
         else:
@@ -243,7 +252,7 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                 if base_id is None:
                     raise UserError(f"--baselines: {target} does not name its base model (no tunelab.json)")
                 tuned.model = None  # free the tuned weights before loading the base
-                base_loaded = load_target(base_id, name="base")
+                base_loaded = load_target(base_id, name="base", dtype=req.dtype)
             t = base_loaded
             sys_label = sys_name
         shots = _train_shots(run_dir, k) if k else []
@@ -277,7 +286,7 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
             "data": {"rows": s.get("rows"), "evaluated": len(s["records"]) if "records" in s else None,
                      "rejected": s.get("rejected", 0), "labels": s.get("labels") or None},
             "settings": {"generation": asdict(req.generation), "few_shot": req.few_shot if req.baselines else 0,
-                         "modes": list(req.modes), "checkpoint": checkpoint,
+                         "modes": list(req.modes), "checkpoint": checkpoint, "dtype": req.dtype,
                          **({"benchmark": asdict(s["request"])} if s["kind"] == "benchmark" else {})},
             "systems": results[s["name"]],
         }
@@ -315,3 +324,37 @@ def print_result(doc: dict[str, Any], console: Console) -> None:
         table.add_row(name, *[_fmt(k, s["headline"].get(k, "")) for k in keys])
     console.print(table)
     console.print(f"[dim]written: {doc['path']}[/]")
+
+
+# --------------------------------------------------------------------------- after training
+
+
+def request_from_config(section) -> EvalRequest:
+    """An :class:`EvalRequest` from the ``eval:`` config section."""
+    return EvalRequest(
+        data=list(section.data), format=section.format, task=section.task, metrics=section.metrics,
+        labels=section.labels, limit=section.limit, baselines=section.baselines, few_shot=section.few_shot,
+        benchmarks=[BenchmarkRequest(b.path, b.k_shot, b.limit, b.split, b.subjects) for b in section.benchmarks],
+        generation=GenerationSettings(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                                      top_p=section.top_p, stop=tuple(section.stop), seed=section.seed,
+                                      batch_size=section.batch_size),
+        max_length=section.max_length, dtype=section.dtype,
+    )
+
+
+def after_training(section, run_dir: Path, console: Console | None = None) -> None:
+    """What the ``eval:`` section asks for once training has written ``final/``: evaluate, report, log."""
+    console = console or Console()
+    if section.data or section.benchmarks:
+        console.rule("[bold]evaluation")
+        evaluate(run_dir, request_from_config(section), checkpoint=section.checkpoint, console=console)
+    if section.report:
+        from tunelab.report.html import write_report
+
+        html_path, md_path = write_report([run_dir])
+        console.print(f"report: {html_path} ({md_path})")
+    if section.mlflow:
+        from tunelab.eval.tracking import log_to_mlflow
+
+        rid = log_to_mlflow(run_dir, tracking_uri=section.mlflow_uri, experiment=section.mlflow_experiment)
+        console.print(f"MLflow: run {rid} in experiment {section.mlflow_experiment!r}")

@@ -112,38 +112,43 @@ def loglik_continuations(model: torch.nn.Module, tokenizer: Any, contexts: list[
     # one row per context: read the candidates' log-probs off the last position
     for start in range(0, len(single), batch_size):
         idx = single[start : start + batch_size]
-        seqs = [contexts[i] for i in idx]
-        logits, lengths = _forward(model, seqs, pad, device)
+        logits = _forward(model, [contexts[i] for i in idx], pad, device, keep=1)
         for row, i in enumerate(idx):
-            logp = torch.log_softmax(logits[row, lengths[row] - 1].float(), dim=-1)
+            logp = torch.log_softmax(logits[row, -1].float(), dim=-1)
             scores[i] = [float(logp[c[0]]) for c in continuations[i]]
         if progress is not None:
             progress(len(idx))
 
-    # one row per (context, candidate)
+    # one row per (context, candidate); left padding puts every candidate at the end of its row
     pairs = [(i, j) for i in multi for j in range(len(continuations[i]))]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        seqs = [contexts[i] + continuations[i][j] for i, j in chunk]
-        logits, _ = _forward(model, seqs, pad, device)
+        keep = max(len(continuations[i][j]) for i, j in chunk) + 1
+        logits = _forward(model, [contexts[i] + continuations[i][j] for i, j in chunk], pad, device, keep=keep)
         for row, (i, j) in enumerate(chunk):
-            n_ctx, cont = len(contexts[i]), continuations[i][j]
-            logp = torch.log_softmax(logits[row, n_ctx - 1 : n_ctx - 1 + len(cont)].float(), dim=-1)
+            cont = continuations[i][j]
+            logp = torch.log_softmax(logits[row, keep - 1 - len(cont) : keep - 1].float(), dim=-1)
             scores[i][j] = float(logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum())
         if progress is not None:
             progress(len(chunk))
     return scores
 
 
-def _forward(model: torch.nn.Module, seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, list[int]]:
+def _forward(model: torch.nn.Module, seqs: list[list[int]], pad: int, device, *, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of left-padded ``seqs`` (the LM head runs on those only).
+
+    Position ids count real tokens only, so a padded row scores exactly like the unpadded sequence.
+    """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    return out.logits, [len(s) for s in seqs]
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=False, logits_to_keep=keep)
+    return out.logits
 
 
 def n_scored_rows(continuations: list[list[list[int]]]) -> int:
