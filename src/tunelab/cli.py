@@ -158,6 +158,7 @@ def _eval_request(args: argparse.Namespace):
                                       top_p=args.top_p, stop=tuple(args.stop), seed=args.seed,
                                       batch_size=args.batch_size),
         max_length=args.max_length, dtype=args.dtype,
+        modes=("constrained", "generated") if args.mode == "both" else (args.mode,),
     )
 
 
@@ -225,6 +226,9 @@ def _add_eval_verbs(sub) -> None:
         sp.add_argument("--metrics", default=None,
                         help="generation metrics, comma-separated: exact_match,f1,bleu,rouge1,rouge2,rougeL,chrf")
         sp.add_argument("--labels", default=None, help="classification label set, comma-separated")
+        sp.add_argument("--mode", default="both", choices=["both", "constrained", "generated"],
+                        help="generative classification: score the labels by log-likelihood, parse free "
+                        "generations, or both side by side (the default; generated is the primary figure)")
         sp.add_argument("--limit", type=int, default=None, help="score at most N rows / benchmark questions")
         sp.add_argument("--benchmark", action="append", default=[], metavar="ZIP_OR_FOLDER",
                         help="a multiple-choice benchmark in the MMLU/CMMLU/C-Eval CSV layout (repeatable)")
