@@ -56,8 +56,8 @@ def test_loglik_matches_an_unpadded_forward(tiny):
     conts = [[[11], [12]], [[21, 22, 23], [24]]]  # single-token path, then the multi-token path
     scores = loglik_continuations(model, tok, contexts, conts, batch_size=3)
     with torch.no_grad():
-        for ctx, cands, got in zip(contexts, conts, scores):
-            for cont, value in zip(cands, got):
+        for ctx, cands, got in zip(contexts, conts, scores, strict=True):
+            for cont, value in zip(cands, got, strict=True):
                 logits = model(torch.tensor([ctx + cont])).logits[0]
                 logp = torch.log_softmax(logits[len(ctx) - 1 : -1], -1)
                 expected = sum(float(logp[i, t]) for i, t in enumerate(cont))

@@ -34,7 +34,7 @@ def test_english_metrics_equal_sacrebleu_and_rouge_score():
     assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(EN_PRED, refs).score)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     for key in ("rouge1", "rouge2", "rougeL"):
-        expected = sum(scorer.score(r[0], p)[key].fmeasure for p, r in zip(EN_PRED, EN_REF)) / 3
+        expected = sum(scorer.score(r[0], p)[key].fmeasure for p, r in zip(EN_PRED, EN_REF, strict=True)) / 3
         assert m[key] == pytest.approx(expected)
     # SQuAD: "Paris is the capital of France" vs "Paris": 1 common token, p=1/5 ("the" dropped), r=1
     assert m["per_example"]["f1"][2] == pytest.approx(2 * 0.2 * 1 / 1.2)
@@ -53,7 +53,7 @@ def test_chinese_metrics_use_sacrebleu_zh_and_character_rouge():
             return [c for c in text if not c.isspace()]
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=Chars())
-    expected = sum(scorer.score(r[0], p)["rouge1"].fmeasure for p, r in zip(ZH_PRED, ZH_REF)) / 3
+    expected = sum(scorer.score(r[0], p)["rouge1"].fmeasure for p, r in zip(ZH_PRED, ZH_REF, strict=True)) / 3
     assert m["rouge1"] == pytest.approx(expected) and m["rouge1"] > 0.5
     # the default rouge tokenizer drops CJK entirely: it would score 0
     assert rouge_scorer.RougeScorer(["rouge1"]).score(ZH_REF[0][0], ZH_PRED[0])["rouge1"].fmeasure == 0.0

@@ -310,7 +310,7 @@ def _samples(run: Path, evals: list[dict], demo_gens: list[dict], n: int = 8) ->
         for r in rows:
             by_id.setdefault(r["id"], {})[r["system"]] = r
         table = []
-        for ex_id, per in list(by_id.items())[:n]:
+        for per in list(by_id.values())[:n]:
             first = next(iter(per.values()))
             table.append([_short(first.get("prompt"), 120), _short(first.get("reference"), 60),
                           *[_short(per.get(s, {}).get("prediction", per.get(s, {}).get("head", "")), 80) for s in systems]])
