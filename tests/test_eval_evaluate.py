@@ -53,6 +53,16 @@ def test_generation_and_lm_on_a_plain_model(tmp_path):
         evaluate("tiny-random-llama", EvalRequest(), out_dir=out)
 
 
+def test_eval_cli_errors_are_one_line(capsys):
+    from tunelab.cli import main
+
+    assert main(["eval", "tiny-random-llama"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to evaluate" in err and "Traceback" not in err
+    assert main(["eval", "tiny-random-llama", "--benchmark", "/nonexistent/mmlu.zip"]) == 2
+    assert "benchmark not found" in capsys.readouterr().err
+
+
 def test_classification_head_run_reports_per_class_metrics(tmp_path):
     """A run whose final/ is a sequence-classification model with id2label (the heads' hand-off)."""
     import torch

@@ -313,11 +313,19 @@ def _samples(run: Path, evals: list[dict], demo_gens: list[dict], n: int = 8) ->
         for per in list(by_id.values())[:n]:
             first = next(iter(per.values()))
             table.append([_short(first.get("prompt"), 120), _short(first.get("reference"), 60),
-                          *[_short(per.get(s, {}).get("prediction", per.get(s, {}).get("head", "")), 80) for s in systems]])
+                          *[_short(_prediction(per.get(s, {})), 80) for s in systems]])
         if table:
             out.append(Block("text", text=f"{doc['name']}: first {len(table)} examples"))
             out.append(Block("table", headers=["prompt", "reference", *systems], rows=table))
     return out
+
+
+def _prediction(row: dict) -> str:
+    """What a system answered: its generation, else its constrained or head label."""
+    for key in ("prediction", "constrained", "head"):
+        if row.get(key) is not None:
+            return str(row[key])
+    return ""
 
 
 def build_report(runs: list[str | Path]) -> tuple[str, list[Section]]:
