@@ -13,7 +13,8 @@ through MLflow's client API, one MLflow run per tunelab run:
   ``eval/``, and ``report.html`` / ``report.md`` when present (weights are not copied).
 
 By default the store is local: ``sqlite:///<runs folder>/mlflow.db`` with artifacts in
-``<runs folder>/mlartifacts``; pass ``tracking_uri`` (or set ``MLFLOW_TRACKING_URI``) for a
+``<runs folder>/mlartifacts`` (any ``sqlite:///`` store keeps its artifacts in ``mlartifacts/``
+beside the database file); pass ``tracking_uri`` (or set ``MLFLOW_TRACKING_URI``) for a
 server. MLflow is an optional dependency (``mlflow-skinny`` suffices).
 """
 
@@ -66,7 +67,9 @@ def log_to_mlflow(run_dir: str | Path, *, tracking_uri: str | None = None, exper
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        location = None if (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) else (root / "mlartifacts").as_uri()
+        location = None  # a tracking server chooses its own artifact store
+        if uri.startswith("sqlite:///"):  # a local database: artifacts beside it, never in the working directory
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
         exp_id = client.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
