@@ -100,14 +100,16 @@ def loglik_continuations(model: torch.nn.Module, tokenizer: Any, contexts: list[
     that context. When every candidate of a context is a single token (multiple-choice
     letters), one forward pass of the context scores them all; otherwise each
     (context + candidate) sequence is scored, ``batch_size`` sequences per forward pass,
-    right-padded. ``progress(n)`` is told of every sequence scored: one per single-token
+    left-padded, longest first. ``progress(n)`` is told of every sequence scored: one per single-token
     context, one per candidate otherwise (see :func:`n_scored_rows`).
     """
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     scores: list[list[float]] = [[0.0] * len(c) for c in continuations]
-    single = [i for i, c in enumerate(continuations) if all(len(x) == 1 for x in c)]
-    multi = [i for i in range(len(contexts)) if i not in set(single)]
+    # longest first, so each batch holds sequences of similar length (little padding)
+    by_length = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    single = [i for i in by_length if all(len(x) == 1 for x in continuations[i])]
+    multi = [i for i in by_length if not all(len(x) == 1 for x in continuations[i])]
 
     # one row per context: read the candidates' log-probs off the last position
     for start in range(0, len(single), batch_size):
