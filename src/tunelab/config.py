@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.errors import ConfigError, UserError
+from tunelab.eval.config import EvalSection
 from tunelab.methods import MethodConfig
 
 
@@ -233,6 +234,7 @@ class TuneConfig(_Strict):
     classification: ClassificationSection = Field(
         default_factory=ClassificationSection, description="Options of the classification tasks."
     )
+    eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation after training, report, MLflow.")
 
     @property
     def run_dir(self) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 
-__all__ = ["UNPARSED", "classification_metrics", "parse_label"]
+__all__ = ["UNPARSED", "classification_metrics", "parse_label"]  # extended below
 
 #: The class an unparseable prediction (``None``) is scored as.
 UNPARSED = "<unparsed>"
@@ -153,3 +153,176 @@ def classification_metrics(y_true: list[str], y_pred: list[str | None], labels: 
         "labels": list(labels),
         "confusion": confusion,
     }
+
+
+# --------------------------------------------------------------------------- generation metrics
+
+__all__ += [
+    "bootstrap_ci", "exact_match", "generation_metrics", "is_chinese", "lm_metrics", "normalize_answer",
+    "token_f1", "wilson_interval",
+]
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+_PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") | set("。，、；：？！“”‘’（）【】《》「」『』—…·～")
+
+
+def is_chinese(texts: list[str], share: float = 0.3) -> bool:
+    """True when at least ``share`` of the non-space characters of ``texts`` are CJK."""
+    chars = [c for t in texts for c in t if not c.isspace()]
+    return bool(chars) and sum(1 for c in chars if _CJK.match(c)) / len(chars) >= share
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower-case, drop punctuation (ASCII and CJK) and English articles, squeeze spaces."""
+    text = "".join(c for c in text.lower() if c not in _PUNCT)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _answer_tokens(text: str) -> list[str]:
+    """Tokens for token-F1: each CJK character is a token (CMRC 2018's rule), other runs split on spaces."""
+    out: list[str] = []
+    for word in normalize_answer(text).split():
+        buf = ""
+        for ch in word:
+            if _CJK.match(ch):
+                if buf:
+                    out.append(buf)
+                    buf = ""
+                out.append(ch)
+            else:
+                buf += ch
+        if buf:
+            out.append(buf)
+    return out
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference (SQuAD)."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: list[str]) -> float:
+    """SQuAD token-overlap F1, the best over the references (CJK scored per character)."""
+    from collections import Counter
+
+    pred = _answer_tokens(prediction)
+    best = 0.0
+    for ref in references:
+        gold = _answer_tokens(ref)
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            p, r = same / len(pred), same / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+class _CharTokenizer:
+    """rouge-score tokenizer for Chinese: one token per non-space character, lower-cased."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [c for c in text.lower() if not c.isspace()]
+
+
+GENERATION_METRICS = ("exact_match", "f1", "bleu", "rouge1", "rouge2", "rougeL", "chrf")
+
+
+def generation_metrics(
+    predictions: list[str], references: list[list[str]], *, lang: str = "auto", metrics: list[str] | None = None
+) -> dict[str, Any]:
+    """Corpus scores for generated text against one or more references per example.
+
+    exact match and token F1 (SQuAD-style, max over references; CJK per character), BLEU and
+    chrF by sacrebleu (``tokenize="zh"`` for Chinese, ``13a`` otherwise), ROUGE-1/2/L F-measure
+    by rouge-score (max over references; character tokens for Chinese). Every value is in
+    [0, 100] for BLEU/chrF (sacrebleu's scale) and [0, 1] for the others. ``per_example``
+    holds ``exact_match`` and ``f1`` per example, for paired comparisons.
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise UserError("metrics: there are no examples to score (got 0). Check the evaluation data.")
+    wanted = list(metrics or GENERATION_METRICS)
+    unknown = [m for m in wanted if m not in GENERATION_METRICS]
+    if unknown:
+        raise UserError(f"metrics: unknown generation metric(s) {unknown}. Choose from {', '.join(GENERATION_METRICS)}")
+    refs = [[r for r in rs] or [""] for rs in references]
+    zh = is_chinese([r[0] for r in refs]) if lang == "auto" else lang == "zh"
+    out: dict[str, Any] = {"n": len(predictions), "lang": "zh" if zh else "en"}
+    em = [exact_match(p, r) for p, r in zip(predictions, refs, strict=True)]
+    f1 = [token_f1(p, r) for p, r in zip(predictions, refs, strict=True)]
+    if "exact_match" in wanted:
+        out["exact_match"] = sum(em) / len(em)
+    if "f1" in wanted:
+        out["f1"] = sum(f1) / len(f1)
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]  # a repeated reference changes nothing
+    if "bleu" in wanted:
+        out["bleu"] = sacrebleu.corpus_bleu(predictions, streams, tokenize="zh" if zh else "13a").score
+    if "chrf" in wanted:
+        out["chrf"] = sacrebleu.corpus_chrf(predictions, streams).score
+    rouge_types = [m for m in ("rouge1", "rouge2", "rougeL") if m in wanted]
+    if rouge_types:
+        scorer = rouge_scorer.RougeScorer(rouge_types, tokenizer=_CharTokenizer() if zh else None)
+        sums = dict.fromkeys(rouge_types, 0.0)
+        for p, r in zip(predictions, refs, strict=True):
+            scores = scorer.score_multi(r, p)
+            for t in rouge_types:
+                sums[t] += scores[t].fmeasure
+        out.update({t: s / len(predictions) for t, s in sums.items()})
+    out["per_example"] = {"exact_match": em, "f1": f1}
+    return out
+
+
+# --------------------------------------------------------------------------- language-model metrics
+
+
+def lm_metrics(loss_sum: float, n_tokens: int, n_correct: int) -> dict[str, float]:
+    """Mean loss per target token, its perplexity (exp of the mean), and next-token accuracy."""
+    import math
+
+    if n_tokens <= 0:
+        raise UserError("metrics: no target tokens to score (got 0). Check that the data has assistant replies.")
+    loss = loss_sum / n_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": n_correct / n_tokens,
+            "tokens": n_tokens}
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (scipy's normal quantile)."""
+    import math
+
+    from scipy.stats import norm
+
+    if n == 0:
+        return (0.0, 1.0)
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
+
+
+def bootstrap_ci(values: list[float], *, n_resamples: int = 2000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (numpy, seeded)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))

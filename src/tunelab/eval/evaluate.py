@@ -1,0 +1,360 @@
+"""``tunelab eval``: score a run (or any model) on data files and benchmarks, with baselines.
+
+:func:`evaluate` is the one entry function. For every data source (a data file or a
+multiple-choice benchmark) it scores each *system* and writes one result file:
+
+* ``tuned`` (or ``model`` for a plain model): the target itself;
+* with ``baselines``: ``base 0-shot`` (the base model the run was tuned from) and
+  ``base k-shot`` (the base model with ``few_shot`` training examples of the run shown as
+  earlier turns of the conversation), so the table answers "did tuning beat prompting?".
+
+Results go to ``<run>/eval/<source>.json`` (metrics per system, settings, data counts) and
+``<run>/eval/<source>.examples.jsonl`` (one line per example and system: prompt, reference,
+prediction, score), which ``tunelab compare`` and ``tunelab report`` read. For a target that
+is not a run, ``out_dir`` (default ``eval_results/<target name>``) takes their place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import UserError
+from tunelab.eval.generate import GenerationSettings
+from tunelab.fsutil import atomic_write_text
+
+__all__ = ["BenchmarkRequest", "EvalRequest", "evaluate", "headline", "load_target"]
+
+
+@dataclass
+class BenchmarkRequest:
+    path: str
+    k_shot: int = 0
+    limit: int | None = None
+    split: str = "auto"
+    subjects: list[str] | None = None
+
+
+@dataclass
+class EvalRequest:
+    """What to evaluate and how (the ``eval:`` config section and ``tunelab eval``'s flags)."""
+
+    data: list[str] = field(default_factory=list)
+    format: str = "auto"
+    task: str = "auto"
+    metrics: list[str] | None = None
+    labels: list[str] | None = None
+    limit: int | None = None
+    benchmarks: list[BenchmarkRequest] = field(default_factory=list)
+    baselines: bool = False
+    few_shot: int = 3
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    max_length: int = 1024
+    modes: tuple[str, ...] = ("constrained", "generated")
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the scored models are loaded in
+
+
+@dataclass
+class Target:
+    """A model to score: a loaded causal LM, or a classification head with its labels."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    description: str
+    base_model: str | None = None
+    id2label: dict[int, str] | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+HEAD_LOADERS: list = []
+"""Callables ``(weights_folder: Path) -> Target | None`` tried before the built-in head loader;
+the classification-head methods register theirs here."""
+
+
+def _head_target(folder: Path) -> Target | None:
+    """A weights folder holding a sequence-classification model (``id2label`` in its config)."""
+    for loader in HEAD_LOADERS:
+        found = loader(folder)
+        if found is not None:
+            return found
+    cfg_file = folder / "config.json"
+    info = json.loads((folder / "tunelab.json").read_text()) if (folder / "tunelab.json").is_file() else {}
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) and info.get("task") != "classification":
+        return None
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    return Target("tuned", model, tok, f"classification head on {info.get('base_model', '?')} ({folder})",
+                  info.get("base_model"), id2label)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "tuned", dtype: str = "float32") -> Target:
+    """A run directory, a weights folder, an alias, a HF folder or a .gguf file, ready to score."""
+    import torch
+
+    from tunelab.ship.inference import load_for_inference, weights_folder
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype {dtype!r}. Choose one of {', '.join(DTYPES)}")
+
+    folder = weights_folder(target, checkpoint)
+    if folder is not None:
+        head = _head_target(folder)
+        if head is not None:
+            head.name = name
+            return head
+    loaded = load_for_inference(target, checkpoint=checkpoint, dtype=getattr(torch, dtype))
+    return Target(name if folder is not None else "model", loaded.model, loaded.tokenizer, loaded.description,
+                  loaded.base_model)
+
+
+def _run_dir(target: str | Path) -> Path | None:
+    p = Path(target)
+    if (p / "config.yaml").is_file():
+        return p
+    if (p / "tunelab.json").is_file() and (p.parent / "config.yaml").is_file():
+        return p.parent
+    return None
+
+
+def _train_shots(run_dir: Path | None, k: int) -> list:
+    """The first ``k`` training records of the run (the few-shot baseline's examples)."""
+    from tunelab.data.formats import read_records
+
+    if run_dir is None or k <= 0:
+        return []
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    spec = cfg["data"]["train"][0]
+    return read_records(spec["path"], format=spec.get("format", "auto"), columns=spec.get("columns") or None,
+                        limit=k).records[:k]
+
+
+def _read(path: str, fmt: str, limit: int | None, console: Console):
+    from tunelab.data.formats import read_records, summarize_rejects
+
+    res = read_records(path, format=fmt, limit=limit)
+    if res.rejects:
+        console.print(f"[yellow]{path}: {len(res.rejects)} row(s) rejected[/] {summarize_rejects(res.rejects)}")
+    if not res.records:
+        raise UserError(f"{path}: no usable row to evaluate ({len(res.rejects)} rejected). Check the file")
+    return res
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _score_data(t: Target, records, task: str, req: EvalRequest, labels: list[str], shots, console) -> dict:
+    from tunelab.eval import tasks
+
+    if task == "classification" and t.id2label is not None:
+        return tasks.classify_with_head(t.model, t.tokenizer, records, t.id2label, batch_size=req.generation.batch_size,
+                                        max_length=req.max_length, console=console)
+    if t.id2label is not None:
+        raise UserError(f"eval: {t.description} is a classification head; it can only score classification data "
+                        f"(got task {task!r}). Use --task classification")
+    if task == "lm":
+        return tasks.eval_lm(t.model, t.tokenizer, records, batch_size=req.generation.batch_size,
+                             max_length=req.max_length, console=console)
+    if task == "generation":
+        return tasks.eval_generation(t.model, t.tokenizer, records, req.generation, shots=shots,
+                                     metrics=req.metrics, console=console)
+    return tasks.eval_classification(t.model, t.tokenizer, records, labels, req.generation, shots=shots,
+                                     modes=req.modes, console=console)
+
+
+def headline(task: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a table shows for a result: the primary figures of its task."""
+    if task == "classification":
+        m = metrics.get(metrics.get("primary", "generated"), {})
+        out = {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1")}
+        if "constrained" in metrics and metrics.get("primary") != "constrained":
+            out["constrained_accuracy"] = metrics["constrained"]["accuracy"]
+        return {k: v for k, v in out.items() if v is not None}
+    if task == "lm":
+        return {k: metrics[k] for k in ("loss", "perplexity", "token_accuracy")}
+    if task == "benchmark":
+        return {k: metrics[k] for k in ("accuracy", "ci_low", "ci_high")}
+    return {k: metrics[k] for k in ("exact_match", "f1", "bleu", "rougeL", "chrf") if k in metrics}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "eval"
+
+
+def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final", out_dir: str | Path | None = None,
+             console: Console | None = None) -> list[dict[str, Any]]:
+    """Score ``target`` (and its baselines) on every data source of ``req``; write and return the results."""
+    console = console or Console()
+    if not req.data and not req.benchmarks:
+        raise UserError("eval: nothing to evaluate. Pass --data FILE and/or --benchmark ZIP_OR_FOLDER")
+    if req.task not in ("auto", "lm", "generation", "classification"):
+        raise UserError(f"--task: unknown task {req.task!r}. Choose auto, lm, generation or classification")
+    run_dir = _run_dir(target)
+    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else Path("eval_results") / _slug(Path(str(target)).name))
+
+    from tunelab.eval.tasks import detect_task, label_set
+
+    sources: list[dict[str, Any]] = []
+    for path in req.data:
+        res = _read(path, req.format, req.limit, console)
+        task = req.task if req.task != "auto" else detect_task(res.records, req.labels)
+        labels = label_set(res.records, req.labels) if task == "classification" else []
+        sources.append({"kind": "data", "name": _slug(Path(path).stem), "path": path, "task": task,
+                        "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects)})
+    from tunelab.eval.choice import load_benchmark
+
+    for b in req.benchmarks:
+        bench = load_benchmark(b.path)
+        sources.append({"kind": "benchmark", "name": _slug(f"{bench.name}-{b.k_shot}shot"), "path": b.path,
+                        "task": "benchmark", "bench": bench, "request": b})
+
+    systems = [("tuned", None)]
+    if req.baselines:
+        if run_dir is None:
+            raise UserError(f"--baselines: {target} is not a run directory, so it has no base model or training "
+                            "data to prompt with. Pass a run directory")
+        systems += [("base 0-shot", 0), (f"base {req.few_shot}-shot", req.few_shot)]
+    results: dict[str, dict[str, Any]] = {s["name"]: {} for s in sources}
+    examples: dict[str, list[dict]] = {s["name"]: [] for s in sources}
+    base_loaded: Target | None = None
+    tuned: Target | None = None
+    for sys_name, k in systems:
+        if k is None:
+            tuned = load_target(target, checkpoint=checkpoint, dtype=req.dtype)
+            t = tuned
+            sys_label = t.name
+        else:
+            if base_loaded is None:
+                base_id = tuned.base_model if tuned else None
+                if base_id is None:
+                    raise UserError(f"--baselines: {target} does not name its base model (no tunelab.json)")
+                tuned.model = None  # free the tuned weights before loading the base
+                base_loaded = load_target(base_id, name="base", dtype=req.dtype)
+            t = base_loaded
+            sys_label = sys_name
+        shots = _train_shots(run_dir, k) if k else []
+        console.print(f"[bold]{sys_label}[/]: {t.description}" + (f", {len(shots)} training example(s) in the prompt" if shots else ""))
+        for s in sources:
+            t0 = time.perf_counter()
+            if s["kind"] == "benchmark":
+                if k:  # few-shot prompting is the benchmark's own k-shot; one base row is enough
+                    continue
+                from tunelab.eval.choice import score_benchmark
+
+                b = s["request"]
+                r = score_benchmark(t.model, t.tokenizer, s["bench"], k_shot=b.k_shot, limit=b.limit, split=b.split,
+                                    subjects=b.subjects, batch_size=req.generation.batch_size, console=console)
+                rows = r.pop("per_question")
+                sys_key = "base" if k == 0 and sys_label.startswith("base") else sys_label
+                res = {"metrics": r, "examples": [{**x, "score": float(x["correct"])} for x in rows]}
+            else:
+                sys_key = sys_label
+                res = _score_data(t, s["records"], s["task"], req, s["labels"], shots, console)
+            res["metrics"]["seconds"] = round(time.perf_counter() - t0, 2)
+            results[s["name"]][sys_key] = {"description": t.description, "metrics": res["metrics"],
+                                           "headline": headline(s["task"], res["metrics"])}
+            examples[s["name"]] += [{"system": sys_key, **x} for x in res["examples"]]
+
+    written = []
+    for s in sources:
+        doc = {
+            "name": s["name"], "target": str(target), "task": s["task"], "source": s["path"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "data": {"rows": s.get("rows"), "evaluated": len(s["records"]) if "records" in s else None,
+                     "rejected": s.get("rejected", 0), "labels": s.get("labels") or None},
+            "settings": {"generation": asdict(req.generation), "few_shot": req.few_shot if req.baselines else 0,
+                         "modes": list(req.modes), "checkpoint": checkpoint, "dtype": req.dtype,
+                         **({"benchmark": asdict(s["request"])} if s["kind"] == "benchmark" else {})},
+            "systems": results[s["name"]],
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"{s['name']}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / f"{s['name']}.examples.jsonl",
+                          "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in examples[s["name"]]))
+        doc["path"] = str(out / f"{s['name']}.json")
+        written.append(doc)
+        print_result(doc, console)
+    return written
+
+
+def _fmt(key: str, v: Any) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    if key in ("bleu", "chrf"):
+        return f"{v:.2f}"
+    if key in ("loss", "perplexity"):
+        return f"{v:.4f}" if key == "loss" else f"{v:.2f}"
+    return f"{v:.1%}" if key in ("accuracy", "ci_low", "ci_high", "token_accuracy", "exact_match",
+                                  "constrained_accuracy") else f"{v:.3f}"
+
+
+def print_result(doc: dict[str, Any], console: Console) -> None:
+    """One table per source: systems as rows, headline metrics as columns."""
+    keys: list[str] = []
+    for s in doc["systems"].values():
+        keys += [k for k in s["headline"] if k not in keys]
+    table = Table(title=f"{doc['name']} ({doc['task']}, {doc['source']})")
+    table.add_column("system")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, s in doc["systems"].items():
+        table.add_row(name, *[_fmt(k, s["headline"].get(k, "")) for k in keys])
+    console.print(table)
+    console.print(f"[dim]written: {doc['path']}[/]")
+
+
+# --------------------------------------------------------------------------- after training
+
+
+def request_from_config(section) -> EvalRequest:
+    """An :class:`EvalRequest` from the ``eval:`` config section."""
+    return EvalRequest(
+        data=list(section.data), format=section.format, task=section.task, metrics=section.metrics,
+        labels=section.labels, limit=section.limit, baselines=section.baselines, few_shot=section.few_shot,
+        benchmarks=[BenchmarkRequest(b.path, b.k_shot, b.limit, b.split, b.subjects) for b in section.benchmarks],
+        generation=GenerationSettings(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                                      top_p=section.top_p, stop=tuple(section.stop), seed=section.seed,
+                                      batch_size=section.batch_size),
+        max_length=section.max_length, dtype=section.dtype,
+    )
+
+
+def after_training(section, run_dir: Path, console: Console | None = None) -> None:
+    """What the ``eval:`` section asks for once training has written ``final/``: evaluate, report, log."""
+    console = console or Console()
+    if section.data or section.benchmarks:
+        console.rule("[bold]evaluation")
+        evaluate(run_dir, request_from_config(section), checkpoint=section.checkpoint, console=console)
+    if section.report:
+        from tunelab.report.html import write_report
+
+        html_path, md_path = write_report([run_dir])
+        console.print(f"report: {html_path} ({md_path})")
+    if section.mlflow:
+        from tunelab.eval.tracking import log_to_mlflow
+
+        rid = log_to_mlflow(run_dir, tracking_uri=section.mlflow_uri, experiment=section.mlflow_experiment)
+        console.print(f"MLflow: run {rid} in experiment {section.mlflow_experiment!r}")

@@ -1,0 +1,1 @@
+"""Reports: one self-contained HTML page (and Markdown) from run directories."""
