@@ -210,3 +210,22 @@ def test_gguf_refuses_sentencepiece_style_tokenizers_in_one_line():
     spm_like.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(UserError, match="only byte-level BPE.*convert_hf_to_gguf"):
         _vocab(PreTrainedTokenizerFast(tokenizer_object=spm_like), 3)
+
+
+def test_qlora_merge_folds_the_adapter_into_the_unquantised_base(tmp_path, alpaca_path):
+    """A QLoRA run merges into the float base (not a 4-bit tensor written out as float)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from tunelab.config import load_config
+    from tunelab.models.load import load_model
+    from tunelab.train.recipe import fine_tune
+
+    raw = tiny_config(tmp_path, alpaca_path, method={"name": "qlora", "r": 4, "alpha": 8}, train={"max_steps": 2})
+    run = fine_tune(load_config(None, base=raw)[0]).run_dir
+    export(run, tmp_path / "merged", merge=True, dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    reference = PeftModel.from_pretrained(load_model("tiny-random-llama", dtype=torch.float32), run / "final")
+    torch.testing.assert_close(logits(merged), logits(reference), rtol=1e-4, atol=1e-5)

@@ -145,6 +145,15 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
     """Merged / full / plain model: ``save_pretrained`` (safetensors) + tokenizer (+ GGUF)."""
     loaded = load_for_inference(target, checkpoint=checkpoint, dtype=torch.float32)
     model = loaded.model
+    if info.get("method") == "qlora":
+        # QLoRA trains against the 4-bit base; the merged model is the unquantised base + B A (as
+        # QLoRA's authors merge), never a re-quantised 4-bit tensor written out as float
+        from peft import PeftModel
+
+        from tunelab.models.load import load_model
+
+        base = load_model(info["base_model"], dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, loaded.folder)
     if loaded.is_adapter:
         model = model.merge_and_unload()  # PEFT folds W + scale * B A into W (float32)
     dtype = result.dtype or _saved_dtype(model)
