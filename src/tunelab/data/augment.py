@@ -186,14 +186,7 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
         for position, item in originals[: s.limit] if s.limit else originals:
             for op in s.ops:
                 for _ in range(s.copies):
-                    if op == "paraphrase":
-                        fn = rewriter.paraphrase
-                    elif op == "backtranslate":
-                        fn = lambda t: rewriter.backtranslate(t, s.pivot)  # noqa: E731
-                    elif op == "reorder":
-                        fn = lambda t: reorder(t, rng)  # noqa: E731
-                    else:
-                        fn = lambda t, op=op: eda(t, op, s.alpha, rng, synonyms)  # noqa: E731
+                    fn = _rewrite_fn(op, s, rng, synonyms, rewriter)
                     new = rewrite_row(item.raw, src.format, s.field, fn)
                     if new == item.raw:
                         unchanged[op] += 1
@@ -203,6 +196,17 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
                     made[op] += 1
     return {"output": str(out), "original_rows": len(originals), "augmented_rows": sum(made.values()),
             "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+
+
+def _rewrite_fn(op: str, s: AugmentSettings, rng: random.Random, synonyms, rewriter):
+    """The text -> text function of one augmentation operation."""
+    if op == "paraphrase":
+        return rewriter.paraphrase
+    if op == "backtranslate":
+        return lambda t: rewriter.backtranslate(t, s.pivot)
+    if op == "reorder":
+        return lambda t: reorder(t, rng)
+    return lambda t: eda(t, op, s.alpha, rng, synonyms)
 
 
 def augment_records(records, s: AugmentSettings):
@@ -221,14 +225,7 @@ def augment_records(records, s: AugmentSettings):
     for r in records[: s.limit] if s.limit else records:
         for op in s.ops:
             for copy in range(s.copies):
-                if op == "paraphrase":
-                    fn = rewriter.paraphrase
-                elif op == "backtranslate":
-                    fn = lambda t: rewriter.backtranslate(t, s.pivot)  # noqa: E731
-                elif op == "reorder":
-                    fn = lambda t: reorder(t, rng)  # noqa: E731
-                else:
-                    fn = lambda t, op=op: eda(t, op, s.alpha, rng, synonyms)  # noqa: E731
+                fn = _rewrite_fn(op, s, rng, synonyms, rewriter)
                 if r.is_text:
                     new = dataclasses.replace(r, text=fn(r.text or ""))
                 else:
