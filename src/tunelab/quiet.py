@@ -7,6 +7,7 @@ turns them back on for debugging.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -20,6 +21,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft\..*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub (it has its own)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
