@@ -130,3 +130,21 @@ def test_fused_kernels_keep_the_training_curve(tmp_path, alpaca_path):
         # the model handed back runs the stock code again
         assert out.model.get_base_model().config._attn_implementation == "sdpa"
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}])
+def test_kernels_under_bf16_autocast_with_mixed_input_dtypes(tmp_path, alpaca_path, method):
+    """Full fine-tuning keeps fp32 weights: under bf16 autocast RoPE gives fp32 q/k and bf16 v."""
+    from conftest import tiny_config
+    from tunelab.config import load_config
+    from tunelab.train.recipe import fine_tune
+
+    raw = tiny_config(tmp_path, alpaca_path, method=method,
+                      data={"train": [{"path": str(alpaca_path), "limit": 16}], "max_length": 128, "packing": True},
+                      train={"max_steps": 2, "precision": "bf16"})
+    out = fine_tune(load_config(None, base=raw)[0])
+    env = json.loads((out.run_dir / "env.json").read_text())
+    assert "segment-wise causal attention" in env["kernels"]
+    losses = [json.loads(x)["loss"] for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

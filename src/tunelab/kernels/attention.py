@@ -74,6 +74,13 @@ class SegmentCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bounds, scale):
+        # one compute dtype for all three: autocast's (e.g. bf16 q/v but fp32 k after RoPE on fp32
+        # cos/sin, as in full fine-tuning with fp32 weights), else the promoted input dtype
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        dev = q.device.type
+        cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+               else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         b_, h, length, d = q.shape
         kv = k.shape[1]
         g = h // kv
@@ -117,7 +124,8 @@ class SegmentCausalAttention(torch.autograd.Function):
                 ds = p.mul_(dp.sub_(delta)).mul_(scale).to(q.dtype)
                 dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).view(kv, g, m, d)
                 dk[b, :, s:qe] += torch.matmul(ds.transpose(-1, -2), q_blk).to(acc)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        qd, kd, vd = ctx.in_dtypes
+        return dq.to(qd), dk.to(kd), dv.to(vd), None, None
 
 
 @torch.compiler.disable  # Python over segments: torch.compile compiles around it
