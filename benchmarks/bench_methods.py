@@ -149,7 +149,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg, _ = load_config(None, base=_config(spec, {"train": [{"path": str(chats), "format": "messages"}]}, tmp / "runs"))
     out = fine_tune(cfg, console=console)
     loaded = Loaded(out.model.eval(), out.tokenizer, spec["method"])
-    replies = generate_batch(loaded, [_chat(r["text"], labels) for r in test], max_new_tokens=8, batch_size=16)
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=out.summary["precision"] == "bf16"):  # as trained
+        replies = generate_batch(loaded, [_chat(r["text"], labels) for r in test], max_new_tokens=8, batch_size=16)
     predicted = [parse_label(reply, labels) for reply in replies]
     scores = classification_metrics([r["label_text"] for r in test], predicted, labels)
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "unparsed": scores["n_unparsed"],

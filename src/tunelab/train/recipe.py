@@ -214,16 +214,19 @@ def kernels_apply(cfg: TuneConfig) -> bool:
 
 
 def _with_stock_code(model, kernels: list[str], fn, *args):
-    """Run ``fn`` (e.g. generation at an evaluation) with the stock attention / PEFT code, then switch back."""
+    """Run ``fn(accelerator)`` (e.g. generation at an evaluation) under the training precision, with the
+    stock attention / PEFT code, then switch back."""
     from tunelab.kernels import restore_stock, use_training_kernels
 
-    if not kernels:
-        return fn(*args)
-    restore_stock(model)
-    try:
-        return fn(*args)
-    finally:
-        use_training_kernels(model)
+    accelerator = args[0]
+    with accelerator.autocast():  # the training precision: bf16 frozen weights meet fp32 trained ones
+        if not kernels:
+            return fn(*args)
+        restore_stock(model)
+        try:
+            return fn(*args)
+        finally:
+            use_training_kernels(model)
 
 
 def build_optimizer(model: torch.nn.Module, cfg, lr_multiplier=None) -> torch.optim.Optimizer:
