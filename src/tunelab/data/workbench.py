@@ -20,6 +20,7 @@ from typing import Any
 
 from tunelab import __version__
 from tunelab.data.records import Record, Reject
+from tunelab.fsutil import sha256_file
 
 
 @dataclass
@@ -74,17 +75,10 @@ def data_problems(d) -> list[str]:
     return p
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def fingerprint(path: Path, settings: dict[str, Any], extra: dict[str, Any]) -> str:
     h = hashlib.sha256(f"tunelab {__version__} prepare v1".encode())
-    h.update(_file_digest(path).encode())
+    h.update(sha256_file(path).encode())
     h.update(json.dumps({"settings": settings, **extra}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

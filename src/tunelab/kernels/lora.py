@@ -34,10 +34,8 @@ class LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and x.device.type == "cpu" else None
-        if dtype is None and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-        dtype = dtype or x.dtype
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         xa = x2 @ a.t()  # (tokens, r)

@@ -23,7 +23,6 @@ written over without ``--force``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import UserError
-from tunelab.fsutil import atomic_folder
+from tunelab.fsutil import atomic_folder, sha256_file
 from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -210,18 +209,11 @@ def _write_info(tmp: Path, info: dict, folder: Path | None, *, merged: bool, dty
     (tmp / "tunelab.json").write_text(json.dumps(exported, indent=2, default=str))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _write_manifest(folder: Path) -> list[str]:
     """``SHA256SUMS`` over every file (``sha256sum -c`` format); returns the files it lists."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    lines = [f"{_sha256(folder / f)}  {f}" for f in files]
+    lines = [f"{sha256_file(folder / f)}  {f}" for f in files]
     (folder / MANIFEST).write_text("\n".join(lines) + "\n")
     return files
 
@@ -236,6 +228,6 @@ def verify_manifest(folder: str | Path) -> list[str]:
     for line in manifest.read_text().splitlines():
         digest, name = line.split("  ", 1)
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             bad.append(name)
     return bad

@@ -213,18 +213,17 @@ def kernels_apply(cfg: TuneConfig) -> bool:
     return cfg.train.fused_kernels and cfg.task != "classification" and not virtual
 
 
-def _with_stock_code(model, kernels: list[str], fn, *args):
+def _with_stock_code(model, kernels: list[str], fn, accelerator):
     """Run ``fn(accelerator)`` (e.g. generation at an evaluation) under the training precision, with the
     stock attention / PEFT code, then switch back."""
     from tunelab.kernels import restore_stock, use_training_kernels
 
-    accelerator = args[0]
     with accelerator.autocast():  # the training precision: bf16 frozen weights meet fp32 trained ones
         if not kernels:
-            return fn(*args)
+            return fn(accelerator)
         restore_stock(model)
         try:
-            return fn(*args)
+            return fn(accelerator)
         finally:
             use_training_kernels(model)
 
