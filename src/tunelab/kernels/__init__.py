@@ -13,18 +13,17 @@ from __future__ import annotations
 from torch import nn
 
 
-def use_training_kernels(model: nn.Module, *, attention: bool = True, lora: bool = True) -> list[str]:
+def use_training_kernels(model: nn.Module) -> list[str]:
     """Switch ``model`` to our training kernels where they apply; returns what was switched on."""
     from tunelab.kernels import attention as att
     from tunelab.kernels import lora as fused_lora
 
     used = []
-    if attention and att.use_packed_attention(model):
+    if att.use_packed_attention(model):
         used.append("segment-wise causal attention")
-    if lora:
-        n = fused_lora.use_fused_lora(model)
-        if n:
-            used.append(f"fused LoRA linear ({n} layers)")
+    n = fused_lora.use_fused_lora(model)
+    if n:
+        used.append(f"fused LoRA linear ({n} layers)")
     return used
 
 
@@ -33,9 +32,6 @@ def restore_stock(model: nn.Module) -> bool:
     from tunelab.kernels import attention as att
     from tunelab.kernels import lora as fused_lora
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    was_on = getattr(getattr(lm, "config", None), "_attn_implementation", None) == att.NAME or any(
-        getattr(vars(m).get("forward"), "__func__", None) is fused_lora._fused_forward for m in model.modules())
-    att.restore_sdpa(model)
-    fused_lora.restore(model)
-    return was_on
+    attention_was_on = att.restore_sdpa(model)
+    lora_was_on = fused_lora.restore(model)
+    return attention_was_on or lora_was_on

@@ -168,8 +168,11 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
     return True
 
 
-def restore_sdpa(model: torch.nn.Module) -> None:
-    """Back to the stock attention (before saving, generating, or handing the model to a user)."""
+def restore_sdpa(model: torch.nn.Module) -> bool:
+    """Back to the stock attention (before saving, generating, or handing the model to a user);
+    returns whether ours was on."""
     lm = _lm(model)
-    if getattr(getattr(lm, "config", None), "_attn_implementation", None) == NAME:
-        lm.set_attn_implementation("sdpa")
+    if getattr(getattr(lm, "config", None), "_attn_implementation", None) != NAME:
+        return False
+    lm.set_attn_implementation("sdpa")
+    return True

@@ -95,8 +95,11 @@ def use_fused_lora(model: nn.Module) -> int:
     return n
 
 
-def restore(model: nn.Module) -> None:
-    """PEFT's own forward everywhere again."""
+def restore(model: nn.Module) -> bool:
+    """PEFT's own forward everywhere again; returns whether any layer had the fused one."""
+    found = False
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _fused_forward:
+        if getattr(vars(module).get("forward"), "__func__", None) is _fused_forward:
             del module.forward
+            found = True
+    return found
