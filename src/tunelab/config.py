@@ -112,6 +112,58 @@ class DataSection(_Strict):
         "(class-balanced batches, drawn with replacement). Labels, else datasets, are the classes.")
 
 
+# --------------------------------------------------------------------------- keeping what the model knew
+
+
+class L2SPSettings(_Strict):
+    """L2-SP: ``weight/2 * sum ||theta - theta0||^2`` over the trained weights (adapters: the weight delta)."""
+
+    weight: float = Field(..., gt=0, description="lambda of the penalty.")
+
+
+class EWCSettings(_Strict):
+    """Elastic weight consolidation with a diagonal Fisher estimated on a reference set."""
+
+    weight: float = Field(..., gt=0, description="lambda: the penalty is lambda/2 * sum F_i (theta_i - theta0_i)^2.")
+    data: list[DatasetSpec] = Field(
+        default_factory=list, description="Reference set the Fisher is estimated on (general data or the previous "
+        "task); empty: the training data of this run (or of the previous stage in a continual run).")
+    samples: int = Field(256, ge=1, description="Reference samples used to estimate the Fisher.")
+    fisher: str | None = Field(None, description="A fisher.safetensors of an earlier run to reuse instead of estimating.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Online EWC across stages: F = gamma * F_old + F_new.")
+
+
+class DistillSettings(_Strict):
+    """KL between the base model's and the tuned model's token distributions."""
+
+    weight: float = Field(1.0, gt=0, description="Weight of the KL term (per labelled token, like the task loss).")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of teacher and student (KL scaled by T^2).")
+    data: list[DatasetSpec] = Field(
+        default_factory=list, description="Reference data for the KL; empty: the training batches themselves.")
+    teacher: Literal["auto", "adapters_off", "copy", "cached"] = Field(
+        "auto", description="auto: the same model with adapters disabled for adapter methods, a frozen copy for "
+        "full/freeze. cached: top-k teacher logits computed once and kept on disk.")
+    top_k: int = Field(64, ge=1, description="teacher: cached keeps this many logits per token.")
+
+
+class ReplaySettings(_Strict):
+    """Mix general or earlier-task data into every batch."""
+
+    data: list[DatasetSpec] = Field(
+        default_factory=list, description="Replay files; empty in a continual run: the buffer kept from earlier stages.")
+    ratio: float = Field(0.2, gt=0, lt=1, description="Share of the rows of every optimiser step taken from replay data.")
+    buffer: int = Field(200, ge=0, description="Continual runs: training samples kept from each finished stage for replay.")
+
+
+class ObjectivesSection(_Strict):
+    """Regularisers that keep what the base model knew; they compose with each other and every method."""
+
+    l2sp: L2SPSettings | None = Field(None, description="L2-SP penalty towards the starting weights.")
+    ewc: EWCSettings | None = Field(None, description="Elastic weight consolidation (diagonal Fisher).")
+    distill: DistillSettings | None = Field(None, description="Distillation from the base model (KL).")
+    replay: ReplaySettings | None = Field(None, description="Experience replay of general or earlier data.")
+
+
 class UnfreezeSection(_Strict):
     """Gradual unfreezing (ULMFiT): train the top group first, then add one group below every ``every`` units."""
 
@@ -235,6 +287,9 @@ class TuneConfig(_Strict):
         default_factory=ClassificationSection, description="Options of the classification tasks."
     )
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation after training, report, MLflow.")
+    objectives: ObjectivesSection = Field(
+        default_factory=ObjectivesSection, description="Keep what the model knew: L2-SP, EWC, distillation, replay."
+    )
 
     @property
     def run_dir(self) -> Path:

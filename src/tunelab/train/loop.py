@@ -64,6 +64,12 @@ class LoopSetup:
     # task metrics at each evaluation (classification: accuracy, macro-F1), or None
     eval_extra: Callable[[], dict[str, Any]] | None = None
     before_update: Callable[[int], None] | None = None  # called with the step after backward (gradual unfreezing)
+    # a regulariser added once per optimiser step (L2-SP, EWC): returns a scalar tensor with a graph to the
+    # trained weights; its gradient adds to the step's gradient as is (it is not divided by the token count)
+    penalty: Callable[[], torch.Tensor] | None = None
+    # called after every evaluation with the step and the metrics (eval_loss, accuracy...): sweeps report
+    # intermediate values there and may raise to prune the run
+    on_eval: Callable[[int, dict[str, Any]], None] | None = None
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -138,6 +144,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 by_dataset = torch.zeros((len(s.datasets), 2), dtype=torch.float64, device=acc.device) if s.datasets else None
                 step_tokens = sum(len(r) for r in step_rows)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+                penalty_value = None
                 for micro in range(cfg.grad_accum):
                     batch = _micro_batch(s, step, micro)
                     last = micro == cfg.grad_accum - 1
@@ -147,7 +154,12 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                             by_dataset[g, 0] += g_sum
                             by_dataset[g, 1] += g_n
                         # DDP averages gradients over processes, hence the factor `world`.
-                        acc.backward(part * (world / n_targets))
+                        objective = part * (world / n_targets)
+                        if last and s.penalty is not None:  # the same on every process: DDP's mean keeps it
+                            penalty = s.penalty()
+                            objective = objective + penalty
+                            penalty_value = penalty.detach().item()
+                        acc.backward(objective)
                     loss_sum += part.detach().double()
                 step_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
                 if by_dataset is not None:
@@ -183,6 +195,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                     for g, name in enumerate(s.datasets) if by_dataset is not None else ():
                         if by_dataset[g, 1] > 0:
                             record[f"loss/{name}"] = (by_dataset[g, 0] / by_dataset[g, 1]).item()
+                    if penalty_value is not None:
+                        record["penalty"] = penalty_value
                     if not finite:
                         record["skipped"] = "non-finite loss or gradient"
                     s.run.log_metrics(record)
@@ -255,6 +269,8 @@ def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:
         shown = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "macro_f1") if k in extra)
         s.console.print(f"step {step}: eval loss {eval_loss:.4f}{shown}" + (" (best)" if improved else ""))
     s.accelerator.wait_for_everyone()
+    if s.on_eval is not None:
+        s.on_eval(step, {"eval_loss": eval_loss, **extra})
     patience = s.cfg.early_stopping_patience
     if patience is not None and state["evals_without_improvement"] >= patience:
         return "early_stop"

@@ -276,8 +276,11 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
 
 
 def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume: bool = False,
-              console: Console | None = None) -> TrainOutcome:
-    """Train as configured; the summary is also written to ``<run>/summary.json``."""
+              console: Console | None = None, on_eval=None) -> TrainOutcome:
+    """Train as configured; the summary is also written to ``<run>/summary.json``.
+
+    ``on_eval(step, metrics)`` is called after every evaluation (sweeps report and prune there).
+    """
     from accelerate import Accelerator
 
     from tunelab.data.templates import set_chat_template
@@ -380,7 +383,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         packed=cfg.data.packing or cfg.task == "pretrain", pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=run, save_weights=weights_saver(model, tokenizer, cfg),
         resume_from=resume_from, console=console, tensorboard=tensorboard, datasets=data.datasets,
         eval_extra=(lambda: _with_stock_code(model, kernels, eval_extra, accelerator)) if eval_extra is not None else None,
-        before_update=unfreezing.drop_frozen_grads if unfreezing else None,
+        before_update=unfreezing.drop_frozen_grads if unfreezing else None, on_eval=on_eval,
     )
     result = train_loop(setup)
 
