@@ -58,15 +58,30 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scores(q_blk, k_seg, s: int, qs: int, qe: int, scale: float) -> torch.Tensor:
-    """Softmax probabilities (fp32 or wider) of one query block: ``(KV, G * m, kn)`` with the causal mask."""
-    kv, gm, _ = q_blk.shape
-    m, kn = qe - qs, qe - s
-    scores = torch.matmul(q_blk, k_seg.transpose(-1, -2)).to(_acc(q_blk.dtype)).mul_(scale)
-    # query i (absolute qs + row) sees keys j <= i (absolute s + col)
-    future = torch.arange(s, qe).view(1, kn) > torch.arange(qs, qe).view(m, 1)
-    scores.view(kv, gm // m, m, kn).masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+_BIASES: dict[tuple, torch.Tensor] = {}  # (G, m, kn, dtype, device) -> causal bias, shared by all layers
+
+
+def _causal_bias(g: int, m: int, kn: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(G * m, kn)``: 0 where query row ``i`` (the ``kn - m + i``-th position of its segment) may see key
+    ``j``, ``-inf`` where ``j`` is in its future. Built once per block shape and reused by every layer."""
+    key = (g, m, kn, dtype, device)
+    bias = _BIASES.get(key)
+    if bias is None:
+        if len(_BIASES) > 512:
+            _BIASES.clear()
+        future = torch.arange(kn, device=device).view(1, kn) > torch.arange(kn - m, kn, device=device).view(m, 1)
+        bias = torch.zeros(m, kn, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(g, 1)
+        _BIASES[key] = bias
+    return bias
+
+
+def _scores(q_blk, k_seg, g: int, m: int, scale: float, dtype: torch.dtype | None) -> torch.Tensor:
+    """Softmax probabilities of one query block, ``(KV, G * m, kn)``, causal; scaled scores and the mask
+    come out of one ``baddbmm``, and the softmax accumulates in fp32 whatever ``dtype`` it returns
+    (``None``: the input's)."""
+    bias = _causal_bias(g, m, k_seg.shape[-2], q_blk.dtype, q_blk.device)
+    scores = torch.baddbmm(bias, q_blk, k_seg.transpose(-1, -2), alpha=scale)
+    return torch.softmax(scores, dim=-1, dtype=dtype)
 
 
 class SegmentCausalAttention(torch.autograd.Function):
@@ -91,7 +106,7 @@ class SegmentCausalAttention(torch.autograd.Function):
             for s, qs, qe in _blocks(spans):
                 m = qe - qs
                 q_blk = qb[:, :, qs:qe].reshape(kv, g * m, d)
-                p = _scores(q_blk, k[b, :, s:qe], s, qs, qe, scale).to(q.dtype)
+                p = _scores(q_blk, k[b, :, s:qe], g, m, scale, None)
                 ob[:, :, qs:qe] = torch.matmul(p, v[b, :, s:qe]).view(kv, g, m, d)
         ctx.save_for_backward(q, k, v, out)
         ctx.bounds, ctx.scale = bounds, scale
@@ -117,13 +132,14 @@ class SegmentCausalAttention(torch.autograd.Function):
                 q_blk = qb[:, :, qs:qe].reshape(kv, g * m, d)
                 do_blk = dob[:, :, qs:qe].reshape(kv, g * m, d).to(q.dtype)
                 k_seg, v_seg = k[b, :, s:qe], v[b, :, s:qe]
-                p = _scores(q_blk, k_seg, s, qs, qe, scale)
+                p = _scores(q_blk, k_seg, g, m, scale, acc)
                 dv[b, :, s:qe] += torch.matmul(p.to(q.dtype).transpose(-1, -2), do_blk).to(acc)
-                dp = torch.matmul(do_blk, v_seg.transpose(-1, -2)).to(acc)
+                dp = torch.matmul(do_blk, v_seg.transpose(-1, -2))
                 delta = (do_blk.to(acc) * ob[:, :, qs:qe].reshape(kv, g * m, d).to(acc)).sum(-1, keepdim=True)
-                ds = p.mul_(dp.sub_(delta)).mul_(scale).to(q.dtype)
-                dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).view(kv, g, m, d)
-                dk[b, :, s:qe] += torch.matmul(ds.transpose(-1, -2), q_blk).to(acc)
+                # ds = p * (dp - delta) * scale; the scale goes on the (smaller) products with k and q
+                ds = torch.sub(dp, delta).mul_(p).to(q.dtype)
+                dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).mul_(scale).view(kv, g, m, d)
+                dk[b, :, s:qe] += torch.matmul(ds.transpose(-1, -2), q_blk).to(acc).mul_(scale)
         qd, kd, vd = ctx.in_dtypes
         return dq.to(qd), dk.to(kd), dv.to(vd), None, None
 

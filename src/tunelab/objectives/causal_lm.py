@@ -19,6 +19,18 @@ from torch import nn
 from tunelab.data.batching import IGNORE
 
 
+# The fp32 logits of one chunk stay below this size. Larger blocks are memory-mapped afresh by
+# malloc at every call (glibc serves allocations above its mmap threshold, at most 32 MiB, with
+# new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
+# 1,024-row chunk (200 MB) took 98 ms per 300 tokens where 64-row chunks take 36 ms (measured).
+CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_rows(chunk: int, vocab: int) -> int:
+    """The rows per chunk: at most ``chunk``, and few enough to keep the fp32 logits under CHUNK_BYTES."""
+    return min(chunk, max(16, CHUNK_BYTES // (4 * vocab)))
+
+
 class ChunkedLinearCE(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, t_i), with gradients computed chunk by chunk in the forward.
 
@@ -32,13 +44,16 @@ class ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(h.dtype)  # once, not per chunk (a copy when an fp32 head meets bf16 hidden states)
+        if not need_w:  # a trained head adds a vocab x hidden gradient per chunk: fewer, larger chunks
+            chunk = chunk_rows(chunk, weight.shape[0])
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]
             # one fp32 log-softmax pass over the (bf16 or fp32) logits gives both the loss and,
             # exponentiated in place, the softmax for the gradient. Clamping first keeps exp out of
             # the denormal range, whose slow path on CPU made this 10x slower (measured); the
             # entries clamped have probabilities below 1e-34 and change nothing.
-            logp = torch.log_softmax(hc @ weight.to(hc.dtype).T, dim=-1, dtype=torch.float32)
+            logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)
             rows = torch.arange(hc.shape[0], device=h.device)
             total -= logp[rows, tc].sum()
             if need_h or need_w:
@@ -46,7 +61,7 @@ class ChunkedLinearCE(torch.autograd.Function):
                 dlogits[rows, tc] -= 1.0
                 d = dlogits.to(hc.dtype)
                 if need_h:
-                    grad_h[start : start + chunk] = d @ weight.to(hc.dtype)
+                    grad_h[start : start + chunk] = d @ w
                 if need_w:
                     grad_w += (d.T @ hc).float()
         ctx.save_for_backward(

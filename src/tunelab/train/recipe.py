@@ -330,6 +330,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
     kernels = use_training_kernels(model) if kernels_apply(cfg) else []
+    if t.fused_kernels and device.type == "cpu":
+        from tunelab.kernels.allocator import keep_freed_memory
+
+        allocator = "malloc keeps freed memory" if keep_freed_memory() else "default"
+    else:
+        allocator = "default"
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -341,7 +347,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
             f"process(es) on {device.type}, {threads} threads"
         )
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "kernels": kernels, "model": info})
+                                    "template": template, "dtype": dtype, "kernels": kernels, "allocator": allocator,
+                                    "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
