@@ -18,7 +18,6 @@ from torch import nn
 
 from tunelab.data.batching import IGNORE
 
-
 # The fp32 logits of one chunk stay below this size. Larger blocks are memory-mapped afresh by
 # malloc at every call (glibc serves allocations above its mmap threshold, at most 32 MiB, with
 # new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
