@@ -471,6 +471,10 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     # tasks (classification, pretrain)
     if cfg.method.name == "head" and cfg.task != "classification":
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
+    if cfg.task == "classification" and cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter"):
+        p.append(f"method {cfg.method.name} with task: classification: its virtual tokens / adaption prompts are "
+                 "not fed to the classifier's backbone. Use lora, qlora, ia3, adapter, full, freeze or head "
+                 "(or task: generative_classification).")
     if cfg.task == "classification" and d.packing:
         p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
     if cfg.task == "pretrain" and d.group_by_length:

@@ -194,7 +194,8 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
         labels = data.task.labels
         if cfg.method.name == "head" and cfg.method.unfreeze_top and cfg.model.dtype == "auto":
             dtype = "float32"  # unfrozen blocks train in fp32 master weights
-        model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype])
+        model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype],
+                                 **methods.load_options(cfg.method, DTYPES[dtype]))  # QLoRA: a 4-bit backbone
         model = method.apply(model, cfg.method)
         if not hasattr(model, "peft_config"):  # PEFT trains it via modules_to_save; other methods may freeze it
             unwrap(model).score.requires_grad_(True)  # the new head always trains
