@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_classification import batch_logits, cls_config, run
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
-
-from test_classification import batch_logits, cls_config, run
 
 TEXTS = ["the old red", "we saw a dog", "one very green", "then a horse"]
 

@@ -51,7 +51,6 @@ class Config(BaseModel):
 def apply(model, cfg: Config):
     from tunelab.errors import UserError
     from tunelab.methods.bottleneck import Bottleneck, output_hook, sublayers
-
     from tunelab.models.classifier import is_classifier
 
     decoder = model.backbone if is_classifier(model) else model.get_decoder()  # task: classification: the backbone
