@@ -32,7 +32,7 @@ def test_classification_method_trains_its_parameters_and_the_head_and_reloads(tm
 
     conf, marker = CASES[method]
     cfg = cls_config(tmp_path, f"cls-{method}", conf, n_train=32,
-                     train={"epochs": None, "max_steps": 4, "eval_every": 0, "lr": 5e-2})
+                     train={"epochs": None, "max_steps": 2, "eval_every": 0, "lr": 5e-2})
     import tunelab.train.recipe as recipe
 
     before: dict[str, torch.Tensor] = {}

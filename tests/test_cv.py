@@ -68,18 +68,15 @@ def test_three_folds_stratified_disjoint_aggregated_and_resumable(tmp_path, monk
                      for i in range(3)]
     assert m["best_eval_loss"]["values"] == pytest.approx(per_fold_loss)
 
-    # resumable: finished folds are not re-run; a removed fold is
-    import shutil
-
+    # resumable: finished folds are not re-run; an unfinished one resumes from its checkpoint
     import tunelab.train.recipe as recipe
 
-    shutil.rmtree(cv_dir / "fold-1")
+    (cv_dir / "fold-1" / "cv_fold.json").unlink()  # as if killed after training, before the fold was recorded
     calls = []
-    real = recipe.fine_tune
-    monkeypatch.setattr(recipe, "fine_tune", lambda cfg, *a, **k: calls.append(cfg.run.name) or real(cfg, *a, **k))
+    monkeypatch.setattr(recipe, "fine_tune", lambda cfg, *a, **k: calls.append((cfg.run.name, k.get("resume"))))
     cfg, sources = load_config(path)
     again = cross_validate(cfg, sources, folds=3, group="none")
-    assert calls == ["fold-1"]
+    assert calls == [("fold-1", True)]
     assert again["metrics"]["eval_loss"]["values"] == pytest.approx(m["eval_loss"]["values"])
 
 

@@ -133,6 +133,9 @@ def test_config_rules(tmp_path):
     assert "data.train.0.task: unknown task 'kinds'" in text
     assert "tasks.kind: no data.train entry" in text
     assert "data.packing with task: multitask" in text
+    cfg = mt_config(tmp_path, "bad3", method={"name": "head"})
+    with pytest.raises(ConfigError, match=r"method head freezes the whole LM, so tasks \['chat'\]"):
+        _load(tmp_path, cfg)
     cfg = mt_config(tmp_path, "bad2")
     cfg["task"] = "sft"
     with pytest.raises(ConfigError, match="tasks is set but task is 'sft'"):
@@ -143,7 +146,7 @@ def test_config_rules(tmp_path):
 
 
 def test_two_heads_and_sft_train_together_with_isolated_head_gradients_and_per_task_metrics(tmp_path):
-    cfg, sources = _load(tmp_path, mt_config(tmp_path, "mt"))
+    cfg, sources = _load(tmp_path, mt_config(tmp_path, "mt", train={"max_steps": 4, "eval_every": 2}))
     out = fine_tune(cfg, sources)
     model = out.model
     assert set(model.heads) == {"kind", "mood"}
@@ -158,7 +161,7 @@ def test_two_heads_and_sft_train_together_with_isolated_head_gradients_and_per_t
     train = [m for m in metrics if m["kind"] == "train"]
     # round robin: kind, mood, chat, kind, ... and the step loss is that task's loss
     assert [next(k for k in m if k.startswith("loss/")) for m in train] == [
-        "loss/kind", "loss/mood", "loss/chat", "loss/kind", "loss/mood", "loss/chat"]
+        "loss/kind", "loss/mood", "loss/chat", "loss/kind"]
     evals = [m for m in metrics if m["kind"] == "eval"]
     assert len(evals) == 2 and all("kind/accuracy" in m and "chat/eval_loss" in m for m in evals)
     # the loop's eval loss is the task-weighted mean of the task eval losses
@@ -195,24 +198,37 @@ def test_each_head_only_gets_gradient_from_its_own_task(tmp_path):
         assert lora_grads  # the shared backbone learns from every task
 
 
-def test_save_reload_gives_the_same_outputs_per_head_and_predict_picks_a_task(tmp_path):
+SAVE_METHODS = {"full": {"name": "full"}, "head": {"name": "head", "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("method", sorted(SAVE_METHODS))
+def test_save_reload_gives_the_same_outputs_per_head_and_predict_picks_a_task(tmp_path, method):
     from tunelab.ship.inference import load_for_inference, select_task
     from tunelab.ship.predict import predict
 
-    cfg, sources = _load(tmp_path, mt_config(tmp_path, "mtsave", method={"name": "full"},
-                                             train={"max_steps": 3, "eval_every": 0, "lr": 1e-3}))
+    raw = mt_config(tmp_path, f"mtsave-{method}", method=SAVE_METHODS[method],
+                    train={"max_steps": 3, "eval_every": 0, "lr": 1e-3})
+    if method == "head":  # a frozen LM: the sft task would train nothing (a config error), so heads only
+        del raw["tasks"]["chat"]
+        raw["data"]["train"], raw["data"]["eval"] = raw["data"]["train"][:2], raw["data"]["eval"][:2]
+    cfg, sources = _load(tmp_path, raw)
     out = fine_tune(cfg, sources)
+    files = {p.name for p in (out.run_dir / "final").iterdir()}
+    assert {"heads.safetensors", "multitask.json", "tunelab.json"} <= files
+    assert ("model.safetensors" in files) == (method == "full")  # head: the frozen LM is the base model's
     texts = ["we saw the red", "a very sad", "then one dog"]
     enc = out.tokenizer(texts, padding=True, return_tensors="pt")
     out.model.eval()
     with torch.no_grad():
         before = {t: out.model.classify(t, enc["input_ids"], enc["attention_mask"]) for t in ("kind", "mood")}
     loaded = load_for_inference(out.run_dir)
-    assert loaded.tasks == ["kind", "mood", "chat"]
+    assert loaded.tasks == list(raw["tasks"])
     for task in ("kind", "mood"):
         with torch.no_grad():
             after = loaded.model.classify(task, enc["input_ids"], enc["attention_mask"])
         torch.testing.assert_close(after, before[task], rtol=1e-5, atol=1e-5)
+    if method != "full":
+        return
     data = tmp_path / "to_predict.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     s = predict(out.run_dir, data, tmp_path / "pred.jsonl", task="mood", show_progress=False)

@@ -469,7 +469,7 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
 
     p += data_problems(d)
     # tasks (classification, pretrain)
-    if cfg.method.name == "head" and cfg.task != "classification":
+    if cfg.method.name == "head" and cfg.task not in ("classification", "multitask"):
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
     if cfg.task == "classification" and cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter"):
         p.append(f"method {cfg.method.name} with task: classification: its virtual tokens / adaption prompts are "

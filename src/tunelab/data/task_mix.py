@@ -173,4 +173,8 @@ def config_problems(cfg) -> list[str]:
     if getattr(_method(cfg.method.name), "VIRTUAL_TOKENS", False) or cfg.method.name == "llama_adapter":
         p.append(f"method {cfg.method.name} with task: multitask: virtual tokens are not fed to the task heads. "
                  "Use lora, qlora, dora, ia3, adapter, full, freeze or head.")
+    generative = [n for n, t in tasks.items() if t.type != "classification"]
+    if cfg.method.name == "head" and not cfg.method.unfreeze_top and generative:
+        p.append(f"method head freezes the whole LM, so tasks {generative} would train nothing. Set "
+                 "method.unfreeze_top >= 1, or use lora / full for runs with sft or generative tasks.")
     return p
