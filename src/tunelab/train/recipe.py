@@ -312,7 +312,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # multitask: a step uses one task's head only, so DDP must accept parameters without a gradient
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.task == "multitask" else []
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu",
+                              kwargs_handlers=ddp)
     is_main = accelerator.is_main_process
 
     # --- run directory ------------------------------------------------------------------
