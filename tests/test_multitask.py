@@ -47,10 +47,10 @@ MOODS = {"mood": {"good": ["great", "fine", "happy"], "bad": ["awful", "sad", "p
 
 
 def mt_config(tmp_path: Path, name: str, *, method: dict | None = None, sampling: dict | None = None,
-              train: dict | None = None) -> dict:
+              train: dict | None = None, generative: bool = False) -> dict:
     d = tmp_path / "data"
     d.mkdir(exist_ok=True)
-    return {
+    cfg = {
         "task": "multitask",
         "run": {"name": name, "output_dir": str(tmp_path / "runs")},
         "model": {"path": "tiny-random-llama"},
@@ -69,6 +69,11 @@ def mt_config(tmp_path: Path, name: str, *, method: dict | None = None, sampling
         "train": {"lr": 1e-2, "batch_size": 4, "grad_accum": 2, "max_steps": 6, "precision": "fp32", "seed": 0,
                   "eval_every": 3, "schedule": "constant", **(train or {})},
     }
+    if generative:  # a fourth task answered through the LM head: the label is the assistant's reply
+        cfg["tasks"]["pick"] = {"type": "generative_classification", "prompt": "Colour or animal? {text}"}
+        cfg["data"]["train"].append({"path": str(_cls_file(d / "pick.jsonl", 12, 6, KINDS["kind"])), "task": "pick"})
+        cfg["data"]["eval"].append({"path": str(_cls_file(d / "pick_eval.jsonl", 4, 7, KINDS["kind"])), "task": "pick"})
+    return cfg
 
 
 def _load(tmp_path: Path, cfg: dict):
@@ -146,27 +151,28 @@ def test_config_rules(tmp_path):
 
 
 def test_two_heads_and_sft_train_together_with_isolated_head_gradients_and_per_task_metrics(tmp_path):
-    cfg, sources = _load(tmp_path, mt_config(tmp_path, "mt", train={"max_steps": 4, "eval_every": 2}))
+    cfg, sources = _load(tmp_path, mt_config(tmp_path, "mt", train={"max_steps": 4, "eval_every": 2}, generative=True))
     out = fine_tune(cfg, sources)
     model = out.model
     assert set(model.heads) == {"kind", "mood"}
     run = out.run_dir
     summary = json.loads((run / "summary.json").read_text())
     tasks = summary["eval_metrics"]["tasks"]
-    assert set(tasks) == {"kind", "mood", "chat"}
+    assert set(tasks) == {"kind", "mood", "chat", "pick"}
+    assert tasks["pick"]["n"] == 4 and "accuracy" in tasks["pick"]  # parsed from greedy answers
     for name in ("kind", "mood"):
         assert {"eval_loss", "accuracy", "macro_f1", "n"} <= set(tasks[name]) and tasks[name]["n"] == 12
     assert "eval_loss" in tasks["chat"] and "accuracy" not in tasks["chat"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
-    # round robin: kind, mood, chat, kind, ... and the step loss is that task's loss
+    # round robin in config order, and the step loss is that task's loss
     assert [next(k for k in m if k.startswith("loss/")) for m in train] == [
-        "loss/kind", "loss/mood", "loss/chat", "loss/kind"]
+        "loss/kind", "loss/mood", "loss/chat", "loss/pick"]
     evals = [m for m in metrics if m["kind"] == "eval"]
     assert len(evals) == 2 and all("kind/accuracy" in m and "chat/eval_loss" in m for m in evals)
     # the loop's eval loss is the task-weighted mean of the task eval losses
     last = evals[-1]
-    w = {"kind": 1.0, "mood": 2.0, "chat": 0.5}
+    w = {"kind": 1.0, "mood": 2.0, "chat": 0.5, "pick": 1.0}
     mean = sum(w[t] * last[f"{t}/eval_loss"] for t in w) / sum(w.values())
     assert last["eval_loss"] == pytest.approx(mean, rel=1e-5)
 
@@ -196,6 +202,12 @@ def test_each_head_only_gets_gradient_from_its_own_task(tmp_path):
             assert has == (name == task), (step, task, name)
         lora_grads = [p.grad for n, p in model.lm.named_parameters() if "lora_" in n and p.grad is not None]
         assert lora_grads  # the shared backbone learns from every task
+    # data.eval_ratio holds out a share of every task's own rows
+    raw = mt_config(tmp_path, "ratio")
+    raw["data"]["eval"], raw["data"]["eval_ratio"] = [], 0.25
+    held = prepare_data(_load(tmp_path, raw)[0], tok, None, Console(quiet=True))
+    assert {t: v["eval_rows"] for t, v in held.summary["tasks"].items()} == {"kind": 8, "mood": 6, "chat": 4}
+    assert {t: v["train_rows"] for t, v in held.summary["tasks"].items()} == {"kind": 24, "mood": 18, "chat": 12}
 
 
 SAVE_METHODS = {"full": {"name": "full"}, "head": {"name": "head", "dropout": 0.0}}
