@@ -367,7 +367,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     s = predict(args.target, args.data, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                system=args.system)
+                system=args.system, task=getattr(args, "task", None))
     console = Console(soft_wrap=True)
     resumed = f", {s.done_before} already there" if s.done_before else ""
     console.print(f"{s.written} predictions written to {s.out} ({s.rows} rows{resumed})", highlight=False)
@@ -604,6 +604,35 @@ def _add_eval_verbs(sub) -> None:
     rep.set_defaults(fn=cmd_report)
 
 
+# ----------------------------------------------------------------------------- cross-validation, multi-task
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.eval.cv import cross_validate
+
+    cfg, sources = load_config(args.config, args.set)
+    cross_validate(cfg, sources, folds=args.folds, group=args.group, console=Console())
+    return 0
+
+
+def _add_multitask_verbs(sub) -> None:
+    """``cv`` (k-fold cross-validation) and ``predict --task`` (a multi-task run's head)."""
+    cv = sub.add_parser("cv", help="k-fold cross-validation of a config: K runs, mean and std of each metric",
+                        description="Cut each data.train file into K folds (stratified by label, duplicates kept "
+                        "in one fold), train fold i on the rest into <run>/fold-<i>/ with fold i as data.eval, and "
+                        "write the mean, standard deviation and per-fold values of every metric to <run>/cv.json. "
+                        "Re-running skips finished folds.")
+    cv.add_argument("config", help="the YAML config file")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    cv.add_argument("--group", choices=["near", "exact", "none"], default="near",
+                    help="keep near / exact duplicate rows in one fold (default near), or none")
+    cv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    cv.set_defaults(fn=cmd_cv)
+    sub.choices["predict"].add_argument("--task", default=None,
+                                        help="a multi-task run: the task whose head (or LM) predicts")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -661,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_verbs(sub)
     _add_ship_verbs(sub)
     _add_eval_verbs(sub)
+    _add_multitask_verbs(sub)
     return p
 
 

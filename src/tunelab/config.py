@@ -68,6 +68,7 @@ class DatasetSpec(_Strict):
     name: str | None = Field(None, description="Dataset name (default: the file stem); per-dataset train losses use it.")
     ratio: float | None = Field(None, gt=0, description="Share of this dataset in the mix (data.mix.strategy: ratio).")
     weight: float = Field(1.0, ge=0, description="Loss weight multiplied into every row of this dataset.")
+    task: str | None = Field(None, description="task: multitask: the name (a key of `tasks`) of the task this file belongs to.")
 
 
 from tunelab.data.settings import MixSettings, PrepareSection  # noqa: E402  (the data workbench's sections)
@@ -262,6 +263,35 @@ class ClassificationSection(_Strict):
     )
 
 
+class TaskSpec(_Strict):
+    """One task of a multi-task run (``task: multitask``): its type, labels, loss weight and head."""
+
+    type: Literal["classification", "sft", "generative_classification"] = Field(
+        ..., description="classification: its own head on the shared backbone; sft and generative_classification: "
+        "the shared LM head (the label is the assistant's answer).")
+    labels: list[str] | None = Field(None, description="Label set in class-id order (default: the training labels, sorted).")
+    weight: float = Field(1.0, gt=0, description="Loss weight: this task's mean loss is multiplied by it in its steps "
+                          "and in the combined eval loss.")
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        None, description="classification: per-class loss weights ('balanced' or {label: weight}).")
+    pooling: Literal["auto", "last", "mean", "cls"] = Field("auto", description="classification: pooling fed to the head.")
+    head_layers: int = Field(0, ge=0, le=8, description="classification: hidden layers of this task's head (0: linear).")
+    head_width: int | None = Field(None, ge=1, description="classification: units per hidden head layer (default: hidden size).")
+    head_activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="classification: head activation.")
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="classification: dropout before each head layer.")
+    prompt: str | None = Field(None, description="generative_classification: the user-turn template "
+                               "(default: classification.prompt).")
+
+
+class TaskSamplingSection(_Strict):
+    """Which task each optimiser step trains on (``task: multitask``); every step holds one task's rows."""
+
+    strategy: Literal["proportional", "temperature", "round_robin"] = Field(
+        "proportional", description="proportional: steps per task in proportion to its training rows; temperature: "
+        "to rows^(1/temperature); round_robin: the tasks in turn, in config order.")
+    temperature: float = Field(2.0, gt=0, description="strategy temperature: T (1 = proportional; large = uniform).")
+
+
 def _default_method():
     from tunelab.methods import METHODS
 
@@ -271,12 +301,13 @@ def _default_method():
 class TuneConfig(_Strict):
     """A fine-tuning run."""
 
-    task: Literal["sft", "pretrain", "classification", "generative_classification"] = Field(
+    task: Literal["sft", "pretrain", "classification", "generative_classification", "multitask"] = Field(
         "sft",
         description="sft: chat/instruction tuning (loss on assistant tokens). pretrain: continued pre-training on "
         "raw text (documents joined with eos, cut into max_length rows, every token a target). classification: "
         "a class head on the model (labels from the data). generative_classification: the label is the "
-        "assistant's answer; evaluation parses it and reports accuracy and macro-F1.",
+        "assistant's answer; evaluation parses it and reports accuracy and macro-F1. multitask: the tasks of "
+        "`tasks` on one shared model (each data.train entry names its task).",
     )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -290,6 +321,10 @@ class TuneConfig(_Strict):
     objectives: ObjectivesSection = Field(
         default_factory=ObjectivesSection, description="Keep what the model knew: L2-SP, EWC, distillation, replay."
     )
+    tasks: dict[str, TaskSpec] = Field(
+        default_factory=dict, description="task: multitask: task name -> its type, labels, loss weight and head.")
+    task_sampling: TaskSamplingSection = Field(
+        default_factory=TaskSamplingSection, description="task: multitask: which task each optimiser step trains on.")
 
     @property
     def run_dir(self) -> Path:
@@ -434,12 +469,19 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
 
     p += data_problems(d)
     # tasks (classification, pretrain)
-    if cfg.method.name == "head" and cfg.task != "classification":
+    if cfg.method.name == "head" and cfg.task not in ("classification", "multitask"):
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
+    if cfg.task == "classification" and cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter"):
+        p.append(f"method {cfg.method.name} with task: classification: its virtual tokens / adaption prompts are "
+                 "not fed to the classifier's backbone. Use lora, qlora, ia3, adapter, full, freeze or head "
+                 "(or task: generative_classification).")
     if cfg.task == "classification" and d.packing:
         p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
     if cfg.task == "pretrain" and d.group_by_length:
         p.append("data.group_by_length with task: pretrain: rows are all max_length long. Remove it.")
+    from tunelab.data.task_mix import config_problems
+
+    p += config_problems(cfg)
     return p
 
 

@@ -127,6 +127,14 @@ def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "t
             head.name = name
             return head
     loaded = load_for_inference(target, checkpoint=checkpoint, dtype=getattr(torch, dtype))
+    if loaded.tasks:  # a multi-task run: its shared LM (sft / generative tasks); heads: tunelab predict --task
+        lm_task = next((t for t in loaded.tasks if t not in loaded.model.specs), None)
+        if lm_task is None:
+            raise UserError(f"{loaded.description}: every task of this multi-task run is a classification head. "
+                            f"Score a head with: tunelab predict {target} --task NAME --data FILE --out OUT")
+        from tunelab.ship.inference import select_task
+
+        loaded = select_task(loaded, lm_task)
     return Target(name if folder is not None else "model", loaded.model, loaded.tokenizer, loaded.description,
                   loaded.base_model)
 

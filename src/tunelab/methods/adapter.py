@@ -51,8 +51,9 @@ class Config(BaseModel):
 def apply(model, cfg: Config):
     from tunelab.errors import UserError
     from tunelab.methods.bottleneck import Bottleneck, output_hook, sublayers
+    from tunelab.models.classifier import is_classifier
 
-    decoder = model.get_decoder()
+    decoder = model.backbone if is_classifier(model) else model.get_decoder()  # task: classification: the backbone
     layers = decoder.layers
     n = len(layers)
     chosen = range(n) if cfg.layers is None else cfg.layers
@@ -80,22 +81,27 @@ def adapter_state(model) -> dict:
 
 
 def save(model, folder: Path) -> None:
+    """The adapter tensors + config; a classifier also writes its trained head (``head.safetensors``)."""
     from safetensors.torch import save_file
+
+    from tunelab.models.classifier import HEAD_FILE, is_classifier
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(model), str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(model.bottleneck_adapter_config.model_dump(), indent=2))
+    if is_classifier(model):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.score.state_dict().items()},
+                  str(folder / HEAD_FILE))
 
 
-def load(folder: Path, info: dict, dtype):
-    """The base model with the saved adapters hooked in."""
+def load_into(model, folder: Path):
+    """Hook the adapters saved in ``folder`` into ``model`` (a base LM or a classifier) and load their weights."""
     from safetensors.torch import load_file
 
     from tunelab.errors import UserError
-    from tunelab.models.load import load_model
 
     cfg = Config.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
-    model = apply(load_model(info["base_model"], dtype=dtype), cfg)
+    model = apply(model, cfg)
     tensors = load_file(str(folder / WEIGHTS_FILE))
     expected = set(adapter_state(model))
     if set(tensors) != expected:
@@ -103,3 +109,10 @@ def load(folder: Path, info: dict, dtype):
                         f"({len(expected ^ set(tensors))} differ). The folder is damaged; re-export the run")
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+def load(folder: Path, info: dict, dtype):
+    """The base model with the saved adapters hooked in."""
+    from tunelab.models.load import load_model
+
+    return load_into(load_model(info["base_model"], dtype=dtype), folder)

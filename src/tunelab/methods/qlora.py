@@ -62,11 +62,26 @@ def load_options(cfg: Config, dtype) -> dict:
     return {"quantization_config": quantization_config(cfg, dtype)}
 
 
+def same_kernel_in_eval(model):
+    """Keep bitsandbytes' 4-bit layers on one CPU kernel in train and eval mode.
+
+    In eval mode without gradients, bitsandbytes (0.50) repacks a CPU ``Linear4bit`` for its
+    AVX512-BF16 kernel and keeps it packed afterwards, so after the first evaluation the base computes
+    slightly different numbers (measured: logits off by ~1e-3 on tiny-random-llama, in training as
+    well), and a reloaded adapter no longer reproduces the trained model. Off, the layers always
+    dequantise as in training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def apply(model, cfg: Config):
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return lora.apply(model, cfg)
+    return lora.apply(same_kernel_in_eval(model), cfg)
 
 
 lr_multiplier = lora.lr_multiplier
@@ -87,4 +102,4 @@ def load(folder: Path, info: dict, dtype):
     trained_dtype = _dtype(info.get("dtype", ""), dtype)
     base = load_model(info["base_model"], dtype=trained_dtype, **load_options(cfg, trained_dtype))
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return PeftModel.from_pretrained(base, folder)
+    return PeftModel.from_pretrained(same_kernel_in_eval(base), folder)

@@ -198,11 +198,12 @@ def peft_task_type(model: nn.Module) -> str:
     return "SEQ_CLS" if isinstance(model, SequenceClassifier) else "CAUSAL_LM"
 
 
-def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, **load_options: Any) -> nn.Module:
     """The base model without its LM head, from an alias, a folder, a ``.gguf`` file or a cached hub id.
 
     transformers' ``AutoModel`` loads a causal-LM folder as its bare decoder (the ``model.`` prefix
-    of the checkpoint is stripped) and an encoder folder as the encoder.
+    of the checkpoint is stripped) and an encoder folder as the encoder. ``load_options`` are the
+    method's extra ``from_pretrained`` arguments (QLoRA: a bitsandbytes 4-bit ``quantization_config``).
     """
     from transformers import AutoModel
 
@@ -211,9 +212,10 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> n
     with _offline_mode_from_env():
         source = _resolve(name_or_path)
         if source.kind == "gguf":
-            return load_model(name_or_path, dtype=dtype).get_decoder()
+            return load_model(name_or_path, dtype=dtype, **load_options).get_decoder()
         try:
-            return AutoModel.from_pretrained(source.location, dtype=dtype, local_files_only=source.kind != "hub")
+            return AutoModel.from_pretrained(source.location, dtype=dtype, local_files_only=source.kind != "hub",
+                                             **load_options)
         except (OSError, ValueError, KeyError) as err:
             raise UserError(
                 f"model '{name_or_path}': transformers cannot load this folder as a backbone (got: {_first_line(err)}). "
@@ -236,19 +238,36 @@ def default_pooling(name_or_path: str) -> str:
 
 
 def build_classifier(name_or_path: str, labels: list[str], *, pooling: str = "auto",
-                     dtype: torch.dtype = torch.float32) -> SequenceClassifier:
-    """A classifier with a fresh linear head over ``labels`` on the named backbone."""
+                     dtype: torch.dtype = torch.float32, **load_options: Any) -> SequenceClassifier:
+    """A classifier with a fresh linear head over ``labels`` on the named backbone (loaded with the
+    method's ``load_options``, e.g. QLoRA's 4-bit quantisation)."""
     if pooling == "auto":
         pooling = default_pooling(name_or_path)
-    backbone = load_backbone(name_or_path, dtype=dtype)
+    backbone = load_backbone(name_or_path, dtype=dtype, **load_options)
     spec = ClassifierSpec(labels=list(labels), pooling=pooling, base_model=str(name_or_path))
     model = SequenceClassifier(backbone, spec)
     model.score.to(torch.float32)  # the head trains in fp32 whatever the backbone's dtype
     return model
 
 
+def _method_load_options(folder: Path, dtype: torch.dtype) -> tuple[dict[str, Any], torch.dtype]:
+    """The trained method's load options (QLoRA's quantisation) and dtype, from ``tunelab.json``."""
+    info_file = folder / "tunelab.json"
+    if not info_file.is_file():
+        return {}, dtype
+    from tunelab import methods
+
+    info = json.loads(info_file.read_text())
+    module = methods.METHODS.get(info.get("method", ""))
+    if module is None or not hasattr(module, "load_options"):
+        return {}, dtype
+    trained = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(info.get("dtype"), dtype)
+    return methods.load_options(module.Config.model_validate(info["method_config"]), trained), trained
+
+
 def load_classifier(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Reload a classifier saved by tunelab (a full folder, or a PEFT adapter with its ``score`` head)."""
+    """Reload a classifier saved by tunelab: a full folder, a PEFT adapter with its ``score`` head (QLoRA:
+    on the base re-quantised as in training), or bottleneck adapters with ``head.safetensors``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -259,9 +278,24 @@ def load_classifier(folder: str | Path, *, dtype: torch.dtype = torch.float32) -
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = SequenceClassifier(load_backbone(spec.base_model, dtype=dtype), spec)
+        options, trained = _method_load_options(folder, dtype)
+        base = SequenceClassifier(load_backbone(spec.base_model, dtype=trained if options else dtype, **options), spec)
+        if options:  # a quantised backbone: the float weights as prepare_model_for_kbit_training left them
+            from peft import prepare_model_for_kbit_training
+
+            from tunelab.methods.qlora import same_kernel_in_eval
+
+            base = same_kernel_in_eval(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False))
         base.score.to(torch.float32)
         return PeftModel.from_pretrained(base, folder).eval()
+    from tunelab.methods import adapter as bottleneck
+
+    if (folder / bottleneck.CONFIG_FILE).is_file():  # bottleneck adapters hooked into the base backbone
+        model = SequenceClassifier(load_backbone(spec.base_model, dtype=dtype), spec)
+        model.score.to(torch.float32)
+        bottleneck.load_into(model, folder)
+        model.score.load_state_dict(load_file(str(folder / HEAD_FILE)))
+        return model.eval()
     has_backbone = any(p.name != HEAD_FILE for p in folder.glob("*.safetensors"))
     source = str(folder) if has_backbone else spec.base_model  # a frozen backbone is the base model's
     model = SequenceClassifier(load_backbone(source, dtype=dtype), spec)

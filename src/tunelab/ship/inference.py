@@ -29,6 +29,7 @@ class Loaded:
     method: str | None = None  # the tunelab method that produced the weights, if a run
     folder: Path | None = None  # the weights folder, if a run
     id2label: dict[int, str] | None = None  # classification labels
+    tasks: list[str] | None = None  # a multi-task run (task: multitask): its tasks; pick one with select_task
 
     @property
     def is_adapter(self) -> bool:
@@ -124,6 +125,10 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         tokenizer.pad_token = tokenizer.eos_token
     id2label = info.get("id2label")
     custom = _method_loader(info.get("method"))
+    if (folder / "multitask.json").is_file():  # task: multitask: the shared LM as its method saved it + the heads
+        model = _load_multitask(folder, info, dtype, custom)
+        return Loaded(model.eval(), tokenizer, f"{info['method']} multi-task on {info['base_model']} ({folder})",
+                      info["base_model"], task="multitask", method=info["method"], folder=folder, tasks=model.tasks)
     if (folder / "classifier.json").is_file():  # trained with task: classification (head, full, LoRA, ...)
         from tunelab.models.classifier import load_classifier
 
@@ -146,6 +151,55 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"],
                   task=info["task"], method=info["method"], folder=folder, id2label=id2label)
+
+
+def _load_multitask(folder: Path, info: dict, dtype: torch.dtype, custom):
+    from tunelab.models.load import load_model
+    from tunelab.models.multitask import attach_heads
+
+    if custom is not None:  # own modules or a quantised base (adapter, qlora)
+        lm = custom(folder, info, dtype)
+    elif (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(load_model(info["base_model"], dtype=dtype), folder)
+    elif any(folder.glob("model*.safetensors")):
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:  # method head with a frozen LM: the base model's weights
+        lm = load_model(info["base_model"], dtype=dtype)
+    return attach_heads(lm, folder)
+
+
+class _TaskHead(torch.nn.Module):
+    """One classification task of a :class:`~tunelab.models.multitask.MultiTaskModel` as a plain classifier."""
+
+    def __init__(self, model: torch.nn.Module, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return self.model.classify(self.task, input_ids, attention_mask)
+
+
+def select_task(loaded: Loaded, task: str | None) -> Loaded:
+    """The view of a multi-task run for one task: its classification head, or the shared LM for
+    sft / generative tasks. A single-task model is returned as it is (``task`` must then be None)."""
+    if not loaded.tasks:
+        if task is not None:
+            raise UserError(f"--task {task}: {loaded.description} is not a multi-task run. Remove --task")
+        return loaded
+    if task not in loaded.tasks:
+        raise UserError(f"{loaded.description} is a multi-task run: pass --task NAME, one of {', '.join(loaded.tasks)} "
+                        f"(got {task!r})")
+    model = loaded.model
+    common = dict(base_model=loaded.base_model, method=loaded.method, folder=loaded.folder)
+    if task in model.specs:
+        labels = model.specs[task].labels
+        return Loaded(_LogitsOutput(_TaskHead(model, task)).eval(), loaded.tokenizer, f"{loaded.description} [{task}]",
+                      task="classification", id2label=dict(enumerate(labels)), **common)
+    return Loaded(model.lm, loaded.tokenizer, f"{loaded.description} [{task}]", task="generation", **common)
 
 
 class _LogitsOutput(torch.nn.Module):

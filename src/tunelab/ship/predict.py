@@ -25,7 +25,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
-from tunelab.ship.inference import Loaded, classify, generate_batch, load_for_inference
+from tunelab.ship.inference import Loaded, classify, generate_batch, load_for_inference, select_task
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
@@ -162,7 +162,7 @@ def _progress():
 def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint: str = "final",
             batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, system: str | None = None, loaded: Loaded | None = None,
-            show_progress: bool = True) -> PredictSummary:
+            show_progress: bool = True, task: str | None = None) -> PredictSummary:
     """Predict every row of ``data`` into ``out`` (JSON Lines), continuing after rows already there."""
     import time
 
@@ -171,7 +171,7 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
     if batch_size < 1:
         raise UserError(f"--batch-size: must be at least 1 (got {batch_size}). Use e.g. 8")
     data, out = Path(data), Path(out)
-    loaded = loaded or load_for_inference(target, checkpoint=checkpoint)
+    loaded = select_task(loaded or load_for_inference(target, checkpoint=checkpoint), task)  # multi-task: one head
     items, rejects = read_items(data, loaded.task, system)
     rejects_file = out.with_name(out.name + ".rejects.jsonl") if rejects else None
     if rejects_file is not None:

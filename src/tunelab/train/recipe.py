@@ -88,6 +88,10 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
     from tunelab.data.workbench import prepare_records
 
     d = cfg.data
+    if cfg.task == "multitask":  # per-task data, rows tagged with their task (train/multitask.py)
+        from tunelab.train import multitask
+
+        return multitask.prepare(cfg, tokenizer, run, console, is_main)
     prep = prepare_records(cfg, run, console, is_main)  # read + data.prepare steps (clean, split, mix, weights)
     train_records, eval_records, rejects = prep.train, prep.eval, prep.rejects
     files, eval_files = prep.files, prep.eval_files
@@ -178,6 +182,10 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
     from tunelab.objectives.causal_lm import CausalLMLoss
 
     method = methods.get(cfg.method.name)
+    if cfg.task == "multitask":  # a shared LM + a head per classification task (train/multitask.py)
+        from tunelab.train import multitask
+
+        return multitask.model_and_loss(cfg, data, DTYPES[dtype], tokenizer)
     if cfg.task == "classification":
         from tunelab.data.tasks import class_weights
         from tunelab.models.classifier import build_classifier, unwrap
@@ -186,7 +194,8 @@ def _task_model_and_loss(cfg: TuneConfig, data: PreparedData, dtype: str, tokeni
         labels = data.task.labels
         if cfg.method.name == "head" and cfg.method.unfreeze_top and cfg.model.dtype == "auto":
             dtype = "float32"  # unfrozen blocks train in fp32 master weights
-        model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype])
+        model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=DTYPES[dtype],
+                                 **methods.load_options(cfg.method, DTYPES[dtype]))  # QLoRA: a 4-bit backbone
         model = method.apply(model, cfg.method)
         if not hasattr(model, "peft_config"):  # PEFT trains it via modules_to_save; other methods may freeze it
             unwrap(model).score.requires_grad_(True)  # the new head always trains
@@ -210,7 +219,7 @@ def kernels_apply(cfg: TuneConfig) -> bool:
     """Our training kernels (``train.fused_kernels``) assume right-padded or packed causal-LM rows and no
     virtual tokens (prefix / prompt / P-tuning / LLaMA-Adapter bring their own keys or masks)."""
     virtual = cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter")
-    return cfg.train.fused_kernels and cfg.task != "classification" and not virtual
+    return cfg.train.fused_kernels and cfg.task not in ("classification", "multitask") and not virtual
 
 
 def _with_stock_code(model, kernels: list[str], fn, accelerator):
@@ -256,7 +265,12 @@ def weights_saver(model, tokenizer, cfg: TuneConfig):
 
             was_on = restore_stock(model)  # what we save must load and run with plain transformers / PEFT
             try:
-                method.save(model, tmp)
+                if cfg.task == "multitask":  # the shared LM by its method + heads.safetensors, multitask.json
+                    from tunelab.train import multitask
+
+                    multitask.save(model, method, tmp)
+                else:
+                    method.save(model, tmp)
             finally:
                 if was_on:
                     use_training_kernels(model)
@@ -298,7 +312,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu")
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # multitask: a step uses one task's head only, so DDP must accept parameters without a gradient
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.task == "multitask" else []
+    accelerator = Accelerator(mixed_precision=accelerate_mixed_precision(precision), cpu=device.type == "cpu",
+                              kwargs_handlers=ddp)
     is_main = accelerator.is_main_process
 
     # --- run directory ------------------------------------------------------------------
@@ -354,6 +373,10 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
     plan = Plan(len(data.train), t.batch_size, t.grad_accum, accelerator.num_processes, t.seed, lengths,
                 cfg.data.sampler, data.strata)
+    if cfg.task == "multitask":  # every optimiser step trains one task, sampled by task_sampling
+        from tunelab.train import multitask
+
+        plan = multitask.plan(cfg, data, accelerator.num_processes)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
     warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method))
@@ -420,9 +443,11 @@ def _print_summary(console: Console, summary: dict[str, Any], run: RunDir) -> No
     table.add_row("train time", f"{summary['train_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)")
     if summary.get("best_eval_loss") is not None:
         table.add_row("best eval loss", f"{summary['best_eval_loss']:.4f}")
-    if summary.get("eval_metrics"):
+    if summary.get("eval_metrics", {}).get("accuracy") is not None:
         m = summary["eval_metrics"]
         table.add_row("eval accuracy / macro-F1", f"{m['accuracy']:.4f} / {m['macro_f1']:.4f} (step {m['step']})")
+    for task, m in summary.get("eval_metrics", {}).get("tasks", {}).items():  # task: multitask
+        table.add_row(f"task {task}", ", ".join(f"{k} {m[k]:.4f}" for k in ("eval_loss", "accuracy", "macro_f1") if k in m))
     if summary.get("skipped_steps"):
         table.add_row("skipped steps (non-finite)", str(summary["skipped_steps"]))
     table.add_row("weights", str(run.final))
