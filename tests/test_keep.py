@@ -28,7 +28,6 @@ from tunelab.objectives import distill as dist
 from tunelab.objectives import keep
 from tunelab.train.recipe import fine_tune
 
-
 # --------------------------------------------------------------------------- small models
 
 
