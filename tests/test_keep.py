@@ -384,3 +384,28 @@ def test_classification_takes_l2sp_and_ewc_and_rejects_distillation(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="objectives.distill with task: classification"):
         load_config(path)
+
+
+def test_distillation_on_reference_data_with_a_cached_teacher_resumes_exactly(tmp_path, alpaca_path):
+    from conftest import shared
+
+    c4 = shared("instruct", "llamafactory_demo", "c4_demo.jsonl")
+    objectives = {"distill": {"weight": 2.0, "teacher": "cached", "top_k": 16, "data": [{"path": str(c4), "limit": 4}]}}
+    cfg = short(tmp_path, alpaca_path, {"name": "full"}, objectives, save_every=2, max_steps=3)
+    whole = run_cfg(tmp_path, cfg, "ref")
+    run_dir = whole.run_dir
+    records = train_records(run_dir)
+    assert records[0]["distill_kl"] == pytest.approx(0.0, abs=1e-6) and records[-1]["distill_kl"] > 0
+    assert records[-1]["distill"] > 0 and records[-1]["penalty"] == pytest.approx(records[-1]["distill"])
+    ref_data = json.loads((run_dir / "reference" / "distill" / "data.json").read_text())
+    assert ref_data["files"][0]["records"] == 4 and ref_data["train_samples"] >= 4  # long texts: several windows
+    cache = run_dir / dist.CACHE_FILE
+    assert load_file(str(cache))["indices"].shape[1] == 16
+    written = cache.stat().st_mtime_ns
+    final = {k: v.detach().clone() for k, v in whole.model.named_parameters()}
+    shutil.rmtree(run_dir / "checkpoints" / "step-000003")
+    shutil.rmtree(run_dir / "final")
+    resumed = run_cfg(tmp_path, cfg, "ref", resume=True)
+    assert cache.stat().st_mtime_ns == written  # the teacher's top-k read back, not recomputed
+    for k, v in resumed.model.named_parameters():
+        torch.testing.assert_close(v.detach(), final[k], rtol=0, atol=0)
