@@ -409,3 +409,44 @@ def test_distillation_on_reference_data_with_a_cached_teacher_resumes_exactly(tm
     assert cache.stat().st_mtime_ns == written  # the teacher's top-k read back, not recomputed
     for k, v in resumed.model.named_parameters():
         torch.testing.assert_close(v.detach(), final[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_objectives_one_process_equals_two_processes(tmp_path, alpaca_path):
+    """DDP (gloo, CPU): the penalties, the Fisher (estimated on shards, summed) and the distillation KL."""
+    import os
+    import subprocess
+    import sys
+
+    objectives = {"l2sp": {"weight": 100.0}, "ewc": {"weight": 1e3, "samples": 4}, "distill": {"weight": 2.0}}
+    common = {"lr": 1e-2, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
+    data = {"train": [{"path": str(alpaca_path), "limit": 24}], "max_length": 64}
+    one = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "one"}, data=data,
+                      objectives=objectives)
+    two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 1}, run={"name": "two"}, data=data,
+                      objectives=objectives)
+    one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
+    for cfg in (one, two):
+        (tmp_path / f"{cfg['run']['name']}.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "one.yaml")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    multi = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    f1, f2 = load_file(str(run1 / keep.FISHER_FILE)), load_file(str(run2 / keep.FISHER_FILE))
+    for k in f1:
+        torch.testing.assert_close(f1[k], f2[k], atol=1e-6, rtol=1e-4)
+    r1, r2 = train_records(run1), train_records(run2)
+    for a, b in zip(r1, r2, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["penalty"] == pytest.approx(b["penalty"], rel=1e-4, abs=1e-7)
+    w1 = load_file(str(run1 / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(run2 / "final" / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)

@@ -344,7 +344,6 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
     random.Random(seed).shuffle(order)
     chosen = order[:samples]
     mine = chosen[rank::world]
-    generator = torch.Generator().manual_seed(seed + 7919 * rank)
     sums = {t.key: torch.zeros(t.param.shape if isinstance(t, Plain) else _base_shape(t), dtype=torch.float32)
             for t in targets}
     device = device or next(model.parameters()).device
@@ -361,7 +360,8 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
                 batch = {k: v.to(device) for k, v in collate([rows[i]], pad_id=pad_id, packed=packed).items()}
                 grads: dict[str, torch.Tensor] = {}
                 with torch.enable_grad(), _base_weight_grads(targets, grads), (autocast() if autocast else nullcontext()):
-                    nll, n = _sampled_nll(loss_module, batch, generator)
+                    # labels drawn from a generator per row: the same Fisher on 1 or N processes
+                    nll, n = _sampled_nll(loss_module, batch, torch.Generator().manual_seed(seed * 1_000_003 + i))
                 if n:
                     for t in targets:
                         if isinstance(t, Plain):
