@@ -1,7 +1,7 @@
 """Cost of the objectives that keep what the model knew (L2-SP, EWC, distillation) on SmolLM2-135M.
 
-LoRA (r 16, every linear layer) on the first 64 rows of ``alpaca_en_demo.json`` (max_length 256,
-batch 4, bf16 autocast where the CPU has it), a few optimiser steps per run. Per run: the median
+LoRA (r 16, every linear layer) on the first 64 rows of ``alpaca_en_demo.json`` (``--max-length``,
+``--batch-size``, bf16 autocast where the CPU has it), a few optimiser steps per run. Per run: the median
 seconds per optimiser step (from ``metrics.jsonl``, first step excluded) and the set-up time
 before the loop (model load, data, and for EWC the Fisher estimation; the difference to the
 ``none`` run is the objective's own set-up cost). The figures in docs/objectives.md come from it.
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--fisher-samples", type=int, default=16)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--runs", default="none,l2sp,ewc,distill")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
     objectives = {"none": {}, "l2sp": {"l2sp": {"weight": 1.0}},
                   "ewc": {"ewc": {"weight": 1.0, "samples": args.fisher_samples}},
@@ -44,9 +46,9 @@ def main() -> None:
         for name in args.runs.split(","):
             cfg = TuneConfig.model_validate({
                 "run": {"name": name, "output_dir": tmp}, "model": {"path": args.model},
-                "data": {"train": [{"path": str(ALPACA), "limit": 64}], "max_length": 256},
+                "data": {"train": [{"path": str(ALPACA), "limit": 64}], "max_length": args.max_length},
                 "method": {"name": "lora", "r": 16, "alpha": 32},
-                "train": {"max_steps": args.steps, "batch_size": 4, "lr": 2e-4},
+                "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 2e-4},
                 "objectives": objectives[name]})
             start = time.perf_counter()
             out = fine_tune(cfg, console=Console(quiet=True))

@@ -236,6 +236,13 @@ def ewc_sum(targets: Iterable[Plain | LowRank], anchor: Anchor, fisher: dict[str
 # --------------------------------------------------------------------------- the Fisher
 
 
+def _sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from ``softmax(logits)``: ``argmax(p / E)`` with ``E ~ Exp(1)`` (the exponential
+    race; exact, and several times faster than ``torch.multinomial`` over a 50k vocabulary on CPU)."""
+    probs = torch.softmax(logits.float(), -1)
+    return probs.div_(torch.empty_like(probs).exponential_(1.0, generator=generator)).argmax(-1)
+
+
 def _sampled_nll(loss_module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
                  ) -> tuple[torch.Tensor, int]:
     """``(-sum_t log p(y_t), n)`` with ``y_t`` drawn from the model at every labelled position."""
@@ -251,9 +258,8 @@ def _sampled_nll(loss_module: nn.Module, batch: dict[str, torch.Tensor], generat
                 logits = head(h[start:start + loss_module.chunk]).float()
                 if loss_module.softcap:
                     logits = loss_module.softcap * torch.tanh(logits / loss_module.softcap)
-                probs = torch.softmax(logits, -1).cpu()
-                sampled.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))
-            y = torch.cat(sampled).to(h.device)
+                sampled.append(_sample(logits, generator))
+            y = torch.cat(sampled)
         if loss_module.fused:
             return chunked_cross_entropy_sum(h, head.weight, y, loss_module.chunk), int(y.numel())
         return plain_cross_entropy_sum(h, head, y, loss_module.softcap, loss_module.chunk), int(y.numel())
@@ -262,7 +268,7 @@ def _sampled_nll(loss_module: nn.Module, batch: dict[str, torch.Tensor], generat
 
     logits = unwrap(loss_module.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).float()
     with torch.no_grad():
-        y = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        y = _sample(logits, generator)
     return nn.functional.cross_entropy(logits, y, reduction="sum"), int(y.numel())
 
 
@@ -361,7 +367,8 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
                 grads: dict[str, torch.Tensor] = {}
                 with torch.enable_grad(), _base_weight_grads(targets, grads), (autocast() if autocast else nullcontext()):
                     # labels drawn from a generator per row: the same Fisher on 1 or N processes
-                    nll, n = _sampled_nll(loss_module, batch, torch.Generator().manual_seed(seed * 1_000_003 + i))
+                    nll, n = _sampled_nll(loss_module, batch,
+                                          torch.Generator(device=device).manual_seed(seed * 1_000_003 + i))
                 if n:
                     for t in targets:
                         if isinstance(t, Plain):
