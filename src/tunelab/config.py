@@ -132,6 +132,9 @@ class EWCSettings(_Strict):
     samples: int = Field(256, ge=1, description="Reference samples used to estimate the Fisher.")
     fisher: str | None = Field(None, description="A fisher.safetensors of an earlier run to reuse instead of estimating.")
     gamma: float = Field(1.0, ge=0, le=1, description="Online EWC across stages: F = gamma * F_old + F_new.")
+    online: bool = Field(False, description="With fisher: estimate a new Fisher at this run's starting weights on "
+                         "ewc.data and use gamma * F_old + F_new (online EWC across continual stages); false: reuse "
+                         "fisher as it is.")
 
 
 class DistillSettings(_Strict):
@@ -468,6 +471,9 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     from tunelab.data.workbench import data_problems
 
     p += data_problems(d)
+    from tunelab.objectives.rules import keep_problems
+
+    p += keep_problems(cfg)
     # tasks (classification, pretrain)
     if cfg.method.name == "head" and cfg.task not in ("classification", "multitask"):
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")

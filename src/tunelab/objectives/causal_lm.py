@@ -130,9 +130,12 @@ class CausalLMLoss(nn.Module):
         # prefix / prompt / P-tuning feed virtual tokens first (tunelab.methods.virtual); None for the rest
         self.virtual = _virtual_tokens_forward(model)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None, groups=None):
-        """``(loss_sum, n_targets)``; with ``weights`` (per token) ``(sum(w*ce), sum(w))``; with
-        ``groups`` (dataset per token) a third value: ``{group: (ce_sum, tokens)}``, unweighted."""
+    # distillation from the base model (tunelab.objectives.distill.Distiller), set by the recipe; a plain
+    # attribute (not a submodule): a frozen teacher copy must stay out of DDP and the checkpoints
+    distill = None
+
+    def target_hidden(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """``(h, targets, keep, head)``: hidden states of the positions whose next token is labelled."""
         decoder, head = causal_lm_parts(self.model)
         if self.virtual is None:
             hidden = decoder(
@@ -142,14 +145,29 @@ class CausalLMLoss(nn.Module):
             hidden = self.virtual(self.model, decoder, input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        h = hidden[:, :-1][keep]
+        return hidden[:, :-1][keep], targets[keep], keep, head
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None, groups=None):
+        """``(loss_sum, n_targets)``; with ``weights`` (per token) ``(sum(w*ce), sum(w))``; with
+        ``groups`` (dataset per token) a third value: ``{group: (ce_sum, tokens)}``, unweighted.
+
+        With :attr:`distill` set, training adds the gradient of ``distill.weight * T^2 * KL`` per
+        labelled token (weighted like the CE) while the returned value stays the CE (the loop logs
+        it as ``loss``; the KL is logged apart as ``distill_kl``).
+        """
+        h, targets, keep, head = self.target_hidden(input_ids, labels, attention_mask, position_ids)
         if weights is not None or groups is not None:
-            return self._weighted(h, head, targets[keep], weights, groups, keep)
-        if self.fused:
-            loss_sum = chunked_cross_entropy_sum(h, head.weight, targets[keep], self.chunk)
+            out = self._weighted(h, head, targets, weights, groups, keep)
+        elif self.fused:
+            out = chunked_cross_entropy_sum(h, head.weight, targets, self.chunk), keep.sum()
         else:
-            loss_sum = plain_cross_entropy_sum(h, head, targets[keep], self.softcap, self.chunk)
-        return loss_sum, keep.sum()
+            out = plain_cross_entropy_sum(h, head, targets, self.softcap, self.chunk), keep.sum()
+        if self.distill is not None and self.training:
+            token_w = weights[:, 1:][keep] if weights is not None else None
+            kl = self.distill.kl_sum(self.model, h, head, keep, token_w, input_ids=input_ids,
+                                     attention_mask=attention_mask, position_ids=position_ids)
+            out = (out[0] + (kl - kl.detach()), *out[1:])
+        return out
 
     def _weighted(self, h, head, targets, weights, groups, keep):
         """The loss per (group, weight) class of tokens: one chunked CE call per distinct pair.

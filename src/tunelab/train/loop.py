@@ -70,6 +70,8 @@ class LoopSetup:
     # called after every evaluation with the step and the metrics (eval_loss, accuracy...): sweeps report
     # intermediate values there and may raise to prune the run
     on_eval: Callable[[int, dict[str, Any]], None] | None = None
+    # extra values for each train record (objectives: per-term penalties, the distillation KL)
+    step_metrics: Callable[[], dict[str, float]] | None = None
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -197,6 +199,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                             record[f"loss/{name}"] = (by_dataset[g, 0] / by_dataset[g, 1]).item()
                     if penalty_value is not None:
                         record["penalty"] = penalty_value
+                    if s.step_metrics is not None:
+                        record.update(s.step_metrics())
                     if not finite:
                         record["skipped"] = "non-finite loss or gradient"
                     s.run.log_metrics(record)

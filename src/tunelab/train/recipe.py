@@ -396,6 +396,12 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         from tunelab.objectives.causal_lm import causal_lm_parts
 
         causal_lm_parts(model)[0].compile(dynamic=False)
+    # --- keep what the model knew: L2-SP, EWC, distillation (objectives/keep.py, objectives/distill.py) ----
+    from tunelab.objectives import keep as keep_objectives
+
+    keep = keep_objectives.build(cfg, model=model, loss_module=loss_module, data=data, tokenizer=tokenizer, run=run,
+                                 accelerator=accelerator, console=console, scheduler=scheduler,
+                                 resumed=resume_from is not None, kernels=kernels, precision=precision)
     loss_model, optimizer = accelerator.prepare(loss_module, optimizer)
 
     tensorboard = None
@@ -414,6 +420,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         resume_from=resume_from, console=console, tensorboard=tensorboard, datasets=data.datasets,
         eval_extra=(lambda: _with_stock_code(model, kernels, eval_extra, accelerator)) if eval_extra is not None else None,
         before_update=unfreezing.drop_frozen_grads if unfreezing else None, on_eval=on_eval,
+        penalty=keep.penalty if keep else None, step_metrics=keep.metrics if keep else None,
     )
     result = train_loop(setup)
 
