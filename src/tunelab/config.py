@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -153,6 +153,9 @@ class ReplaySettings(_Strict):
         default_factory=list, description="Replay files; empty in a continual run: the buffer kept from earlier stages.")
     ratio: float = Field(0.2, gt=0, lt=1, description="Share of the rows of every optimiser step taken from replay data.")
     buffer: int = Field(200, ge=0, description="Continual runs: training samples kept from each finished stage for replay.")
+    schedule: list[tuple[Annotated[int, Field(ge=0)], Annotated[float, Field(gt=0, lt=1)]]] = Field(
+        default_factory=list, description="Piecewise-constant ratio: [[step, ratio], ...], each ratio in force from "
+        "its optimiser step on (before the first entry: ratio). Replay rows per step = ratio x rows per step, rounded half up.")
 
 
 class ObjectivesSection(_Strict):
