@@ -265,6 +265,25 @@ class ClassificationSection(_Strict):
     )
 
 
+class StageSpec(_Strict):
+    """One stage of a continual run (``tunelab continual``): its own data and optional overrides.
+
+    Each section given here is merged over the top-level one (mappings key by key, lists
+    replace; a method with another name replaces the method); the result is validated as a
+    whole config. See docs/forgetting.md.
+    """
+
+    name: str = Field(..., min_length=1, description="Stage (task) name: the column of the accuracy matrix.")
+    task: Literal["sft", "pretrain", "classification", "generative_classification"] | None = Field(
+        None, description="The stage's task (default: the top-level task).")
+    data: dict[str, Any] | None = Field(None, description="Overrides of the data section (train, eval, eval_ratio...).")
+    method: dict[str, Any] | None = Field(None, description="Overrides of the method section.")
+    train: dict[str, Any] | None = Field(None, description="Overrides of the train section.")
+    objectives: dict[str, Any] | None = Field(None, description="Overrides of the objectives section (regularisers, replay).")
+    classification: dict[str, Any] | None = Field(None, description="Overrides of the classification section.")
+    eval: dict[str, Any] | None = Field(None, description="Overrides of the eval section.")
+
+
 def _default_method():
     from tunelab.methods import METHODS
 
@@ -293,6 +312,9 @@ class TuneConfig(_Strict):
     objectives: ObjectivesSection = Field(
         default_factory=ObjectivesSection, description="Keep what the model knew: L2-SP, EWC, distillation, replay."
     )
+    stages: list[StageSpec] | None = Field(
+        None, description="Continual learning: tasks trained one after another (tunelab continual), each stage "
+        "starting from the previous one's weights; every task is scored after every stage.")
 
     @property
     def run_dir(self) -> Path:
@@ -441,6 +463,8 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
     if cfg.task == "classification" and d.packing:
         p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
+    if cfg.stages:
+        p.append("stages: this config describes a continual run (task after task). Run it with: tunelab continual CONFIG")
     if cfg.task == "pretrain" and d.group_by_length:
         p.append("data.group_by_length with task: pretrain: rows are all max_length long. Remove it.")
     return p

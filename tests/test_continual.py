@@ -1,0 +1,126 @@
+"""tunelab continual: stages in one config, the accuracy matrix, ACC / BWT / FWT, resume, --compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import shared
+from tunelab.cli import main
+from tunelab.errors import ConfigError, UserError
+from tunelab.train import continual
+from tunelab.train.continual import (
+    load_continual,
+    parse_variants,
+    run_compare,
+    run_continual,
+    transfer_metrics,
+)
+
+
+def test_transfer_metrics_follow_lopez_paz_and_ranzato():
+    r = [[0.8, 0.1, 0.2],
+         [0.6, 0.9, 0.3],
+         [0.5, 0.7, 0.95]]
+    b = [0.1, 0.2, 0.25]
+    m = transfer_metrics(r, b)
+    assert m["acc"] == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    assert m["bwt"] == pytest.approx(((0.5 - 0.8) + (0.7 - 0.9)) / 2)
+    assert m["fwt"] == pytest.approx(((0.1 - 0.2) + (0.3 - 0.25)) / 2)
+    assert transfer_metrics([[0.5, None], [0.4, 0.6]], [0.1, 0.2])["fwt"] is None
+
+
+def test_variants_parse_with_default_and_given_weights():
+    assert parse_variants("naive,ewc:5000,replay:0.3,distill") == [
+        ("naive", {}), ("ewc:5000", {"ewc": {"weight": 5000.0}}), ("replay:0.3", {"replay": {"ratio": 0.3}}),
+        ("distill:1", {"distill": {"weight": 1.0}})]
+    for bad, msg in (("bogus", "unknown variant"), ("ewc:lots", "must be a number"), ("naive,naive", "twice")):
+        with pytest.raises(UserError, match=msg):
+            parse_variants(bad)
+
+
+def _config(tmp_path: Path, **top) -> Path:
+    a = shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
+    b = shared("instruct", "llamafactory_demo", "alpaca_zh_demo.json")
+    cfg = {
+        "run": {"name": "cl", "output_dir": str(tmp_path / "runs")},
+        "model": {"path": "tiny-random-llama"},
+        "data": {"max_length": 96, "eval_ratio": 0.25},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"lr": 5e-2, "batch_size": 4, "max_steps": 3, "precision": "fp32", "seed": 0, "schedule": "constant"},
+        "stages": [{"name": "english", "data": {"train": [{"path": str(a), "limit": 24}]}},
+                   {"name": "chinese", "data": {"train": [{"path": str(b), "limit": 24}]}}],
+        **top,
+    }
+    path = tmp_path / "cl.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def test_continual_run_writes_the_matrix_and_resumes_without_retraining(tmp_path, monkeypatch):
+    path = _config(tmp_path)
+    assert main(["continual", str(path)]) == 0
+    root = tmp_path / "runs" / "cl"
+    state = json.loads((root / "continual.json").read_text())
+    assert state["task_names"] == ["english", "chinese"]
+    assert len(state["matrix"]) == 2 and all(len(row) == 2 for row in state["matrix"])
+    assert state["metrics"] == {"english": "-loss", "chinese": "-loss"}
+    r, b = state["matrix"], state["base_scores"]
+    assert r[0][0] > b[0]  # stage 0 learnt its task: a lower loss than the base model
+    assert state["summary"]["bwt"] == pytest.approx(r[1][0] - r[0][0])
+    assert state["summary"]["fwt"] == pytest.approx(r[0][1] - b[1])
+    # stage 1 started from stage 0's weights (the LoRA adapter merged into its base)
+    stage1 = yaml.safe_load((root / "stages" / "01-chinese" / "config.yaml").read_text())
+    assert stage1["model"]["path"] == str(root / "stages" / "00-english" / "merged")
+    assert (root / "stages" / "00-english" / "merged" / "config.json").is_file()
+    assert "| stage 1 (chinese) |" in (root / "continual.md").read_text()
+
+    calls = []
+    monkeypatch.setattr("tunelab.train.recipe.fine_tune", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(continual, "_score_model", lambda *a, **k: calls.append(a))
+    again = run_continual(load_continual(path))
+    assert calls == [] and again["matrix"] == state["matrix"]  # finished stages are not re-run or re-scored
+
+
+def test_compare_runs_naive_and_replay_sharing_the_first_stage(tmp_path):
+    path = _config(tmp_path)
+    doc = run_compare(path, "naive,replay:0.25")
+    root = tmp_path / "runs" / "cl"
+    assert [v["variant"] for v in doc["variants"]] == ["naive", "replay:0.25"]
+    assert all(set(v) >= {"acc", "bwt", "fwt", "matrix"} for v in doc["variants"])
+    naive, replay = (json.loads((root / "compare" / n / "continual.json").read_text()) for n in ("naive", "replay-0.25"))
+    assert replay["stages"][0]["run_dir"] == naive["stages"][0]["run_dir"]  # the same first stage, trained once
+    assert replay["matrix"][0] == naive["matrix"][0]
+    run1 = Path(replay["stages"][1]["run_dir"])
+    info = json.loads((run1 / "replay.json").read_text())
+    assert info["replay_rows_per_step"] == 1 and info["files"][0]["path"].endswith("00-english.jsonl")
+    metrics = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/replay" in m for m in metrics if m["kind"] == "train")
+    assert replay["matrix"][1] != naive["matrix"][1]
+    assert "| replay:0.25 |" in (root / "compare.md").read_text()
+
+
+def test_stage_errors_name_the_stage(tmp_path):
+    path = _config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][1]["train"] = {"lrr": 1.0}
+    raw["stages"][0]["colour"] = "red"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with pytest.raises(ConfigError) as err:
+        load_continual(path)
+    assert "stages.0.colour" in str(err.value)
+    raw["stages"][0].pop("colour")
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with pytest.raises(ConfigError, match=r"stages.1 \(chinese\): train.lrr: unknown key"):
+        load_continual(path)
+    raw["stages"] = raw["stages"][:1]
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with pytest.raises(UserError, match="at least 2 stages"):
+        load_continual(path)
+    with pytest.raises(ConfigError, match="tunelab continual"):  # tunelab train refuses a stages config
+        from tunelab.config import load_config
+
+        load_config(_config(tmp_path, data={"train": [{"path": "x.json"}]}))
