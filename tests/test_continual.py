@@ -16,7 +16,6 @@ from tunelab.train.continual import (
     load_continual,
     parse_variants,
     run_compare,
-    run_continual,
     transfer_metrics,
 )
 
@@ -48,11 +47,11 @@ def _config(tmp_path: Path, **top) -> Path:
     cfg = {
         "run": {"name": "cl", "output_dir": str(tmp_path / "runs")},
         "model": {"path": "tiny-random-llama"},
-        "data": {"max_length": 96, "eval_ratio": 0.25},
+        "data": {"max_length": 64, "eval_ratio": 0.25},
         "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"lr": 5e-2, "batch_size": 4, "max_steps": 3, "precision": "fp32", "seed": 0, "schedule": "constant"},
-        "stages": [{"name": "english", "data": {"train": [{"path": str(a), "limit": 24}]}},
-                   {"name": "chinese", "data": {"train": [{"path": str(b), "limit": 24}]}}],
+        "train": {"lr": 5e-2, "batch_size": 4, "max_steps": 2, "precision": "fp32", "seed": 0, "schedule": "constant"},
+        "stages": [{"name": "english", "data": {"train": [{"path": str(a), "limit": 16}]}},
+                   {"name": "chinese", "data": {"train": [{"path": str(b), "limit": 16}]}}],
         **top,
     }
     path = tmp_path / "cl.yaml"
@@ -60,47 +59,44 @@ def _config(tmp_path: Path, **top) -> Path:
     return path
 
 
-def test_continual_run_writes_the_matrix_and_resumes_without_retraining(tmp_path, monkeypatch):
+def test_continual_compare_naive_and_replay_writes_the_matrices_and_resumes(tmp_path, monkeypatch):
     path = _config(tmp_path)
-    assert main(["continual", str(path)]) == 0
+    assert main(["continual", str(path), "--compare", "naive,replay:0.25"]) == 0
     root = tmp_path / "runs" / "cl"
-    state = json.loads((root / "continual.json").read_text())
-    assert state["task_names"] == ["english", "chinese"]
-    assert len(state["matrix"]) == 2 and all(len(row) == 2 for row in state["matrix"])
-    assert state["metrics"] == {"english": "-loss", "chinese": "-loss"}
-    r, b = state["matrix"], state["base_scores"]
-    assert r[0][0] > b[0]  # stage 0 learnt its task: a lower loss than the base model
-    assert state["summary"]["bwt"] == pytest.approx(r[1][0] - r[0][0])
-    assert state["summary"]["fwt"] == pytest.approx(r[0][1] - b[1])
-    # stage 1 started from stage 0's weights (the LoRA adapter merged into its base)
-    stage1 = yaml.safe_load((root / "stages" / "01-chinese" / "config.yaml").read_text())
-    assert stage1["model"]["path"] == str(root / "stages" / "00-english" / "merged")
-    assert (root / "stages" / "00-english" / "merged" / "config.json").is_file()
-    assert "| stage 1 (chinese) |" in (root / "continual.md").read_text()
-
-    calls = []
-    monkeypatch.setattr("tunelab.train.recipe.fine_tune", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(continual, "_score_model", lambda *a, **k: calls.append(a))
-    again = run_continual(load_continual(path))
-    assert calls == [] and again["matrix"] == state["matrix"]  # finished stages are not re-run or re-scored
-
-
-def test_compare_runs_naive_and_replay_sharing_the_first_stage(tmp_path):
-    path = _config(tmp_path)
-    doc = run_compare(path, "naive,replay:0.25")
-    root = tmp_path / "runs" / "cl"
-    assert [v["variant"] for v in doc["variants"]] == ["naive", "replay:0.25"]
-    assert all(set(v) >= {"acc", "bwt", "fwt", "matrix"} for v in doc["variants"])
     naive, replay = (json.loads((root / "compare" / n / "continual.json").read_text()) for n in ("naive", "replay-0.25"))
-    assert replay["stages"][0]["run_dir"] == naive["stages"][0]["run_dir"]  # the same first stage, trained once
-    assert replay["matrix"][0] == naive["matrix"][0]
+
+    # the matrix: R[i][j] = -loss on task j after stage i; ACC / BWT / FWT from it and the base row
+    assert naive["task_names"] == ["english", "chinese"]
+    assert naive["metrics"] == {"english": "-loss", "chinese": "-loss"}
+    r, b = naive["matrix"], naive["base_scores"]
+    assert len(r) == 2 and all(len(row) == 2 for row in r)
+    assert r[0][0] > b[0]  # stage 0 learnt its task: a lower loss than the base model
+    assert naive["summary"]["acc"] == pytest.approx((r[1][0] + r[1][1]) / 2)
+    assert naive["summary"]["bwt"] == pytest.approx(r[1][0] - r[0][0])
+    assert naive["summary"]["fwt"] == pytest.approx(r[0][1] - b[1])
+    assert "| stage 1 (chinese) |" in (root / "compare" / "naive" / "continual.md").read_text()
+    # stage 1 started from stage 0's weights (the LoRA adapter merged into its base)
+    stage0 = Path(naive["stages"][0]["run_dir"])
+    stage1 = yaml.safe_load((Path(naive["stages"][1]["run_dir"]) / "config.yaml").read_text())
+    assert stage1["model"]["path"] == str(stage0 / "merged") and (stage0 / "merged" / "config.json").is_file()
+
+    # the replay variant shares the first stage and replays its buffer in the second
+    assert replay["stages"][0]["run_dir"] == naive["stages"][0]["run_dir"] and replay["matrix"][0] == r[0]
     run1 = Path(replay["stages"][1]["run_dir"])
     info = json.loads((run1 / "replay.json").read_text())
     assert info["replay_rows_per_step"] == 1 and info["files"][0]["path"].endswith("00-english.jsonl")
     metrics = [json.loads(x) for x in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/replay" in m for m in metrics if m["kind"] == "train")
-    assert replay["matrix"][1] != naive["matrix"][1]
-    assert "| replay:0.25 |" in (root / "compare.md").read_text()
+    assert replay["matrix"][1] != r[1]
+    table = (root / "compare.md").read_text()
+    assert "| naive |" in table and "| replay:0.25 |" in table
+
+    # again: finished stages are neither re-trained nor re-scored
+    calls = []
+    monkeypatch.setattr("tunelab.train.recipe.fine_tune", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(continual, "_score_model", lambda *a, **k: calls.append(a))
+    again = run_compare(path, "naive,replay:0.25")
+    assert calls == [] and again["variants"][0]["matrix"] == r
 
 
 def test_stage_errors_name_the_stage(tmp_path):
