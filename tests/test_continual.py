@@ -120,3 +120,14 @@ def test_stage_errors_name_the_stage(tmp_path):
         from tunelab.config import load_config
 
         load_config(_config(tmp_path, data={"train": [{"path": "x.json"}]}))
+
+
+def test_the_example_validates_with_three_stages():
+    from conftest import REPO
+
+    plan = load_continual(REPO / "examples" / "continual" / "news_then_hotels.yaml")
+    assert [c.run.name for c in plan.stages] == ["00-news", "01-hotels", "02-alpaca"]
+    assert [c.task for c in plan.stages] == ["generative_classification"] * 2 + ["sft"]
+    assert plan.stages[1].objectives.replay.ratio == 0.25 and plan.stages[0].objectives.replay is None
+    assert plan.stages[2].train.lr == 1e-4 and plan.stages[2].train.batch_size == 8  # merged over the top level
+    assert plan.stages[2].run.output_dir.endswith("news-then-hotels/stages")

@@ -80,13 +80,13 @@ def _slug(text: str) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"{path}: config file not found. Check the path, or start from examples/continual.yaml")
+        raise UserError(f"{path}: config file not found. Check the path, or start from examples/continual/news_then_hotels.yaml")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({getattr(err, 'problem', err)}). Fix the syntax") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections. See examples/continual.yaml")
+        raise UserError(f"{path}: the top level must be a mapping of sections. See examples/continual/news_then_hotels.yaml")
     return raw
 
 
