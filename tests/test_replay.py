@@ -94,21 +94,18 @@ def _train_records(run_dir: Path) -> list[dict]:
 
 def test_replay_training_logs_replay_loss_and_batch_8_equals_2x4(tmp_path, alpaca_path):
     replay = {"replay": {"data": [{"path": str(_replay_file(tmp_path))}], "ratio": 0.25}}
-    common = {"lr": 1e-3, "max_steps": 3, "schedule": "constant"}
-    data = {"train": [{"path": str(alpaca_path), "limit": 24, "name": "task"}], "max_length": 96}
+    common = {"lr": 1e-3, "max_steps": 2, "schedule": "constant"}
+    data = {"train": [{"path": str(alpaca_path), "limit": 16, "name": "task"}], "max_length": 64}
     a = _run(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, objectives=replay,
                                    train={**common, "batch_size": 8, "grad_accum": 1}), "b8")
     b = _run(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, objectives=replay,
                                    train={**common, "batch_size": 2, "grad_accum": 4}), "b2x4")
     ra, rb = _train_records(a.run_dir), _train_records(b.run_dir)
-    assert len(ra) == 3 and all("loss/replay" in r and "loss/task" in r for r in ra)
+    assert len(ra) == 2 and all("loss/replay" in r and "loss/task" in r for r in ra)
     for x, y in zip(ra, rb, strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["loss/replay"] - y["loss/replay"]) < 1e-5
     info = json.loads((a.run_dir / "replay.json").read_text())
     assert info["replay_rows_per_step"] == 2 and info["task_rows_per_step"] == 6 and info["samples"] == 10
-    # the step loss is the token-weighted mean of the task and replay losses: replay counts like task rows
-    naive = _run(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, train={**common, "batch_size": 8}), "naive")
-    assert abs(_train_records(naive.run_dir)[0]["loss"] - ra[0]["loss"]) > 1e-4  # other rows, another loss
 
 
 def test_replay_config_errors_are_one_line(tmp_path, alpaca_path):

@@ -125,30 +125,33 @@ class ReplayPlan:
     @functools.cached_property
     def steps_per_epoch(self) -> int:
         """Steps until the task stream has passed every task row once (the first epoch)."""
-        n, step = self.task.n_rows, 0
-        lo, hi = 1, max(1, n)  # A(hi) >= hi * 1 >= n: each step has at least one task row
-        while lo < hi:
+        n = self.task.n_rows
+        lo, hi = 1, max(1, n)  # A(n) >= n: every step has at least one task row
+        while lo < hi:  # the first step count with A(steps) >= n (A is increasing)
             mid = (lo + hi) // 2
             if self.task_before(mid) >= n:
                 hi = mid
             else:
                 lo = mid + 1
-        step = lo
-        return max(1, step)
+        return lo
+
+    @staticmethod
+    def _stream(start: int, stop: int, n: int, order) -> list[int]:
+        """Positions ``[start, stop)`` of the stream ``order(0) + order(1) + ...`` (each of length ``n``)."""
+        out: list[int] = []
+        while start < stop:
+            epoch, i = divmod(start, n)
+            take = min(stop - start, n - i)
+            out += order(epoch)[i : i + take]
+            start += take
+        return out
 
     def _task_rows(self, start: int, stop: int) -> list[int]:
-        n, out = self.task.n_rows, []
-        for p in range(start, stop):
-            epoch, i = divmod(p, n)
-            out.append(self.task.epoch_order(epoch)[i])
-        return out
+        return self._stream(start, stop, self.task.n_rows, self.task.epoch_order)
 
     def _replay_rows(self, start: int, stop: int) -> list[int]:
-        out = []
-        for p in range(start, stop):
-            epoch, i = divmod(p, self.n_replay)
-            out.append(self.task.n_rows + _replay_order(self.n_replay, self.task.seed, epoch)[i])
-        return out
+        rows = self._stream(start, stop, self.n_replay, lambda e: _replay_order(self.n_replay, self.task.seed, e))
+        return [self.task.n_rows + i for i in rows]
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of optimiser step ``step``: ``R - k`` task rows and ``k`` replay rows, spread evenly."""
