@@ -131,3 +131,32 @@ def test_the_example_validates_with_three_stages():
     assert plan.stages[1].objectives.replay.ratio == 0.25 and plan.stages[0].objectives.replay is None
     assert plan.stages[2].train.lr == 1e-4 and plan.stages[2].train.batch_size == 8  # merged over the top level
     assert plan.stages[2].run.output_dir.endswith("news-then-hotels/stages")
+
+
+def test_buffer_keeps_the_stage_samples_as_trained_and_stage_objectives_use_it(tmp_path):
+    from rich.console import Console
+
+    from tunelab.train.continual import StageRun, stage_objectives, write_buffer
+
+    thuc = shared("classification", "thucnews_headlines", "train.jsonl")
+    raw = yaml.safe_load(_config(tmp_path).read_text())
+    raw["stages"][0] = {"name": "news", "task": "generative_classification",
+                        "data": {"train": [{"path": str(thuc), "limit": 40}]}}
+    raw["stages"][1]["objectives"] = {"replay": {"ratio": 0.25, "buffer": 5}, "ewc": {"weight": 10.0}}
+    plan = load_continual(None, raw=raw)
+    root = tmp_path / "runs" / "cl"
+    first = StageRun(0, "news", plan.stages[0], root / "stages" / "00-news", root / "w")
+    path = write_buffer(first, 5, root)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 5 and path.name == "00-news.jsonl"
+    labels = {json.loads(x)["label_text"] for x in thuc.read_text().splitlines()[:40]}
+    for r in rows:  # the chat the stage trained on: its prompt with the label list, the label as the answer
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert answer in labels and all(lab in user for lab in labels)
+    assert write_buffer(first, 5, root).read_text() == path.read_text()  # seeded: the same samples again
+
+    second = plan.stages[1]
+    obj = stage_objectives(first, second, root, Console(quiet=True))
+    assert [d.path for d in obj.replay.data] == [str(path)]
+    assert [d.path for d in obj.ewc.data] == [str(thuc)]  # the Fisher on the previous stage's data
+    assert stage_objectives(None, second, root, Console(quiet=True)).replay is None  # nothing to replay yet
