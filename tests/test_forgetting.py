@@ -80,3 +80,27 @@ def test_forgetting_settings_are_strict(tmp_path, alpaca_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="eval.forgetting.benchmark: unknown key"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_bench_forgetting_tiny_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    shared("benchmarks", "mmlu", "mmlu.zip")
+    docs = tmp_path / "forgetting.md"
+    docs.write_text("before\n<!-- bench:forgetting:start -->\nold\n<!-- bench:forgetting:end -->\nafter\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_forgetting.py"), "--model", "tiny-random-llama",
+         "--variants", "naive,replay", "--steps", "2", "--train", "16", "--task-test", "8", "--mmlu-limit", "8",
+         "--general-limit", "8", "--replay-records", "16", "--precision", "fp32", "--quiet",
+         "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), "--out", str(docs)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(next((tmp_path / "results").glob("forgetting-*.json")).read_text())
+    assert [r["variant"] for r in result["results"]] == ["naive", "replay"] and all(r["acted"] for r in result["results"])
+    text = docs.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| base model |" in text and "| replay |" in text
