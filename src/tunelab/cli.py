@@ -633,6 +633,34 @@ def _add_multitask_verbs(sub) -> None:
                                         help="a multi-task run: the task whose head (or LM) predicts")
 
 
+# ----------------------------------------------------------------------------- continual learning
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    from tunelab.train.continual import load_continual, run_compare, run_continual
+
+    if args.compare:
+        run_compare(args.config, args.compare, args.set)
+    else:
+        run_continual(load_continual(args.config, args.set))
+    return 0
+
+
+def _add_continual_verbs(sub) -> None:
+    c = sub.add_parser(
+        "continual", help="continual learning: train the config's stages one after another, score every task after each",
+        description="Train the stages of a config (task A, then B, then C), each from the previous stage's weights; "
+        "after every stage score every task: the accuracy matrix, ACC, BWT and FWT in <run>/continual.json. "
+        "Finished stages are never re-run; an interrupted stage resumes from its last checkpoint.")
+    c.add_argument("config", help="a YAML config with a stages: list")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every stage, e.g. --set train.lr=1e-4 (repeatable)")
+    c.add_argument("--compare", default=None, metavar="VARIANTS",
+                   help="run variants side by side, e.g. naive,ewc:5000,replay:0.3,distill,l2sp:0.01 (the number is "
+                   "the weight, or replay's ratio); each in <run>/compare/<variant>/, table in <run>/compare.md")
+    c.set_defaults(fn=cmd_continual)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -691,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ship_verbs(sub)
     _add_eval_verbs(sub)
     _add_multitask_verbs(sub)
+    _add_continual_verbs(sub)
     return p
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -157,6 +157,9 @@ class ReplaySettings(_Strict):
         default_factory=list, description="Replay files; empty in a continual run: the buffer kept from earlier stages.")
     ratio: float = Field(0.2, gt=0, lt=1, description="Share of the rows of every optimiser step taken from replay data.")
     buffer: int = Field(200, ge=0, description="Continual runs: training samples kept from each finished stage for replay.")
+    schedule: list[tuple[Annotated[int, Field(ge=0)], Annotated[float, Field(gt=0, lt=1)]]] = Field(
+        default_factory=list, description="Piecewise-constant ratio: [[step, ratio], ...], each ratio in force from "
+        "its optimiser step on (before the first entry: ratio). Replay rows per step = ratio x rows per step, rounded half up.")
 
 
 class ObjectivesSection(_Strict):
@@ -295,6 +298,25 @@ class TaskSamplingSection(_Strict):
     temperature: float = Field(2.0, gt=0, description="strategy temperature: T (1 = proportional; large = uniform).")
 
 
+class StageSpec(_Strict):
+    """One stage of a continual run (``tunelab continual``): its own data and optional overrides.
+
+    Each section given here is merged over the top-level one (mappings key by key, lists
+    replace; a method with another name replaces the method); the result is validated as a
+    whole config. See docs/forgetting.md.
+    """
+
+    name: str = Field(..., min_length=1, description="Stage (task) name: the column of the accuracy matrix.")
+    task: Literal["sft", "pretrain", "classification", "generative_classification"] | None = Field(
+        None, description="The stage's task (default: the top-level task).")
+    data: dict[str, Any] | None = Field(None, description="Overrides of the data section (train, eval, eval_ratio...).")
+    method: dict[str, Any] | None = Field(None, description="Overrides of the method section.")
+    train: dict[str, Any] | None = Field(None, description="Overrides of the train section.")
+    objectives: dict[str, Any] | None = Field(None, description="Overrides of the objectives section (regularisers, replay).")
+    classification: dict[str, Any] | None = Field(None, description="Overrides of the classification section.")
+    eval: dict[str, Any] | None = Field(None, description="Overrides of the eval section.")
+
+
 def _default_method():
     from tunelab.methods import METHODS
 
@@ -328,6 +350,9 @@ class TuneConfig(_Strict):
         default_factory=dict, description="task: multitask: task name -> its type, labels, loss weight and head.")
     task_sampling: TaskSamplingSection = Field(
         default_factory=TaskSamplingSection, description="task: multitask: which task each optimiser step trains on.")
+    stages: list[StageSpec] | None = Field(
+        None, description="Continual learning: tasks trained one after another (tunelab continual), each stage "
+        "starting from the previous one's weights; every task is scored after every stage.")
 
     @property
     def run_dir(self) -> Path:
@@ -483,6 +508,8 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
                  "(or task: generative_classification).")
     if cfg.task == "classification" and d.packing:
         p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
+    if cfg.stages:
+        p.append("stages: this config describes a continual run (task after task). Run it with: tunelab continual CONFIG")
     if cfg.task == "pretrain" and d.group_by_length:
         p.append("data.group_by_length with task: pretrain: rows are all max_length long. Remove it.")
     from tunelab.data.task_mix import config_problems

@@ -25,6 +25,20 @@ class BenchmarkSpec(_Strict):
     subjects: list[str] | None = Field(None, description="Only these subjects (file-name stems, e.g. abstract_algebra).")
 
 
+class ForgettingSection(_Strict):
+    """Base vs tuned on general benchmarks and held-out general data, next to the task metric (eval/forgetting.py)."""
+
+    benchmarks: list[BenchmarkSpec] = Field(
+        default_factory=list, description="General multiple-choice benchmarks (MMLU / CMMLU subsets via limit).")
+    general: list[str] = Field(
+        default_factory=list, description="Held-out general instruction files: mean assistant-token loss of base and tuned.")
+    general_limit: int | None = Field(200, ge=1, description="Score at most this many rows of each general file (first rows).")
+    task_limit: int | None = Field(None, ge=1, description="Score the task metric on at most this many validation rows.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the intervals (Wilson, bootstrap, paired bootstrap).")
+    batch_size: int = Field(16, ge=1, description="Prompts per scoring batch.")
+    max_length: int = Field(1024, ge=8, description="Token limit of the general-loss evaluation.")
+
+
 class EvalSection(_Strict):
     """Evaluation at the end of training, reports and MLflow logging."""
 
@@ -52,3 +66,6 @@ class EvalSection(_Strict):
     mlflow: bool = Field(False, description="Log params, per-step metrics, evaluations and artifacts to MLflow after training.")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<output_dir>/mlflow.db, artifacts beside it).")
     mlflow_experiment: str = Field("tunelab", description="MLflow experiment name.")
+    forgetting: ForgettingSection | None = Field(
+        None, description="After training, score the base and the tuned model on general benchmarks and held-out "
+        "general data next to the task metric; <run>/forgetting.json and the report's trade-off table.")

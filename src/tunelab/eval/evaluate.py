@@ -356,6 +356,11 @@ def after_training(section, run_dir: Path, console: Console | None = None) -> No
     if section.data or section.benchmarks:
         console.rule("[bold]evaluation")
         evaluate(run_dir, request_from_config(section), checkpoint=section.checkpoint, console=console)
+    if getattr(section, "forgetting", None) is not None:  # base vs tuned, general vs task (eval/forgetting.py)
+        from tunelab.eval.forgetting import measure_forgetting
+
+        console.rule("[bold]forgetting")
+        measure_forgetting(run_dir, checkpoint=section.checkpoint, dtype=section.dtype, console=console)
     if section.report:
         from tunelab.report.html import write_report
 

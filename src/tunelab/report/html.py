@@ -281,6 +281,54 @@ def _forgetting(doc: dict) -> list[Block]:
             Block("table", headers=["", "base", "tuned", "change", "questions"], rows=rows)]
 
 
+def _tradeoff_blocks(doc: dict) -> list[Block]:
+    """eval.forgetting: the task metric and the general measures, base vs tuned, with intervals."""
+    from tunelab.eval.forgetting import HEADERS, tradeoff_rows
+    from tunelab.report import plots
+
+    out = [Block("text", text=f"{doc['method']} on {doc['base_model']}: task metric and general ability before and "
+                              f"after tuning ({doc['confidence']:.0%} intervals; the change's interval is a paired "
+                              "bootstrap over the same examples)."),
+           Block("table", headers=HEADERS, rows=tradeoff_rows(doc))]
+    bars = {side: {m["name"]: m[side]["value"] for m in doc["measures"] if m.get(side) and m["metric"] == "accuracy"}
+            for side in ("base", "tuned")}
+    if any(bars.values()):
+        out.append(Block("image", name="forgetting-accuracy", text="accuracy, base vs tuned",
+                         png=plots.bars(bars, title="accuracy: base vs tuned", ylabel="accuracy")))
+    return out
+
+
+def _tradeoff_across(docs: dict[str, dict]) -> list[Block]:
+    """One point per run: the task gain against the change of each general measure."""
+    from tunelab.eval.forgetting import fmt_change
+    from tunelab.report import plots
+
+    names: list[str] = []
+    for doc in docs.values():
+        names += [m["name"] for m in doc["measures"] if m["name"] not in names]
+    rows = []
+    for run, doc in docs.items():
+        by = {m["name"]: m for m in doc["measures"]}
+        rows.append([run, *[fmt_change(by[n]["metric"], by[n].get("change"), by[n].get("change_ci")) if n in by
+                            else "-" for n in names]])
+    out = [Block("text", text="Change from the base model (tuned - base) of every run, with paired intervals."),
+           Block("table", headers=["run", *names], rows=rows)]
+    task = next((n for n in names if n.startswith("task")), None)
+    for n in names:
+        if n == task:
+            continue
+        points = {}
+        for run, doc in docs.items():
+            by = {m["name"]: m for m in doc["measures"]}
+            if task in by and n in by and "change" in by[task] and "change" in by[n]:
+                points[run] = (by[n]["change"], by[task]["change"])
+        if len(points) > 1:
+            out.append(Block("image", name=f"tradeoff-{n}", text=f"task change vs {n} change",
+                             png=plots.scatter(points, xlabel=f"{n}: tuned - base", ylabel=f"{task}: tuned - base",
+                                               title=f"trade-off: {task} vs {n}")))
+    return out
+
+
 def _ab_blocks(comps: list[dict]) -> list[Block]:
     out = []
     for c in comps:
@@ -349,12 +397,19 @@ def build_report(runs: list[str | Path]) -> tuple[str, list[Section]]:
                 blocks = _forgetting(doc)
                 if blocks:
                     sections.append(Section(f"Forgetting: {doc['name']}", blocks, 3))
+        tradeoff = _json(run / "forgetting.json")
+        if isinstance(tradeoff, dict) and tradeoff.get("measures"):
+            sections.append(Section("Forgetting trade-off (base vs tuned)", _tradeoff_blocks(tradeoff), 3))
         if comps:
             sections.append(Section("A/B comparisons", _ab_blocks(comps), 3))
         _, gens = demo_results(run)
         samples = _samples(run, evals, gens)
         if samples:
             sections.append(Section("Sample generations", samples, 3))
+    docs = {p.name: _json(p / "forgetting.json") for p in paths}
+    docs = {k: v for k, v in docs.items() if isinstance(v, dict) and v.get("measures")}
+    if len(docs) > 1:
+        sections.insert(1, Section("Forgetting trade-off across runs", _tradeoff_across(docs)))
     title = "tunelab report: " + ", ".join(p.name for p in paths)
     return title, sections
 

@@ -79,3 +79,18 @@ def bars(groups: dict[str, dict[str, float]], *, title: str, ylabel: str) -> byt
     if len(groups) > 1:
         ax.legend()
     return _png(fig)
+
+
+def scatter(points: dict[str, tuple[float, float]], *, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Labelled points ``{label: (x, y)}`` with the axes through zero (e.g. task gain vs general loss)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], s=30)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="#999", lw=0.8)
+    ax.axvline(0, color="#999", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(fig)

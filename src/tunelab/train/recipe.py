@@ -377,6 +377,10 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         from tunelab.train import multitask
 
         plan = multitask.plan(cfg, data, accelerator.num_processes)
+    if cfg.objectives.replay is not None:  # experience replay: exact replay rows in every step (data/replay.py)
+        from tunelab.data.replay import with_replay
+
+        data, plan = with_replay(cfg, tokenizer, data, plan, run if is_main else None, console, is_main)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * plan.steps_per_epoch))
     warm = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method))
