@@ -160,3 +160,26 @@ def test_buffer_keeps_the_stage_samples_as_trained_and_stage_objectives_use_it(t
     assert [d.path for d in obj.replay.data] == [str(path)]
     assert [d.path for d in obj.ewc.data] == [str(thuc)]  # the Fisher on the previous stage's data
     assert stage_objectives(None, second, root, Console(quiet=True)).replay is None  # nothing to replay yet
+
+
+def test_online_ewc_carries_the_fisher_across_three_stages(tmp_path):
+    """Stage k's EWC Fisher is estimated on stage k-1's data and combined with stage k-1's own Fisher."""
+    from tunelab.objectives.keep import load_fisher
+
+    path = _config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    third = shared("instruct", "llamafactory_demo", "identity.json")
+    cfg["stages"].append({"name": "identity", "data": {"train": [{"path": str(third), "limit": 16}]}})
+    cfg["train"]["max_steps"] = 1
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    assert main(["continual", str(path), "--compare", "ewc:100"]) == 0
+    out = json.loads((tmp_path / "runs" / "cl" / "compare" / "ewc-100" / "continual.json").read_text())
+    runs = [Path(s["run_dir"]) for s in out["stages"]]
+    assert not (runs[0] / "fisher.safetensors").exists()  # variants act from the second stage on
+    _, _, meta1 = load_fisher(runs[1] / "fisher.safetensors")
+    assert "online" not in meta1
+    _, _, meta2 = load_fisher(runs[2] / "fisher.safetensors")
+    assert meta2["online"] and meta2["gamma"] == 1.0 and meta2["previous"] == str(runs[1] / "fisher.safetensors")
+    stage2 = yaml.safe_load((runs[2] / "config.yaml").read_text())
+    assert stage2["objectives"]["ewc"]["data"][0]["path"].endswith("alpaca_zh_demo.json")  # stage 1's task
+    assert len(out["matrix"]) == 3 and all(len(row) == 3 for row in out["matrix"])

@@ -203,8 +203,8 @@ def stage_objectives(prev: StageRun | None, cfg, root: Path, console: Console):
       stage has none, so replay is off there;
     * **EWC** without reference data: the Fisher is estimated on stage k-1's training data;
       online EWC across more stages (``gamma``: F = gamma * F_old + F_new) needs stage k-1's Fisher:
-      it is passed on as ``ewc.fisher`` when the EWC implementation wrote ``fisher.safetensors``
-      into the previous run (the lead wires the accumulation into the EWC objective itself).
+      it is passed on as ``ewc.fisher`` with ``ewc.online`` when the previous run wrote
+      ``fisher.safetensors`` (the combined Fisher it trained with).
     """
     obj = cfg.objectives
     updates: dict[str, Any] = {}
@@ -223,8 +223,8 @@ def stage_objectives(prev: StageRun | None, cfg, root: Path, console: Console):
         if not obj.ewc.data:
             ewc_update["data"] = list(prev.cfg.data.train)
         fisher = prev.run_dir / "fisher.safetensors"
-        if obj.ewc.fisher is None and fisher.is_file():
-            ewc_update["fisher"] = str(fisher)
+        if obj.ewc.fisher is None and fisher.is_file():  # online EWC: F = gamma * F_(k-1) + F on stage k-1's data
+            ewc_update.update(fisher=str(fisher), online=True)
         if ewc_update:
             updates["ewc"] = obj.ewc.model_copy(update=ewc_update)
     return obj.model_copy(update=updates) if updates else obj
