@@ -380,15 +380,20 @@ class RowWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schemas = [pa.Table.from_pylist(b).schema for b in self._spooled()]
+        names = list(self._names)  # every key of every row (from_pylist would take the first row's only)
+
+        def columns(batch: list[Any]) -> dict[str, list[Any]]:
+            return {n: [r.get(n) if isinstance(r, dict) else None for r in batch] for n in names}
+
         try:
+            schemas = [pa.Table.from_pydict(columns(b)).schema for b in self._spooled()]
             schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+            with pq.ParquetWriter(self._tmp, schema) as out:
+                for batch in self._spooled():
+                    out.write_table(pa.Table.from_pydict(columns(batch), schema=schema))
         except (pa.ArrowException, TypeError) as err:
-            raise UserError(f"{self.path}: the rows' columns have types Parquet cannot unify (got {err}). "
-                            "Write .jsonl instead, or make each column one type.") from err
-        with pq.ParquetWriter(self._tmp, schema) as out:
-            for batch in self._spooled():
-                out.write_table(pa.Table.from_pylist(batch, schema=schema))
+            raise UserError(f"{self.path}: the rows' columns have types Parquet cannot hold together (got "
+                            f"{str(err).splitlines()[0]}). Write .jsonl instead, or make each column one type.") from err
 
     def close(self) -> Path:
         try:
