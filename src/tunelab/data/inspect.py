@@ -262,6 +262,8 @@ def print_report(report: dict[str, Any], console) -> None:
     t.add_row("rows read / usable / rejected", f"{report['rows']:,} / {report['records']:,} / {report['rejected']:,}")
     if report["rejected_by_reason"]:
         t.add_row("rejected by reason", ", ".join(f"{k}: {v}" for k, v in report["rejected_by_reason"].items()))
+    if report.get("fields"):
+        t.add_row("fields (rows with it)", ", ".join(f"{k}: {v:,}" for k, v in list(report["fields"].items())[:12]))
     t.add_row("exact / near duplicates", f"{report['exact_duplicates']:,} / {report['near_duplicates']:,} "
               f"(near: Jaccard >= {report['near_threshold']})")
     t.add_row("languages", ", ".join(f"{k} {v:.1%}" for k, v in report["languages"].items()))
