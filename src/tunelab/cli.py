@@ -245,7 +245,8 @@ def cmd_data_augment(args: argparse.Namespace) -> int:
     from tunelab.data.settings import AugmentSettings
 
     s = AugmentSettings(ops=args.ops, copies=args.copies, alpha=args.alpha, field=args.field,
-                        synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed, limit=args.limit)
+                        synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed, limit=args.limit,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     _print_json(augment_file(args.input, args.out, s, format=args.format))
     return 0
 
@@ -331,6 +332,8 @@ def _add_data_verbs(sub) -> None:
     au.add_argument("--synonyms", default=None, help="synonym file (JSON or 'word syn1 syn2' lines)")
     au.add_argument("--model", default=None, help="causal LM for paraphrase / backtranslate")
     au.add_argument("--pivot", default="French")
+    au.add_argument("--temperature", type=float, default=0.0, help="model sampling temperature (0: greedy)")
+    au.add_argument("--max-new-tokens", type=int, default=128, help="longest model reply")
     au.add_argument("--limit", type=int, default=None, help="augment at most this many rows")
     au.add_argument("--seed", type=int, default=0)
     au.add_argument("--format", default="auto", help=fmt_help)

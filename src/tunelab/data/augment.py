@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from array import array
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -109,28 +110,49 @@ def reorder(text: str, rng: random.Random) -> str:
 
 
 class ModelRewriter:
-    """Paraphrase / back-translate with a local causal LM (greedy, so deterministic)."""
+    """Paraphrase / back-translate with a local causal LM (greedy, or sampled with a seed: repeatable).
 
-    def __init__(self, model: str, max_new_tokens: int):
+    The model is loaded once by ``tunelab.ship.inference.load_for_inference`` (an alias such as
+    ``smollm2-135m-instruct``, a model folder, or a tunelab run) and prompted through its chat
+    template. An empty reply keeps the text unchanged, so no empty row is ever written (the
+    row is counted under ``unchanged_skipped``). ``calls`` counts the model calls.
+    """
+
+    def __init__(self, model: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 0.95,
+                 seed: int = 0):
         from tunelab.ship.inference import load_for_inference
 
         self.loaded = load_for_inference(model)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+        self.calls = 0
+
+    @classmethod
+    def from_settings(cls, s: AugmentSettings) -> ModelRewriter:
+        return cls(s.model, s.max_new_tokens, s.temperature, s.top_p, s.seed)
 
     def ask(self, prompt: str) -> str:
+        """The model's reply to one user message (sampled with seed ``seed + call number``)."""
         from tunelab.ship.inference import generate_reply
 
-        return generate_reply(self.loaded, [{"role": "user", "content": prompt}],
-                              max_new_tokens=self.max_new_tokens, temperature=0.0).strip()
+        self.calls += 1
+        return generate_reply(self.loaded, [{"role": "user", "content": prompt}], max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed + self.calls if self.temperature > 0 else None).strip()
 
     def paraphrase(self, text: str) -> str:
-        return self.ask(f"Rewrite the following text with different words, keeping its meaning. "
-                        f"Reply with the rewritten text only.\n\n{text}")
+        return self.ask(PARAPHRASE.format(text=text)) or text
 
     def backtranslate(self, text: str, pivot: str) -> str:
-        there = self.ask(f"Translate into {pivot}. Reply with the translation only.\n\n{text}")
+        there = self.ask(TRANSLATE.format(language=pivot, text=text))
+        if not there:
+            return text
         back = "Chinese" if is_chinese(text) else "English"
-        return self.ask(f"Translate into {back}. Reply with the translation only.\n\n{there}")
+        return self.ask(TRANSLATE.format(language=back, text=there)) or text
+
+
+PARAPHRASE = ("Rewrite the following text with different words, keeping its meaning. "
+              "Reply with the rewritten text only.\n\n{text}")
+TRANSLATE = "Translate into {language}. Reply with the translation only.\n\n{text}"
 
 
 def _prompt_keys(fmt: str) -> tuple[str, ...]:
@@ -169,7 +191,7 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
     if needs_model and not s.model:
         raise UserError(f"augment: {', '.join(sorted(needs_model))} need a model (got none). "
                         "Pass --model smollm2-135m-instruct (or any local causal LM).")
-    rewriter = ModelRewriter(s.model, s.max_new_tokens) if needs_model else None
+    rewriter = ModelRewriter.from_settings(s) if needs_model else None
     synonyms = load_synonyms(s.synonyms)
     if {"synonym", "insert"} & set(s.ops) and not s.synonyms and not synonyms("good"):
         raise UserError("augment: synonym/insert need synonyms (got no --synonyms file and no WordNet data). "
@@ -177,13 +199,17 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
     rng = random.Random(s.seed)
     made: Counter = Counter()
     unchanged: Counter = Counter()
+    def is_original(item) -> bool:
+        return item.record is not None and isinstance(item.raw, dict) and not item.raw.get("augmented")
+
     with RowWriter(out, protect=[src.path]) as w:
-        originals = []
+        positions = array("q")  # pass 1: every row as it is; where each original row landed
         for item in src.items():
             w.write(item.raw)
-            if item.record is not None and isinstance(item.raw, dict) and not item.raw.get("augmented"):
-                originals.append((w.count - 1, item))
-        for position, item in originals[: s.limit] if s.limit else originals:
+            if is_original(item):
+                positions.append(w.count - 1)
+        originals = (item for item in src.items() if is_original(item))  # pass 2: streamed again
+        for position, item in zip(positions[: s.limit] if s.limit else positions, originals, strict=False):
             for op in s.ops:
                 for _ in range(s.copies):
                     fn = _rewrite_fn(op, s, rng, synonyms, rewriter)
@@ -194,8 +220,11 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
                     new.update({"augmented": op, "source_id": item.record.id, "source_row": position})
                     w.write(new)
                     made[op] += 1
-    return {"output": str(out), "original_rows": len(originals), "augmented_rows": sum(made.values()),
-            "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+    report = {"output": str(out), "original_rows": len(positions), "augmented_rows": sum(made.values()),
+              "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+    if rewriter is not None:
+        report["model_calls"] = rewriter.calls
+    return report
 
 
 def _rewrite_fn(op: str, s: AugmentSettings, rng: random.Random, synonyms, rewriter):
@@ -217,7 +246,7 @@ def augment_records(records, s: AugmentSettings):
 
     rng = random.Random(s.seed)
     synonyms = load_synonyms(s.synonyms)
-    rewriter = ModelRewriter(s.model, s.max_new_tokens) if {"paraphrase", "backtranslate"} & set(s.ops) else None
+    rewriter = ModelRewriter.from_settings(s) if {"paraphrase", "backtranslate"} & set(s.ops) else None
     if rewriter is None and {"paraphrase", "backtranslate"} & set(s.ops):
         raise UserError("data.prepare.augment: paraphrase/backtranslate need data.prepare.augment.model.")
     made: Counter = Counter()

@@ -5,7 +5,8 @@ Two passes over the file, bounded memory for any size:
 1. stream the rows; normalise and mask each raw row (so the output keeps the input's format and
    columns), re-parse it, apply the length filter, spool the surviving rows to a temporary
    JSON Lines file, and keep only small per-row facts: 64-bit digests of the normalised full
-   text, input and answer, and MinHash signatures (in a memory-mapped temporary file);
+   text, input and answer in typed arrays (33 bytes per row), and MinHash signatures and LSH
+   band keys (in temporary files, :class:`~tunelab.data.dedup.NearDupIndex`);
 2. decide conflicts, exact duplicates (``numpy.unique`` on digests) and near duplicates
    (:mod:`tunelab.data.dedup`), then stream the spool into the output and the removed-rows file.
 
@@ -21,6 +22,7 @@ import re
 import tempfile
 import time
 import unicodedata
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +141,13 @@ class CleanReport:
 
 @dataclass
 class _Facts:
-    """Per surviving row (in spool order): small numpy-friendly facts."""
+    """Per surviving row (in spool order): small facts in typed arrays (8 bytes per value)."""
 
-    src: list[int] = field(default_factory=list)  # row index in the input file
-    full: list[int] = field(default_factory=list)
-    prompt: list[int] = field(default_factory=list)
-    answer: list[int] = field(default_factory=list)
-    has_answer: list[bool] = field(default_factory=list)
+    src: array = field(default_factory=lambda: array("q"))  # row index in the input file
+    full: array = field(default_factory=lambda: array("q"))
+    prompt: array = field(default_factory=lambda: array("q"))
+    answer: array = field(default_factory=lambda: array("q"))
+    has_answer: array = field(default_factory=lambda: array("b"))
 
 
 def default_removed_path(out: Path) -> Path:

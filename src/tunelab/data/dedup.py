@@ -8,9 +8,10 @@
   band/row split datasketch's ``MinHashLSH`` picks for the threshold (recall-weighted). datasketch hashes one
   shingle at a time in Python; here the same signatures are computed for thousands of rows at
   once with numpy (``test_data_dedup`` checks they equal datasketch's, value for value).
-  Signatures are spooled to a temporary file and memory-mapped; LSH buckets are found by
-  sorting each band's 64-bit keys; candidate pairs are verified against the threshold with the
-  signatures and joined with union-find. A cluster's representative is its first row.
+  Signatures and each band's keys are spooled to temporary files; LSH buckets are found by
+  sorting one band's 64-bit keys at a time; candidate pairs are verified against the threshold
+  with the signatures (read back only for the candidates) and joined with union-find. A
+  cluster's representative is its first row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import tempfile
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +162,12 @@ class _UnionFind:
 class NearDupIndex:
     """Signatures of many texts, added in batches; then clusters at a Jaccard threshold.
 
-    Signatures live in a temporary file (memory-mapped when clustering), band keys in RAM
-    (8 bytes x bands per row). ``close()`` removes the file.
+    Nothing per row stays in RAM while adding: signatures go to a temporary file (512 bytes per
+    row at 128 permutations) and each band's 64-bit keys to a file of its own. Clustering
+    reads one band's keys at a time (8 bytes per row, plus the sort's working arrays), collects
+    the candidate pairs, and reads only the candidates' signatures back (``os.pread``, in
+    chunks) to verify them. Peak memory is therefore a few tens of bytes per row, whatever the
+    text lengths. ``close()`` removes the files.
     """
 
     threshold: float = 0.8
@@ -170,8 +175,8 @@ class NearDupIndex:
     k: int = 5
     seed: int = 1
     n: int = 0
-    _keys: list[np.ndarray] = field(default_factory=list)
     _dir: tempfile.TemporaryDirectory | None = None
+    verify_chunk: int = 20_000  # candidate pairs whose signatures are read at once
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -179,8 +184,11 @@ class NearDupIndex:
         self.hasher = MinHasher(self.num_perm, self.k, self.seed)
         self.bands, self.rows = lsh_params(self.threshold, self.num_perm)
         self._dir = tempfile.TemporaryDirectory(prefix="tunelab-minhash-")
-        self._path = Path(self._dir.name) / "signatures.u32"
-        self._fh = open(self._path, "wb")  # noqa: SIM115 - closed in close()/_sigs()
+        folder = Path(self._dir.name)
+        self._path = folder / "signatures.u32"
+        self._fh = open(self._path, "wb")  # noqa: SIM115 - closed in close()
+        self._key_paths = [folder / f"band{b}.u64" for b in range(self.bands)]
+        self._key_fhs = [open(kp, "wb") for kp in self._key_paths]  # noqa: SIM115 - closed in close()
 
     def add(self, texts: list[str], also: list[str] | None = None) -> None:
         """Add the (already normalised) texts of the next rows, in order.
@@ -195,14 +203,59 @@ class NearDupIndex:
         if also is not None:
             np.minimum(sigs, self.hasher.signatures(also), out=sigs)
         self._fh.write(sigs.tobytes())
-        self._keys.append(band_keys(sigs, self.bands, self.rows))
+        keys = band_keys(sigs, self.bands, self.rows)
+        for b, fh in enumerate(self._key_fhs):
+            fh.write(np.ascontiguousarray(keys[:, b]).tobytes())
         self.n += len(texts)
 
-    def _sigs(self) -> np.ndarray:
-        self._fh.flush()
-        if self.n == 0:
-            return np.zeros((0, self.num_perm), dtype=_U32)
-        return np.memmap(self._path, dtype=_U32, mode="r", shape=(self.n, self.num_perm))
+    def _flush(self) -> None:
+        for fh in [self._fh, *self._key_fhs]:
+            if not fh.closed:
+                fh.flush()
+
+    def _band(self, b: int) -> np.ndarray:
+        return np.fromfile(self._key_paths[b], dtype=np.uint64, count=self.n)
+
+    def signatures_of(self, rows: np.ndarray) -> np.ndarray:
+        """The stored signatures of the given rows (any order), read from the file."""
+        width = self.num_perm * 4
+        self._flush()
+        out = np.empty((len(rows), self.num_perm), dtype=_U32)
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            buf = b"".join(os.pread(fd, width, int(r) * width) for r in rows.tolist())
+        finally:
+            os.close(fd)
+        out[:] = np.frombuffer(buf, dtype=_U32).reshape(len(rows), self.num_perm)
+        return out
+
+    def candidates(self, active: np.ndarray | None = None, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct candidate pairs ``(a, c)``, ``a < c``: rows sharing a band with ``a`` the first
+        (smallest) row of that band's bucket, so pairs grow linearly with the rows."""
+        self._flush()
+        idx_all = None if active is None else np.flatnonzero(active)
+        pairs = np.zeros(0, dtype=np.int64)
+        for b in range(self.bands):
+            col = self._band(b)
+            members = np.arange(self.n, dtype=np.int64) if idx_all is None else idx_all
+            if idx_all is not None:
+                col = col[idx_all]
+            order = np.argsort(col, kind="stable")
+            same = col[order[1:]] == col[order[:-1]]
+            del col
+            if not same.any():
+                continue
+            members = members[order]
+            del order
+            starts = np.concatenate(([True], ~same))
+            heads = members[np.flatnonzero(starts)][np.cumsum(starts) - 1]  # each run's first member
+            pair = heads != members
+            a, c = heads[pair], members[pair]
+            if cross is not None:
+                keep = cross[a] != cross[c]
+                a, c = a[keep], c[keep]
+            pairs = np.unique(np.concatenate((pairs, a * np.int64(self.n) + c)))
+        return pairs // max(self.n, 1), pairs % max(self.n, 1)
 
     def clusters(self, active: np.ndarray | None = None, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(root, similarity)`` per row: ``root[i]`` is the first row of i's cluster (i itself
@@ -215,47 +268,26 @@ class NearDupIndex:
         sim = np.zeros(self.n, dtype=np.float32)
         if self.n == 0:
             return root, sim
-        keys = np.concatenate(self._keys) if len(self._keys) > 1 else self._keys[0]
-        self._keys = [keys]
-        sigs = self._sigs()
-        idx_all = np.arange(self.n, dtype=np.int64) if active is None else np.flatnonzero(active)
+        a_all, c_all = self.candidates(active, cross)
         uf = _UnionFind()
-        best: dict[int, float] = {}
-        for b in range(self.bands):
-            col = keys[idx_all, b]
-            order = np.argsort(col, kind="stable")
-            sorted_keys = col[order]
-            same = sorted_keys[1:] == sorted_keys[:-1]
-            if not same.any():
-                continue
-            members = idx_all[order]
-            run_start = np.flatnonzero(np.concatenate(([True], ~same)))
-            run_id = np.cumsum(np.concatenate(([True], ~same))) - 1
-            heads = members[run_start][run_id]  # the first (smallest-index) member of each run
-            pair = heads != members
-            a, c = heads[pair], members[pair]
-            if cross is not None:
-                keep = cross[a] != cross[c]
-                a, c = a[keep], c[keep]
-                if not len(a):
-                    continue
-            for s in range(0, len(a), 100_000):
-                aa, cc = a[s : s + 100_000], c[s : s + 100_000]
-                est = (sigs[aa] == sigs[cc]).mean(axis=1)
-                ok = est >= self.threshold
-                for x, y, e in zip(aa[ok].tolist(), cc[ok].tolist(), est[ok].tolist(), strict=True):
-                    uf.union(x, y)
-                    best[y] = max(best.get(y, 0.0), e)
-                    best[x] = max(best.get(x, 0.0), e)
+        for s in range(0, len(a_all), self.verify_chunk):
+            a, c = a_all[s : s + self.verify_chunk], c_all[s : s + self.verify_chunk]
+            rows, inverse = np.unique(np.concatenate((a, c)), return_inverse=True)
+            sigs = self.signatures_of(rows)
+            est = (sigs[inverse[: len(a)]] == sigs[inverse[len(a) :]]).mean(axis=1)
+            ok = est >= self.threshold
+            for x, y, e in zip(a[ok].tolist(), c[ok].tolist(), est[ok].tolist(), strict=True):
+                uf.union(x, y)
+                sim[x] = max(sim[x], e)
+                sim[y] = max(sim[y], e)
         for i in list(uf.parent):
             root[i] = uf.find(i)
-        for i, e in best.items():
-            sim[i] = e
         return root, sim
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        for fh in [self._fh, *self._key_fhs]:
+            if not fh.closed:
+                fh.close()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

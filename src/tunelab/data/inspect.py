@@ -1,4 +1,4 @@
-"""``tunelab data inspect``: what is in a data file, in one streaming pass.
+"""``tunelab data inspect``: what is in a data file, in one streaming pass, in bounded memory.
 
 Rows read and rejected (by reason); token lengths per role with the model's tokenizer
 (p50/p90/p99/max and the share of rows over ``max_length``, the rendered length estimated as
@@ -49,12 +49,58 @@ def language(text: str) -> str:
     return "other"
 
 
-def _pct(values: np.ndarray) -> dict[str, float]:
-    if not len(values):
-        return {"n": 0}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"n": int(len(values)), "mean": round(float(values.mean()), 1), "p50": float(p50), "p90": float(p90),
-            "p99": float(p99), "max": int(values.max())}
+class Lengths:
+    """A histogram of integer lengths (value -> count): exact statistics in memory bounded by the
+    number of *distinct* lengths, not by the number of rows.
+
+    Percentiles interpolate linearly between order statistics, exactly as ``numpy.percentile``
+    would on the full list of values.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def add(self, values) -> None:
+        arr = np.asarray(values, dtype=np.int64)
+        if len(arr):
+            uniq, cnt = np.unique(arr, return_counts=True)
+            self.counts.update(dict(zip(uniq.tolist(), cnt.tolist(), strict=True)))
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct values, their counts)."""
+        keys = np.array(sorted(self.counts), dtype=np.int64)
+        return keys, np.array([self.counts[k] for k in keys.tolist()], dtype=np.int64)
+
+    def percentile(self, qs: list[float]) -> list[float]:
+        keys, counts = self.table()
+        cum = np.cumsum(counts)
+        n = int(cum[-1])
+
+        def at(i: int) -> float:  # the i-th smallest value (0-based)
+            return float(keys[np.searchsorted(cum, i, side="right")])
+
+        out = []
+        for q in qs:
+            h = (n - 1) * q / 100
+            lo, hi = int(np.floor(h)), int(np.ceil(h))
+            out.append(at(lo) + (h - lo) * (at(hi) - at(lo)))
+        return out
+
+    def summary(self) -> dict[str, float]:
+        n = len(self)
+        if not n:
+            return {"n": 0}
+        keys, counts = self.table()
+        p50, p90, p99 = self.percentile([50, 90, 99])
+        return {"n": n, "mean": round(float((keys * counts).sum() / n), 1), "p50": p50, "p90": p90,
+                "p99": p99, "max": int(keys[-1])}
+
+    def share_over(self, limit: int) -> float:
+        keys, counts = self.table()
+        return float(counts[keys > limit].sum() / max(counts.sum(), 1))
 
 
 def template_overhead(tokenizer) -> float:
@@ -73,15 +119,21 @@ def template_overhead(tokenizer) -> float:
 def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = None, format: str = "auto",
                  columns: dict[str, str] | None = None, near_threshold: float = 0.85, short_answer: int = 3,
                  limit: int | None = None, chunk: int = 4096) -> dict[str, Any]:
-    """The statistics of one file (see the module docstring)."""
+    """The statistics of one file (see the module docstring), in one streaming pass.
+
+    Memory per row: an 8-byte exact-duplicate digest; MinHash signatures and LSH band keys go to
+    temporary files (:class:`~tunelab.data.dedup.NearDupIndex`). Lengths and turns are kept as
+    histograms (:class:`Lengths`), labels, languages and field names as counters.
+    """
     src = open_source(path, format, columns, limit)
     rows = 0
     rejects: Counter = Counter()
-    chars: dict[str, array] = {r: array("i") for r in ROLES}
-    tokens: dict[str, array] = {r: array("i") for r in ROLES}
-    totals, turns, digests = array("i"), array("i"), array("q")
+    chars: dict[str, Lengths] = {r: Lengths() for r in ROLES}
+    tokens: dict[str, Lengths] = {r: Lengths() for r in ROLES}
+    totals, turns, digests = Lengths(), Lengths(), array("q")
     labels: Counter = Counter()
     langs: Counter = Counter()
+    fields: Counter = Counter()
     short: list[dict[str, Any]] = []
     n_short = 0
     overhead = template_overhead(tokenizer) if tokenizer is not None else 0.0
@@ -90,18 +142,22 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
         batch: list = []
 
         def flush(batch: list) -> None:
+            nonlocal n_short
             texts: dict[str, list[str]] = {r: [] for r in ROLES}
             owner: dict[str, list[int]] = {r: [] for r in ROLES}
             keys = []
+            n_turns = []
             for k, item in enumerate(batch):
                 rec = item.record
+                if isinstance(item.raw, dict) and len(fields) < 200:
+                    fields.update(item.raw.keys())
                 if rec.is_text:
                     texts["text"].append(rec.text or "")
                     owner["text"].append(k)
                 for m in rec.messages:
                     texts[m.role].append(m.content)
                     owner[m.role].append(k)
-                turns.append(sum(1 for m in rec.messages if m.role == "user"))
+                n_turns.append(sum(1 for m in rec.messages if m.role == "user"))
                 key = row_keys(rec)
                 keys.append(key)
                 digests.append(digest64(key[0] + "\n" + key[1]))
@@ -109,24 +165,24 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
                     labels[rec.label] += 1
                 langs[language(full_text(rec))] += 1
                 ans = answer_text(rec)
-                nonlocal n_short
                 if ans is not None and rec.label is None and len(ans.strip()) <= short_answer:
                     n_short += 1
                     if len(short) < 10:
                         short.append({"id": rec.id, "answer": ans})
+            turns.add(n_turns)
             index.add([k[0] for k in keys], [k[1] for k in keys])
             row_tokens = np.zeros(len(batch), dtype=np.int64)
             row_msgs = np.array([max(1, len(i.record.messages)) for i in batch])
             for role in ROLES:
                 if not texts[role]:
                     continue
-                chars[role].extend(len(t) for t in texts[role])
+                chars[role].add([len(t) for t in texts[role]])
                 if tokenizer is not None:
                     lens = [len(x) for x in tokenizer(texts[role], add_special_tokens=False)["input_ids"]]
-                    tokens[role].extend(lens)
+                    tokens[role].add(lens)
                     np.add.at(row_tokens, owner[role], lens)
             if tokenizer is not None:
-                totals.extend((row_tokens + np.round(overhead * row_msgs)).astype(int).tolist())
+                totals.add(row_tokens + np.round(overhead * row_msgs).astype(np.int64))
 
         for item in src.items():
             rows += 1
@@ -142,8 +198,10 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
         check_usable(src, rows, rows - sum(rejects.values()), rejects)
         dig = np.frombuffer(digests, dtype=np.int64) if len(digests) else np.zeros(0, dtype=np.int64)
         first = exact_duplicates(dig)
-        exact = int((first != np.arange(len(first))).sum())
-        root, _ = index.clusters(first == np.arange(len(first)))
+        is_first = first == np.arange(len(first))
+        exact = int((~is_first).sum())
+        del dig, first
+        root, _ = index.clusters(is_first)
         near = int((root != np.arange(len(root))).sum())
     finally:
         index.close()
@@ -151,8 +209,9 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
     report: dict[str, Any] = {
         "path": str(src.path), "format": src.format, "rows": rows, "records": records,
         "rejected": sum(rejects.values()), "rejected_by_reason": dict(rejects.most_common()),
-        "chars": {r: _pct(np.frombuffer(a, dtype=np.int32)) for r, a in chars.items() if len(a)},
-        "turns": _pct(np.frombuffer(turns, dtype=np.int32)) if any(turns) else None,
+        "fields": dict(fields.most_common()),
+        "chars": {r: h.summary() for r, h in chars.items() if len(h)},
+        "turns": turns.summary() if turns.counts.keys() - {0} else None,
         "exact_duplicates": exact, "near_duplicates": near, "near_threshold": near_threshold,
         "labels": dict(labels.most_common()),
         "imbalance_ratio": round(max(labels.values()) / min(labels.values()), 3) if labels else None,
@@ -160,16 +219,15 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
         "short_answers": n_short, "short_answer_examples": short,
     }
     if tokenizer is not None:
-        report["tokens"] = {r: _pct(np.frombuffer(a, dtype=np.int32)) for r, a in tokens.items() if len(a)}
-        tot = np.frombuffer(totals, dtype=np.int32)
-        report["tokens_total"] = _pct(tot)
+        report["tokens"] = {r: h.summary() for r, h in tokens.items() if len(h)}
+        report["tokens_total"] = totals.summary()
         report["template_overhead_per_message"] = round(overhead, 2)
         if max_length:
             report["max_length"] = max_length
-            report["over_max_length"] = round(float((tot > max_length).mean()) if len(tot) else 0.0, 4)
+            report["over_max_length"] = round(totals.share_over(max_length) if len(totals) else 0.0, 4)
     report["_hist"] = {"tokens" if tokenizer is not None else "chars":
-                       {r: np.frombuffer(a, dtype=np.int32) for r, a in (tokens if tokenizer is not None else chars).items() if len(a)},
-                       "turns": np.frombuffer(turns, dtype=np.int32)}
+                       {r: h for r, h in (tokens if tokenizer is not None else chars).items() if len(h)},
+                       "turns": turns}
     return report
 
 
@@ -204,6 +262,8 @@ def print_report(report: dict[str, Any], console) -> None:
     t.add_row("rows read / usable / rejected", f"{report['rows']:,} / {report['records']:,} / {report['rejected']:,}")
     if report["rejected_by_reason"]:
         t.add_row("rejected by reason", ", ".join(f"{k}: {v}" for k, v in report["rejected_by_reason"].items()))
+    if report.get("fields"):
+        t.add_row("fields (rows with it)", ", ".join(f"{k}: {v:,}" for k, v in list(report["fields"].items())[:12]))
     t.add_row("exact / near duplicates", f"{report['exact_duplicates']:,} / {report['near_duplicates']:,} "
               f"(near: Jaccard >= {report['near_threshold']})")
     t.add_row("languages", ", ".join(f"{k} {v:.1%}" for k, v in report["languages"].items()))
@@ -232,16 +292,17 @@ def print_report(report: dict[str, Any], console) -> None:
         console.print(lt)
 
 
-def _figure(data: dict[str, np.ndarray], title: str, xlabel: str, vline: float | None = None) -> str:
+def _figure(data: dict[str, Lengths], title: str, xlabel: str, vline: float | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    for name, values in data.items():
-        if len(values):
-            ax.hist(values, bins=min(60, max(5, len(np.unique(values)))), alpha=0.55, label=name)
+    for name, hist in data.items():
+        if len(hist):
+            values, counts = hist.table()
+            ax.hist(values, weights=counts, bins=min(60, max(5, len(values))), alpha=0.55, label=name)
     if vline:
         ax.axvline(vline, color="red", linestyle="--", label=f"max_length {vline:.0f}")
     ax.set_title(title)
@@ -281,7 +342,7 @@ def write_html(reports: list[dict[str, Any]], path: str | Path) -> Path:
             if hist.get(kind):
                 img = _figure(hist[kind], f"{kind} per message, by role", kind, r.get("max_length") if kind == "tokens" else None)
                 parts.append(f"<img src='data:image/png;base64,{img}'>")
-        if len(hist.get("turns", [])) and hist["turns"].max() > 0:
+        if "turns" in hist and hist["turns"].counts.keys() - {0}:
             parts.append(f"<img src='data:image/png;base64,{_figure({'conversations': hist['turns']}, 'user turns per conversation', 'turns')}'>")
     atomic_write_text(Path(path), "\n".join(parts))
     return Path(path)

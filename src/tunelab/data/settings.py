@@ -112,7 +112,10 @@ class AugmentSettings(_Strict):
                                  "Without it, WordNet (English) when its data is installed.")
     model: str | None = Field(None, description="Causal LM for paraphrase / backtranslate (e.g. smollm2-135m-instruct).")
     pivot: str = Field("French", description="Pivot language of back-translation.")
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="Longest model reply (paraphrase / backtranslate).")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Model sampling temperature; 0 is greedy (every "
+                               "copy alike). Sampling is seeded per call from `seed`, so runs repeat.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling share when temperature > 0.")
     seed: int = 0
     limit: int | None = Field(None, ge=1, description="Augment at most this many source rows.")
 

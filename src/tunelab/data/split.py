@@ -12,8 +12,8 @@ train, or are dropped when their source went elsewhere.
 
 from __future__ import annotations
 
-import random
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,26 +42,53 @@ def largest_remainder(total: int, ratios: Sequence[float]) -> list[int]:
 def assign(labels: Sequence[Any], groups: Sequence[int], ratios: Sequence[float], seed: int,
            stratify: bool = True) -> np.ndarray:
     """The split index (0..len(ratios)-1) of every row; rows of one group share it."""
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[int(g)].append(i)
-    by_label: dict[Any, list[int]] = defaultdict(list)  # label -> group ids
-    for g, rows in members.items():
-        label = Counter(labels[i] for i in rows).most_common(1)[0][0] if stratify else None
-        by_label[label].append(g)
-    out = np.zeros(len(labels), dtype=np.int64)
-    rng = random.Random(seed)
-    for label in sorted(by_label, key=lambda x: (x is None, str(x))):
-        gids = sorted(by_label[label])
-        rng.shuffle(gids)
-        gids.sort(key=lambda g: -len(members[g]))  # big groups first (stable: shuffled ties)
-        n = sum(len(members[g]) for g in gids)
-        target = largest_remainder(n, ratios)
-        have = [0] * len(ratios)
-        for g in gids:
-            k = max(range(len(ratios)), key=lambda j: (target[j] - have[j], ratios[j], -j))
-            have[k] += len(members[g])
-            out[members[g]] = k
+    names = sorted({str(x) for x in labels if x is not None})
+    code = {n: i for i, n in enumerate(names)}
+    codes = np.fromiter((len(names) if x is None else code[str(x)] for x in labels), dtype=np.int64, count=len(labels))
+    return assign_codes(codes, np.asarray(groups, dtype=np.int64), ratios, seed, stratify)
+
+
+def assign_codes(codes: np.ndarray, groups: np.ndarray, ratios: Sequence[float], seed: int,
+                 stratify: bool = True) -> np.ndarray:
+    """:func:`assign` on integer arrays (a label code per row, a group id per row), in numpy.
+
+    A group's label is its most common one (ties: the smallest code). Per label, groups are
+    shuffled (seeded), ordered big first (stable), and each goes to the split furthest below its
+    integer target. Memory: a few arrays of 8 bytes per row.
+    """
+    n = len(codes)
+    out = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return out
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    n_groups = len(sizes)
+    if stratify:
+        width = np.int64(codes.max() + 1)
+        pair, votes = np.unique(inverse * width + codes, return_counts=True)
+        g_of, l_of = pair // width, pair % width
+        order = np.lexsort((l_of, -votes, g_of))  # per group: most votes, then smallest code
+        firsts = order[np.concatenate(([True], g_of[order][1:] != g_of[order][:-1]))]
+        group_label = np.empty(n_groups, dtype=np.int64)
+        group_label[g_of[firsts]] = l_of[firsts]
+    else:
+        group_label = np.zeros(n_groups, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    split_of_group = np.zeros(n_groups, dtype=np.int64)
+    k_splits = len(ratios)
+    prefer = sorted(range(k_splits), key=lambda j: (-ratios[j], j))  # tie-break: bigger share, then first
+    for label in np.unique(group_label).tolist():
+        gids = np.flatnonzero(group_label == label)
+        gids = gids[rng.permutation(len(gids))]
+        gids = gids[np.argsort(-sizes[gids], kind="stable")]  # big groups first (stable: shuffled ties)
+        target = largest_remainder(int(sizes[gids].sum()), ratios)
+        have = [0] * k_splits
+        chosen = np.empty(len(gids), dtype=np.int64)
+        for i, size in enumerate(sizes[gids].tolist()):
+            k = max(prefer, key=lambda j: target[j] - have[j])
+            have[k] += size
+            chosen[i] = k
+        split_of_group[gids] = chosen
+    out[:] = split_of_group[inverse]
     return out
 
 
@@ -73,17 +100,40 @@ def row_keys(record) -> tuple[str, str]:
 
 def groups_of(records: list, how: str, threshold: float, batch: int = 4096) -> np.ndarray:
     """Group id (the first row of its group) per record: near duplicates, exact duplicates, or none."""
-    keys = [row_keys(r) for r in records]
-    if how == "none":
-        return np.arange(len(records), dtype=np.int64)
-    if how == "exact":
-        return exact_duplicates(np.asarray([digest64(p + "\n" + a) for p, a in keys], dtype=np.int64))
-    with NearDupIndex(threshold=threshold) as index:
-        for s in range(0, len(keys), batch):
-            part = keys[s : s + batch]
-            index.add([p for p, _ in part], [a for _, a in part])
-        near = index.clusters()[0]
-    return near
+    grouper = _Grouper(how, threshold)
+    try:
+        for s in range(0, len(records), batch):
+            grouper.add([row_keys(r) for r in records[s : s + batch]])
+        return grouper.groups()
+    finally:
+        grouper.close()
+
+
+class _Grouper:
+    """Group ids of rows added in batches: 8 bytes per row in RAM (near: the index is on disk)."""
+
+    def __init__(self, how: str, threshold: float):
+        self.how, self.n = how, 0
+        self.digests = array("q")
+        self.index = NearDupIndex(threshold=threshold) if how == "near" else None
+
+    def add(self, keys: list[tuple[str, str]]) -> None:
+        self.n += len(keys)
+        if self.how == "exact":
+            self.digests.extend(digest64(p + "\n" + a) for p, a in keys)
+        elif self.index is not None:
+            self.index.add([p for p, _ in keys], [a for _, a in keys])
+
+    def groups(self) -> np.ndarray:
+        if self.how == "exact":
+            return exact_duplicates(np.frombuffer(self.digests, dtype=np.int64) if self.n else np.zeros(0, np.int64))
+        if self.index is not None:
+            return self.index.clusters()[0]
+        return np.arange(self.n, dtype=np.int64)
+
+    def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
 
 
 @dataclass
@@ -101,73 +151,115 @@ class SplitReport:
         return dict(self.__dict__)
 
 
-def _read(path, format, columns):
-    src = open_source(path, format, columns)
-    originals, augmented, rejected = [], [], 0
-    for item in src.items():
-        if item.record is None:
-            rejected += 1
-            continue
-        if isinstance(item.raw, dict) and item.raw.get("augmented"):
-            augmented.append(item)
-        else:
-            originals.append(item)
-    if not originals:
-        raise UserError(f"{src.path}: no usable row to split (got {rejected} rejected). Check the file and its format.")
-    return src, originals, augmented, rejected
+@dataclass
+class _Scan:
+    """Pass 1 of a split: per original row its file index, label code and group; per augmented
+    row its source row. Typed arrays only (no row text is kept)."""
+
+    index: np.ndarray
+    codes: np.ndarray
+    label_names: list[str]
+    groups: np.ndarray
+    aug_source: np.ndarray  # per augmented row (file order): its ``source_row``, -1 when none
+    rejected: int
+
+
+def _scan(src, how: str, threshold: float, batch: int = 4096) -> _Scan:
+    index, codes, aug_source = array("q"), array("q"), array("q")
+    code: dict[Any, int] = {}
+    rejected = 0
+    grouper = _Grouper(how, threshold)
+    try:
+        keys: list[tuple[str, str]] = []
+        for item in src.items():
+            if item.record is None:
+                rejected += 1
+                continue
+            if isinstance(item.raw, dict) and item.raw.get("augmented"):
+                source = item.raw.get("source_row")
+                aug_source.append(source if isinstance(source, int) and not isinstance(source, bool) else -1)
+                continue
+            label = item.record.label
+            index.append(item.index)
+            codes.append(-1 if label is None else code.setdefault(label, len(code)))
+            keys.append(row_keys(item.record))
+            if len(keys) >= batch:
+                grouper.add(keys)
+                keys = []
+        grouper.add(keys)
+        if not index:
+            raise UserError(f"{src.path}: no usable row to split (got {rejected} rejected). Check the file and its format.")
+        groups = grouper.groups()
+    finally:
+        grouper.close()
+    # label codes in sorted-name order; rows without a label last
+    names = sorted(code, key=str)
+    remap = np.empty(len(code) + 1, dtype=np.int64)
+    for new, name in enumerate(names):
+        remap[code[name]] = new
+    remap[-1] = len(names)
+    raw_codes = np.frombuffer(codes, dtype=np.int64)
+    return _Scan(np.frombuffer(index, dtype=np.int64).copy(), remap[raw_codes], [str(x) for x in names], groups,
+                 np.frombuffer(aug_source, dtype=np.int64).copy() if aug_source else np.zeros(0, np.int64), rejected)
 
 
 def split_file(path: str | Path, out_dir: str | Path, settings: SplitSettings | None = None, *,
                kfold: int | None = None, format: str = "auto", columns: dict[str, str] | None = None) -> SplitReport:
-    """Write ``train/val[/test]`` files (or ``fold_<i>/{train,val}``) in the input's format."""
+    """Write ``train/val[/test]`` files (or ``fold_<i>/{train,val}``) in the input's format.
+
+    Two streaming passes: the first keeps only typed arrays per row (:class:`_Scan`; the near
+    duplicate index lives on disk), the assignment is computed on them, and the second pass
+    streams every row into its split's writer. Memory does not depend on the rows' text.
+    """
     s = settings or SplitSettings()
-    src, originals, augmented, rejected = _read(path, format, columns)
-    labels = [i.record.label for i in originals]
-    stratify = s.stratify and any(label is not None for label in labels)
-    groups = groups_of([i.record for i in originals], s.group, s.threshold)
+    if kfold is not None and kfold < 2:
+        raise UserError(f"--kfold: needs at least 2 folds (got {kfold}).")
+    src = open_source(path, format, columns)
+    scan = _scan(src, s.group, s.threshold)
+    has_labels = bool(scan.label_names)
+    stratify = s.stratify and has_labels
     ratios = [1.0 / kfold] * kfold if kfold else list(s.ratios)
-    which = assign(labels, groups, ratios, s.seed, stratify)
-    report = SplitReport(str(src.path), rejected=rejected)
-    report.groups = len(set(groups.tolist()))
-    report.grouped_rows = int(len(groups) - report.groups)
-    position = {i.index: k for k, i in enumerate(originals)}
+    which = assign_codes(scan.codes, scan.groups, ratios, s.seed, stratify)
+    report = SplitReport(str(src.path), rejected=scan.rejected)
+    report.groups = int(len(np.unique(scan.groups)))
+    report.grouped_rows = int(len(scan.groups) - report.groups)
+    # the split of each augmented row's source (-1: no such original row)
+    pos = np.searchsorted(scan.index, scan.aug_source)
+    found = (pos < len(scan.index)) & (scan.index[np.minimum(pos, len(scan.index) - 1)] == scan.aug_source)
+    aug_split = np.where(found, which[np.minimum(pos, len(which) - 1)], -1)
     ext = src.path.suffix.lower()
     out_dir = Path(out_dir)
 
-    def source_split(item) -> int | None:
-        k = position.get(item.raw.get("source_row"))
-        return None if k is None else int(which[k])
-
     if kfold:
-        if kfold < 2:
-            raise UserError(f"--kfold: needs at least 2 folds (got {kfold}).")
-        for f in range(kfold):
-            train_rows = [i.raw for k, i in enumerate(originals) if which[k] != f]
-            train_rows += [i.raw for i in augmented if source_split(i) not in (None, f)]
-            val_rows = [i.raw for k, i in enumerate(originals) if which[k] == f]
-            for name, rows in (("train", train_rows), ("val", val_rows)):
-                dest = out_dir / f"fold_{f}" / f"{name}{ext}"
-                with RowWriter(dest, protect=[src.path]) as w:
-                    for r in rows:
-                        w.write(r)
-                report.outputs[f"fold_{f}/{name}"] = str(dest)
-                report.counts[f"fold_{f}/{name}"] = len(rows)
-        report.augmented_dropped = 0
-        return report
-
-    names = SPLIT_NAMES[: len(ratios)]
+        names = [f"fold_{f}/{part}" for f in range(kfold) for part in ("train", "val")]
+    else:
+        names = list(SPLIT_NAMES[: len(ratios)])
     writers = {n: RowWriter(out_dir / f"{n}{ext}", protect=[src.path]) for n in names}
     label_counts: dict[str, Counter] = {n: Counter() for n in names}
     try:
-        for k, item in enumerate(originals):
-            name = names[which[k]]
-            writers[name].write(item.raw)
-            label_counts[name][str(item.record.label)] += item.record.label is not None
-        for item in augmented:
-            if source_split(item) == 0:
-                writers["train"].write(item.raw)
+        k_orig = k_aug = 0
+        for item in src.items():
+            if item.record is None:
+                continue
+            if isinstance(item.raw, dict) and item.raw.get("augmented"):
+                home = int(aug_split[k_aug])
+                k_aug += 1
+                if home < 0 or (not kfold and home != 0):
+                    report.augmented_dropped += not kfold
+                    continue
+                targets = [f"fold_{f}/train" for f in range(kfold) if f != home] if kfold else ["train"]
             else:
-                report.augmented_dropped += 1
+                k = int(which[k_orig])
+                label = scan.codes[k_orig]
+                k_orig += 1
+                if kfold:
+                    targets = [f"fold_{k}/val"] + [f"fold_{f}/train" for f in range(kfold) if f != k]
+                else:
+                    targets = [names[k]]
+                    if label < len(scan.label_names):
+                        label_counts[names[k]][scan.label_names[label]] += 1
+            for t in targets:
+                writers[t].write(item.raw)
         for n, w in writers.items():
             w.close()
             report.outputs[n] = str(w.path)
@@ -185,39 +277,74 @@ def split_file(path: str | Path, out_dir: str | Path, settings: SplitSettings | 
 
 def leakage(paths: Sequence[str | Path], *, threshold: float = 0.8, format: str = "auto",
             examples: int = 10) -> dict[str, Any]:
-    """Exact and near overlaps of every later file with the first one (e.g. TRAIN then TEST...)."""
+    """Exact and near overlaps of every later file with the first one (e.g. TRAIN then TEST...).
+
+    Streaming: per row only two 8-byte digests and a file number are kept (the near-duplicate
+    index is on disk); the ids of the few example rows are read back in a second pass.
+    """
     if len(paths) < 2:
         raise UserError(f"leakage: give at least two files (got {len(paths)}). E.g. tunelab data leakage train.jsonl test.jsonl")
-    texts, answers, prompts, file_of, ids = [], [], [], [], []
-    for f, path in enumerate(paths):
-        src = open_source(path, format)
+    full, prompt, file_of = array("q"), array("q"), array("q")
+    sources = [open_source(path, format) for path in paths]
+    with NearDupIndex(threshold=threshold) as index:
+        for f, src in enumerate(sources):
+            keys: list[tuple[str, str]] = []
+            for item in src.items():
+                if item.record is None:
+                    continue
+                keys.append(row_keys(item.record))
+                if len(keys) >= 4096:
+                    _leak_add(keys, f, full, prompt, file_of, index)
+                    keys = []
+            _leak_add(keys, f, full, prompt, file_of, index)
+        file_arr = np.frombuffer(file_of, dtype=np.int64) if file_of else np.zeros(0, np.int64)
+        root, sim = index.clusters(cross=file_arr)
+    full_a = np.frombuffer(full, dtype=np.int64) if full else np.zeros(0, np.int64)
+    prompt_a = np.frombuffer(prompt, dtype=np.int64) if prompt else np.zeros(0, np.int64)
+    ref = file_arr == 0
+    in_ref_full = np.isin(full_a, full_a[ref])
+    in_ref_prompt = np.isin(prompt_a, prompt_a[ref])
+    near_all = (file_arr[root] == 0) & (root != np.arange(len(root)))
+    starts = np.searchsorted(file_arr, np.arange(len(paths)))  # rows are in file order
+    report: dict[str, Any] = {"reference": str(paths[0]), "threshold": threshold, "files": []}
+    wanted: dict[int, None] = {}
+    shown: list[list[int]] = []
+    for f in range(1, len(paths)):
+        mine = np.flatnonzero(file_arr == f)
+        near = mine[near_all[mine]]
+        shown.append(near[:examples].tolist())
+        wanted.update(dict.fromkeys(near[:examples].tolist() + root[near[:examples]].tolist()))
+        report["files"].append({
+            "path": str(paths[f]), "rows": len(mine), "exact": int(in_ref_full[mine].sum()),
+            "same_input": int(in_ref_prompt[mine].sum()), "near": len(near),
+            "near_share": round(len(near) / max(len(mine), 1), 4)})
+    ids = _ids_of(sources, starts, set(wanted))
+    for entry, rows in zip(report["files"], shown, strict=True):
+        entry["examples"] = [{"row": ids[i], "matches": ids[int(root[i])], "similarity": round(float(sim[i]), 3)}
+                             for i in rows]
+    return report
+
+
+def _leak_add(keys, f: int, full: array, prompt: array, file_of: array, index: NearDupIndex) -> None:
+    full.extend(digest64(p + "\n" + a) for p, a in keys)
+    prompt.extend(digest64(p) for p, _ in keys)
+    file_of.extend([f] * len(keys))
+    index.add([p for p, _ in keys], [a for _, a in keys])
+
+
+def _ids_of(sources, starts: np.ndarray, wanted: set[int]) -> dict[int, str]:
+    """Record ids of the given global row numbers (usable rows, numbered across the files)."""
+    ids: dict[int, str] = {}
+    for f, src in enumerate(sources):
+        lo = int(starts[f])
+        hi = int(starts[f + 1]) if f + 1 < len(starts) else None
+        if not any(lo <= w and (hi is None or w < hi) for w in wanted):
+            continue
+        k = lo
         for item in src.items():
             if item.record is None:
                 continue
-            p, a = row_keys(item.record)
-            texts.append(p + "\n" + a)
-            answers.append(a)
-            prompts.append(p)
-            file_of.append(f)
-            ids.append(item.record.id)
-    file_arr = np.asarray(file_of)
-    full = np.asarray([digest64(t) for t in texts], dtype=np.int64)
-    prompt = np.asarray([digest64(t) for t in prompts], dtype=np.int64)
-    first_full, first_prompt = set(full[file_arr == 0].tolist()), set(prompt[file_arr == 0].tolist())
-    with NearDupIndex(threshold=threshold) as index:
-        for s in range(0, len(texts), 4096):
-            index.add(prompts[s : s + 4096], answers[s : s + 4096])
-        root, sim = index.clusters(cross=file_arr)
-    report: dict[str, Any] = {"reference": str(paths[0]), "threshold": threshold, "files": []}
-    for f in range(1, len(paths)):
-        mine = np.flatnonzero(file_arr == f)
-        exact = [i for i in mine.tolist() if full[i] in first_full]
-        same_prompt = [i for i in mine.tolist() if prompt[i] in first_prompt]
-        near = [i for i in mine.tolist() if file_arr[root[i]] == 0 and root[i] != i]
-        report["files"].append({
-            "path": str(paths[f]), "rows": len(mine), "exact": len(exact), "same_input": len(same_prompt),
-            "near": len(near), "near_share": round(len(near) / max(len(mine), 1), 4),
-            "examples": [{"row": ids[i], "matches": ids[root[i]], "similarity": round(float(sim[i]), 3)}
-                         for i in near[:examples]],
-        })
-    return report
+            if k in wanted:
+                ids[k] = item.record.id
+            k += 1
+    return ids

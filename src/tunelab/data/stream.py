@@ -5,15 +5,20 @@ the raw row (a dict as the file has it, column names and extra keys included) an
 back, and uses the canonical :class:`~tunelab.data.records.Record` parsed from it (by the
 readers of :mod:`tunelab.data.formats`, same rules, same rejects) to judge it.
 
-JSON Lines and ``.txt`` files are streamed line by line (bounded memory for any size); ``.json``,
-``.csv`` and ``.parquet`` files are parsed whole by the readers in ``formats``. Writers are
-atomic (temp file + rename) and refuse to write over the input file.
+Every format is streamed, so memory does not grow with the file: JSON Lines and ``.txt`` line by
+line, ``.csv`` with the ``csv`` module's reader, ``.parquet`` in record batches
+(``pyarrow.parquet.ParquetFile.iter_batches``), and a ``.json`` top-level array element by
+element (our own incremental reader over ``json.JSONDecoder.raw_decode``, since no streaming
+JSON parser is a dependency; one element must fit in :data:`MAX_JSON_ROW` characters). A
+``.json`` file that is not an array (e.g. JSON Lines saved as ``.json``) is read whole by the
+readers in ``formats``. Writers are atomic (temp file + rename), refuse to write over the input
+file, and stream too: ``.csv`` and ``.parquet`` rows are spooled to a temporary JSON Lines
+file and converted at :meth:`RowWriter.close` (Parquet in batches with one unified schema).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import tempfile
@@ -101,8 +106,149 @@ def _rows(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
         yield from _stream_lines(p, limit, as_text=True)
     elif ext == ".jsonl":
         yield from _stream_lines(p, limit, as_text=False)
+    elif ext == ".csv":
+        yield from _stream_csv(p, limit)
+    elif ext == ".parquet":
+        yield from _stream_parquet(p, limit)
+    elif ext == ".json" and _first_char(p) == "[":
+        yield from _stream_json_array(p, limit)
     else:
         yield from _f._iter_rows(p, ext, limit)
+
+
+def _not_utf8(p: Path, err: UnicodeDecodeError) -> UserError:
+    return UserError(
+        f"{p}: the file is not UTF-8 text (got byte 0x{err.object[err.start]:02x}). "
+        "Re-save it as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`."
+    )
+
+
+def _first_char(p: Path) -> str:
+    """The first non-space character of a text file ('' when none in the first 64 KiB)."""
+    try:
+        with p.open("r", encoding="utf-8-sig") as fh:
+            return fh.read(65536).lstrip()[:1]
+    except UnicodeDecodeError as err:
+        raise _not_utf8(p, err) from err
+
+
+def _stream_csv(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """CSV rows as dicts (header = keys), like ``formats._read_csv`` but one row at a time."""
+    seen = 0
+    try:
+        with p.open("r", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for index, row in enumerate(reader):
+                if limit is not None and index >= limit:
+                    return
+                seen += 1
+                yield index, {k: v for k, v in row.items() if k is not None}
+            if not seen:
+                raise UserError(f"{p}: the CSV file has a header but no rows (got {_f._show(reader.fieldnames)}). "
+                                "Add rows.")
+    except csv.Error as err:
+        raise UserError(f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header.") from err
+    except UnicodeDecodeError as err:
+        raise _not_utf8(p, err) from err
+
+
+def _stream_parquet(p: Path, limit: int | None, batch_size: int = 4096) -> Iterator[tuple[int, Any]]:
+    """Parquet rows as dicts, one record batch (``batch_size`` rows) in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(p)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]}). Re-export it.") from err
+    if pf.metadata.num_rows == 0:
+        raise UserError(f"{p}: the Parquet file has no rows (got columns {pf.schema_arrow.names}). Add rows.")
+    index = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                if limit is not None and index >= limit:
+                    return
+                yield index, row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]} at row {index}). "
+                        "Re-export it.") from err
+
+
+MAX_JSON_ROW = 64 * 2**20  # characters one element of a .json array may take (bounded reads)
+
+
+def _stream_json_array(p: Path, limit: int | None, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
+    """The elements of a top-level JSON array, one at a time, reading ``chunk`` characters at a time.
+
+    ``json.JSONDecoder.raw_decode`` parses one element from a buffer; when it fails and the file
+    has more text, more is read (doubling) and it retries, so an element may span chunks. An
+    element still unparsable after :data:`MAX_JSON_ROW` characters, or at the end of the file,
+    is a syntax error (a :class:`UserError` naming the element).
+    """
+    decoder = json.JSONDecoder()
+    consumed = 0  # characters dropped from the front of buf (for error offsets)
+    try:
+        with p.open("r", encoding="utf-8-sig") as fh:
+            buf, eof = fh.read(chunk), False
+
+            def more(n: int) -> bool:
+                nonlocal buf, eof
+                if eof:
+                    return False
+                part = fh.read(n)
+                eof = not part
+                buf += part
+                return bool(part)
+
+            def skip_ws(pos: int) -> int:
+                while True:
+                    while pos < len(buf) and buf[pos] in " \t\r\n":
+                        pos += 1
+                    if pos < len(buf) or not more(chunk):
+                        return pos
+
+            def syntax(pos: int, what: str) -> UserError:
+                return UserError(
+                    f"{p}: not valid JSON (got {what} at character {consumed + pos}). "
+                    "Fix the syntax: a .json file holds one list [{...}, ...] of rows."
+                )
+
+            pos = skip_ws(0)
+            if buf[pos : pos + 1] != "[":
+                raise syntax(pos, "no opening '['")
+            pos = skip_ws(pos + 1)
+            if buf[pos : pos + 1] == "]":
+                raise UserError(f"{p}: the JSON list is empty (got []). Point at a file with rows.")
+            index = 0
+            while True:
+                if limit is not None and index >= limit:
+                    return
+                want = chunk
+                while True:
+                    try:
+                        value, end = decoder.raw_decode(buf, pos)
+                        if end < len(buf) or not more(want):  # a number may go on in the next chunk
+                            break
+                    except json.JSONDecodeError as err:
+                        if len(buf) - pos > MAX_JSON_ROW or not more(want):
+                            raise syntax(err.pos, f"{err.msg} in element {index}") from err
+                        want *= 2
+                yield index, value
+                index += 1
+                pos = skip_ws(end)
+                sep = buf[pos : pos + 1]
+                if sep == "]":
+                    return
+                if sep != ",":
+                    raise syntax(pos, f"{sep or 'the end of the file'!r} after element {index - 1} (expected ',' or ']')")
+                pos = skip_ws(pos + 1)
+                if pos > chunk:  # drop what was parsed: the buffer stays about one chunk long
+                    consumed += pos
+                    buf, pos = buf[pos:], 0
+    except UnicodeDecodeError as err:
+        raise _not_utf8(p, err) from err
 
 
 def _stream_lines(p: Path, limit: int | None, *, as_text: bool) -> Iterator[tuple[int, Any]]:
@@ -124,10 +270,7 @@ def _stream_lines(p: Path, limit: int | None, *, as_text: bool) -> Iterator[tupl
                 except json.JSONDecodeError as err:
                     yield index, _f._BadLine(line[:500], f"{err.msg} at column {err.colno}")
     except UnicodeDecodeError as err:
-        raise UserError(
-            f"{p}: the file is not UTF-8 text (got byte 0x{err.object[err.start]:02x}). "
-            "Re-save it as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`."
-        ) from err
+        raise _not_utf8(p, err) from err
 
 
 # --------------------------------------------------------------------------- record text
@@ -172,11 +315,16 @@ def map_text(raw: Any, fn, skip: frozenset[str] = NON_TEXT_KEYS) -> Any:
 
 
 class RowWriter:
-    """Write raw rows to ``path`` in the format its extension names, atomically.
+    """Write raw rows to ``path`` in the format its extension names, atomically, in bounded memory.
 
-    ``.jsonl`` and ``.json`` stream to a temp file in the same folder; ``.csv`` and ``.parquet``
-    collect the rows first. Nothing appears at ``path`` until :meth:`close` succeeds.
+    ``.jsonl``, ``.json`` and ``.txt`` stream to a temp file in the same folder; ``.csv`` and
+    ``.parquet`` rows are spooled to a temporary JSON Lines file and converted at :meth:`close`
+    (CSV: the header is every key seen; Parquet: batches of ``batch_rows`` with one schema
+    unified over all batches by ``pyarrow.unify_schemas``). Nothing appears at ``path`` until
+    :meth:`close` succeeds.
     """
+
+    batch_rows = 8192
 
     def __init__(self, path: str | Path, *, protect: list[Path] | None = None):
         self.path = Path(path)
@@ -191,7 +339,9 @@ class RowWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._fh = os.fdopen(fd, "w", encoding="utf-8", newline="")
-        self._rows: list[Any] = []
+        self._spool = (tempfile.TemporaryFile("w+", encoding="utf-8", newline="")  # noqa: SIM115 - closed in close/abort
+                       if self.ext in (".csv", ".parquet") else None)
+        self._names: dict[str, None] = {}
         self.count = 0
         if self.ext == ".json":
             self._fh.write("[")
@@ -205,23 +355,59 @@ class RowWriter:
             text = raw.get("text", "") if isinstance(raw, dict) else str(raw)
             self._fh.write(text.replace("\n", " ") + "\n")
         else:
-            self._rows.append(raw)
+            self._names.update(dict.fromkeys(raw))
+            self._spool.write(json.dumps(raw, ensure_ascii=False) + "\n")
         self.count += 1
+
+    def _spooled(self) -> Iterator[list[Any]]:
+        self._spool.seek(0)
+        batch: list[Any] = []
+        for line in self._spool:
+            batch.append(json.loads(line))
+            if len(batch) >= self.batch_rows:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _write_csv(self) -> None:
+        writer = csv.DictWriter(self._fh, fieldnames=list(self._names))
+        writer.writeheader()
+        for batch in self._spooled():
+            writer.writerows(_csv_row(r) for r in batch)
+
+    def _write_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        names = list(self._names)  # every key of every row (from_pylist would take the first row's only)
+
+        def columns(batch: list[Any]) -> dict[str, list[Any]]:
+            return {n: [r.get(n) if isinstance(r, dict) else None for r in batch] for n in names}
+
+        try:
+            schemas = [pa.Table.from_pydict(columns(b)).schema for b in self._spooled()]
+            schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+            with pq.ParquetWriter(self._tmp, schema) as out:
+                for batch in self._spooled():
+                    out.write_table(pa.Table.from_pydict(columns(batch), schema=schema))
+        except (pa.ArrowException, TypeError) as err:
+            raise UserError(f"{self.path}: the rows' columns have types Parquet cannot hold together (got "
+                            f"{str(err).splitlines()[0]}). Write .jsonl instead, or make each column one type.") from err
 
     def close(self) -> Path:
         try:
             if self.ext == ".json":
                 self._fh.write("\n]\n")
             elif self.ext == ".csv":
-                self._fh.write(_csv_text(self._rows))
+                self._write_csv()
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
             if self.ext == ".parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                pq.write_table(pa.Table.from_pylist(self._rows), self._tmp)
+                self._write_parquet()
+            if self._spool is not None:
+                self._spool.close()
             os.replace(self._tmp, self.path)
         except BaseException:
             self.abort()
@@ -231,6 +417,8 @@ class RowWriter:
     def abort(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+        if self._spool is not None and not self._spool.closed:
+            self._spool.close()
         Path(self._tmp).unlink(missing_ok=True)
 
     def __enter__(self) -> RowWriter:
@@ -243,17 +431,8 @@ class RowWriter:
             self.abort()
 
 
-def _csv_text(rows: list[Any]) -> str:
-    names: dict[str, None] = {}
-    for r in rows:
-        names.update(dict.fromkeys(r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(names))
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
-                         for k, v in r.items()})
-    return buf.getvalue()
+def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in r.items()}
 
 
 def write_rows(path: str | Path, rows, *, protect: list[Path] | None = None) -> int:
