@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.config import EvalSection
 from tunelab.methods import MethodConfig
+from tunelab.search.config import SweepSection
 
 
 class _Strict(BaseModel):
@@ -290,6 +291,7 @@ class TuneConfig(_Strict):
     objectives: ObjectivesSection = Field(
         default_factory=ObjectivesSection, description="Keep what the model knew: L2-SP, EWC, distillation, replay."
     )
+    sweep: SweepSection | None = Field(None, description="Hyperparameter search (tunelab sweep; train ignores it).")
 
     @property
     def run_dir(self) -> Path:
@@ -433,6 +435,12 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     from tunelab.data.workbench import data_problems
 
     p += data_problems(d)
+    if cfg.sweep is not None:
+        from tunelab.methods import METHODS
+        from tunelab.search.config import sweep_problems
+
+        p += sweep_problems(cfg.sweep, _flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
+                            {n: set(m.Config.model_fields) for n, m in METHODS.items()})
     # tasks (classification, pretrain)
     if cfg.method.name == "head" and cfg.task != "classification":
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
