@@ -631,11 +631,15 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_advise(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
-    from tunelab.search.advise import advise, print_advice
+    from tunelab.search.advise import DRY_RUN_METHODS, advise, print_advice
 
     cfg, _ = load_config(args.config, args.set)
-    print_advice(advise(cfg, probe_steps=getattr(args, "probe_steps", 2),
-                        methods=getattr(args, "methods", None)), Console())
+    dry_run = getattr(args, "dry_run", False)  # train --dry-run: the configured method beside full, LoRA, QLoRA
+    methods = getattr(args, "methods", None) or (list(DRY_RUN_METHODS) if dry_run else None)
+    if dry_run and cfg.task == "classification":
+        methods = ["head", "lora", "full"]
+    print_advice(advise(cfg, probe_steps=getattr(args, "probe_steps", 2), methods=methods,
+                        all_checkpointing=not dry_run), Console())
     return 0
 
 
