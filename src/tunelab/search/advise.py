@@ -168,8 +168,25 @@ def train_steps(model, loss_module, optimizer, batch, *, precision: str, steps: 
     return times
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Memory does not depend on the thread count; one thread avoids oversubscribing a busy machine
+    (tiny operators ran 16x slower with 2 threads on a loaded 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure_step_memory(cfg: TuneConfig, precision: str, steps: int = 2) -> tuple[Memory, int, int]:
     """(peak memory of ``steps`` training steps by component, trainable, parameters) of ``cfg`` as is."""
+    with _one_thread():
+        return _measure_step_memory(cfg, precision, steps)
+
+
+def _measure_step_memory(cfg: TuneConfig, precision: str, steps: int) -> tuple[Memory, int, int]:
     model, loss, optimizer = build_for_training(cfg, precision)
     batch = synthetic_batch(cfg, _vocab(model))
     weights = sum(_bytes(t) for t in model_tensors(model))
@@ -369,6 +386,9 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     from tunelab.models.load import load_tokenizer
     from tunelab.train.recipe import prepare_data
 
+    from tunelab.train.recipe import set_threads
+
+    set_threads(cfg.train.threads)  # timed as training will run
     tokenizer = load_tokenizer(cfg.model.path)
     set_chat_template(tokenizer, cfg.data.template)
     quiet = Console(file=io.StringIO())
@@ -417,7 +437,7 @@ def recommend(cfg: TuneConfig, estimates: list[MethodEstimate], available: float
                            f"{'far from' if far else 'close to'} what it was pre-trained on")
         if tokens is not None:
             ratio = tokens / params if params else 0
-            reasons.append(f"{tokens:,} target tokens of training data ({ratio:.3f} per model parameter)")
+            reasons.append(f"{tokens:,} target tokens of training data ({ratio:.2g} per model parameter)")
         if keep:
             reasons.append("an objectives: regulariser is set: general knowledge must be kept, so the base "
                            "weights stay frozen (adapters)")
