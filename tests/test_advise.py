@@ -12,15 +12,15 @@ from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.methods import METHODS
 from tunelab.search.advise import (
-    MethodEstimate,
     Memory,
+    MethodEstimate,
     Probes,
     _probe_config,
     estimate_method,
     measure_step_memory,
     recommend,
 )
-from tunelab.search.memory import TensorMemory, model_tensors
+from tunelab.search.memory import TensorMemory
 
 
 @pytest.fixture(scope="module")

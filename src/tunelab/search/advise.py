@@ -384,9 +384,7 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     from tunelab.data.batching import collate
     from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_tokenizer
-    from tunelab.train.recipe import prepare_data
-
-    from tunelab.train.recipe import set_threads
+    from tunelab.train.recipe import prepare_data, set_threads
 
     set_threads(cfg.train.threads)  # timed as training will run
     tokenizer = load_tokenizer(cfg.model.path)
