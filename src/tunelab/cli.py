@@ -625,7 +625,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     select_model(SelectRequest(candidates=args.candidates, data=args.data, shots=args.shots, limit=args.limit,
                                max_length=args.max_length, batch_size=args.batch_size, method=args.method,
-                               out=args.out), Console())
+                               out=args.out, max_new_tokens=args.max_new_tokens), Console())
     return 0
 
 
@@ -666,6 +666,7 @@ def _add_search_verbs(sub) -> None:
     se.add_argument("--max-length", type=int, default=512, help="tokens per sample (memory and throughput)")
     se.add_argument("--batch-size", type=int, default=4, help="micro-batch for memory and throughput")
     se.add_argument("--method", default="lora", help="method whose training throughput is measured (default lora)")
+    se.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: tokens generated per reply")
     se.add_argument("--out", default=None, help="write the ranking as JSON here")
     se.set_defaults(fn=cmd_select)
 

@@ -82,14 +82,20 @@ def read_validation(path: str, shots: int, limit: int) -> tuple[list[Record], li
                         f"--shots {shots}. Use a larger validation file or fewer shots")
     task = detect_task(records)
     labels = label_set(records, None) if task == "classification" else []
-    if task == "classification" and any(r.is_text for r in records):
+    if task == "classification" and all(r.label is not None for r in records):  # text + label rows
         prompt = ClassificationSection().prompt
-        records = [Record(r.id, (Message("user", prompt.format(labels=", ".join(labels), text=r.text or "")),
+        records = [Record(r.id, (Message("user", prompt.format(labels=", ".join(labels), text=_text(r))),
                                  Message("assistant", gold_label(r) or "")), label=r.label) for r in records]
     if task == "lm":
         raise UserError(f"--data {path}: plain-text rows have no prompt to condition on. Use chat, instruction "
                         "or classification data (the rows your fine-tuned model will answer)")
     return records[:shots], records[shots:], task, labels
+
+
+def _text(r: Record) -> str:
+    if r.text is not None:
+        return r.text
+    return next((m.content for m in r.messages if m.role == "user"), "")
 
 
 def reply_losses(model, tokenizer, records: list[Record], shots: list[Record]) -> float:
