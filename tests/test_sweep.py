@@ -178,3 +178,25 @@ def test_two_workers_share_one_postgres_study_without_losing_or_repeating_a_tria
     lines = [line for out in outs for line in out.splitlines() if line.startswith("trial ")]
     assert len(lines) == len(trials), outs  # each trial reported by exactly one worker
     assert time.time() - t0 < 300
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_was_killed_is_rerun_with_its_parameters(tmp_path, alpaca_path):
+    import optuna
+
+    sweep = {"params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}}, "sampler": "random",
+             "pruner": "none", "trials": 1, "heartbeat": 1}
+    path = sweep_config(tmp_path, alpaca_path, sweep)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "TUNELAB_FAULT_KILL_AT_STEP": "1"}
+    killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(path), "--worker"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after optimiser step 1, mid-trial
+    storage = f"sqlite:///{tmp_path / 'runs' / 'sw-sweep' / 'study.db'}"
+    (stale,) = optuna.load_study(study_name="sw", storage=storage).get_trials()
+    assert stale.state == optuna.trial.TrialState.RUNNING
+    time.sleep(5)  # 4 missed heartbeats
+    assert main(["sweep", str(path)]) == 0
+    trials = optuna.load_study(study_name="sw", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["FAIL", "COMPLETE"], states
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == stale.params

@@ -153,6 +153,7 @@ def open_study(cfg: TuneConfig):
     import optuna
 
     s = _section(cfg)
+    sweep_folder(cfg).mkdir(parents=True, exist_ok=True)  # the default storage's file and the trials live here
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=s.study or cfg.run.name, storage=open_storage(storage_url(cfg), s),
                                sampler=make_sampler(s), pruner=make_pruner(s, cfg.train.eval_every), direction=direction(s), load_if_exists=True)
@@ -292,6 +293,16 @@ def _counts(study) -> tuple[int, int]:
     return len(trials) - running, running
 
 
+def _fail_stale(study) -> None:
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def run_worker(cfg: TuneConfig, console: Console) -> int:
     """Train trials until the study has ``sweep.trials`` finished (or running) trials or the time is up.
 
@@ -304,6 +315,7 @@ def run_worker(cfg: TuneConfig, console: Console) -> int:
     deadline = time.monotonic() + s.timeout if s.timeout else None
     done = 0
     while True:
+        _fail_stale(study)  # a dead worker's trial: failed, and re-queued with its parameters
         finished, running = _counts(study)
         if finished + running >= s.trials or (deadline is not None and time.monotonic() >= deadline):
             break
