@@ -28,11 +28,11 @@ def _status(key: str) -> float:
 
 
 def worker(method: str, model: str, batch: int, length: int, precision: str, checkpointing: bool) -> dict:
+    import torch
+
     from tunelab.config import load_config
     from tunelab.search.advise import Probes, _probe_config, estimate_method, measure_step_memory
     from tunelab.train.precision import resolve_precision
-
-    import torch
 
     precision = resolve_precision(precision, torch.device("cpu"))
     cfg = load_config(None, base={"task": "classification" if method == "head" else "sft", "model": {"path": model},
@@ -88,8 +88,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     mib = 2**20
-    print(f"| method | trainable | weights | gradients | optimiser | activations | measured peak | predicted peak "
-          f"| error | process RSS growth |")
+    print("| method | trainable | weights | gradients | optimiser | activations | measured peak | predicted peak "
+          "| error | process RSS growth |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         err = 100 * (r["predicted"] / r["measured"] - 1)
