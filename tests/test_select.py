@@ -7,7 +7,6 @@ import json
 import pytest
 
 from conftest import shared
-from tunelab.cli import main
 from tunelab.errors import UserError
 from tunelab.search.select import Candidate, SelectRequest, rank, read_validation, select_model
 
@@ -62,9 +61,10 @@ def test_select_scores_and_ranks_two_candidates_and_reports_a_missing_one(tmp_pa
 @pytest.mark.real_model
 def test_smollm2_outranks_a_random_model_on_real_instructions(tmp_path):
     data = shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
-    assert main(["select", "--candidates", "tiny-random-llama", "smollm2-135m-instruct", "--data", str(data),
-                 "--limit", "4", "--shots", "1", "--max-length", "64", "--batch-size", "1", "--max-new-tokens", "8",
-                 "--out", str(tmp_path / "r.json")]) == 0
+    req = SelectRequest(candidates=["tiny-random-llama", "smollm2-135m-instruct"], data=str(data), shots=1, limit=4,
+                        max_length=32, batch_size=1, max_new_tokens=8, memory_methods=("lora",),
+                        out=str(tmp_path / "r.json"))
+    select_model(req)
     ranked = json.loads((tmp_path / "r.json").read_text())
     assert ranked[0]["name"] == "smollm2-135m-instruct"
     assert ranked[0]["loss_few"] < ranked[1]["loss_few"] - 3  # a trained model vs ~log(49152)

@@ -53,7 +53,7 @@ class ObjectiveSettings(_Strict):
     metric: str = Field(
         "eval_loss",
         description="A metric the training loop evaluates (eval_loss; accuracy, macro_f1 for classification tasks), "
-        "or <source>.<metric> from the eval: section's results (<run>/eval/<source>.json, e.g. val.token_f1).",
+        "or <source>.<metric> from the eval: section's results (<run>/eval/<source>.json, e.g. val.f1).",
     )
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="Default: minimize for losses and perplexities, maximize for everything else."
