@@ -48,6 +48,7 @@ def test_sweep_section_is_strict_with_a_close_match(tmp_path, alpaca_path):
     assert load_config(ok)[0].sweep.params["method.r"].high == 4
 
 
+@pytest.mark.slow  # five training runs
 def test_sweep_prunes_writes_outputs_and_resumes(tmp_path, alpaca_path, capsys):
     # lr 1e-7 barely moves the loss: once a 3e-3 trial has finished, a 1e-7 trial is worse than the
     # median at its first evaluation and is pruned (warmup_evals 0); random sampler, seed 3 -> order
