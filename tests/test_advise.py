@@ -40,10 +40,13 @@ def tiny4(tmp_path_factory) -> Path:
     return folder
 
 
+OPTIONS = {"llama_adapter": {"layers": 2}}  # adapted top layers < depth: the probes start at 2 and extrapolate
+
+
 def _cfg(model: Path, method: str, **train):
     task = "classification" if method == "head" else "sft"
     return load_config(None, base={
-        "task": task, "model": {"path": str(model)}, "method": {"name": method},
+        "task": task, "model": {"path": str(model)}, "method": {"name": method, **OPTIONS.get(method, {})},
         "data": {"train": [{"path": "unused.jsonl"}], "max_length": 32},
         "train": {"batch_size": 2, "precision": "fp32", **train}})[0]
 
