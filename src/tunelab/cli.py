@@ -41,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.train.recipe import fine_tune
 
     cfg, sources = load_config(args.config, args.set)
+    if getattr(args, "dry_run", False):
+        return cmd_advise(args)
     if args.resume and args.config is not None:
         _check_resume_config(cfg)
     fine_tune(cfg, sources, resume=args.resume)
@@ -664,6 +666,80 @@ def _add_continual_verbs(sub) -> None:
     c.set_defaults(fn=cmd_continual)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.search.sweep import run_worker, sweep, write_outputs
+
+    cfg, _ = load_config(args.config, args.set)
+    if args.worker:  # one of the processes of a sweep (or a worker started by hand on another machine)
+        run_worker(cfg, Console())
+    elif args.report:
+        write_outputs(cfg, Console())
+    else:
+        sweep(cfg, Console(), workers=args.workers)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from tunelab.search.select import SelectRequest, select_model
+
+    select_model(SelectRequest(candidates=args.candidates, data=args.data, shots=args.shots, limit=args.limit,
+                               max_length=args.max_length, batch_size=args.batch_size, method=args.method,
+                               out=args.out, max_new_tokens=args.max_new_tokens), Console())
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.search.advise import DRY_RUN_METHODS, advise, print_advice
+
+    cfg, _ = load_config(args.config, args.set)
+    dry_run = getattr(args, "dry_run", False)  # train --dry-run: the configured method beside full, LoRA, QLoRA
+    methods = getattr(args, "methods", None) or (list(DRY_RUN_METHODS) if dry_run else None)
+    if dry_run and cfg.task == "classification":
+        methods = ["head", "lora", "full"]
+    print_advice(advise(cfg, probe_steps=getattr(args, "probe_steps", 2), methods=methods,
+                        all_checkpointing=not dry_run), Console())
+    return 0
+
+
+def _add_search_verbs(sub) -> None:
+    """sweep, select, advise (tunelab.search)."""
+    sw = sub.add_parser("sweep", help="hyperparameter search over a config's sweep: section (Optuna)",
+                        description="Train trials with sampled values of the config's sweep.params; pruning, "
+                        "resumable storage, several workers; writes <output_dir>/<run.name>-sweep/.")
+    sw.add_argument("config", help="a training YAML with a sweep: section")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sw.add_argument("--workers", type=int, default=None, help="worker processes (default sweep.workers)")
+    sw.add_argument("--worker", action="store_true",
+                    help="run trials only (join the study from this machine; no table at the end)")
+    sw.add_argument("--report", action="store_true", help="only write the table, best.yaml and plots of the study")
+    sw.set_defaults(fn=cmd_sweep)
+
+    se = sub.add_parser("select", help="rank candidate base models on your validation data",
+                        description="Loss and task metric zero- and few-shot, parameters, memory per method, "
+                        "measured throughput; a ranked table with the reasons.")
+    se.add_argument("--candidates", nargs="+", required=True, help="aliases, HF folders or .gguf files")
+    se.add_argument("--data", required=True, help="validation file (any training data format)")
+    se.add_argument("--shots", type=int, default=3, help="examples put before each prompt for few-shot (default 3)")
+    se.add_argument("--limit", type=int, default=64, help="validation rows scored (default 64)")
+    se.add_argument("--max-length", type=int, default=512, help="tokens per sample (memory and throughput)")
+    se.add_argument("--batch-size", type=int, default=4, help="micro-batch for memory and throughput")
+    se.add_argument("--method", default="lora", help="method whose training throughput is measured (default lora)")
+    se.add_argument("--max-new-tokens", type=int, default=48, help="generation tasks: tokens generated per reply")
+    se.add_argument("--out", default=None, help="write the ranking as JSON here")
+    se.set_defaults(fn=cmd_select)
+
+    ad = sub.add_parser("advise", help="memory and time estimate per method, and a recommended strategy",
+                        description="Peak memory per method (weights, gradients, optimiser states, activations "
+                        "with and without checkpointing), a timed probe, and a recommendation in words.")
+    ad.add_argument("config", help="a training YAML")
+    ad.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    ad.add_argument("--probe-steps", type=int, default=2, help="timed training steps of the real model (0: skip)")
+    ad.add_argument("--methods", nargs="*", default=None, help="methods to estimate (default: every applicable one)")
+    ad.set_defaults(fn=cmd_advise)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -681,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run from its latest checkpoint (same config required)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the memory / time estimate and recommendation (tunelab advise) and exit")
     t.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("config", help="inspect configs")
@@ -723,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_verbs(sub)
     _add_multitask_verbs(sub)
     _add_continual_verbs(sub)
+    _add_search_verbs(sub)
     return p
 
 

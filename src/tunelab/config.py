@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.config import EvalSection
 from tunelab.methods import MethodConfig
+from tunelab.search.config import SweepSection
 
 
 class _Strict(BaseModel):
@@ -353,6 +354,7 @@ class TuneConfig(_Strict):
     stages: list[StageSpec] | None = Field(
         None, description="Continual learning: tasks trained one after another (tunelab continual), each stage "
         "starting from the previous one's weights; every task is scored after every stage.")
+    sweep: SweepSection | None = Field(None, description="Hyperparameter search (tunelab sweep; train ignores it).")
 
     @property
     def run_dir(self) -> Path:
@@ -499,6 +501,12 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     from tunelab.objectives.rules import keep_problems
 
     p += keep_problems(cfg)
+    if cfg.sweep is not None:
+        from tunelab.methods import METHODS
+        from tunelab.search.config import sweep_problems
+
+        p += sweep_problems(cfg.sweep, _flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
+                            {n: set(m.Config.model_fields) for n, m in METHODS.items()})
     # tasks (classification, pretrain)
     if cfg.method.name == "head" and cfg.task not in ("classification", "multitask"):
         p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
