@@ -65,6 +65,23 @@ def _split_alpaca(workdir: Path, replay_records: int, general_limit: int) -> tup
     return replay, general
 
 
+def balanced_test(workdir: Path, n: int) -> Path:
+    """The first ``n`` THUCNews test headlines taken round-robin over the classes (the file is sorted by
+    class: its first rows are all one class, which would make the task metric one class's recall)."""
+    by_label: dict[int, list[str]] = {}
+    for line in (THUCNEWS / "test.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            by_label.setdefault(json.loads(line)["label"], []).append(line)
+    picked, queues = [], [by_label[k] for k in sorted(by_label)]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    out = workdir / "thucnews_test_balanced.jsonl"
+    out.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return out
+
+
 def variant_config(args, variant: str, replay_file: Path, general_file: Path) -> dict[str, Any]:
     objectives: dict[str, Any] = {}
     if variant == "l2sp":
@@ -82,7 +99,7 @@ def variant_config(args, variant: str, replay_file: Path, general_file: Path) ->
         "run": {"name": variant, "output_dir": str(args.workdir / "runs")},
         "model": {"path": args.model},
         "data": {"train": [{"path": str(THUCNEWS / "train.jsonl"), "limit": args.train}],
-                 "eval": [{"path": str(THUCNEWS / "test.jsonl"), "limit": args.task_test}],
+                 "eval": [{"path": str(balanced_test(args.workdir, args.task_test))}],
                  "max_length": args.max_length, "packing": False},
         "method": method,
         "classification": {"prompt": PROMPT},
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         head, rest = doc.split(MARK_START, 1)
         note = (f"\n_{args.model}, {args.method} fine-tuning at lr {args.lr:g}, {args.steps} steps x {args.batch_size} x "
-                f"{args.grad_accum} rows, {args.train} THUCNews headlines ({args.task_test} scored), MMLU {args.mmlu_limit} "
+                f"{args.grad_accum} rows, {args.train} THUCNews headlines ({args.task_test} test headlines scored, round-robin over the classes), MMLU {args.mmlu_limit} "
                 f"questions 0-shot, {args.general_limit} held-out alpaca records; 95% intervals (Wilson / bootstrap; "
                 f"changes: paired bootstrap); `benchmarks/results/{out_json.name}`_\n\n")
         args.out.write_text(head + MARK_START + note + text + "\n" + MARK_END + rest.split(MARK_END, 1)[1],
