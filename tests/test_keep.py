@@ -23,7 +23,7 @@ from torch import nn
 from conftest import tiny_config
 from tunelab.config import load_config
 from tunelab.data.batching import IGNORE, Row
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, UserError
 from tunelab.objectives import distill as dist
 from tunelab.objectives import keep
 from tunelab.train.recipe import fine_tune
@@ -384,6 +384,29 @@ def test_classification_takes_l2sp_and_ewc_and_rejects_distillation(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="objectives.distill with task: classification"):
         load_config(path)
+
+
+def test_answer_as_text_task_takes_instruction_data_as_ewc_and_distill_reference(tmp_path, alpaca_path):
+    """General instruction data (no label) is the usual reference for a generative classification
+    task: it is read as SFT rows, not rejected for a missing label."""
+    from test_classification import cls_config
+
+    cfg = cls_config(tmp_path, "gen", {"name": "lora", "r": 4, "alpha": 8},
+                     train={"max_steps": 2, "eval_every": 0, "epochs": None}, n_train=16)
+    cfg["task"] = "generative_classification"
+    cfg["data"]["max_length"] = 128
+    cfg["data"].pop("eval")
+    ref = [{"path": str(alpaca_path), "limit": 4}]
+    cfg["objectives"] = {"ewc": {"weight": 100.0, "samples": 2, "data": ref}, "distill": {"weight": 1.0, "data": ref}}
+    out = run_cfg(tmp_path, cfg, "gen")
+    assert train_records(out.run_dir)[-1]["ewc"] > 0
+    assert (out.run_dir / "reference" / "ewc").is_dir()
+    cls_file = cfg["data"]["train"][0]["path"]
+    cfg["objectives"] = {"ewc": {"weight": 1.0, "samples": 2, "data": [*ref, {"path": cls_file}]}}
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "run": {**cfg["run"], "name": "mixed"}}))
+    with pytest.raises(UserError, match="objectives.ewc.data: mixes classification files"):
+        fine_tune(*load_config(path))
 
 
 def test_distillation_on_reference_data_with_a_cached_teacher_resumes_exactly(tmp_path, alpaca_path):

@@ -505,6 +505,19 @@ class KeepSetup:
         return out
 
 
+def _labelled(specs, name: str) -> bool:
+    """Whether reference files are classification rows (True) or instruction/chat rows (False)."""
+    from tunelab.data.formats import read_records
+
+    kinds = {s.path: read_records(s.path, format=s.format, columns=s.columns or None, limit=8).format == "classification"
+             for s in specs}
+    if len(set(kinds.values())) > 1:
+        raise UserError(f"objectives.{name}.data: mixes classification files "
+                        f"{[p for p, k in kinds.items() if k]} with instruction files "
+                        f"{[p for p, k in kinds.items() if not k]}. Give one kind")
+    return all(kinds.values())
+
+
 def reference_rows(cfg, specs, tokenizer, run, console, is_main: bool, name: str, data) -> list:
     """Rows of reference files, read and tokenised like the training data (rejects in ``<run>/reference/<name>/``)."""
     from tunelab.train.recipe import prepare_data
@@ -513,7 +526,11 @@ def reference_rows(cfg, specs, tokenizer, run, console, is_main: bool, name: str
     ref_data = cfg.data.model_copy(update={"train": list(specs), "eval": [], "eval_ratio": 0.0, "prepare": None,
                                            "mix": type(cfg.data.mix)(), "sampler": "random"})
     update: dict[str, Any] = {"data": ref_data}
-    if cfg.task in ("classification", "generative_classification") and data.task is not None:
+    if cfg.task == "generative_classification" and not _labelled(specs, name):
+        # General instruction data (alpaca, chat) keeps the model's general ability: it is a
+        # reference for an answer-as-text task as it is, scored on its replies like SFT.
+        update["task"] = "sft"
+    elif cfg.task in ("classification", "generative_classification") and data.task is not None:
         update["classification"] = cfg.classification.model_copy(update={"labels": list(data.task.labels)})
     ref_run = None
     if run is not None:
