@@ -22,8 +22,10 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded-accelerate-launch", "packed-train-processes"])
 def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
+    """Padded rows run under `accelerate launch`; packed rows under tunelab's own launcher
+    (`train.processes: 2` in the config, plain `tunelab train`)."""
     common = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
     data = {"train": [{"path": str(alpaca_path), "limit": 96 if packing else 48}], "max_length": 128,
             "packing": packing}
@@ -36,12 +38,15 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "one.yaml")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
-    accelerate = Path(sys.executable).with_name("accelerate")
-    multi = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    if packing:
+        two["train"]["processes"] = 2
+        (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")]
+    else:
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli",
+               "train", str(tmp_path / "two.yaml")]
+    multi = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     assert json.loads((run2 / "env.json").read_text())["processes"] == 2
@@ -53,3 +58,45 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     w2 = load_file(str(run2 / "final" / "adapter_model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_failing_rank_stops_the_others_at_once(tmp_path, monkeypatch, capsys):
+    """Rank 1 fails while rank 0 would wait (at a collective): the launcher stops rank 0 and
+    returns rank 1's exit code instead of waiting for the gloo timeout."""
+    import time
+
+    from tunelab.train import launch
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$RANK" = 1 ]; then exit 3; fi\nsleep 120\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    start = time.monotonic()
+    assert launch.run_processes(["train", "x.yaml"], 2) == 3
+    assert time.monotonic() - start < 30
+    assert "process 1 of 2 stopped with exit code 3" in capsys.readouterr().err
+
+
+def test_train_processes_user_error_is_one_line_once(tmp_path, alpaca_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "no output"}\n' * 4)
+    cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "max_steps": 1},
+                      data={"train": [{"path": str(bad)}]})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_python_api_refuses_train_processes(tmp_path, alpaca_path):
+    from tunelab.config import load_config
+    from tunelab.errors import UserError
+    from tunelab.train.recipe import fine_tune
+
+    cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="train.processes: 2 processes are started by `tunelab train CONFIG`"):
+        fine_tune(*load_config(tmp_path / "c.yaml"))

@@ -7,6 +7,7 @@ line per problem) and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from tunelab import __version__
 from tunelab.errors import UserError
+from tunelab.train import launch
 
 err_console = Console(stderr=True)
 
@@ -45,6 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_advise(args)
     if args.resume and args.config is not None:
         _check_resume_config(cfg)
+    if cfg.train.processes > 1 and not launch.launched():
+        argv = ["train", args.config, *(x for kv in args.set for x in ("--set", kv))]
+        return launch.run_processes([*argv, "--resume"] if args.resume else argv, cfg.train.processes)
     fine_tune(cfg, sources, resume=args.resume)
     return 0
 
@@ -817,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):  # rank 0 says it once
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -216,7 +216,15 @@ class TrainSection(_Strict):
         5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: physical cores).")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per process (default: physical cores / processes)."
+    )
+    processes: int = Field(
+        1, ge=1,
+        description="Data-parallel processes `tunelab train` starts on this machine (DDP: gloo on CPU, one GPU "
+        "each). Each takes batch_size rows per micro-batch. On CPU, 2 one-thread processes beat one 2-thread "
+        "process for twice the model memory. Under accelerate launch / torchrun the launcher decides.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."
     )

@@ -25,6 +25,7 @@ from tunelab.data.batching import Plan, Row, rows_packed, rows_unpacked
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import launch
 from tunelab.train.loop import LoopSetup, train_loop
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
 from tunelab.train.run import RunDir, environment
@@ -303,6 +304,10 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
 
     console = console or Console()
     t = cfg.train
+    if t.processes > 1 and not launch.launched():
+        raise UserError(f"train.processes: {t.processes} processes are started by `tunelab train CONFIG`; this entry "
+                        "point (the Python API, sweep, cv, continual) trains in one process. Run `tunelab train`, "
+                        "or set train.processes: 1")
     threads = set_threads(t.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(t.precision, device)

@@ -1,0 +1,116 @@
+"""``train.processes: N``: ``tunelab train`` starts N data-parallel processes on this machine.
+
+Each process is ``python -m tunelab.cli train ...`` with the environment torchrun and
+``accelerate launch`` give their workers (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); the loop's ``Accelerator`` reads it and
+runs DDP over gloo on CPU or NCCL on GPUs. Nothing else changes: the optimiser step covers
+``batch_size x grad_accum x N`` rows, and 1 process equals N processes (tested).
+
+Why on CPU: the ~40,000 small ATen calls of a training step (casts, norms, RoPE) do not get
+faster with a second intra-op thread, while a second process runs its own; on the 2-core
+development machine two 1-thread processes train the standard LoRA workload faster than one
+2-thread process (see ``docs/benchmarks.md``), for twice the model memory.
+
+Why our own and not ``accelerate launch``: the config alone says how many processes; a user
+error stays one line (the launcher would add its own traceback); and when one process fails
+the others are stopped at once instead of waiting at the next collective for the 30-minute
+gloo timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tunelab.errors import UserError
+
+#: Set in the processes this launcher starts (their user errors are printed by process 0 only).
+LAUNCHED_ENV = "TUNELAB_PROCESS"
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher (ours, torchrun, accelerate, MPI)."""
+    return any(k in os.environ for k in ("LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")) or \
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_devices(processes: int) -> None:
+    """N processes need N GPUs when there is a GPU (one process per device); any N works on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise UserError(f"train.processes: {processes}, but this machine has {torch.cuda.device_count()} GPU(s). "
+                        f"Set train.processes to at most {torch.cuda.device_count()}")
+
+
+def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> int:
+    """Run ``tunelab <argv>`` as ``processes`` ranks; the exit code is the first failing rank's (else 0).
+
+    A rank that fails stops the others. Ctrl-C reaches every rank through the terminal's process
+    group; they write their interruption checkpoint (rank 0) and stop, and are killed after
+    ``grace_s`` if they have not.
+    """
+    check_devices(processes)
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    procs = []
+    for r in range(processes):
+        env = {**base, "RANK": str(r), "WORLD_SIZE": str(processes), "LOCAL_RANK": str(r),
+               "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               LAUNCHED_ENV: "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], env=env))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                # give rank 0 a moment to fail on its own (it prints the error line), then stop the rest
+                _wait(procs[:1], 2.0)
+                codes = [p.poll() for p in procs]
+                r, code = next((r, c) for r, c in enumerate(codes) if c not in (None, 0))
+                _stop(procs)
+                if r != 0:
+                    print(f"error: process {r} of {processes} stopped with exit code {code}; its messages are above",
+                          file=sys.stderr)
+                return code
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _wait(procs, grace_s)
+        _stop(procs)
+        return 130
+
+
+def _wait(procs, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            return
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    _wait(procs, 10.0)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
