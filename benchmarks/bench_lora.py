@@ -130,8 +130,9 @@ def worker_ours(spec: dict) -> dict:
     rows = rows_packed(train_enc, spec["max_length"])
     records_per_row = len(train_enc) / max(1, len(rows))
     rows_per_step = max(1, round(RECORDS_PER_STEP / records_per_row))
-    batch_size = max(1, min(spec["ours_batch_size"], rows_per_step))
-    grad_accum = max(1, math.ceil(rows_per_step / batch_size))
+    processes = spec.get("ours_processes", 1)
+    batch_size = max(1, min(spec["ours_batch_size"], rows_per_step // processes))
+    grad_accum = max(1, math.ceil(rows_per_step / (batch_size * processes)))
 
     run_root = Path(spec["workdir"]) / "runs"
     raw = {
@@ -150,31 +151,42 @@ def worker_ours(spec: dict) -> dict:
             "warmup_ratio": HYPER["warmup_ratio"], "weight_decay": HYPER["weight_decay"],
             "max_grad_norm": HYPER["max_grad_norm"], "batch_size": batch_size, "grad_accum": grad_accum,
             "epochs": HYPER["epochs"], "eval_every": 0, "save_every": 0, "precision": "auto",
-            "seed": HYPER["seed"], "threads": spec["threads"], "log_every": 1,
-            "gradient_checkpointing": spec.get("ours_gradient_checkpointing", False),
+            "seed": HYPER["seed"], "threads": max(1, spec["threads"] // processes), "log_every": 1,
+            "gradient_checkpointing": spec.get("ours_gradient_checkpointing", False), "processes": processes,
         },
     }
-    cfg, sources = load_config(None, base=raw)
-    outcome = fine_tune(cfg, sources, console=Console(width=120))
-    summary = outcome.summary
+    launcher_rss = None
+    if processes == 1:
+        cfg, sources = load_config(None, base=raw)
+        run_dir = fine_tune(cfg, sources, console=Console(width=120)).run_dir
+    else:  # `tunelab train` starts the ranks; the job's memory is theirs plus the launcher's
+        run_dir, launcher_rss = _train_processes(raw, Path(spec["workdir"]))
+    summary = json.loads((run_dir / "summary.json").read_text())
 
     # Training wall time: from the loop's start to the end of the last optimiser step (the final
     # evaluation and checkpoint come after it and are not training).
-    metrics = [json.loads(line) for line in (outcome.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     train_records = [m for m in metrics if m.get("kind") == "train"]
     train_seconds = float(train_records[-1]["elapsed_s"]) if train_records else float(summary["train_seconds"])
-    env = json.loads((outcome.run_dir / "env.json").read_text())
+    env = json.loads((run_dir / "env.json").read_text())
+    extra = {}
+    if processes > 1:
+        extra = {"processes": processes, "peak_rss_mib_per_process": summary["peak_rss_mib"],
+                 "launcher_rss_mib": launcher_rss,
+                 "peak_rss_mib": round(sum(summary["peak_rss_mib"]) + (launcher_rss or 0.0), 1)}
     return {
+        **extra,
         "side": "ours",
         **data,
         "tokens_trained": int(summary["tokens_seen"]),
         "optimiser_steps": int(summary["step"]),
         "packed_rows": len(rows),
         "records_per_row": round(records_per_row, 3),
-        "micro_batch": f"{batch_size} packed row(s) of <= {spec['max_length']} tokens",
+        "micro_batch": f"{batch_size} packed row(s) of <= {spec['max_length']} tokens"
+                       + (f" per process, {processes} processes" if processes > 1 else ""),
         "batch_size": batch_size,
         "grad_accum": grad_accum,
-        "records_per_step": round(batch_size * grad_accum * records_per_row, 2),
+        "records_per_step": round(batch_size * grad_accum * processes * records_per_row, 2),
         "train_seconds": round(train_seconds, 3),
         "loop_seconds_incl_final_eval_and_save": summary["train_seconds"],
         "tokens_per_s": round(data["train_tokens"] / max(train_seconds, 1e-9), 2),
@@ -183,8 +195,29 @@ def worker_ours(spec: dict) -> dict:
         "train_loss_last": train_records[-1]["loss"] if train_records else None,
         "precision": summary["precision"],
         "base_dtype": env.get("dtype"),
-        "threads": torch.get_num_threads(),
+        "threads": env.get("threads", torch.get_num_threads()),
     }
+
+
+def _train_processes(raw: dict, workdir: Path) -> tuple[Path, float | None]:
+    """Run ``tunelab train`` with ``train.processes`` > 1; returns the run folder and the launcher's
+    peak RSS (read while it runs: its high-water mark is reached at start-up)."""
+    import yaml
+
+    path = workdir / "ours.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(path)])
+    rss = None
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as fh:
+                rss = next((int(x.split()[1]) / 1024 for x in fh if x.startswith("VmHWM:")), rss)
+        except OSError:
+            pass
+        time.sleep(1.0)
+    if proc.returncode != 0:
+        raise SystemExit(f"tunelab train with {raw['train']['processes']} processes failed (exit {proc.returncode})")
+    return Path(raw["run"]["output_dir"]) / raw["run"]["name"], rss
 
 
 def worker_baseline(spec: dict) -> dict:
@@ -328,7 +361,7 @@ def run_worker(side: str, spec_text: str) -> None:
     started = time.perf_counter()
     result = (worker_ours if side == "ours" else worker_baseline)(spec)
     result["worker_seconds"] = round(time.perf_counter() - started, 2)
-    result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    result.setdefault("peak_rss_mib", round(_peak_rss_mib(), 1))  # ours with processes: the ranks' sum
     Path(spec["result_path"]).write_text(json.dumps(result, indent=2))
 
 
@@ -424,7 +457,8 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
          ("identical" if cmp.get("same_tokens") else "DIFFERENT") if "same_tokens" in cmp else "-", "-"),
         ("optimiser steps", _fmt(o.get("optimiser_steps"), "d"), _fmt(b.get("optimiser_steps"), "d"), "-", "-"),
         ("micro-batch x accumulation",
-         f"{o['batch_size']} x {o['grad_accum']}" if o else "-",
+         f"{o['batch_size']} x {o['grad_accum']}" + (f" x {o['processes']} processes" if o.get("processes") else "")
+         if o else "-",
          f"{b['batch_size']} x {b['grad_accum']}" if b else "-", "-", "-"),
         ("records per optimiser step", _fmt(o.get("records_per_step"), ".1f"), _fmt(b.get("records_per_step"), "d"),
          "-", "-"),
@@ -563,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: physical cores)")
     p.add_argument("--ours-batch-size", type=int, default=1,
                    help="packed rows per micro-batch for ours (accumulation makes up ~16 records per step)")
+    p.add_argument("--ours-processes", type=int, default=1,
+                   help="ours: train.processes (data-parallel ranks sharing the --threads; peak RSS is their sum)")
     p.add_argument("--ours-gradient-checkpointing", action="store_true",
                    help="recompute activations in ours' backward pass (less memory, more compute)")
     p.add_argument("--baseline-from", type=Path, default=None,
@@ -584,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "train_path": str(train_path), "eval_path": str(eval_path),
             "max_length": args.max_length, "threads": args.threads or default_threads(),
             "ours_batch_size": args.ours_batch_size, "workdir": str(workdir),
-            "ours_gradient_checkpointing": args.ours_gradient_checkpointing,
+            "ours_gradient_checkpointing": args.ours_gradient_checkpointing, "ours_processes": args.ours_processes,
         }
         launch("prepare", spec, workdir)  # a first use of an alias builds it: not in either side's memory
         sides = {}

@@ -54,3 +54,23 @@ def test_bench_lora_tiny_end_to_end(tmp_path):
     assert text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")
     assert "old" not in text and "dataset tokens/s" in text and "tiny-random-llama" in text
     assert "dataset tokens/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_lora_ours_with_two_processes(tmp_path):
+    """`--ours-processes 2`: the same tokens through `tunelab train` with train.processes: 2; the
+    peak RSS is the ranks' sum plus the launcher's."""
+    shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--model", "tiny-random-llama",
+         "--records", "16", "--eval-records", "8", "--max-length", "128", "--only", "ours", "--threads", "2",
+         "--ours-processes", "2", "--results-dir", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours = json.loads(next(results.glob("*.json")).read_text())["sides"]["ours"]
+    assert ours["processes"] == 2 and ours["threads"] == 1
+    assert ours["tokens_trained"] == ours["train_tokens"] and ours["optimiser_steps"] >= 1
+    per = ours["peak_rss_mib_per_process"]
+    assert len(per) == 2 and ours["peak_rss_mib"] >= sum(per) > 0

@@ -50,6 +50,8 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     assert multi.returncode == 0, multi.stderr[-3000:]
     run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     assert json.loads((run2 / "env.json").read_text())["processes"] == 2
+    peaks = [json.loads((r / "summary.json").read_text())["peak_rss_mib"] for r in (run1, run2)]
+    assert len(peaks[0]) == 1 and len(peaks[1]) == 2 and all(100 < p < 20_000 for p in peaks[0] + peaks[1])
     l1, l2 = losses(run1), losses(run2)
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2, strict=True):

@@ -48,7 +48,8 @@ def _free_port() -> int:
 
 
 def check_devices(processes: int) -> None:
-    """N processes need N GPUs when there is a GPU (one process per device); any N works on CPU."""
+    """N ranks need N GPUs when there is a GPU (one rank per device); any N works on CPU. Called by
+    the ranks (the launcher itself stays light: it never imports torch)."""
     import torch
 
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
@@ -63,7 +64,6 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> 
     group; they write their interruption checkpoint (rank 0) and stop, and are killed after
     ``grace_s`` if they have not.
     """
-    check_devices(processes)
     port = _free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     procs = []

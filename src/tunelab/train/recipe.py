@@ -28,7 +28,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import launch
 from tunelab.train.loop import LoopSetup, train_loop
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
-from tunelab.train.run import RunDir, environment
+from tunelab.train.run import RunDir, environment, peak_memory_mib
 from tunelab.train.schedule import lr_factor, warmup_steps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -308,6 +308,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         raise UserError(f"train.processes: {t.processes} processes are started by `tunelab train CONFIG`; this entry "
                         "point (the Python API, sweep, cv, continual) trains in one process. Run `tunelab train`, "
                         "or set train.processes: 1")
+    if os.environ.get(launch.LAUNCHED_ENV):
+        launch.check_devices(int(os.environ["WORLD_SIZE"]))
     threads = set_threads(t.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(t.precision, device)
@@ -432,6 +434,14 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         penalty=keep.penalty if keep else None, step_metrics=keep.metrics if keep else None,
     )
     result = train_loop(setup)
+    peaks = [peak_memory_mib()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        peaks = gather_object(peaks)
+    result["peak_rss_mib"] = [p["rss"] for p in peaks]  # per process, training included, saving not
+    if "gpu" in peaks[0]:
+        result["peak_gpu_mib"] = [p["gpu"] for p in peaks]
 
     # --- final weights and summary ---------------------------------------------------------
     if is_main:
@@ -466,5 +476,10 @@ def _print_summary(console: Console, summary: dict[str, Any], run: RunDir) -> No
         table.add_row(f"task {task}", ", ".join(f"{k} {m[k]:.4f}" for k in ("eval_loss", "accuracy", "macro_f1") if k in m))
     if summary.get("skipped_steps"):
         table.add_row("skipped steps (non-finite)", str(summary["skipped_steps"]))
+    for key, what in (("peak_rss_mib", "peak RSS"), ("peak_gpu_mib", "peak GPU memory")):
+        if summary.get(key):
+            per = summary[key]
+            table.add_row(what, f"{sum(per):,.0f} MiB" + (f" ({' + '.join(f'{x:,.0f}' for x in per)} per process)"
+                                                          if len(per) > 1 else ""))
     table.add_row("weights", str(run.final))
     console.print(table)

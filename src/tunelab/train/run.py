@@ -99,3 +99,23 @@ def environment(device: str, precision: str, world_size: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory (``VmHWM``) and, on a GPU, the peak torch allocation, in MiB."""
+    import resource
+
+    import torch
+
+    rss = None
+    try:
+        with open("/proc/self/status") as fh:
+            rss = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if rss is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    out = {"rss": round(rss, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
