@@ -48,6 +48,22 @@ def test_segment_bounds_restart_at_zero():
     assert att.segment_bounds(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
 
 
+def test_causal_bias_cache_is_bounded_and_keeps_what_is_in_use(monkeypatch):
+    """Packed rows bring a new block shape per segment length; the shared causal biases must not
+    pile up (an unbounded cache grew ~80 MB per step on SmolLM2)."""
+    monkeypatch.setattr(att, "_BIASES", type(att._BIASES)())
+    monkeypatch.setattr(att, "_BIAS_BYTES", 4 * 2**20)
+    for kn in range(64, 600, 3):
+        att._causal_bias(3, min(kn, att.BLOCK), kn, torch.bfloat16, torch.device("cpu"))
+    held = sum(b.numel() * b.element_size() for b in att._BIASES.values())
+    assert held <= 4 * 2**20 and len(att._BIASES) >= 2
+    last = att._causal_bias(3, att.BLOCK, 598, torch.bfloat16, torch.device("cpu"))
+    assert att._causal_bias(3, att.BLOCK, 598, torch.bfloat16, torch.device("cpu")) is last  # a hit, not rebuilt
+    i = torch.arange(att.BLOCK).view(-1, 1) + 598 - att.BLOCK
+    expected = torch.where(torch.arange(598).view(1, -1) > i, float("-inf"), 0.0).repeat(3, 1)
+    torch.testing.assert_close(last.float(), expected)
+
+
 def test_bf16_close_to_fp32():
     torch.manual_seed(1)
     pos = torch.cat([torch.arange(n) for n in (90, 150)]).view(1, -1)
