@@ -1,5 +1,6 @@
 """The training allocator settings: memory freed by one step is reused by the next, not faulted in again."""
 
+import os
 import subprocess
 import sys
 
