@@ -1,6 +1,5 @@
 """The training allocator settings: memory freed by one step is reused by the next, not faulted in again."""
 
-import os
 import subprocess
 import sys
 
@@ -36,13 +35,3 @@ def test_keep_freed_memory_cuts_page_faults_of_repeated_steps():
     default, kept = _faults("default"), _faults("keep")
     assert kept < 0.5 * default, (default, kept)  # measured here: 45,309 vs 14,592
 
-
-def test_onednn_primitive_cache_is_bounded_unless_the_user_chose(monkeypatch):
-    from tunelab.kernels import allocator
-
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    allocator.keep_freed_memory()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == allocator.ONEDNN_CACHE
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-    allocator.keep_freed_memory()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"

@@ -11,22 +11,16 @@ the next one.
 Our own because it is one ``mallopt`` call; PyTorch has no CPU caching allocator that does it.
 Only glibc (Linux) has ``mallopt``; elsewhere this does nothing.
 
-It also bounds oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, unless the user
-set it). bf16 matrix products on CPU run through oneDNN, which keeps one primitive per shape, up
-to 1,024 by default. Packed rows bring new shapes with every segment length, so that cache grows
-all through training. On the standard SmolLM2 LoRA workload, live memory grew by about 13 MB per
-row, which is +1.2 GB peak RSS over one epoch. A row reuses its own shapes across its 30 layers,
-so 128 primitives keep the step time (0.85-0.98 s per row either way) and cut the growth to
-about 7 MB per row, which then stops at the cap. A capacity of 8 slowed steps by 50% (measured
-2026-11-24). It must be set before the first oneDNN product, so ``fine_tune`` calls this before
-training.
+oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1,024 shapes) is left as it
+is: packed rows bring new matmul shapes with every segment length, and a cap of 128 cut the
+benchmark's peak RSS from ~2.7-3.0 GB to 2.2 GB but its speed by 10-14% (measured 2026-11-24,
+``docs/benchmarks.md``). Set the variable yourself to make that trade.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -36,14 +30,9 @@ TRIM_THRESHOLD = 2**30  # free memory at the top of the heap is kept up to 1 GiB
 _done = False
 
 
-ONEDNN_CACHE = "128"
-
-
 def keep_freed_memory() -> bool:
-    """Set glibc's malloc thresholds for training (once per process) and bound oneDNN's primitive
-    cache; returns whether the malloc thresholds were set."""
+    """Set glibc's malloc thresholds for training (once per process); returns whether they were set."""
     global _done
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
     if _done:
         return True
     name = ctypes.util.find_library("c")
