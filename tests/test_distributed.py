@@ -102,3 +102,38 @@ def test_python_api_refuses_train_processes(tmp_path, alpaca_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="train.processes: 2 processes are started by `tunelab train CONFIG`"):
         fine_tune(*load_config(tmp_path / "c.yaml"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, alpaca_path):
+    """SIGINT to `tunelab train` with train.processes: 2: both ranks stop after the same step,
+    one checkpoint is saved, the error is one line, and --resume finishes the run from there."""
+    import signal
+    import time
+
+    cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "batch_size": 2, "grad_accum": 1,
+                                                   "epochs": 2, "lr": 1e-3},
+                      data={"train": [{"path": str(alpaca_path), "limit": 400}], "max_length": 128})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "runs" / "tiny"
+    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if "interrupted at step" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    step = int(lines[0].split("interrupted at step ")[1].split(":")[0])
+    assert (run / "checkpoints" / f"step-{step:06d}").is_dir()
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == summary["total_steps"] and summary["steps_this_session"] == summary["total_steps"] - step

@@ -20,6 +20,7 @@ gloo timeout.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,9 +61,11 @@ def check_devices(processes: int) -> None:
 def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> int:
     """Run ``tunelab <argv>`` as ``processes`` ranks; the exit code is the first failing rank's (else 0).
 
-    A rank that fails stops the others. Ctrl-C reaches every rank through the terminal's process
-    group; they write their interruption checkpoint (rank 0) and stop, and are killed after
-    ``grace_s`` if they have not.
+    A rank that fails stops the others. The ranks run in their own session, so Ctrl-C (or a
+    SIGINT sent to this process) reaches them once, through this launcher: they agree on a step,
+    save one checkpoint and stop; they are killed after ``grace_s`` if they have not. A second
+    Ctrl-C makes them abort. On Linux a rank also dies with its launcher (``PR_SET_PDEATHSIG``), so
+    a killed launcher leaves no rank waiting at a collective.
     """
     port = _free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
@@ -71,7 +74,8 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> 
         env = {**base, "RANK": str(r), "WORLD_SIZE": str(processes), "LOCAL_RANK": str(r),
                "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                LAUNCHED_ENV: "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], env=env,
+                                      start_new_session=True, preexec_fn=_die_with_parent))
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -89,9 +93,29 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> 
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
-        _wait(procs, grace_s)
+        _send(procs, signal.SIGINT)
+        try:
+            _wait(procs, grace_s)
+        except KeyboardInterrupt:
+            _send(procs, signal.SIGINT)  # the second Ctrl-C: abort
         _stop(procs)
         return 130
+
+
+def _send(procs, sig: int) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait(procs, seconds: float) -> None:
@@ -101,8 +125,6 @@ def _wait(procs, seconds: float) -> None:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
-            return
 
 
 def _stop(procs) -> None:

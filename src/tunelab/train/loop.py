@@ -38,6 +38,35 @@ from tunelab.train.run import RunDir
 _KILL_AT_STEP = int(os.environ.get("TUNELAB_FAULT_KILL_AT_STEP", "0")) or None
 
 
+class _StopRequest:
+    """Ctrl-C with several processes. A ``KeyboardInterrupt`` lands on each rank at a different
+    point (one inside a collective, one outside), and the ranks then wait for each other forever.
+    Instead, the first SIGINT only marks the request. The ranks agree on it through the step's
+    loss all-reduce, finish that step together, save one checkpoint and stop. A second SIGINT
+    aborts at once. One process keeps the plain ``KeyboardInterrupt``."""
+
+    def __init__(self, active: bool):
+        import threading
+
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.asked = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __enter__(self):
+        if self.active:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._old)
+
+
 @dataclass
 class LoopSetup:
     """Everything the loop needs, built by :func:`tunelab.train.recipe.fine_tune`."""
@@ -134,7 +163,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     t_start, tokens_window, t_window = time.perf_counter(), 0, time.perf_counter()
     start_step, tokens_at_start = state["step"], state["tokens_seen"]
 
-    with progress:
+    with progress, _StopRequest(world > 1) as stop:
         try:
             while state["step"] < s.total_steps:
                 step = state["step"]
@@ -163,7 +192,9 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                             penalty_value = penalty.detach().item()
                         acc.backward(objective)
                     loss_sum += part.detach().double()
-                step_loss = (acc.reduce(loss_sum, "sum") / n_targets).item()
+                # one all-reduce carries the step's loss and whether any rank was asked to stop
+                totals = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(stop.asked))]), "sum")
+                step_loss, stop_after_step = (totals[0] / n_targets).item(), totals[1].item() > 0
                 if by_dataset is not None:
                     by_dataset = acc.reduce(by_dataset, "sum")
 
@@ -224,7 +255,17 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- checkpoint ---------------------------------------------------------------
                 if cfg.save_every and step % cfg.save_every == 0 and step < s.total_steps:
                     _save_checkpoint(s, step, state)
+                if stop_after_step and step < s.total_steps:  # Ctrl-C on a rank: all stop after this step
+                    _save_checkpoint(s, step, state)
+                    raise UserError(
+                        f"interrupted at step {step}: checkpoint saved in {s.run.checkpoints}. "
+                        f"Continue with: tunelab train CONFIG --resume"
+                    )
         except KeyboardInterrupt:
+            if world > 1:  # a second Ctrl-C: the ranks are not at the same point, no collective save
+                raise UserError(f"interrupted twice at step {state['step']}: stopped without saving. Continue "
+                                f"from the last checkpoint in {s.run.checkpoints} with: tunelab train CONFIG "
+                                f"--resume") from None
             _save_checkpoint(s, state["step"], state)
             raise UserError(
                 f"interrupted at step {state['step']}: checkpoint saved in {s.run.checkpoints}. "
