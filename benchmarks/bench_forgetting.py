@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from docs_section import write_section  # benchmarks/docs_section.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 SHARED = REPO.parent / "shared" / "data"
@@ -264,17 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"results: {out_json}")
     if args.out:
-        doc = args.out.read_text(encoding="utf-8")
-        if MARK_START not in doc or MARK_END not in doc:
-            print(f"{args.out}: no {MARK_START} ... {MARK_END} markers; table not written", file=sys.stderr)
-            return 1
-        head, rest = doc.split(MARK_START, 1)
         note = (f"\n_{args.model}, {args.method} fine-tuning at lr {args.lr:g}, {args.steps} steps x {args.batch_size} x "
                 f"{args.grad_accum} rows, {args.train} THUCNews headlines ({args.task_test} test headlines scored, round-robin over the classes), MMLU {args.mmlu_limit} "
                 f"questions 0-shot, {args.general_limit} held-out alpaca records; 95% intervals (Wilson / bootstrap; "
                 f"changes: paired bootstrap); `benchmarks/results/{out_json.name}`_\n\n")
-        args.out.write_text(head + MARK_START + note + text + "\n" + MARK_END + rest.split(MARK_END, 1)[1],
-                            encoding="utf-8")
+        if not write_section(args.out, MARK_START, MARK_END, note + text + "\n"):
+            print(f"{args.out}: no {MARK_START} ... {MARK_END} markers; table not written", file=sys.stderr)
+            return 1
     return 0
 
 

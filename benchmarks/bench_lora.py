@@ -43,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from docs_section import write_section  # benchmarks/docs_section.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILE = REPO.parent / "shared" / "data" / "instruct" / "llamafactory_demo" / "alpaca_en_demo.json"
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -495,9 +497,10 @@ def print_table(result: dict) -> None:
 
 
 def markdown_section(result: dict) -> str:
+    """The text between the ``bench:lora`` markers of ``docs/benchmarks.md``."""
     m, w = result["machine"], result["workload"]
     lines = [
-        MARK_START,
+        "",
         f"Measured {result['timestamp']} with `python benchmarks/bench_lora.py {' '.join(result['argv'])}`".rstrip()
         + f" (result file `{result['result_file']}`).",
         "",
@@ -515,20 +518,9 @@ def markdown_section(result: dict) -> str:
         f"{m['memory_gib']} GiB; bf16 instructions: {', '.join(m['bf16_instructions']) or 'none'}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
         f"accelerate {m['accelerate']}; {m['os']}.",
-        MARK_END,
+        "",
     ]
     return "\n".join(lines)
-
-
-def update_docs(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def launch(side: str, spec: dict, workdir: Path) -> dict:
@@ -659,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     print(f"[bench] result: {result_file}")
     if args.out:
-        update_docs(args.out, markdown_section(result))
+        write_section(args.out, MARK_START, MARK_END, markdown_section(result), append=True)
         print(f"[bench] updated {args.out}")
     return 0
 

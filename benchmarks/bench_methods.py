@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from docs_section import write_section  # benchmarks/docs_section.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 ALPACA = SHARED / "instruct" / "llamafactory_demo" / "alpaca_en_demo.json"
@@ -259,15 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"results: {out_json}")
     if args.out:
-        doc = args.out.read_text(encoding="utf-8")
-        if MARK_START not in doc or MARK_END not in doc:
-            print(f"{args.out}: no {MARK_START} ... {MARK_END} markers; table not written", file=sys.stderr)
-            return 1
-        head, rest = doc.split(MARK_START, 1)
         budget = (f"\n_{args.model}, {args.steps} steps x {args.batch_size} x {args.grad_accum} rows, "
                   f"{args.records} alpaca records, {args.cls_train}/{args.cls_test} THUCNews headlines; "
                   f"`benchmarks/results/{out_json.name}`_\n\n")
-        args.out.write_text(head + MARK_START + budget + text + "\n" + MARK_END + rest.split(MARK_END, 1)[1], encoding="utf-8")
+        if not write_section(args.out, MARK_START, MARK_END, budget + text + "\n"):
+            print(f"{args.out}: no {MARK_START} ... {MARK_END} markers; table not written", file=sys.stderr)
+            return 1
     return 0
 
 
