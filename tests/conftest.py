@@ -45,3 +45,31 @@ def tiny_config(tmp_path: Path, data_path: Path, **sections) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+ACCELERATE_2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+
+
+def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "accelerate") -> tuple[Path, Path]:
+    """Train config ``one`` in 1 process and ``two`` in 2 (``accelerate launch``, or ``launcher="tunelab"``:
+    ``train.processes: 2``), one thread each, through the CLI; returns their run folders."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    if launcher == "tunelab":
+        two = {**two, "train": {**two["train"], "processes": 2}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = []
+    for cfg, multi in ((one, False), (two, True)):
+        path = tmp_path / f"{cfg['run']['name']}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(path)]
+        if multi and launcher == "accelerate":
+            cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *ACCELERATE_2, *cmd[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(Path(cfg["run"]["output_dir"]) / cfg["run"]["name"])
+    return runs[0], runs[1]

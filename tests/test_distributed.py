@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import tiny_config, train_one_and_two
 
 
 def losses(run: Path) -> list[float]:
@@ -32,23 +31,7 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     one = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 4}, run={"name": "one"}, data=data)
     two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "two"}, data=data)
     one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
-    for cfg in (one, two):
-        (tmp_path / f"{cfg['run']['name']}.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "one.yaml")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr
-    if packing:
-        two["train"]["processes"] = 2
-        (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")]
-    else:
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli",
-               "train", str(tmp_path / "two.yaml")]
-    multi = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    run1, run2 = train_one_and_two(tmp_path, one, two, launcher="tunelab" if packing else "accelerate")
     assert json.loads((run2 / "env.json").read_text())["processes"] == 2
     peaks = [json.loads((r / "summary.json").read_text())["peak_rss_mib"] for r in (run1, run2)]
     assert len(peaks[0]) == 1 and len(peaks[1]) == 2 and all(100 < p < 20_000 for p in peaks[0] + peaks[1])

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import tiny_config
+from conftest import tiny_config, train_one_and_two
 from tunelab.config import load_config
 from tunelab.data.batching import IGNORE, Row
 from tunelab.errors import ConfigError, UserError
@@ -437,9 +437,6 @@ def test_distillation_on_reference_data_with_a_cached_teacher_resumes_exactly(tm
 @pytest.mark.slow
 def test_objectives_one_process_equals_two_processes(tmp_path, alpaca_path):
     """DDP (gloo, CPU): the penalties, the Fisher (estimated on shards, summed) and the distillation KL."""
-    import os
-    import subprocess
-    import sys
 
     objectives = {"l2sp": {"weight": 100.0}, "ewc": {"weight": 1e3, "samples": 4}, "distill": {"weight": 2.0}}
     common = {"lr": 1e-2, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
@@ -449,20 +446,7 @@ def test_objectives_one_process_equals_two_processes(tmp_path, alpaca_path):
     two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 1}, run={"name": "two"}, data=data,
                       objectives=objectives)
     one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
-    for cfg in (one, two):
-        (tmp_path / f"{cfg['run']['name']}.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "one.yaml")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    multi = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tunelab.cli", "train", str(tmp_path / "two.yaml")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    run1, run2 = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    run1, run2 = train_one_and_two(tmp_path, one, two)
     f1, f2 = load_file(str(run1 / keep.FISHER_FILE)), load_file(str(run2 / keep.FISHER_FILE))
     for k in f1:
         torch.testing.assert_close(f1[k], f2[k], atol=1e-6, rtol=1e-4)

@@ -263,25 +263,13 @@ def test_save_reload_gives_the_same_outputs_per_head_and_predict_picks_a_task(tm
 def test_one_process_equals_two_processes(tmp_path):
     """DDP (gloo, 2 processes x batch 2) = 1 process x batch 4: the same per-task losses and heads,
     although each step leaves the other tasks' heads without a gradient."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for name, batch, launch in (("one", 4, [sys.executable, "-m", "tunelab.cli"]),
-                                ("two", 2, [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-                                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                                            "--dynamo_backend", "no", "-m", "tunelab.cli"])):
-        cfg = mt_config(tmp_path, name, train={"batch_size": batch, "max_steps": 3, "eval_every": 0, "threads": 1,
-                                               "lr": 1e-3})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        done = subprocess.run([*launch, "train", str(path)], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = tmp_path / "runs" / name
+    from conftest import train_one_and_two
+
+    one, two = (mt_config(tmp_path, name, train={"batch_size": batch, "max_steps": 3, "eval_every": 0, "threads": 1,
+                                                 "lr": 1e-3}) for name, batch in (("one", 4), ("two", 2)))
+    runs = dict(zip(("one", "two"), train_one_and_two(tmp_path, one, two), strict=True))
     losses = {n: [r["loss"] for r in map(json.loads, (p / "metrics.jsonl").read_text().splitlines())
                   if r["kind"] == "train"] for n, p in runs.items()}
     assert losses["one"] == pytest.approx(losses["two"], abs=1e-5)
