@@ -135,3 +135,15 @@ def test_length_grouped_plan_is_a_seeded_partition_with_less_padding():
     # the same grouping for batch 8 x 1 and batch 4 x 2: layouts stay equivalent
     other = Plan(203, 8, 1, 1, seed=1, lengths=lengths)
     assert all(sorted(other.step_rows(s)) == sorted(grouped.step_rows(s)) for s in range(grouped.steps_per_epoch))
+
+
+def test_collate_rounds_the_width_up_to_a_multiple():
+    """Training pads rows to a multiple of PAD_MULTIPLE tokens (few matmul shapes); the padding is
+    unlabelled and, packed, a position-id segment of its own."""
+    rows = rows_packed(samples([30, 45]), 100)
+    batch = collate(rows, pad_id=0, packed=True, multiple_of=64)
+    assert batch["input_ids"].shape == (1, 128)
+    assert (batch["labels"][0, 75:] == IGNORE).all() and (batch["input_ids"][0, 75:] == 0).all()
+    assert batch["position_ids"][0, 75:].tolist() == list(range(53))
+    assert collate(rows, pad_id=0, packed=True, multiple_of=1)["input_ids"].shape == (1, 75)
+    assert collate(rows, pad_id=0, packed=False, multiple_of=64)["attention_mask"].sum() == 75

@@ -54,11 +54,11 @@ def test_causal_bias_cache_is_bounded_and_keeps_what_is_in_use(monkeypatch):
     monkeypatch.setattr(att, "_BIASES", type(att._BIASES)())
     monkeypatch.setattr(att, "_BIAS_BYTES", 4 * 2**20)
     for kn in range(64, 600, 3):
-        att._causal_bias(3, min(kn, att.BLOCK), kn, torch.bfloat16, torch.device("cpu"))
+        att._causal_bias(3, min(kn, att.BLOCK), kn, kn - min(kn, att.BLOCK), torch.bfloat16, torch.device("cpu"))
     held = sum(b.numel() * b.element_size() for b in att._BIASES.values())
     assert held <= 4 * 2**20 and len(att._BIASES) >= 2
-    last = att._causal_bias(3, att.BLOCK, 598, torch.bfloat16, torch.device("cpu"))
-    assert att._causal_bias(3, att.BLOCK, 598, torch.bfloat16, torch.device("cpu")) is last  # a hit, not rebuilt
+    last = att._causal_bias(3, att.BLOCK, 598, 598 - att.BLOCK, torch.bfloat16, torch.device("cpu"))
+    assert att._causal_bias(3, att.BLOCK, 598, 598 - att.BLOCK, torch.bfloat16, torch.device("cpu")) is last  # a hit
     i = torch.arange(att.BLOCK).view(-1, 1) + 598 - att.BLOCK
     expected = torch.where(torch.arange(598).view(1, -1) > i, float("-inf"), 0.0).repeat(3, 1)
     torch.testing.assert_close(last.float(), expected)
@@ -164,3 +164,44 @@ def test_kernels_under_bf16_autocast_with_mixed_input_dtypes(tmp_path, alpaca_pa
     losses = [json.loads(x)["loss"] for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "train"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_block_shapes_are_rounded_to_a_few(monkeypatch):
+    """Every query block and key span is computed padded to SHAPE_MULTIPLE, whatever the segment
+    lengths (values are checked against SDPA above): new shapes grow oneDNN's caches."""
+    seen = set()
+    real = att._scores
+
+    def spy(q_blk, k_seg, g, m, off, scale, dtype):
+        seen.add((m, k_seg.shape[-2]))
+        return real(q_blk, k_seg, g, m, off, scale, dtype)
+
+    monkeypatch.setattr(att, "_scores", spy)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        lengths = torch.randint(1, 90, (4,), generator=g).tolist()
+        pos = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+        q = torch.randn(1, 4, pos.shape[1], 8, requires_grad=True)
+        k = torch.randn(1, 2, pos.shape[1], 8, requires_grad=True)
+        v = torch.randn(1, 2, pos.shape[1], 8, requires_grad=True)
+        att.SegmentCausalAttention.apply(q, k, v, att.segment_bounds(pos), 0.3).sum().backward()
+    assert seen and all(m % att.SHAPE_MULTIPLE == 0 and kn % att.SHAPE_MULTIPLE == 0 for m, kn in seen)
+    assert len(seen) <= 10  # 48 segments of 1-89 tokens: at most 3 x 3 rounded (m, kn) pairs + 1
+
+
+@pytest.mark.parametrize("n", [1, 16, 37, 85])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_chunked_cross_entropy_equals_cross_entropy(n, train_head):
+    """Labels-only CE in chunks of 16 rows, the last one padded: loss and gradients equal F.cross_entropy."""
+    from tunelab.objectives.causal_lm import chunked_cross_entropy_sum
+
+    torch.manual_seed(n)
+    h = torch.randn(n, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=train_head)
+    t = torch.randint(0, 50, (n,))
+    ours = chunked_cross_entropy_sum(h, w, t, chunk=16)
+    ref = F.cross_entropy(h @ w.T, t, reduction="sum")
+    inputs = (h, w) if train_head else (h,)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours * 1.5, inputs), torch.autograd.grad(ref * 1.5, inputs), strict=True):
+        torch.testing.assert_close(a, b)

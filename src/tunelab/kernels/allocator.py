@@ -12,9 +12,12 @@ Our own because it is one ``mallopt`` call; PyTorch has no CPU caching allocator
 Only glibc (Linux) has ``mallopt``; elsewhere this does nothing.
 
 oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1,024 shapes) is left as it
-is: packed rows bring new matmul shapes with every segment length, and a cap of 128 cut the
-benchmark's peak RSS from ~2.7-3.0 GB to 2.2 GB but its speed by 10-14% (measured 2026-11-24,
-``docs/benchmarks.md``). Set the variable yourself to make that trade.
+is. It used to grow with every new matmul shape that packed rows brought (a new row length,
+segment length or count of labelled tokens), and the heap fragmented under ever-new block
+sizes: the standard benchmark's process grew from 1.5 to 3.0 GB over its epoch. Training now
+pads those shapes to a few sizes (``tunelab.data.batching.PAD_MULTIPLE``,
+``tunelab.kernels.attention.SHAPE_MULTIPLE``, ``tunelab.objectives.causal_lm.ROW_MULTIPLE``), and
+the same run stays at 1.55-1.57 GB (measured 2026-11-24, ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -34,6 +34,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "tunelab_packed"
 BLOCK = 256  # queries per block: the fp32 score matrix is at most (G * BLOCK) x n per key/value head
+# Query blocks and key spans are computed padded to a multiple of this: every new matmul shape
+# costs oneDNN a cached primitive and the heap a new block size, and packed rows bring a new
+# segment length with nearly every sample, so unpadded shapes grew the process by megabytes per
+# row for the whole epoch (measured). Padded query rows are zeros whose results are dropped;
+# padded keys are masked for every real query; neither changes a real token's result or gradient.
+SHAPE_MULTIPLE = 32
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -55,6 +61,10 @@ def _blocks(spans: list[tuple[int, int]]):
             yield s, qs, min(qs + BLOCK, e)
 
 
+def _round(n: int) -> int:
+    return -(-n // SHAPE_MULTIPLE) * SHAPE_MULTIPLE
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """The softmax / accumulation dtype: fp32 for bf16 and fp16 inputs, else the input's own."""
     return torch.promote_types(dtype, torch.float32)
@@ -68,15 +78,15 @@ _BIASES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _BIAS_BYTES = 32 * 2**20
 
 
-def _causal_bias(g: int, m: int, kn: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(G * m, kn)``: 0 where query row ``i`` (the ``kn - m + i``-th position of its segment) may see key
+def _causal_bias(g: int, m: int, kn: int, off: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(G * m, kn)``: 0 where query row ``i`` (the ``off + i``-th position of its segment) may see key
     ``j``, ``-inf`` where ``j`` is in its future. Built once per block shape and reused by every layer."""
-    key = (g, m, kn, dtype, device)
+    key = (g, m, kn, off, dtype, device)
     bias = _BIASES.get(key)
     if bias is not None:
         _BIASES.move_to_end(key)
         return bias
-    future = torch.arange(kn, device=device).view(1, kn) > torch.arange(kn - m, kn, device=device).view(m, 1)
+    future = torch.arange(kn, device=device).view(1, kn) > torch.arange(off, off + m, device=device).view(m, 1)
     bias = torch.zeros(m, kn, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(g, 1)
     _BIASES[key] = bias
     total = sum(b.numel() * b.element_size() for b in _BIASES.values())
@@ -86,13 +96,85 @@ def _causal_bias(g: int, m: int, kn: int, dtype: torch.dtype, device: torch.devi
     return bias
 
 
-def _scores(q_blk, k_seg, g: int, m: int, scale: float, dtype: torch.dtype | None) -> torch.Tensor:
+def _scores(q_blk, k_seg, g: int, m: int, off: int, scale: float, dtype: torch.dtype | None) -> torch.Tensor:
     """Softmax probabilities of one query block, ``(KV, G * m, kn)``, causal; scaled scores and the mask
     come out of one ``baddbmm``, and the softmax accumulates in fp32 whatever ``dtype`` it returns
     (``None``: the input's)."""
-    bias = _causal_bias(g, m, k_seg.shape[-2], q_blk.dtype, q_blk.device)
+    bias = _causal_bias(g, m, k_seg.shape[-2], off, q_blk.dtype, q_blk.device)
     scores = torch.baddbmm(bias, q_blk, k_seg.transpose(-1, -2), alpha=scale)
     return torch.softmax(scores, dim=-1, dtype=dtype)
+
+
+def _padded_queries(x, qs: int, qe: int, kv: int, g: int, d: int) -> tuple[torch.Tensor, int]:
+    """Rows ``qs:qe`` of ``x`` (``(KV, G, L, D)``) as one ``(KV, G * mp, D)`` matrix, ``mp`` = the block
+    length rounded up, the padded rows zero."""
+    m = qe - qs
+    mp = _round(m)
+    if mp == m:
+        return x[:, :, qs:qe].reshape(kv, g * m, d), m
+    out = x.new_zeros(kv, g, mp, d)
+    out[:, :, :m] = x[:, :, qs:qe]
+    return out.view(kv, g * mp, d), mp
+
+
+def _key_span(x, s: int, qe: int) -> torch.Tensor:
+    """Keys (or values) ``s:qe`` of ``x`` (``(KV, L, D)``), extended to a rounded-up length: a view
+    over the following positions when the row has them (masked for every real query), else zeros."""
+    kn = qe - s
+    kp = _round(kn)
+    if s + kp <= x.shape[-2]:
+        return x[:, s : s + kp]
+    out = x.new_zeros(x.shape[0], kp, x.shape[-1])
+    out[:, :kn] = x[:, s:qe]
+    return out
+
+
+def attention_forward(q, k, v, bounds, scale) -> torch.Tensor:
+    """``q (B, H, L, D)``, ``k, v (B, KV, L, D)``, one dtype -> ``(B, L, H, D)``, causal within each
+    segment of ``bounds`` (:func:`segment_bounds`)."""
+    b_, h, length, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    out = q.new_empty(b_, length, h, d)
+    for b, spans in enumerate(bounds):
+        qb = q[b].view(kv, g, length, d)
+        ob = out[b].permute(1, 0, 2).view(kv, g, length, d)
+        for s, qs, qe in _blocks(spans):
+            q_blk, mp = _padded_queries(qb, qs, qe, kv, g, d)
+            p = _scores(q_blk, _key_span(k[b], s, qe), g, mp, qs - s, scale, None)
+            o = torch.matmul(p, _key_span(v[b], s, qe)).view(kv, g, mp, d)
+            ob[:, :, qs:qe] = o[:, :, : qe - qs]
+    return out
+
+
+def attention_backward(q, k, v, out, d_out, bounds, scale):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` for ``d_out`` (``(B, L, H, D)``): ``dq``
+    in ``q``'s dtype and layout, ``dk`` and ``dv`` accumulated in fp32 (or the inputs' wider dtype)."""
+    b_, h, length, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    dq = torch.empty_like(q)
+    acc = _acc(q.dtype)
+    dk = torch.zeros_like(k, dtype=acc)
+    dv = torch.zeros_like(v, dtype=acc)
+    for b, spans in enumerate(bounds):
+        qb, dqb = q[b].view(kv, g, length, d), dq[b].view(kv, g, length, d)
+        ob = out[b].permute(1, 0, 2).view(kv, g, length, d)
+        dob = d_out[b].permute(1, 0, 2).view(kv, g, length, d)
+        for s, qs, qe in _blocks(spans):
+            m, kn = qe - qs, qe - s
+            q_blk, mp = _padded_queries(qb, qs, qe, kv, g, d)
+            do_blk = _padded_queries(dob, qs, qe, kv, g, d)[0].to(q.dtype)  # padded rows: zero gradient
+            k_seg, v_seg = _key_span(k[b], s, qe), _key_span(v[b], s, qe)
+            p = _scores(q_blk, k_seg, g, mp, qs - s, scale, acc)
+            dv[b, :, s:qe].add_(torch.matmul(p.to(q.dtype).transpose(-1, -2), do_blk)[:, :kn])
+            dp = torch.matmul(do_blk, v_seg.transpose(-1, -2))
+            delta = (do_blk.to(acc) * _padded_queries(ob, qs, qe, kv, g, d)[0].to(acc)).sum(-1, keepdim=True)
+            # ds = p * (dp - delta) * scale; the scale goes on the (smaller) products with k and q
+            ds = torch.sub(dp, delta).mul_(p).to(q.dtype)
+            dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).mul_(scale).view(kv, g, mp, d)[:, :, :m]
+            dk[b, :, s:qe].add_(torch.matmul(ds.transpose(-1, -2), q_blk)[:, :kn], alpha=scale)
+    return dq, dk, dv
 
 
 class SegmentCausalAttention(torch.autograd.Function):
@@ -107,18 +189,7 @@ class SegmentCausalAttention(torch.autograd.Function):
         cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-        b_, h, length, d = q.shape
-        kv = k.shape[1]
-        g = h // kv
-        out = q.new_empty(b_, length, h, d)
-        for b, spans in enumerate(bounds):
-            qb = q[b].view(kv, g, length, d)
-            ob = out[b].permute(1, 0, 2).view(kv, g, length, d)
-            for s, qs, qe in _blocks(spans):
-                m = qe - qs
-                q_blk = qb[:, :, qs:qe].reshape(kv, g * m, d)
-                p = _scores(q_blk, k[b, :, s:qe], g, m, scale, None)
-                ob[:, :, qs:qe] = torch.matmul(p, v[b, :, s:qe]).view(kv, g, m, d)
+        out = attention_forward(q, k, v, bounds, scale)
         ctx.save_for_backward(q, k, v, out)
         ctx.bounds, ctx.scale = bounds, scale
         return out
@@ -126,31 +197,7 @@ class SegmentCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out = ctx.saved_tensors
-        bounds, scale = ctx.bounds, ctx.scale
-        b_, h, length, d = q.shape
-        kv = k.shape[1]
-        g = h // kv
-        dq = torch.empty_like(q)
-        acc = _acc(q.dtype)
-        dk = torch.zeros_like(k, dtype=acc)
-        dv = torch.zeros_like(v, dtype=acc)
-        for b, spans in enumerate(bounds):
-            qb, dqb = q[b].view(kv, g, length, d), dq[b].view(kv, g, length, d)
-            ob = out[b].permute(1, 0, 2).view(kv, g, length, d)
-            dob = d_out[b].permute(1, 0, 2).view(kv, g, length, d)
-            for s, qs, qe in _blocks(spans):
-                m = qe - qs
-                q_blk = qb[:, :, qs:qe].reshape(kv, g * m, d)
-                do_blk = dob[:, :, qs:qe].reshape(kv, g * m, d).to(q.dtype)
-                k_seg, v_seg = k[b, :, s:qe], v[b, :, s:qe]
-                p = _scores(q_blk, k_seg, g, m, scale, acc)
-                dv[b, :, s:qe] += torch.matmul(p.to(q.dtype).transpose(-1, -2), do_blk).to(acc)
-                dp = torch.matmul(do_blk, v_seg.transpose(-1, -2))
-                delta = (do_blk.to(acc) * ob[:, :, qs:qe].reshape(kv, g * m, d).to(acc)).sum(-1, keepdim=True)
-                # ds = p * (dp - delta) * scale; the scale goes on the (smaller) products with k and q
-                ds = torch.sub(dp, delta).mul_(p).to(q.dtype)
-                dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).mul_(scale).view(kv, g, m, d)
-                dk[b, :, s:qe] += torch.matmul(ds.transpose(-1, -2), q_blk).to(acc).mul_(scale)
+        dq, dk, dv = attention_backward(q, k, v, out, d_out, ctx.bounds, ctx.scale)
         qd, kd, vd = ctx.in_dtypes
         return dq.to(qd), dk.to(kd), dv.to(vd), None, None
 

@@ -23,11 +23,16 @@ from tunelab.data.batching import IGNORE
 # new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
 # 1,024-row chunk (200 MB) took 98 ms per 300 tokens where 64-row chunks take 36 ms (measured).
 CHUNK_BYTES = 16 * 2**20
+# Chunks are whole multiples of this many rows, the last one padded with zero rows: the number of
+# labelled tokens differs in every batch, and each new chunk height is a new matmul shape for
+# oneDNN (a cached primitive, a new heap block size). See tunelab.data.batching.PAD_MULTIPLE.
+ROW_MULTIPLE = 16
 
 
 def chunk_rows(chunk: int, vocab: int) -> int:
     """The rows per chunk: at most ``chunk``, and few enough to keep the fp32 logits under CHUNK_BYTES."""
-    return min(chunk, max(16, CHUNK_BYTES // (4 * vocab)))
+    rows = min(chunk, max(ROW_MULTIPLE, CHUNK_BYTES // (4 * vocab)))
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 class ChunkedLinearCE(torch.autograd.Function):
@@ -46,21 +51,28 @@ class ChunkedLinearCE(torch.autograd.Function):
         w = weight.to(h.dtype)  # once, not per chunk (a copy when an fp32 head meets bf16 hidden states)
         if not need_w:  # a trained head adds a vocab x hidden gradient per chunk: fewer, larger chunks
             chunk = chunk_rows(chunk, weight.shape[0])
-        for start in range(0, h.shape[0], chunk):
-            hc, tc = h[start : start + chunk], targets[start : start + chunk]
+        chunk = max(ROW_MULTIPLE, chunk // ROW_MULTIPLE * ROW_MULTIPLE)
+        n = h.shape[0]
+        padded = -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+        hp = h if padded == n else torch.cat([h, h.new_zeros(padded - n, h.shape[1])])
+        for start in range(0, padded, chunk):
+            hc = hp[start : start + chunk]
+            real = min(hc.shape[0], n - start)  # the rows after it are padding (last chunk only)
+            tc = targets[start : start + real]
             # one fp32 log-softmax pass over the (bf16 or fp32) logits gives both the loss and,
             # exponentiated in place, the softmax for the gradient. Clamping first keeps exp out of
             # the denormal range, whose slow path on CPU made this 10x slower (measured); the
             # entries clamped have probabilities below 1e-34 and change nothing.
             logp = torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)
-            rows = torch.arange(hc.shape[0], device=h.device)
+            rows = torch.arange(real, device=h.device)
             total -= logp[rows, tc].sum()
             if need_h or need_w:
                 dlogits = logp.clamp_min_(-80.0).exp_()
                 dlogits[rows, tc] -= 1.0
+                dlogits[real:] = 0.0
                 d = dlogits.to(hc.dtype)
                 if need_h:
-                    grad_h[start : start + chunk] = d @ w
+                    grad_h[start : start + real] = (d @ w)[:real]
                 if need_w:
                     grad_w += (d.T @ hc).float()
         ctx.save_for_backward(

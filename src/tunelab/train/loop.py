@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tunelab.config import TrainSection
-from tunelab.data.batching import Plan, Row, collate
+from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.run import RunDir
@@ -105,7 +105,8 @@ class LoopSetup:
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
     idx = s.plan.micro_rows(step, micro, s.accelerator.process_index)
-    batch = collate([s.rows[i] for i in idx], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to)
+    batch = collate([s.rows[i] for i in idx], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
+                    multiple_of=PAD_MULTIPLE)
     return {k: v.to(s.accelerator.device) for k, v in batch.items()}
 
 
@@ -119,7 +120,8 @@ def evaluate(s: LoopSetup) -> float | None:
     mine = s.eval_rows[acc.process_index :: acc.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for start in range(0, max(len(mine), 1), s.cfg.batch_size):
-        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to)
+        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
+                        multiple_of=PAD_MULTIPLE)
         loss_sum, n, *_ = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
         total += torch.stack([loss_sum.double(), n.double()])
     total = acc.reduce(total, "sum")
