@@ -1,7 +1,10 @@
 """Training-time kernels of our own, switched on for the duration of training only.
 
 * :mod:`~tunelab.kernels.attention`: segment-wise causal attention for packed rows on CPU;
-* :mod:`~tunelab.kernels.lora`: a fused forward/backward for PEFT's LoRA linear layers.
+* :mod:`~tunelab.kernels.decoder`: a whole Llama-style decoder layer (frozen base weights, LoRA or
+  none) as one function with a hand-written backward, on CPU with packed rows;
+* :mod:`~tunelab.kernels.lora`: a fused forward/backward for PEFT's LoRA linear layers (those
+  outside fused decoder layers).
 
 Both leave the parameters and the saved formats alone: :func:`restore_stock` puts the stock
 transformers / PEFT code back before a model is saved, used for generation or handed to a user,
@@ -16,11 +19,15 @@ from torch import nn
 def use_training_kernels(model: nn.Module) -> list[str]:
     """Switch ``model`` to our training kernels where they apply; returns what was switched on."""
     from tunelab.kernels import attention as att
+    from tunelab.kernels import decoder
     from tunelab.kernels import lora as fused_lora
 
     used = []
     if att.use_packed_attention(model):
         used.append("segment-wise causal attention")
+        n = decoder.use_fused_layers(model)
+        if n:
+            used.append(f"fused decoder layer ({n} layers)")
     n = fused_lora.use_fused_lora(model)
     if n:
         used.append(f"fused LoRA linear ({n} layers)")
@@ -30,8 +37,10 @@ def use_training_kernels(model: nn.Module) -> list[str]:
 def restore_stock(model: nn.Module) -> bool:
     """The stock transformers attention and PEFT forward again; returns whether any of ours was on."""
     from tunelab.kernels import attention as att
+    from tunelab.kernels import decoder
     from tunelab.kernels import lora as fused_lora
 
     attention_was_on = att.restore_sdpa(model)
+    layers_were_on = decoder.restore(model)
     lora_was_on = fused_lora.restore(model)
-    return attention_was_on or lora_was_on
+    return attention_was_on or layers_were_on or lora_was_on
