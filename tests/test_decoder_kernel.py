@@ -111,3 +111,23 @@ def test_layers_that_do_not_fit_run_the_stock_forward():
         assert called
     finally:
         decoder.DecoderLayerFn.apply = real
+
+
+def test_adapters_hooked_into_the_layer_keep_the_stock_forward():
+    """Bottleneck adapters run as forward hooks on the attention / MLP modules and LLaMA-Adapter wraps
+    the attention: a fused layer would skip them, so those layers are never fused."""
+    from tunelab.methods import adapter, llama_adapter
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, attn_implementation="sdpa")
+    hooked = adapter.apply(LlamaForCausalLM(LlamaConfig(**kw)), adapter.Config(placement="houlsby", size=8))
+    assert decoder.use_fused_layers(hooked) == 0
+    wrapped = llama_adapter.apply(LlamaForCausalLM(LlamaConfig(**kw)), llama_adapter.Config(prompt_length=4, layers=1))
+    assert decoder.use_fused_layers(wrapped) == 1  # the bottom layer only; the top one is PEFT's AdaptedAttention
+    plain = LlamaForCausalLM(LlamaConfig(**kw)).requires_grad_(False)
+    assert decoder.use_fused_layers(plain) == 2
+    decoder.restore(plain)
+    plain.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert decoder.use_fused_layers(plain) == 1

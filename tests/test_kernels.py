@@ -141,6 +141,7 @@ def test_fused_kernels_keep_the_training_curve(tmp_path, alpaca_path):
         out = fine_tune(load_config(None, base=raw)[0])
         env = json.loads((out.run_dir / "env.json").read_text())
         assert bool(env["kernels"]) == fused
+        assert any(k.startswith("fused decoder layer") for k in env["kernels"]) == fused
         losses[fused] = [json.loads(x)["loss"] for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()
                          if json.loads(x)["kind"] == "train"]
         # the model handed back runs the stock code again

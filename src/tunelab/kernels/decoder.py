@@ -34,6 +34,21 @@ from torch import nn
 from tunelab.kernels import attention as att
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_CHILDREN = {  # the exact module tree the fused layer computes; anything added (an adapter) or wrapped is not it
+    "layer": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+    "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "mlp": {"gate_proj", "up_proj", "down_proj", "act_fn"},
+}
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks or a replaced ``forward`` (other than our fused LoRA one, the same
+    maths) that the fused layer would skip."""
+    from tunelab.kernels import lora as fused_lora
+
+    forward = vars(module).get("forward")
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or (forward is not None and getattr(forward, "__func__", None) is not fused_lora._fused_forward))
 
 
 @dataclass
@@ -97,18 +112,22 @@ class _Layer:
 
 def describe(layer: nn.Module) -> _Layer | None:
     """The fused view of ``layer``, or None when the layer does not fit the fused path."""
-    if type(layer).__name__ not in LAYER_TYPES:
+    if type(layer).__name__ not in LAYER_TYPES or {n for n, _ in layer.named_children()} != _CHILDREN["layer"]:
         return None
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    n_in, n_post = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
-    if attn is None or mlp is None or n_in is None or n_post is None:
-        return None
-    config = attn.config
-    if (getattr(config, "hidden_act", None) != "silu" or getattr(attn, "sliding_window", None)
+    attn, mlp = layer.self_attn, layer.mlp
+    n_in, n_post = layer.input_layernorm, layer.post_attention_layernorm
+    if ({n for n, _ in attn.named_children()} != _CHILDREN["self_attn"]
+            or {n for n, _ in mlp.named_children()} != _CHILDREN["mlp"]
+            or layer._forward_hooks or layer._forward_pre_hooks
+            or any(_hooked(m) for m in (attn, mlp, n_in, n_post, *attn.children(), *mlp.children()))):
+        return None  # e.g. bottleneck adapters (forward hooks), LLaMA-Adapter (a wrapped attention)
+    config = getattr(attn, "config", None)
+    if (config is None or getattr(config, "hidden_act", None) != "silu" or getattr(attn, "sliding_window", None)
             or getattr(config, "attention_dropout", 0.0)):
         return None
     for norm in (n_in, n_post):
-        if not hasattr(norm, "variance_epsilon") or norm.weight.requires_grad or type(norm).__name__.endswith("GemmaRMSNorm"):
+        if (not hasattr(norm, "variance_epsilon") or norm.weight.requires_grad
+                or not type(norm).__name__.endswith(("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"))):
             return None
     projs = [_proj(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projs += [_proj(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")]
