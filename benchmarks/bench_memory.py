@@ -3,7 +3,8 @@
 Each configuration runs in its own subprocess (so its peak RSS is its own): a random-initialised
 Llama of the given shape (SmolLM2's tokenizer size), LoRA r=16 on every linear layer, tunelab's
 training path (``CausalLMLoss``: labels-only chunked cross-entropy; bf16 autocast with bf16
-frozen base weights where the CPU supports it), one packed row of ``seq`` tokens per step,
+frozen base weights where the CPU supports it; the training kernels of ``tunelab.kernels``:
+fused decoder layers, segment-wise attention; glibc keeping freed memory), one packed row of ``seq`` tokens per step,
 AdamW, 3 steps. Reported: peak RSS (``VmHWM``), seconds per step (best of the last two) and
 tokens/s. Shapes: ``135m`` = SmolLM2-135M, ``360m`` = SmolLM2-360M, ``1b`` = Llama-3.2-1B's
 layers with a 49k vocabulary.
@@ -43,6 +44,8 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tunelab.kernels import use_training_kernels
+    from tunelab.kernels.allocator import keep_freed_memory
     from tunelab.methods import lora
     from tunelab.objectives.causal_lm import CausalLMLoss
     from tunelab.train.precision import cpu_supports_bf16
@@ -54,6 +57,8 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     # built directly in the training dtype: an fp32 build of the 1B shape alone would peak at 4.3 GB
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
     model = lora.apply(model, lora.Config(r=16, alpha=32))
+    keep_freed_memory()
+    kernels = use_training_kernels(model)
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -77,7 +82,7 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     best = min(times[1:]) if len(times) > 1 else times[0]
     return {"shape": shape, "params": params, "seq": seq, "checkpointing": checkpointing, "bf16": bf16,
             "peak_rss_mib": round(_peak_rss_mib(), 1), "s_per_step": round(best, 3),
-            "tokens_per_s": round(seq / best, 1)}
+            "tokens_per_s": round(seq / best, 1), "kernels": kernels}
 
 
 def main() -> None:

@@ -131,3 +131,23 @@ def test_adapters_hooked_into_the_layer_keep_the_stock_forward():
     decoder.restore(plain)
     plain.model.layers[1].mlp.register_forward_hook(lambda *a: None)
     assert decoder.use_fused_layers(plain) == 1
+
+
+def test_gradient_checkpointing_still_checkpoints_the_fused_layer(monkeypatch):
+    """transformers checkpoints the layer class's forward; the fused instance forward must do it
+    itself: the layer runs twice (forward, then the recompute) and the gradients are unchanged."""
+    model = _model()
+    lm = model.get_base_model()
+    lm.set_attn_implementation(att.NAME)
+    decoder.use_fused_layers(model)
+    ids, pos = _packed([30, 20])
+    ref = _run(model, ids, pos)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    real = decoder.DecoderLayerFn.forward
+    monkeypatch.setattr(decoder.DecoderLayerFn, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    ours = _run(model, ids, pos)
+    assert len(calls) == 2 * lm.config.num_hidden_layers
+    for name, g in ours[2].items():
+        torch.testing.assert_close(g, ref[2][name], rtol=1e-5, atol=1e-7, msg=name)

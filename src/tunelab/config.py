@@ -234,7 +234,8 @@ class TrainSection(_Strict):
     fused_kernels: bool = Field(
         True,
         description="Use tunelab's training kernels where they apply: segment-wise causal attention for packed "
-        "rows on CPU and a fused LoRA linear forward/backward. false: the stock transformers / PEFT code.",
+        "rows on CPU, fused Llama/Mistral/Qwen2 decoder layers (frozen base, LoRA or none) and a fused LoRA linear "
+        "forward/backward. false: the stock transformers / PEFT code.",
     )
     # --- ULMFiT-style tools (train/schedule.py); they apply to full, freeze and LoRA-family runs
     stlr_cut_frac: float = Field(0.1, gt=0, lt=1, description="schedule stlr: share of the steps spent rising to the peak LR.")

@@ -394,8 +394,16 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden_states.dtype
     cos, sin = position_embeddings
     bounds = _bounds(position_ids, hidden_states.shape[0], hidden_states.shape[1])
-    with torch.autocast(dev, enabled=False):
-        return DecoderLayerFn.apply(hidden_states, cos, sin, spec, bounds, dtype, *_lora_params(spec))
+    params = _lora_params(spec)
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev, enabled=False):
+            return DecoderLayerFn.apply(h, cos, sin, spec, bounds, dtype, *params)
+
+    # transformers checkpoints the class's forward, which this instance forward replaces: do it here
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        return self._gradient_checkpointing_func(run, hidden_states)
+    return run(hidden_states)
 
 
 def use_fused_layers(model: nn.Module) -> int:
