@@ -63,8 +63,9 @@ def test_fused_layer_equals_stock_in_values_and_gradients(target_modules, bias, 
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1], ref[1], rtol=1e-4, atol=1e-5)
     assert ours[2].keys() == ref[2].keys() and ref[2]
-    for name, g in ours[2].items():
-        torch.testing.assert_close(g, ref[2][name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in ours[2].items():  # fp32 rounding, relative to the gradient's scale
+        scale = float(ref[2][name].abs().max())
+        torch.testing.assert_close(g, ref[2][name], rtol=1e-4, atol=1e-6 * scale, msg=name)
     assert decoder.restore(model)
     assert not any("forward" in vars(m) for m in model.modules())
 

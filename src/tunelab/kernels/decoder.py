@@ -310,14 +310,10 @@ class DecoderLayerFn(torch.autograd.Function):
         act = _silu_mul(gt, up)
         d_act, g_d = _group_backward([dy], act, xa_d, a_d, i_d, (spec.down,), True)
         del act
-        gf = gt.float()  # gt itself when fp32: out-of-place first
-        sg = torch.sigmoid(gf)
-        silu = torch.mul(gf, sg)
-        d_act_f = d_act.float()
-        d_up = torch.mul(d_act_f, silu).to(dtype)
-        # d silu(g)/dg = sg * (1 + g * (1 - sg)) = sg * (1 + g - silu)
-        d_gate = torch.mul(d_act_f, up.float()).mul_(sg.mul_(silu.neg_().add_(gf).add_(1.0))).to(dtype)
-        del silu, sg, d_act_f, d_act, gf
+        # silu'(g) in one kernel (fp32 inside, the result in the compute dtype), as autograd does it
+        d_up = torch.nn.functional.silu(gt).mul_(d_act)
+        d_gate = torch.ops.aten.silu_backward(d_act.mul_(up), gt)
+        del d_act
         h2, _ = _rms_norm(x_mid, spec.norm_post.weight, spec.norm_post.variance_epsilon, dtype)
         d_h2, g_gu = _group_backward([d_gate, d_up], h2, xa_gu, a_gu, i_gu, spec.gate_up, True)
         del h2, d_gate, d_up
