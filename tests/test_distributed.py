@@ -95,7 +95,7 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     import time
 
     cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "batch_size": 2, "grad_accum": 1,
-                                                   "epochs": 2, "lr": 1e-3},
+                                                   "epochs": 3, "lr": 1e-3},
                       data={"train": [{"path": str(alpaca_path), "limit": 400}], "max_length": 128})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -104,7 +104,7 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 10:
+        if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 3:  # early: the run is short
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
