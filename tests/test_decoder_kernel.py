@@ -74,7 +74,7 @@ def test_fused_layer_under_bf16_autocast_is_close_to_stock():
     model = _model()
     lm = model.get_base_model()
     lm.to(torch.bfloat16)
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # fp32 adapters on a bf16 base, as training runs it
     lm.set_attn_implementation(att.NAME)
@@ -117,9 +117,9 @@ def test_layers_that_do_not_fit_run_the_stock_forward():
 def test_adapters_hooked_into_the_layer_keep_the_stock_forward():
     """Bottleneck adapters run as forward hooks on the attention / MLP modules and LLaMA-Adapter wraps
     the attention: a fused layer would skip them, so those layers are never fused."""
-    from tunelab.methods import adapter, llama_adapter
-
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.methods import adapter, llama_adapter
 
     kw = dict(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, attn_implementation="sdpa")

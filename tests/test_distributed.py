@@ -101,7 +101,10 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "runs" / "tiny"
     cmd = [sys.executable, "-m", "tunelab.cli", "train", str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell running the suite in the background (`make test &`) starts it with SIGINT ignored, and
+    # tunelab, like any program, keeps an inherited SIG_IGN: give the run the default disposition
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 3:  # early: the run is short

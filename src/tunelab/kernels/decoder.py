@@ -25,13 +25,13 @@ Equivalence with the stock layer, values and gradients: ``tests/test_decoder_ker
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tunelab.kernels import attention as att
+from tunelab.kernels import install_forward, remove_forward
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _CHILDREN = {  # the exact module tree the fused layer computes; anything added (an adapter) or wrapped is not it
@@ -404,19 +404,9 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
 
 def use_fused_layers(model: nn.Module) -> int:
     """Give every decoder layer that fits the fused forward; returns how many got it."""
-    n = 0
-    for module in model.modules():
-        if describe(module) is not None:
-            module.forward = types.MethodType(_fused_forward, module)
-            n += 1
-    return n
+    return install_forward(model, lambda m: describe(m) is not None, _fused_forward)
 
 
 def restore(model: nn.Module) -> bool:
     """The stock forward on every decoder layer again; returns whether any had the fused one."""
-    found = False
-    for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is _fused_forward:
-            del module.forward
-            found = True
-    return found
+    return remove_forward(model, _fused_forward)

@@ -23,10 +23,10 @@ adapters, ``adapter_names``) runs PEFT's forward unchanged.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
+
+from tunelab.kernels import install_forward, remove_forward
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -87,19 +87,9 @@ def _eligible(module: nn.Module) -> bool:
 
 def use_fused_lora(model: nn.Module) -> int:
     """Give every eligible LoRA linear layer the fused forward; returns how many got it."""
-    n = 0
-    for module in model.modules():
-        if _eligible(module):
-            module.forward = types.MethodType(_fused_forward, module)
-            n += 1
-    return n
+    return install_forward(model, _eligible, _fused_forward)
 
 
 def restore(model: nn.Module) -> bool:
     """PEFT's own forward everywhere again; returns whether any layer had the fused one."""
-    found = False
-    for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is _fused_forward:
-            del module.forward
-            found = True
-    return found
+    return remove_forward(model, _fused_forward)
