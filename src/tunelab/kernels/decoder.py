@@ -32,6 +32,7 @@ from torch import nn
 
 from tunelab.kernels import attention as att
 from tunelab.kernels import install_forward, remove_forward
+from tunelab.kernels import lora as fused_lora
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _CHILDREN = {  # the exact module tree the fused layer computes; anything added (an adapter) or wrapped is not it
@@ -44,8 +45,6 @@ _CHILDREN = {  # the exact module tree the fused layer computes; anything added 
 def _hooked(module: nn.Module) -> bool:
     """Whether ``module`` has hooks or a replaced ``forward`` (other than our fused LoRA one, the same
     maths) that the fused layer would skip."""
-    from tunelab.kernels import lora as fused_lora
-
     forward = vars(module).get("forward")
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or (forward is not None and getattr(forward, "__func__", None) is not fused_lora._fused_forward))
@@ -61,34 +60,20 @@ class _Proj:
     def adapter(self) -> tuple[nn.Parameter, nn.Parameter, float] | None:
         """``(A, B, scaling)`` of the active adapter, or None when the LoRA branch is off."""
         m = self.lora
-        if m is None or m.disable_adapters:
-            return None
-        name = m.active_adapters[0]
-        return m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])
+        return None if m is None or m.disable_adapters else fused_lora.fused_adapter(m)
 
-
-def _lora_ok(m: nn.Module) -> bool:
-    """A PEFT LoRA layer the fused path computes exactly: one active vanilla adapter, no dropout."""
-    adapters = m.active_adapters
-    if m.disable_adapters:
-        return True
-    return (not m.merged and len(adapters) == 1 and adapters[0] in m.lora_A and adapters[0] not in m.lora_variant
-            and isinstance(m.lora_dropout[adapters[0]], nn.Identity)
-            and not m.lora_A[adapters[0]].weight.shape[0] == 0)
+    def computable(self) -> bool:
+        """Whether the fused maths computes this projection as it is now."""
+        m = self.lora
+        return m is None or m.disable_adapters or fused_lora.fused_adapter(m) is not None
 
 
 def _proj(module: nn.Module) -> _Proj | None:
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
+    """A frozen plain ``nn.Linear`` or a PEFT LoRA layer over one, as a :class:`_Proj`; else None."""
     if type(module) is nn.Linear:
         ok = not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
         return _Proj(module, None) if ok else None
-    if type(module) is LoraLinear and type(module.base_layer) is nn.Linear and not getattr(module, "fan_in_fan_out", False):
-        base = module.base_layer
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return None
-        return _Proj(base, module)
-    return None
+    return _Proj(module.base_layer, module) if fused_lora.fusable(module) else None
 
 
 @dataclass
@@ -208,7 +193,7 @@ def _group_backward(dys, x, xa, a, info, projs, need_dx: bool):
     for dy, inf in zip(dys, info, strict=True):
         if inf is not None:
             rows, b, s = inf
-            torch.mm(dy, b, out=g[:, rows]) if s == 1.0 else g[:, rows].copy_((dy @ b).mul_(s))
+            g[:, rows] = (dy @ b).mul_(s)
     if need_dx:
         dx.addmm_(g, a)
     d_a = g.t() @ x  # (sum r, in)
@@ -283,13 +268,13 @@ class DecoderLayerFn(torch.autograd.Function):
         (dn,), xa_d, a_d, i_d = _group_forward(act, (spec.down,), dtype)
         out = torch.add(x_mid.view(b_, length, hidden), dn.to(x_mid.dtype).view(b_, length, hidden))
 
-        if torch.is_grad_enabled() or any(ctx.needs_input_grad):
+        if any(ctx.needs_input_grad):  # not under no_grad (evaluation)
             ctx.save_for_backward(x, r1, q, k, v, attn, x_mid, r2, gt, up, cos, sin,
                                   *(t for t in (xa_qkv, xa_o, xa_gu, xa_d) if t is not None))
             ctx.has_xa = tuple(t is not None for t in (xa_qkv, xa_o, xa_gu, xa_d))
             ctx.stacks = ((a_qkv, i_qkv), (a_o, i_o), (a_gu, i_gu), (a_d, i_d))
             ctx.spec, ctx.bounds, ctx.dtype, ctx.shape = spec, bounds, dtype, x.shape
-            ctx.n_lora = len(lora_params)
+            ctx.param_dtypes = [p.dtype for p in lora_params]
         return out
 
     @staticmethod
@@ -342,9 +327,8 @@ class DecoderLayerFn(torch.autograd.Function):
         for g in (*g_qkv, *g_o, *g_gu, *g_d):
             if g is not None:
                 grads += [g[0], g[1]]
-        params = _lora_params(spec)
-        out = [gr.to(p.dtype) if need else None
-               for gr, p, need in zip(grads, params, ctx.needs_input_grad[6:], strict=True)]
+        out = [gr.to(dt) if need else None
+               for gr, dt, need in zip(grads, ctx.param_dtypes, ctx.needs_input_grad[6:], strict=True)]
         return (d_x, None, None, None, None, None, *out)
 
 
@@ -383,7 +367,7 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
     if (spec is None or attention_mask is not None or past_key_values is not None or use_cache
             or position_embeddings is None or dev != "cpu" or hidden_states.shape[1] < 2
             or self.self_attn.config._attn_implementation != att.NAME
-            or any(p.lora is not None and not _lora_ok(p.lora) for p in spec.projections())):
+            or not all(p.computable() for p in spec.projections())):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)

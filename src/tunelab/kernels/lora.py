@@ -64,20 +64,29 @@ class LoRALinearFn(torch.autograd.Function):
                 d_b.to(pb) if d_b is not None else None, None)
 
 
+def fused_adapter(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A, B, scaling)`` of the one active adapter of PEFT LoRA layer ``m`` when the fused maths
+    computes it exactly, else None (merged weights, several adapters, a variant such as DoRA,
+    dropout while training). Whether the adapters are switched off is the caller's question."""
+    adapters = m.active_adapters
+    if (m.merged or len(adapters) != 1 or adapters[0] not in m.lora_A or adapters[0] in m.lora_variant
+            or (m.training and not isinstance(m.lora_dropout[adapters[0]], nn.Identity))):
+        return None
+    name = adapters[0]
+    return m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance ``forward`` of a PEFT ``lora.Linear``: the fused path when it applies, else PEFT's."""
-    adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] not in self.lora_A or adapters[0] in self.lora_variant
-            or (self.training and not isinstance(self.lora_dropout[adapters[0]], nn.Identity))):
+    adapter = None if (args or kwargs or self.disable_adapters) else fused_adapter(self)
+    if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = adapters[0]
     base = self.base_layer
-    return LoRALinearFn.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                              float(self.scaling[name]))
+    return LoRALinearFn.apply(x, base.weight, base.bias, *adapter)
 
 
-def _eligible(module: nn.Module) -> bool:
+def fusable(module: nn.Module) -> bool:
+    """A PEFT ``lora.Linear`` over a frozen ``nn.Linear`` (the layers the fused kernels can take)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     base = getattr(module, "base_layer", None)
@@ -87,7 +96,7 @@ def _eligible(module: nn.Module) -> bool:
 
 def use_fused_lora(model: nn.Module) -> int:
     """Give every eligible LoRA linear layer the fused forward; returns how many got it."""
-    return install_forward(model, _eligible, _fused_forward)
+    return install_forward(model, fusable, _fused_forward)
 
 
 def restore(model: nn.Module) -> bool:
