@@ -11,9 +11,10 @@ Why our own: with packed rows transformers turns restarting position ids into a 
   out as ``G * n`` rows of one matrix product with that head's keys;
 * long samples are cut into blocks of :data:`BLOCK` queries that only read the keys up to their
   own end (causal), which bounds the temporary score matrix and skips the masked half;
-* memory like flash attention: the forward keeps only q, k, v and the output; the backward
-  recomputes the probabilities block by block (``softmax`` rather than ``exp(s - lse)``, which
-  hits a slow denormal path on CPU for very negative scores).
+* memory like flash attention: the forward keeps only q, k and v; the backward recomputes the
+  probabilities block by block (``softmax`` rather than ``exp(s - lse)``, which hits a slow
+  denormal path on CPU for very negative scores) and gets the score gradient from PyTorch's
+  fused softmax backward.
 
 Right-padded (unpacked) rows need no mask either: under causal attention a real token never
 sees the padding after it, and padding carries no label; the padding tail of a packed row is a
@@ -147,9 +148,16 @@ def attention_forward(q, k, v, bounds, scale) -> torch.Tensor:
     return out
 
 
-def attention_backward(q, k, v, out, d_out, bounds, scale):
+def attention_backward(q, k, v, d_out, bounds, scale):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` for ``d_out`` (``(B, L, H, D)``): ``dq``
-    in ``q``'s dtype and layout, ``dk`` and ``dv`` accumulated in fp32 (or the inputs' wider dtype)."""
+    in ``q``'s dtype and layout, ``dk`` and ``dv`` accumulated in fp32 (or the inputs' wider dtype).
+
+    Per query block: the probabilities are recomputed (in the inputs' dtype, the softmax
+    accumulating in fp32, as in the forward), and the score gradient ``p * (dp - rowsum(dp * p))``
+    is one fused ``_softmax_backward_data`` pass instead of five elementwise ones over fp32
+    copies (the attention backward took 3.97 -> 2.98 ms per SmolLM2 layer and 512-token sample,
+    measured; the error against an fp64 reference stays that of bf16, 0.45% vs 0.43%).
+    """
     b_, h, length, d = q.shape
     kv = k.shape[1]
     g = h // kv
@@ -159,19 +167,17 @@ def attention_backward(q, k, v, out, d_out, bounds, scale):
     dv = torch.zeros_like(v, dtype=acc)
     for b, spans in enumerate(bounds):
         qb, dqb = q[b].view(kv, g, length, d), dq[b].view(kv, g, length, d)
-        ob = out[b].permute(1, 0, 2).view(kv, g, length, d)
         dob = d_out[b].permute(1, 0, 2).view(kv, g, length, d)
         for s, qs, qe in _blocks(spans):
             m, kn = qe - qs, qe - s
             q_blk, mp = _padded_queries(qb, qs, qe, kv, g, d)
             do_blk = _padded_queries(dob, qs, qe, kv, g, d)[0].to(q.dtype)  # padded rows: zero gradient
             k_seg, v_seg = _key_span(k[b], s, qe), _key_span(v[b], s, qe)
-            p = _scores(q_blk, k_seg, g, mp, qs - s, scale, acc)
-            dv[b, :, s:qe].add_(torch.matmul(p.to(q.dtype).transpose(-1, -2), do_blk)[:, :kn])
+            p = _scores(q_blk, k_seg, g, mp, qs - s, scale, None)
+            dv[b, :, s:qe].add_(torch.matmul(p.transpose(-1, -2), do_blk)[:, :kn])
             dp = torch.matmul(do_blk, v_seg.transpose(-1, -2))
-            delta = (do_blk.to(acc) * _padded_queries(ob, qs, qe, kv, g, d)[0].to(acc)).sum(-1, keepdim=True)
-            # ds = p * (dp - delta) * scale; the scale goes on the (smaller) products with k and q
-            ds = torch.sub(dp, delta).mul_(p).to(q.dtype)
+            # the scale goes on the (smaller) products with k and q
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dqb[:, :, qs:qe] = torch.matmul(ds, k_seg).mul_(scale).view(kv, g, mp, d)[:, :, :m]
             dk[b, :, s:qe].add_(torch.matmul(ds.transpose(-1, -2), q_blk)[:, :kn], alpha=scale)
     return dq, dk, dv
@@ -190,14 +196,14 @@ class SegmentCausalAttention(torch.autograd.Function):
                else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         out = attention_forward(q, k, v, bounds, scale)
-        ctx.save_for_backward(q, k, v, out)
+        ctx.save_for_backward(q, k, v)
         ctx.bounds, ctx.scale = bounds, scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, out, d_out, ctx.bounds, ctx.scale)
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, d_out, ctx.bounds, ctx.scale)
         qd, kd, vd = ctx.in_dtypes
         return dq.to(qd), dk.to(kd), dv.to(vd), None, None
 

@@ -308,7 +308,7 @@ class DecoderLayerFn(torch.autograd.Function):
         # attention block: x_mid = x + o_proj(attention(rope(q), rope(k), v))
         dy = d_mid.to(dtype)
         d_attn, g_o = _group_backward([dy], attn.view(b_ * length, -1), xa_o, a_o, i_o, (spec.o,), True)
-        dq, dk, dv = att.attention_backward(q, k, v, attn, d_attn.view(b_, length, spec.heads, spec.head_dim),
+        dq, dk, dv = att.attention_backward(q, k, v, d_attn.view(b_, length, spec.heads, spec.head_dim),
                                             ctx.bounds, spec.scale)
         del d_attn
         dq = _rope_backward(dq, cos, sin, dtype)
