@@ -114,6 +114,8 @@ def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path, pack
                                          train={**common, "batch_size": 8, "grad_accum": 1}), "b8")
     b = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data,
                                          train={**common, "batch_size": 2, "grad_accum": 4}), "b2x4")
+    # on 2+ threads the 4 micro-batches of b2x4 run 2 at a time (train.micro_batch_threads auto)
+    assert a.summary["micro_batch_threads"] == 1
     la, lb = train_losses(a.run_dir), train_losses(b.run_dir)
     assert len(la) == 4
     for x, y in zip(la, lb, strict=True):
@@ -122,6 +124,40 @@ def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path, pack
     wb = load_file(str(b.run_dir / "final" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batches_in_threads_equal_one_at_a_time(tmp_path, alpaca_path):
+    # the same 4 micro-batches per step, one after the other or 2 at a time in worker threads, with an
+    # L2-SP penalty (added once per step): the gradient sums differ only in rounding
+    common = {"lr": 1e-3, "max_steps": 3, "schedule": "constant", "batch_size": 2, "grad_accum": 4, "threads": 2}
+    data = {"train": [{"path": str(alpaca_path), "limit": 96}], "max_length": 128, "packing": True}
+    objectives = {"l2sp": {"weight": 0.5}}
+    one = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, objectives=objectives,
+                                           train={**common, "micro_batch_threads": 1}), "one")
+    two = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, objectives=objectives,
+                                           train={**common, "micro_batch_threads": 2}), "two")
+    assert (one.summary["micro_batch_threads"], two.summary["micro_batch_threads"]) == (1, 2)
+    for x, y in zip(train_losses(one.run_dir), train_losses(two.run_dir), strict=True):
+        assert abs(x - y) < 1e-6 * abs(x), (x, y)
+    wa = load_file(str(one.run_dir / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(two.run_dir / "final" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)  # it trained
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_micro_batch_threads_where_they_do_not_apply(tmp_path, alpaca_path):
+    from tunelab.errors import UserError
+
+    cfg = tiny_config(tmp_path, alpaca_path, train={"micro_batch_threads": 2, "gradient_checkpointing": True,
+                                                    "max_steps": 1})
+    with pytest.raises(UserError, match=r"^train\.micro_batch_threads: 2 .* gradient checkpointing\. Set "
+                                        r"train\.micro_batch_threads: 1"):
+        run_config(tmp_path, cfg, "ckpt")
+    # the default turns itself off for full fine-tuning (each in-flight micro-batch holds a full gradient)
+    out = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, method={"name": "full"},
+                                           train={"max_steps": 1, "threads": 2}), "full")
+    assert out.summary["micro_batch_threads"] == 1
 
 
 def test_packed_training_matches_unpacked(tmp_path, alpaca_path):

@@ -27,6 +27,7 @@ switched back to ``sdpa`` before they are saved or used for generation.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -77,24 +78,26 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # the few shapes of its own segments across its 30 layers.
 _BIASES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _BIAS_BYTES = 32 * 2**20
+_BIAS_LOCK = threading.Lock()  # the training loop may run two micro-batches at once (train.micro_batch_threads)
 
 
 def _causal_bias(g: int, m: int, kn: int, off: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(G * m, kn)``: 0 where query row ``i`` (the ``off + i``-th position of its segment) may see key
     ``j``, ``-inf`` where ``j`` is in its future. Built once per block shape and reused by every layer."""
     key = (g, m, kn, off, dtype, device)
-    bias = _BIASES.get(key)
-    if bias is not None:
-        _BIASES.move_to_end(key)
+    with _BIAS_LOCK:
+        bias = _BIASES.get(key)
+        if bias is not None:
+            _BIASES.move_to_end(key)
+            return bias
+        future = torch.arange(kn, device=device).view(1, kn) > torch.arange(off, off + m, device=device).view(m, 1)
+        bias = torch.zeros(m, kn, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(g, 1)
+        _BIASES[key] = bias
+        total = sum(b.numel() * b.element_size() for b in _BIASES.values())
+        while total > _BIAS_BYTES and len(_BIASES) > 1:
+            _, old = _BIASES.popitem(last=False)
+            total -= old.numel() * old.element_size()
         return bias
-    future = torch.arange(kn, device=device).view(1, kn) > torch.arange(off, off + m, device=device).view(m, 1)
-    bias = torch.zeros(m, kn, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(g, 1)
-    _BIASES[key] = bias
-    total = sum(b.numel() * b.element_size() for b in _BIASES.values())
-    while total > _BIAS_BYTES and len(_BIASES) > 1:
-        _, old = _BIASES.popitem(last=False)
-        total -= old.numel() * old.element_size()
-    return bias
 
 
 def _scores(q_blk, k_seg, g: int, m: int, off: int, scale: float, dtype: torch.dtype | None) -> torch.Tensor:

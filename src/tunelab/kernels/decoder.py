@@ -25,6 +25,7 @@ Equivalence with the stock layer, values and gradients: ``tests/test_decoder_ker
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -343,7 +344,9 @@ def _lora_params(spec: _Layer) -> list[nn.Parameter]:
 
 # =========================================================================== switching it on and off
 
-_BOUNDS: dict = {}  # the last position ids seen and their segment bounds (one forward = every layer, one tensor)
+# the last position ids seen and their segment bounds: one forward = every layer, one tensor. Per thread:
+# the training loop may run two micro-batches at once (train.micro_batch_threads)
+_BOUNDS = threading.local()
 
 
 def _bounds(position_ids: torch.Tensor | None, batch: int, length: int) -> list:
@@ -353,10 +356,10 @@ def _bounds(position_ids: torch.Tensor | None, batch: int, length: int) -> list:
         return [[(0, length)]] * batch
     if position_ids.shape[0] != batch:
         position_ids = position_ids.expand(batch, -1)
-    last = _BOUNDS.get("ids")
+    last = getattr(_BOUNDS, "ids", None)
     if last is None or last.shape != position_ids.shape or not torch.equal(last, position_ids):
-        _BOUNDS.update(ids=position_ids.clone(), bounds=att.segment_bounds(position_ids))
-    return _BOUNDS["bounds"]
+        _BOUNDS.ids, _BOUNDS.bounds = position_ids.clone(), att.segment_bounds(position_ids)
+    return _BOUNDS.bounds
 
 
 def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,8 @@ class LoopSetup:
     on_eval: Callable[[int, dict[str, Any]], None] | None = None
     # extra values for each train record (objectives: per-term penalties, the distillation KL)
     step_metrics: Callable[[], dict[str, float]] | None = None
+    # micro-batches run at once in worker threads (one CPU process; tunelab.train.recipe.micro_batch_threads)
+    micro_batch_threads: int = 1
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -138,6 +141,77 @@ def _save_checkpoint(s: LoopSetup, step: int, state: dict) -> None:
     )
 
 
+def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.Tensor | None,
+                      pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, float | None]:
+    """Forward and backward of every micro-batch of optimiser step ``step``, the gradients summed into
+    ``.grad``; returns the step's summed loss and the penalty's value (or None).
+
+    ``scale`` turns a micro-batch's loss sum into its share of the step's objective. With ``pool``
+    (worker threads), the micro-batches run at once, each computing its own gradients with
+    ``torch.autograd.grad``, and they are added to ``.grad`` in micro-batch order: the order one
+    process would have added them in, whichever thread finishes first.
+    """
+    acc, cfg = s.accelerator, s.cfg
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    penalty_value = None
+
+    def add_groups(groups) -> None:
+        for g, (g_sum, g_n) in (groups[0].items() if groups and by_dataset is not None else ()):
+            by_dataset[g, 0] += g_sum
+            by_dataset[g, 1] += g_n
+
+    if pool is None:
+        for micro in range(cfg.grad_accum):
+            batch = _micro_batch(s, step, micro)
+            last = micro == cfg.grad_accum - 1
+            with acc.no_sync(s.loss_model) if not last else nullcontext():
+                part, _, *groups = s.loss_model(**batch)
+                add_groups(groups)
+                objective = part * scale  # DDP averages gradients over processes: scale holds the factor `world`
+                if last and s.penalty is not None:  # the same on every process: DDP's mean keeps it
+                    penalty = s.penalty()
+                    objective = objective + penalty
+                    penalty_value = penalty.detach().item()
+                acc.backward(objective)
+            loss_sum += part.detach().double()
+        return loss_sum, penalty_value
+
+    def one(micro: int):
+        part, _, *groups = s.loss_model(**_micro_batch(s, step, micro))
+        params = [p for p in s.model.parameters() if p.requires_grad]
+        return part.detach(), groups, params, torch.autograd.grad(part * scale, params, allow_unused=True)
+
+    futures = [pool.submit(one, micro) for micro in range(cfg.grad_accum)]
+    for future in futures:
+        part, groups, params, grads = future.result()
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        add_groups(groups)
+        loss_sum += part.double()
+    if s.penalty is not None:
+        penalty = s.penalty()
+        penalty.backward()
+        penalty_value = penalty.detach().item()
+    return loss_sum, penalty_value
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor | None:
+    """Threads for :func:`_forward_backward`, each with its share of the intra-op threads; None for one."""
+    if workers <= 1:
+        return None
+    return ThreadPoolExecutor(workers, thread_name_prefix="tunelab-micro", initializer=torch.set_num_threads,
+                              initargs=(max(1, torch.get_num_threads() // workers),))
+
+
+def _stop_workers(pool: ThreadPoolExecutor | None) -> None:
+    """Drop the queued micro-batches and wait for the running ones (before a checkpoint is written)."""
+    if pool is not None:
+        threads = torch.get_num_threads()
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)  # new threads start from the last value set anywhere in the process
+
+
 def train_loop(s: LoopSetup) -> dict[str, Any]:
     acc, cfg, plan = s.accelerator, s.cfg, s.plan
     world = acc.num_processes
@@ -165,6 +239,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     t_start, tokens_window, t_window = time.perf_counter(), 0, time.perf_counter()
     start_step, tokens_at_start = state["step"], state["tokens_seen"]
 
+    pool = _worker_pool(s.micro_batch_threads)
     with progress, _StopRequest(world > 1) as stop:
         try:
             while state["step"] < s.total_steps:
@@ -176,24 +251,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                     n_targets = max(1e-12, sum(r.target_weight for r in step_rows))
                 by_dataset = torch.zeros((len(s.datasets), 2), dtype=torch.float64, device=acc.device) if s.datasets else None
                 step_tokens = sum(len(r) for r in step_rows)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-                penalty_value = None
-                for micro in range(cfg.grad_accum):
-                    batch = _micro_batch(s, step, micro)
-                    last = micro == cfg.grad_accum - 1
-                    with acc.no_sync(s.loss_model) if not last else nullcontext():
-                        part, _, *groups = s.loss_model(**batch)
-                        for g, (g_sum, g_n) in (groups[0].items() if groups and by_dataset is not None else ()):
-                            by_dataset[g, 0] += g_sum
-                            by_dataset[g, 1] += g_n
-                        # DDP averages gradients over processes, hence the factor `world`.
-                        objective = part * (world / n_targets)
-                        if last and s.penalty is not None:  # the same on every process: DDP's mean keeps it
-                            penalty = s.penalty()
-                            objective = objective + penalty
-                            penalty_value = penalty.detach().item()
-                        acc.backward(objective)
-                    loss_sum += part.detach().double()
+                loss_sum, penalty_value = _forward_backward(s, step, world / n_targets, by_dataset, pool)
                 # one all-reduce carries the step's loss and whether any rank was asked to stop
                 totals = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(stop.asked))]), "sum")
                 step_loss, stop_after_step = (totals[0] / n_targets).item(), totals[1].item() > 0
@@ -264,6 +322,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                         f"Continue with: tunelab train CONFIG --resume"
                     )
         except KeyboardInterrupt:
+            _stop_workers(pool)
             if world > 1:  # a second Ctrl-C: the ranks are not at the same point, no collective save
                 raise UserError(f"interrupted twice at step {state['step']}: stopped without saving. Continue "
                                 f"from the last checkpoint in {s.run.checkpoints} with: tunelab train CONFIG "
@@ -273,6 +332,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 f"interrupted at step {state['step']}: checkpoint saved in {s.run.checkpoints}. "
                 f"Continue with: tunelab train CONFIG --resume"
             ) from None
+        finally:
+            _stop_workers(pool)
 
     # --- the end: a last evaluation, a last checkpoint -------------------------------------------
     if stop_reason == "completed" and s.eval_rows:
