@@ -9,7 +9,9 @@ Invariants it keeps (each has a test):
   checkpoints hold every other piece of state, so a run killed at any point and resumed ends
   with the same weights as one that never stopped (CPU, fp32);
 * a step whose loss or gradient is not finite is skipped and counted; too many in a row stop
-  the run with a usable checkpoint.
+  the run with a usable checkpoint;
+* micro-batches run in worker threads (``train.micro_batch_threads``, CPU) give the same step as
+  one at a time: each computes its own gradients, added to ``.grad`` in micro-batch order.
 """
 
 from __future__ import annotations
