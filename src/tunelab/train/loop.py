@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -144,7 +145,7 @@ def _save_checkpoint(s: LoopSetup, step: int, state: dict) -> None:
 
 
 def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.Tensor | None,
-                      pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, float | None]:
+                      pool: _Workers | None) -> tuple[torch.Tensor, float | None]:
     """Forward and backward of every micro-batch of optimiser step ``step``, the gradients summed into
     ``.grad``; returns the step's summed loss and the penalty's value (or None).
 
@@ -198,20 +199,39 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
     return loss_sum, penalty_value
 
 
-def _worker_pool(workers: int) -> ThreadPoolExecutor | None:
-    """Threads for :func:`_forward_backward`, each with its share of the intra-op threads; None for one."""
-    if workers <= 1:
-        return None
-    return ThreadPoolExecutor(workers, thread_name_prefix="tunelab-micro", initializer=torch.set_num_threads,
-                              initargs=(max(1, torch.get_num_threads() // workers),))
+class _Workers:
+    """Worker threads for :func:`_forward_backward`, each with its share of the intra-op threads.
+
+    While they run, Python is asked to hand the GIL over every 0.1 ms instead of every 5 ms: a
+    thread back from a matrix product then waits less for the other's Python work (standard
+    benchmark, 20 rows, 2 workers: 851 and 867 vs 821 and 842 tokens/s, alternated, measured).
+    """
+
+    SWITCH_INTERVAL_S = 1e-4
+
+    def __init__(self, n: int):
+        self.threads, self.switch = torch.get_num_threads(), sys.getswitchinterval()
+        sys.setswitchinterval(self.SWITCH_INTERVAL_S)
+        self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            n, thread_name_prefix="tunelab-micro", initializer=torch.set_num_threads,
+            initargs=(max(1, self.threads // n),))
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Drop the queued micro-batches and wait for the running ones (before a checkpoint is written)."""
+        if self.pool is None:
+            return
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+        torch.set_num_threads(self.threads)  # new threads start from the last value set anywhere in the process
+        sys.setswitchinterval(self.switch)
 
 
-def _stop_workers(pool: ThreadPoolExecutor | None) -> None:
-    """Drop the queued micro-batches and wait for the running ones (before a checkpoint is written)."""
+def _stop_workers(pool: _Workers | None) -> None:
     if pool is not None:
-        threads = torch.get_num_threads()
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)  # new threads start from the last value set anywhere in the process
+        pool.close()
 
 
 def train_loop(s: LoopSetup) -> dict[str, Any]:
@@ -241,7 +261,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     t_start, tokens_window, t_window = time.perf_counter(), 0, time.perf_counter()
     start_step, tokens_at_start = state["step"], state["tokens_seen"]
 
-    pool = _worker_pool(s.micro_batch_threads)
+    pool = _Workers(s.micro_batch_threads) if s.micro_batch_threads > 1 else None
     with progress, _StopRequest(world > 1) as stop:
         try:
             while state["step"] < s.total_steps:
