@@ -34,7 +34,8 @@ DEMO_CONFIG = {
     },
     "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "train": {
-        "lr": 1e-3, "epochs": 1, "batch_size": 2, "grad_accum": 1, "warmup_ratio": 0.05,
+        # 2 packed rows per step, as 2 micro-batches of 1: they run at once in two threads (train.micro_batch_threads)
+        "lr": 1e-3, "epochs": 1, "batch_size": 1, "grad_accum": 2, "warmup_ratio": 0.05,
         "schedule": "cosine", "eval_every": 50, "save_every": 50, "precision": "auto", "seed": 0,
     },
 }
