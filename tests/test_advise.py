@@ -93,6 +93,28 @@ def test_every_method_predicted_peak_is_within_20_percent_of_the_measured_peak(t
     _check(cfg, tiny4, method, False)
 
 
+def test_memory_counts_the_micro_batches_training_runs_at_once(tiny4):
+    from tunelab.search.advise import micro_batches
+
+    # the rule of train.micro_batch_threads: 2 at once for LoRA without dropout on a 2-thread CPU with
+    # accumulation; 1 with dropout, without accumulation, on a GPU, or when set to 1
+    lora = _cfg(tiny4, "lora", grad_accum=2, threads=2)
+    lora.method.dropout = 0.0
+    assert micro_batches(lora, "lora", 0.01, "cpu") == 2
+    assert micro_batches(lora, "lora", 0.01, "cuda") == 1
+    assert micro_batches(lora, "full", 1.0, "cpu") == 1  # a full gradient per micro-batch: off
+    assert micro_batches(_cfg(tiny4, "lora", grad_accum=1, threads=2), "lora", 0.01, "cpu") == 1
+    assert micro_batches(_cfg(tiny4, "lora", grad_accum=2, threads=2, micro_batch_threads=1), "lora", 0.01, "cpu") == 1
+    with_dropout = _cfg(tiny4, "lora", grad_accum=2, threads=2)
+    with_dropout.method.dropout = 0.1
+    assert micro_batches(with_dropout, "lora", 0.01, "cpu") == 1
+    # two in flight: one more set of activations, and a gradient per micro-batch beside the accumulated one
+    m = Memory(weights=100.0, gradients=4.0, optimizer=8.0, activations=50.0, peak=162.0)
+    two = m.concurrent(2)
+    assert (two.weights, two.gradients, two.optimizer, two.activations, two.peak) == (100.0, 12.0, 8.0, 100.0, 220.0)
+    assert m.concurrent(1) is m
+
+
 def test_recommendation_follows_data_memory_and_knowledge():
     def est(name, peak, params=1_000_000):
         m = Memory(peak / 4, 0, 0, peak / 2, peak)

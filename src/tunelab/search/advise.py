@@ -58,6 +58,14 @@ class Memory:
         """self + k * (other - self): linear extrapolation in the layer count."""
         return Memory(*(a + k * (b - a) for a, b in zip(astuple(self), astuple(other), strict=True)))
 
+    def concurrent(self, n: int) -> Memory:
+        """The peak with ``n`` micro-batches in flight (``train.micro_batch_threads``): each holds its own
+        activations and its own gradient of the trained weights, beside the accumulated one."""
+        if n <= 1:
+            return self
+        return Memory(self.weights, self.gradients * (n + 1), self.optimizer, self.activations * n,
+                      self.peak + (n - 1) * self.activations + n * self.gradients)
+
 
 def astuple(m: Memory) -> tuple[float, ...]:
     return (m.weights, m.gradients, m.optimizer, m.activations, m.peak)
@@ -72,6 +80,7 @@ class MethodEstimate:
     memory_checkpointing: Memory | None = None
     by_precision: dict[str, Memory] = field(default_factory=dict)
     error: str | None = None
+    micro_batches: int = 1  # micro-batches in flight at once (train.micro_batch_threads); memory includes them
 
 
 @dataclass
@@ -311,6 +320,19 @@ def estimate_method(cfg: TuneConfig, method: str, probes: Probes, *, precision: 
     return m1.scaled(m2, k), round(t1 + k * (t2 - t1)), round(n1 + k * (n2 - n1))
 
 
+def micro_batches(cfg: TuneConfig, method: str, trained: float, device: str) -> int:
+    """How many micro-batches training would run at once with ``method`` (the rule of
+    :func:`tunelab.train.recipe.concurrent_micro_batches`, the facts taken from the config)."""
+    from tunelab.train.recipe import concurrent_micro_batches, default_threads, kernels_apply
+
+    mcfg = _method_cfg(cfg, method)
+    return concurrent_micro_batches(
+        cfg.train, threads=cfg.train.threads or default_threads(), device=device, processes=cfg.train.processes,
+        trained=trained, dropout=bool(getattr(mcfg, "dropout", 0.0)), distill=cfg.objectives.distill is not None,
+        kernels=kernels_apply(cfg.model_copy(update={"method": mcfg})),
+    )
+
+
 def applicable_methods(cfg: TuneConfig) -> list[str]:
     from tunelab.methods import METHODS
 
@@ -361,6 +383,8 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
             try:
                 est.memory, est.trainable, est.parameters = estimate_method(cfg, name, probes, precision=precision,
                                                                             checkpointing=False)
+                est.micro_batches = micro_batches(cfg, name, est.trainable / max(1, est.parameters), device)
+                est.memory = est.memory.concurrent(est.micro_batches)
                 if getattr(get_method(name), "GRADIENT_CHECKPOINTING", True) and (
                         all_checkpointing or name == cfg.method.name):
                     est.memory_checkpointing = estimate_method(cfg, name, probes, precision=precision,
@@ -371,7 +395,7 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
                             est.by_precision[other] = est.memory
                         elif other == "fp32" or _bf16_ok(device):
                             est.by_precision[other] = estimate_method(cfg, name, probes, precision=other,
-                                                                      checkpointing=False)[0]
+                                                                      checkpointing=False)[0].concurrent(est.micro_batches)
             except UserError:
                 raise
             except Exception as err:  # a method that cannot run with this model / task: say so in the table
@@ -497,6 +521,10 @@ def print_advice(a: Advice, console: Console) -> None:
                       f"{mib(c.activations):,.1f}" if c else "-", f"{mib(c.peak):,.1f}" if c else "-",
                       "yes" if m.peak < 0.8 * a.available_bytes else ("with ckpt" if c and c.peak < 0.8 * a.available_bytes else "[red]no[/]"))
     console.print(table)
+    for e in a.estimates:
+        if e.memory is not None and e.micro_batches > 1:
+            console.print(f"{e.method}: {e.micro_batches} micro-batches run at once (train.micro_batch_threads); "
+                          f"the gradients, activations and peak columns count all of them")
     for e in a.estimates:
         if e.by_precision:
             console.print(f"{e.method} by precision: " + "; ".join(

@@ -67,36 +67,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int | None) -> int:
-    """torch threads: as configured, else the physical cores shared among this machine's processes."""
-    if threads is None:
-        try:
-            import psutil
+def default_threads() -> int:
+    """The physical cores shared among this machine's processes."""
+    try:
+        import psutil
 
-            cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        except ImportError:
-            cores = os.cpu_count() or 1
-        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = max(1, cores // local_procs)
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def set_threads(threads: int | None) -> int:
+    """torch threads: as configured, else :func:`default_threads`."""
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
 
 
 def micro_batch_threads(t, *, threads: int, device: torch.device, processes: int, model: torch.nn.Module,
                         loss_module: torch.nn.Module, kernels: list[str]) -> int:
-    """How many micro-batches run at once (``train.micro_batch_threads``; :func:`tunelab.train.loop.train_loop`).
+    """How many micro-batches run at once (``train.micro_batch_threads``; :func:`tunelab.train.loop.train_loop`)
+    for this model: :func:`concurrent_micro_batches` with the facts read from it."""
+    params = list(model.parameters())
+    trained = sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params))
+    return concurrent_micro_batches(t, threads=threads, device=device.type, processes=processes, trained=trained,
+                                    dropout=_has_dropout(model), distill=getattr(loss_module, "distill", None) is not None,
+                                    kernels=bool(kernels))
+
+
+def concurrent_micro_batches(t, *, threads: int, device: str, processes: int, trained: float, dropout: bool,
+                             distill: bool, kernels: bool) -> int:
+    """The rule behind ``train.micro_batch_threads`` (also used by the advisor's memory estimate).
 
     Threads help on CPU, where one process's Python work and small operators leave cores idle
     (2 one-thread workers: +10-15% tokens/s over one 2-thread one on SmolLM2 LoRA, measured). Each
-    in-flight micro-batch holds its own gradients, so the default is on for adapter runs only.
+    in-flight micro-batch holds its own activations and gradients, so the default is on for
+    adapter runs only (``trained``: the share of parameters trained).
     """
     blockers = [why for why, on in (
-        ("a GPU", device.type != "cpu"),
+        ("a GPU", device != "cpu"),
         ("several processes", processes > 1),
         ("gradient checkpointing", t.gradient_checkpointing),
         ("train.compile", t.compile),
-        ("distillation", getattr(loss_module, "distill", None) is not None),
-        ("dropout (the threads would draw the masks in a varying order)", _has_dropout(model)),
+        ("distillation", distill),
+        ("dropout (the threads would draw the masks in a varying order)", dropout),
     ) if on]
     if t.micro_batch_threads is not None:
         if t.micro_batch_threads > 1 and blockers:
@@ -104,8 +119,6 @@ def micro_batch_threads(t, *, threads: int, device: torch.device, processes: int
                             f"CPU process, which does not apply with {blockers[0]}. Set train.micro_batch_threads: 1 "
                             f"or leave it out")
         return t.micro_batch_threads
-    params = list(model.parameters())
-    trained = sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params))
     return 2 if not blockers and threads >= 2 and t.grad_accum >= 2 and kernels and trained <= 0.05 else 1
 
 
