@@ -447,10 +447,11 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
 
     rows = [
         ("dataset tokens/s", _fmt(o.get("tokens_per_s")), _fmt(b.get("tokens_per_s")),
-         _fmt(cmp.get("tokens_per_s_ratio"), ".2f") + ("x" if "tokens_per_s_ratio" in cmp else ""),
+         # three decimals: a ratio of 3.995 must not print as a "4.00x" that misses its ">= 4.0x" target
+         _fmt(cmp.get("tokens_per_s_ratio"), ".3f") + ("x" if "tokens_per_s_ratio" in cmp else ""),
          status("tokens_per_s_ratio")),
         ("peak RSS (MiB)", _fmt(o.get("peak_rss_mib")), _fmt(b.get("peak_rss_mib")),
-         _fmt(cmp.get("peak_rss_ratio"), ".2f") + ("x" if "peak_rss_ratio" in cmp else ""),
+         _fmt(cmp.get("peak_rss_ratio"), ".3f") + ("x" if "peak_rss_ratio" in cmp else ""),
          status("peak_rss_ratio")),
         ("eval loss (assistant tokens)", _fmt(o.get("eval_loss"), ".4f"), _fmt(b.get("eval_loss"), ".4f"),
          _fmt(cmp.get("eval_loss_rel_diff"), "+.2%"), status("eval_loss_rel_diff")),
