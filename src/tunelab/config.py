@@ -228,7 +228,7 @@ class TrainSection(_Strict):
     micro_batch_threads: int | None = Field(
         None, ge=1,
         description="Run this many micro-batches of an optimiser step at once, each in its own thread with "
-        "threads / N intra-op threads (CPU, one process; +10-15% tokens/s on 2 cores, measured). Gradients are "
+        "threads / N intra-op threads (CPU, one process; 667 -> 727 tokens/s on the 2-core LoRA benchmark). Gradients are "
         "summed in micro-batch order, whatever finishes first. Default: 2 on a CPU with 2+ threads for adapter "
         "runs (<= 5% of parameters trained, tunelab's kernels on, grad_accum >= 2, no dropout, distillation, "
         "gradient checkpointing or compile); else 1.",

@@ -133,10 +133,10 @@ def _key_span(x, s: int, qe: int) -> torch.Tensor:
     return out
 
 
-def attention_forward(q, k, v, bounds, scale, keep_probs: bool = False):
+def attention_forward(q, k, v, bounds, scale, keep_probs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``q (B, H, L, D)``, ``k, v (B, KV, L, D)``, one dtype -> ``(B, L, H, D)``, causal within each
-    segment of ``bounds`` (:func:`segment_bounds`). With ``keep_probs``, also the probabilities of
-    every query block (a list for :func:`attention_backward`, which then need not recompute them)."""
+    segment of ``bounds`` (:func:`segment_bounds`), and the probabilities of every query block when
+    ``keep_probs`` (for :func:`attention_backward`, which then need not recompute them; else ``[]``)."""
     b_, h, length, d = q.shape
     kv = k.shape[1]
     g = h // kv
@@ -152,7 +152,7 @@ def attention_forward(q, k, v, bounds, scale, keep_probs: bool = False):
             ob[:, :, qs:qe] = o[:, :, : qe - qs]
             if keep_probs:
                 probs.append(p)
-    return (out, probs) if keep_probs else out
+    return out, probs
 
 
 def attention_backward(q, k, v, d_out, bounds, scale, probs=None):
@@ -203,7 +203,7 @@ class SegmentCausalAttention(torch.autograd.Function):
         cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-        out = attention_forward(q, k, v, bounds, scale)
+        out, _ = attention_forward(q, k, v, bounds, scale)
         ctx.save_for_backward(q, k, v)
         ctx.bounds, ctx.scale = bounds, scale
         return out

@@ -179,14 +179,15 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
             loss_sum += part.detach().double()
         return loss_sum, penalty_value
 
+    params = [p for p in s.model.parameters() if p.requires_grad]
+
     def one(micro: int):
         part, _, *groups = s.loss_model(**_micro_batch(s, step, micro))
-        params = [p for p in s.model.parameters() if p.requires_grad]
-        return part.detach(), groups, params, torch.autograd.grad(part * scale, params, allow_unused=True)
+        return part.detach(), groups, torch.autograd.grad(part * scale, params, allow_unused=True)
 
     futures = [pool.submit(one, micro) for micro in range(cfg.grad_accum)]
     for future in futures:
-        part, groups, params, grads = future.result()
+        part, groups, grads = future.result()
         for p, g in zip(params, grads, strict=True):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad.add_(g)
