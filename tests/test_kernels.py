@@ -206,3 +206,35 @@ def test_chunked_cross_entropy_equals_cross_entropy(n, train_head):
     torch.testing.assert_close(ours, ref)
     for a, b in zip(torch.autograd.grad(ours * 1.5, inputs), torch.autograd.grad(ref * 1.5, inputs), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_chunked_cross_entropy_in_bf16_keeps_confident_targets_exact():
+    """bf16 logits: the loss and the gradient stay as close to fp64 as bf16 logits allow, also for
+    targets predicted with p > 0.99, whose ``p - 1`` a bf16 softmax alone would round coarsely."""
+    from tunelab.objectives.causal_lm import chunked_cross_entropy_sum
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 16).bfloat16()
+    h = (torch.randn(40, 16) * 3).bfloat16()
+    logits = (h.float() @ w.float().T).double()
+    t = logits.argmax(-1)
+    t[::2] = torch.randint(0, 300, (20,))  # half confident, half not
+    hg = h.clone().requires_grad_(True)
+    ours = chunked_cross_entropy_sum(hg, w, t, chunk=16)
+    (grad,) = torch.autograd.grad(ours, hg)
+    ours = float(ours.detach())
+    # reference: exact maths on the same bf16 logits (their own rounding is not what is tested)
+    ref_logits = (hg.detach() @ w.T).double()
+    logp = torch.log_softmax(ref_logits, -1)
+    ref = -logp[torch.arange(40), t].sum()
+    d = logp.exp()
+    d[torch.arange(40), t] -= 1
+    confident = logp[torch.arange(40), t].exp() > 0.99
+    assert confident.sum() >= 5
+    assert logp[torch.arange(40), t].exp().min() < 1e-30  # also targets a bf16 softmax flushes to zero
+    assert abs(ours - float(ref)) <= 1e-4 * float(ref), (ours, float(ref))
+    ref_grad = d @ w.double()
+    assert (grad.double() - ref_grad).norm() / ref_grad.norm() < 0.01
+    # a confident row's gradient is small: ``bf16(p_t) - 1`` alone would be off by 100% there
+    row_err = (grad.double() - ref_grad).norm(dim=1) / ref_grad.norm(dim=1)
+    assert row_err[confident].max() < 0.1, row_err[confident]

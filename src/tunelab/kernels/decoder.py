@@ -240,10 +240,6 @@ def _rope_backward(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype:
     return out.view(b_ * length, heads * dd)
 
 
-def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(g).mul_(u)
-
-
 # =========================================================================== the layer
 
 
@@ -269,12 +265,14 @@ class DecoderLayerFn(torch.autograd.Function):
         # MLP block
         h2, r2 = _rms_norm(x_mid, spec.norm_post.weight, spec.norm_post.variance_epsilon, dtype)
         (gt, up), xa_gu, a_gu, i_gu = _group_forward(h2, spec.gate_up, dtype)
-        act = _silu_mul(gt, up)
+        silu_g = torch.nn.functional.silu(gt)
+        act = silu_g * up
         (dn,), xa_d, a_d, i_d = _group_forward(act, (spec.down,), dtype)
+        del act
         out = torch.add(x_mid.view(b_, length, hidden), dn.to(x_mid.dtype).view(b_, length, hidden))
 
         if any(ctx.needs_input_grad):  # not under no_grad (evaluation)
-            ctx.save_for_backward(x, r1, q, k, v, attn, x_mid, r2, gt, up, cos, sin,
+            ctx.save_for_backward(x, r1, q, k, v, attn, x_mid, r2, gt, silu_g, up, cos, sin,
                                   *(t for t in (xa_qkv, xa_o, xa_gu, xa_d) if t is not None), *probs)
             ctx.has_xa = tuple(t is not None for t in (xa_qkv, xa_o, xa_gu, xa_d))
             ctx.stacks = ((a_qkv, i_qkv), (a_o, i_o), (a_gu, i_gu), (a_d, i_d))
@@ -287,9 +285,9 @@ class DecoderLayerFn(torch.autograd.Function):
         spec, dtype = ctx.spec, ctx.dtype
         b_, length, hidden = ctx.shape
         saved = list(ctx.saved_tensors)
-        x, r1, q, k, v, attn, x_mid, r2, gt, up, cos, sin = saved[:12]
+        x, r1, q, k, v, attn, x_mid, r2, gt, silu_g, up, cos, sin = saved[:13]
         x2 = x.reshape(b_ * length, hidden)
-        rest = iter(saved[12:])
+        rest = iter(saved[13:])
         xa_qkv, xa_o, xa_gu, xa_d = (next(rest) if has else None for has in ctx.has_xa)
         probs = list(rest) or None  # the attention probabilities, when the forward kept them
         (a_qkv, i_qkv), (a_o, i_o), (a_gu, i_gu), (a_d, i_d) = ctx.stacks
@@ -298,11 +296,9 @@ class DecoderLayerFn(torch.autograd.Function):
 
         # MLP block: out = x_mid + down(silu(gate) * up)
         dy = d_res.to(dtype)
-        act = _silu_mul(gt, up)
-        d_act, g_d = _group_backward([dy], act, xa_d, a_d, i_d, (spec.down,), True)
-        del act
+        d_act, g_d = _group_backward([dy], silu_g * up, xa_d, a_d, i_d, (spec.down,), True)
         # silu'(g) in one kernel (fp32 inside, the result in the compute dtype), as autograd does it
-        d_up = torch.nn.functional.silu(gt).mul_(d_act)
+        d_up = silu_g.mul(d_act)
         d_gate = torch.ops.aten.silu_backward(d_act.mul_(up), gt)
         del d_act
         h2, _ = _rms_norm(x_mid, spec.norm_post.weight, spec.norm_post.variance_epsilon, dtype)
