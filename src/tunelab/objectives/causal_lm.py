@@ -46,8 +46,8 @@ def _softmax_and_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     146-147 ms on one thread, of which 122 are its two GEMMs (measured). What a bf16 softmax would
     lose is taken back where it matters:
 
-    * a target above one half: its entry is minus the mass on the other words (summed in fp32)
-      and its loss ``-log1p(-that mass)``, exact where ``p_t`` is near 1 and bf16 is coarsest;
+    * a target above one half: its entry is minus the mass on the other words (summed with fp32
+      accumulation, rounded once) and its loss ``-log1p(-that mass)``, exact where ``p_t`` is near 1 and bf16 is coarsest;
     * a target below one half: ``p_t - 1`` and ``-log p_t`` from the fp32 ``p_t`` (bf16 keeps 8 bits
       of it: at most 0.002 on that token's loss, unbiased);
     * a target below 1e-30, which bf16 may flush to zero: its row's exact fp32 log-softmax.
@@ -55,7 +55,8 @@ def _softmax_and_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     p = torch.softmax(logits, dim=-1)
     p_t = p[rows, targets].float()
     confident = p_t > 0.5
-    other = p[: rows.shape[0]].sum(-1, dtype=torch.float32).sub_(p_t)
+    p[rows, targets] = 0.0  # summed without the target: one rounding of the small mass, in the sum's own pass
+    other = p[: rows.shape[0]].sum(-1).float()
     log_p = torch.where(confident, torch.log1p(-other), p_t.log())
     lost = (p_t < 1e-30).nonzero().squeeze(1)
     if lost.numel():  # rare: a target 69 nats below the top word
