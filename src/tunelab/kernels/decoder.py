@@ -12,12 +12,13 @@ layer with a hand-written backward:
 * RMSNorm keeps only its fp32 ``1/rms`` per token and is recomputed in the backward; RoPE
   writes the rotated q and k straight into the layout the attention reads;
 * attention is :mod:`tunelab.kernels.attention` (segment-wise, for packed rows);
-* the backward keeps 9 tensors per token (the layer input, q, k, v, the attention output, the
-  mid-layer residual, the gate and up projections, the rank-``r`` LoRA intermediates): ~12 KB per
-  token and layer in bf16, plus the attention probabilities of each packed sample (bf16, ``heads
-  x n^2`` for a sample of ``n`` tokens; not with gradient checkpointing, which recomputes them).
-  Keeping them instead of recomputing them in the backward took the standard benchmark from
-  727 to 765 tokens/s for 240 MiB more peak memory (measured).
+* the backward keeps 10 tensors per token (the layer input, q, k, v, the attention output, the
+  mid-layer residual, the gate and up projections, ``silu(gate)``, the rank-``r`` LoRA
+  intermediates): ~15 KB per token and layer in bf16, plus the attention probabilities of each
+  packed sample (bf16, ``heads x n^2`` for a sample of ``n`` tokens; not with gradient
+  checkpointing, which recomputes them). Keeping the probabilities instead of recomputing them in
+  the backward took the standard benchmark from 727 to 765 tokens/s for 240 MiB more peak memory;
+  keeping ``silu(gate)`` saves one of the two SiLU passes the backward made (measured).
 
 It is our own code because neither transformers nor PEFT has a fused CPU training path (Liger's
 fused kernels are Triton, CUDA only). The parameters, the module tree and the saved formats are
