@@ -471,7 +471,7 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
     if "floor_fraction" in cmp:
         frac = cmp["floor_fraction"]
         rows.append((f"ours vs the ~{FLOOR_TPS:,.0f} tokens/s bf16 floor", f"{frac:.2f}x", "-", "-",
-                     f">= 1.00x: {'PASS' if frac >= 1 else 'MISS'}"))
+                     "a reference: the floor is an upper bound"))
     return rows
 
 
