@@ -208,14 +208,15 @@ def test_chunked_cross_entropy_equals_cross_entropy(n, train_head):
         torch.testing.assert_close(a, b)
 
 
-def test_chunked_cross_entropy_in_bf16_keeps_confident_targets_exact():
-    """bf16 logits: the loss and the gradient stay as close to fp64 as bf16 logits allow, also for
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_cross_entropy_in_bf16_keeps_confident_targets_exact(dtype):
+    """bf16 (and fp16) logits: the loss and the gradient stay as close to fp64 as bf16 logits allow, also for
     targets predicted with p > 0.99, whose ``p - 1`` a bf16 softmax alone would round coarsely."""
     from tunelab.objectives.causal_lm import chunked_cross_entropy_sum
 
     torch.manual_seed(0)
-    w = torch.randn(300, 16).bfloat16()
-    h = (torch.randn(40, 16) * 3).bfloat16()
+    w = torch.randn(300, 16).to(dtype)
+    h = (torch.randn(40, 16) * 3).to(dtype)
     logits = (h.float() @ w.float().T).double()
     t = logits.argmax(-1)
     t[::2] = torch.randint(0, 300, (20,))  # half confident, half not
