@@ -18,9 +18,9 @@ from torch import nn
 
 from tunelab.data.batching import IGNORE
 
-# The fp32 logits of one chunk (evaluation; training's are bf16, half of it) stay below this size. Larger blocks are memory-mapped afresh by
-# malloc at every call (glibc serves allocations above its mmap threshold, at most 32 MiB, with
-# new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
+# The fp32 logits of one chunk (evaluation's; training's bf16 ones are half of it) stay below this
+# size. Larger blocks are memory-mapped afresh by malloc at every call (glibc serves allocations
+# above its mmap threshold, at most 32 MiB, with new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
 # 1,024-row chunk (200 MB) took 98 ms per 300 tokens where 64-row chunks take 36 ms (measured).
 # Below it, taller chunks run the two vocabulary GEMMs faster: 160 rows (31.5 MB) took 101-110 ms
 # for a row's 468 labelled tokens where 80 rows took 124 (forward + backward, 2 threads, measured).
@@ -96,8 +96,9 @@ class ChunkedLinearCE(torch.autograd.Function):
             real = min(hc.shape[0], n - start)  # the rows after it are padding (last chunk only)
             tc = targets[start : start + real]
             rows = torch.arange(real, device=h.device)
+            logits = hc @ w.T
             if need_h or need_w:
-                p, loss = _softmax_and_loss(hc @ w.T, rows, tc)
+                p, loss = _softmax_and_loss(logits, rows, tc)
                 total += loss
                 p[real:] = 0.0
                 if need_h:
@@ -105,7 +106,7 @@ class ChunkedLinearCE(torch.autograd.Function):
                 if need_w:
                     grad_w += (p.T @ hc).float()
             else:  # evaluation: one exact fp32 log-softmax
-                total -= torch.log_softmax(hc @ w.T, dim=-1, dtype=torch.float32)[rows, tc].sum()
+                total -= torch.log_softmax(logits, dim=-1, dtype=torch.float32)[rows, tc].sum()
         ctx.save_for_backward(
             grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0)
         )
