@@ -20,10 +20,11 @@ from tunelab.data.batching import IGNORE
 
 # The fp32 logits of one chunk (evaluation's; training's bf16 ones are half of it) stay below this
 # size. Larger blocks are memory-mapped afresh by malloc at every call (glibc serves allocations
-# above its mmap threshold, at most 32 MiB, with new pages), and the page faults cost more than the arithmetic: on SmolLM2 (49,152 words) a
-# 1,024-row chunk (200 MB) took 98 ms per 300 tokens where 64-row chunks take 36 ms (measured).
-# Below it, taller chunks run the two vocabulary GEMMs faster: 160 rows (31.5 MB) took 101-110 ms
-# for a row's 468 labelled tokens where 80 rows took 124 (forward + backward, 2 threads, measured).
+# above its mmap threshold, at most 32 MiB, with new pages), and the page faults cost more than the
+# arithmetic: on SmolLM2 (49,152 words) a 1,024-row chunk (200 MB) took 98 ms per 300 tokens where
+# 64-row chunks take 36 ms (measured). Below it, taller chunks run the two vocabulary GEMMs faster:
+# 160 rows (31.5 MB) took 101-110 ms for a row's 468 labelled tokens where 80 rows took 124
+# (forward + backward, 2 threads, measured).
 CHUNK_BYTES = 32 * 2**20 - 2**20
 # Chunks are whole multiples of this many rows, the last one padded with zero rows: the number of
 # labelled tokens differs in every batch, and each new chunk height is a new matmul shape for
