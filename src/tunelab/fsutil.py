@@ -1,13 +1,17 @@
-"""Atomic writes: a crash or a kill never leaves a half-written file or folder behind."""
+"""Atomic writes (a crash or a kill never leaves a half-written file or folder behind), and the checks
+on paths tunelab writes: names that must be one path component, and user files never overwritten."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from tunelab.errors import UserError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -60,3 +64,29 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# A name that becomes one folder or file name under a directory tunelab owns (a run, a sweep trial,
+# a continual stage, an export, a served adapter): letters, digits, '.', '_', '-' and '+', not
+# starting with '.' (so never '', '.', '..' or a hidden file), at most 128 characters.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]{0,127}")
+
+
+def check_name(name: object, field: str) -> str:
+    """``name`` if it is one safe path component, else a :class:`UserError` naming ``field``."""
+    if isinstance(name, str) and _SAFE_NAME.fullmatch(name):
+        return name
+    raise UserError(
+        f"{field}: {name!r} is not a usable name: it becomes a folder name, so use 1-128 letters, digits, "
+        f"'.', '_', '-' or '+', not starting with '.' and with no '/' (e.g. my-run_2)"
+    )
+
+
+def refuse_existing(path: Path, field: str, *, force: bool) -> Path:
+    """Refuse to overwrite a file the user already has unless ``force``: a one-line :class:`UserError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{field}: {path} is a folder; name a file to write")
+    if path.exists() and not force:
+        raise UserError(f"{field}: {path} already exists; choose another path, or add --force to replace it")
+    return path
