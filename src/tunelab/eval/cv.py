@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tunelab import metrics_log
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
@@ -73,8 +74,7 @@ def fold_metrics(run_dir: Path) -> dict[str, float]:
     """The numbers of one finished fold: last evaluation, best eval loss, the eval section's headlines."""
     out: dict[str, float] = {}
     summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    evals = [e for e in evals if e.get("kind") == "eval"]
+    evals = [e for e in metrics_log.read(run_dir / "metrics.jsonl") if e.get("kind") == "eval"]
     if evals:
         for key, value in evals[-1].items():
             if key in ("kind", "step", "best") or isinstance(value, bool) or not isinstance(value, int | float):

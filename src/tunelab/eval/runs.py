@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tunelab import metrics_log
 from tunelab.errors import UserError
 
 __all__ = ["list_runs", "run_row", "show_run", "filter_runs", "sort_runs"]
@@ -31,14 +32,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _last_train_loss(path: Path) -> float | None:
-    if not path.is_file():
-        return None
     last = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in metrics_log.read(path):
         if rec.get("kind") == "train" and "loss" in rec:
             last = rec["loss"]
     return last

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from tunelab import metrics_log
 from tunelab.errors import UserError
 
 __all__ = ["log_to_mlflow"]
@@ -83,11 +84,7 @@ def log_to_mlflow(run_dir: str | Path, *, tracking_uri: str | None = None, exper
         metrics: list = []
         now = int(time.time() * 1000)
         if (run / "metrics.jsonl").is_file():
-            for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+            for rec in metrics_log.read(run / "metrics.jsonl"):
                 ts = int(rec.get("time", now / 1000) * 1000)
                 if rec.get("kind") == "train":
                     metrics += [Metric(name, float(rec[k]), ts, int(rec["step"])) for k, name in _STEP_KEYS.items()

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from tunelab import metrics_log
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
 
@@ -213,7 +214,7 @@ def _config_section(run: Path) -> list[Block]:
 def _curves(run: Path) -> list[Block]:
     from tunelab.report import plots
 
-    recs = _jsonl(run / "metrics.jsonl")
+    recs = metrics_log.read(run / "metrics.jsonl")
     train = [r for r in recs if r.get("kind") == "train" and isinstance(r.get("loss"), int | float)]
     evals = [r for r in recs if r.get("kind") == "eval" and isinstance(r.get("eval_loss"), int | float)]
     if not train:

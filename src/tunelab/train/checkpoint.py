@@ -7,11 +7,15 @@ A checkpoint is ``<run>/checkpoints/step-000123/`` with
 * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
 * ``rng-<rank>.pt``: Python, NumPy and torch (CPU and CUDA) RNG states of each process;
 * ``state.json``: the step, counters, best eval loss, and the data position (the data order
-  is a pure function of seed and step, so the step *is* the position).
+  is a pure function of seed and step, so the step *is* the position);
+* ``manifest.json``: the SHA-256 of every other file, written last. A checkpoint whose files
+  do not match it (a truncated copy, a disk error) is refused by name, and ``--resume`` falls
+  back to the newest one that verifies.
 
 It is written into ``.tmp-step-000123`` and renamed when complete, so a kill at any moment
 leaves either the previous checkpoints or a complete new one; stale temp folders are
-removed on the next save. Only the newest ``limit`` checkpoints are kept.
+removed on the next save. Only the newest ``limit`` checkpoints are kept. A write that fails (a full disk) stops the run
+with a one-line error; the previous checkpoints are left as they were.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import UserError
+from tunelab.fsutil import sha256_file
+
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,26 +87,37 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically (all processes call this; ``barrier`` syncs them)."""
     final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".tmp-step-{step:06d}"
-    if is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+    try:
+        if is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        barrier()
+        if is_main:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            files = sorted(f.name for f in tmp.iterdir())
+            (tmp / MANIFEST).write_text(json.dumps({n: sha256_file(tmp / n) for n in files}, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(ckpt_root)
+            prune(ckpt_root, limit)
+    except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    barrier()
-    if is_main:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
-        prune(ckpt_root, limit)
+        done = list_checkpoints(ckpt_root)
+        kept = f"the previous checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                  else "a file was cut short: the disk is full or a file size limit was reached")
+        raise UserError(f"{tmp}: could not write checkpoint step {step} ({reason}); {kept}. Free disk space "
+                        f"(or lower train.save_total_limit), then continue with: tunelab train CONFIG --resume") from None
     barrier()
     return final
 
@@ -119,8 +137,61 @@ def prune(ckpt_root: Path, limit: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def verify(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted (a file missing, cut short or changed), or None."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():  # written by an older tunelab: only the files' presence can be checked
+        missing = [n for n in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+                   if not (path / n).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(path / name) != digest:
+            return f"{name} does not match its checksum (cut short or changed)"
+    return None
+
+
+def newest_valid(ckpt_root: Path, warn) -> Path | None:
+    """The newest checkpoint that verifies; each newer corrupt one is named through ``warn``.
+
+    Raises a :class:`UserError` when checkpoints exist but none verifies.
+    """
+    done = list_checkpoints(ckpt_root)
+    problems = []
+    for path in reversed(done):
+        problem = verify(path)
+        if problem is None:
+            for bad, why in problems:
+                warn(f"checkpoint {bad} is corrupt ({why}): resuming from {path.name} instead")
+            return path
+        problems.append((path.name, problem))
+    if problems:
+        bad, why = problems[0]
+        raise UserError(f"{ckpt_root}: no checkpoint verifies ({bad}: {why}; {len(problems)} checked). Start the "
+                        f"run again without --resume under a new run.name, or restore the checkpoint files")
+    return None
+
+
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and this process's RNG; return ``state.json``."""
+    """Restore weights, optimiser, scheduler and this process's RNG; return ``state.json``.
+
+    ``path`` comes from :func:`newest_valid`, which has checked the files against the manifest."""
+    try:
+        return _load(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
+    except UserError:
+        raise
+    except Exception as err:  # e.g. an older checkpoint without a manifest, damaged in a way its presence hides
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: checkpoint is unreadable ({type(err).__name__}: {first}). Move this folder away "
+                        f"and run with --resume again to continue from the previous checkpoint") from None
+
+
+def _load(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
     tensors = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]

@@ -17,9 +17,9 @@ Invariants it keeps (each has a test):
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,27 +32,32 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tunelab import metrics_log
 from tunelab.config import TrainSection
 from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.run import RunDir
 
-# Tests set TUNELAB_FAULT_KILL_AT_STEP=N to SIGKILL the process right after optimiser step N.
-_KILL_AT_STEP = int(os.environ.get("TUNELAB_FAULT_KILL_AT_STEP", "0")) or None
-
 
 class _StopRequest:
-    """Ctrl-C with several processes. A ``KeyboardInterrupt`` lands on each rank at a different
-    point (one inside a collective, one outside), and the ranks then wait for each other forever.
-    Instead, the first SIGINT only marks the request. The ranks agree on it through the step's
-    loss all-reduce, finish that step together, save one checkpoint and stop. A second SIGINT
-    aborts at once. One process keeps the plain ``KeyboardInterrupt``."""
+    """Ctrl-C takes effect at a step boundary only, in one process and in several.
 
-    def __init__(self, active: bool):
-        import threading
+    A ``KeyboardInterrupt`` raised wherever the signal lands could stop the run after
+    ``optimizer.step()`` but before the step counter moves, and the checkpoint saved then would
+    hold weights one update ahead of its step (resume would apply that update twice). With
+    several processes it would also land on each rank at a different point, and the ranks would
+    wait for each other forever. So the first SIGINT only marks the request; the step finishes
+    (its evaluation and checkpoint too), one checkpoint is saved and the run stops. The ranks
+    agree on the request through the step's loss all-reduce. A second SIGINT aborts at once,
+    without saving: the last complete checkpoint stays the one to resume from.
+    """
 
-        self.active = active and threading.current_thread() is threading.main_thread()
+    def __init__(self, console: Console, announce: bool):
+        # a run started with SIGINT ignored (`cmd &` in a script) keeps it ignored, as any program does
+        self.active = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+        self.console, self.announce = console, announce
         self.asked = False
         self._old = None
 
@@ -60,6 +65,9 @@ class _StopRequest:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
+        if self.announce:
+            self.console.print("[yellow]Ctrl-C: stopping after this step with a checkpoint "
+                               "(Ctrl-C again to stop now, without saving)[/]")
 
     def __enter__(self):
         if self.active:
@@ -246,7 +254,9 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     if s.resume_from is not None:
         state.update(ckpt.load_checkpoint(s.resume_from, model=s.model, optimizer=s.optimizer,
                                           scheduler=s.scheduler, rank=acc.process_index))
-        if acc.is_main_process:
+    if acc.is_main_process:  # the steps after the checkpoint are run again: their old records go
+        metrics_log.truncate_after(s.run.metrics_file, state["step"])
+        if s.resume_from is not None:
             s.run.log_metrics({"kind": "resume", "step": state["step"], "from": s.resume_from.name})
             s.console.print(f"resumed from [bold]{s.resume_from}[/] at step {state['step']}")
 
@@ -263,7 +273,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     start_step, tokens_at_start = state["step"], state["tokens_seen"]
 
     pool = _Workers(s.micro_batch_threads) if s.micro_batch_threads > 1 else None
-    with progress, _StopRequest(world > 1) as stop:
+    saved_at = None  # the step of the checkpoint written last in this session
+    with progress, _StopRequest(s.console, acc.is_main_process) as stop:
         try:
             while state["step"] < s.total_steps:
                 step = state["step"]
@@ -323,8 +334,6 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                         s.tensorboard.add_scalar("train/lr", lr, step)
                     tokens_window, t_window = 0, now
                 progress.update(task, completed=step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                if _KILL_AT_STEP == step:  # fault injection for the resume tests: a real SIGKILL
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
                     stop_reason = "diverged"
                     break
@@ -338,36 +347,35 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- checkpoint ---------------------------------------------------------------
                 if cfg.save_every and step % cfg.save_every == 0 and step < s.total_steps:
                     _save_checkpoint(s, step, state)
-                if stop_after_step and step < s.total_steps:  # Ctrl-C on a rank: all stop after this step
-                    _save_checkpoint(s, step, state)
+                    saved_at = step
+                # Ctrl-C: one process sees its own flag at once (it may have come during this step's
+                # evaluation or checkpoint); several agree through the step's all-reduce above.
+                if (stop_after_step or (world == 1 and stop.asked)) and step < s.total_steps:
+                    _stop_workers(pool)
+                    if saved_at != step:
+                        _save_checkpoint(s, step, state)
                     raise UserError(
                         f"interrupted at step {step}: checkpoint saved in {s.run.checkpoints}. "
                         f"Continue with: tunelab train CONFIG --resume"
                     )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so nothing consistent to save
             _stop_workers(pool)
-            if world > 1:  # a second Ctrl-C: the ranks are not at the same point, no collective save
-                raise UserError(f"interrupted twice at step {state['step']}: stopped without saving. Continue "
-                                f"from the last checkpoint in {s.run.checkpoints} with: tunelab train CONFIG "
-                                f"--resume") from None
-            _save_checkpoint(s, state["step"], state)
-            raise UserError(
-                f"interrupted at step {state['step']}: checkpoint saved in {s.run.checkpoints}. "
-                f"Continue with: tunelab train CONFIG --resume"
-            ) from None
+            raise UserError(f"interrupted twice at step {state['step']}: stopped without saving. Continue "
+                            f"from the last checkpoint in {s.run.checkpoints} with: tunelab train CONFIG "
+                            f"--resume") from None
         finally:
             _stop_workers(pool)
 
-    # --- the end: a last evaluation, a last checkpoint -------------------------------------------
-    if stop_reason == "completed" and s.eval_rows:
-        _eval_and_track(s, state, state["step"])
-    _save_checkpoint(s, state["step"], state)
-    if stop_reason == "diverged":
-        raise UserError(
-            f"training diverged: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
-            f"(step {state['step']}); the last checkpoint is in {s.run.checkpoints}. Lower train.lr, set "
-            f"train.max_grad_norm, or use train.precision=fp32"
-        )
+        # --- the end: a last evaluation, a last checkpoint (a Ctrl-C now lets them finish) -------
+        if stop_reason == "completed" and s.eval_rows:
+            _eval_and_track(s, state, state["step"])
+        _save_checkpoint(s, state["step"], state)
+        if stop_reason == "diverged":
+            raise UserError(
+                f"training diverged: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+                f"(step {state['step']}); the last checkpoint is in {s.run.checkpoints}. Lower train.lr, set "
+                f"train.max_grad_norm, or use train.precision=fp32"
+            )
     seconds = time.perf_counter() - t_start
     return {**state, "stop_reason": stop_reason, "train_seconds": round(seconds, 2),
             "steps_this_session": state["step"] - start_step,

@@ -384,8 +384,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     accelerator.wait_for_everyone()
     resume_from = None
     if resume:
-        done = ckpt.list_checkpoints(run.checkpoints)
-        resume_from = done[-1] if done else None
+        resume_from = ckpt.newest_valid(run.checkpoints,
+                                        lambda msg: console.print(f"[yellow]{msg}[/]") if is_main else None)
         if resume_from is None and is_main:
             console.print("[yellow]no checkpoint yet: starting from step 0[/]")
 

@@ -2,7 +2,7 @@
 
 ``runs/<name>/`` holds ``config.yaml`` (resolved, with sources), ``env.json`` (versions,
 device, precision), ``data.json`` (counts, rejects by reason, token totals),
-``metrics.jsonl`` (append-only), ``rejects.jsonl``, ``checkpoints/``, ``best/`` and
+``metrics.jsonl`` (one record per kind and step: see :mod:`tunelab.metrics_log`), ``rejects.jsonl``, ``checkpoints/``, ``best/`` and
 ``final/`` (a PEFT adapter folder or a full model, each with the tokenizer).
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tunelab import metrics_log
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
@@ -72,9 +72,7 @@ class RunDir:
         return json.loads((self.path / name).read_text(encoding="utf-8"))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        metrics_log.append(self.metrics_file, record)
 
 
 def environment(device: str, precision: str, world_size: int) -> dict[str, Any]:

@@ -1,0 +1,315 @@
+"""Faults during training, and an exact resume after each.
+
+Every case interrupts a run at a point inside a step (see ``faults.POINTS``), with a Ctrl-C or
+a death, then resumes it with ``--resume``; the resumed run must end with the same trained
+weights, bit for bit, and the same per-step losses (one record per step in ``metrics.jsonl``) as
+a run that never stopped. The points are drawn with a fixed seed, so a failure reproduces: its
+test id names the point, the occurrence and the action.
+
+Single-process kinds (LoRA with dropout, full, classification) run in this process (a run takes
+about a second); the two-process kind and the disk-full case run ``tunelab`` as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from faults import POINTS, Fault, SimulatedKill, install, subprocess_env
+from tunelab import metrics_log
+from tunelab.config import load_config
+from tunelab.errors import UserError
+from tunelab.train.recipe import fine_tune
+
+STEPS = 6
+# occurrences of each point in a 6-step run: 2 micro-batches a step, evaluations at steps 3 and 6,
+# checkpoints at steps 2, 4 and 6
+OCCURRENCES = {"before_forward": STEPS, "between_micro_batches": STEPS, "after_update": STEPS,
+               "during_eval": 2, "during_checkpoint": 3}
+
+
+def fault_plan(kind: str, actions: tuple[str, ...]) -> list[Fault]:
+    """Every point with every action, each at a seeded random occurrence: 10 faults a kind."""
+    rng = random.Random(f"faults-{kind}")
+    return [Fault(point, rng.randint(1, OCCURRENCES[point]), action) for point in POINTS for action in actions]
+
+
+def classification_file(path: Path) -> Path:
+    rng = random.Random(0)
+    words = {"colour": ["red", "green", "blue"], "animal": ["cat", "dog", "owl"]}
+    rows = []
+    for i in range(64):
+        label = ("colour", "animal")[i % 2]
+        rows.append({"text": f"item {i} is a {rng.choice(words[label])}", "label_text": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def kind_config(kind: str, tmp_path: Path, alpaca: Path) -> dict:
+    train = {"max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "save_every": 2, "eval_every": 3,
+             "threads": 1, "lr": 1e-3, "micro_batch_threads": 1}
+    data = {"train": [{"path": str(alpaca), "limit": 40}], "max_length": 96, "eval_ratio": 0.1}
+    if kind == "lora":  # dropout: the RNG state must come back too
+        return tiny_config(tmp_path, alpaca, train=train, data=data,
+                           method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    if kind == "full":
+        return tiny_config(tmp_path, alpaca, train=train, data=data, method={"name": "full"})
+    file = classification_file(tmp_path / "cls.jsonl")
+    return tiny_config(tmp_path, alpaca, task="classification", train=train, method={"name": "lora", "r": 4},
+                       data={"train": [{"path": str(file)}], "max_length": 32, "eval_ratio": 0.1})
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "run": {**cfg["run"], "name": name}}))
+    return path
+
+
+def train(path: Path, *, resume: bool = False):
+    config, sources = load_config(path)
+    return fine_tune(config, sources, resume=resume)
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    (last,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    assert last.name == f"step-{STEPS:06d}"
+    return load_file(str(last / "trainable.safetensors"))
+
+
+def step_losses(run: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"]  # raw lines: no step twice
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = final_state(a), final_state(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert step_losses(a) == step_losses(b)
+    evals = [[(r["step"], r["eval_loss"]) for r in metrics_log.read(run / "metrics.jsonl") if r["kind"] == "eval"]
+             for run in (a, b)]
+    assert evals[0] == evals[1]
+
+
+@pytest.fixture
+def sigint_enabled():
+    """A suite started in the background has SIGINT ignored, which tunelab respects: undo it here."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """One uninterrupted run per kind, the reference every interrupted one must match."""
+    from conftest import shared
+
+    alpaca = shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
+    tmp = tmp_path_factory.mktemp("straight")
+    out = {}
+    for kind in ("lora", "full", "classification"):
+        cfg = kind_config(kind, tmp, alpaca)
+        out[kind] = (cfg, train(write_config(tmp, cfg, kind)).run_dir)
+    return out
+
+
+CASES = [(kind, fault) for kind in ("lora", "full", "classification") for fault in fault_plan(kind, ("sigint", "kill"))]
+
+
+@pytest.mark.parametrize(("kind", "fault"), CASES, ids=[f"{k}-{f}" for k, f in CASES])
+def test_interrupt_then_resume_is_bit_identical(tmp_path, straight_runs, sigint_enabled, kind, fault):
+    cfg, reference = straight_runs[kind]
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}
+    path = write_config(tmp_path, cfg, kind)
+    armed = install(fault)
+    try:
+        train(path)
+        stopped = None  # a Ctrl-C in the last step, its evaluation or its checkpoint: the run finishes
+    except UserError as err:
+        assert fault.action == "sigint", err
+        stopped = str(err)
+    except SimulatedKill:
+        stopped = "killed"
+    finally:
+        armed.uninstall()
+    assert armed.fired, f"{fault} never happened"
+    run = tmp_path / "runs" / kind
+    if fault.action == "sigint" and stopped is not None:  # at a step boundary, with that step's checkpoint
+        assert stopped.startswith("interrupted at step ") and "--resume" in stopped, stopped
+        step = int(stopped.split("interrupted at step ")[1].split(":")[0])
+        saved = json.loads((run / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        assert saved["step"] == step
+    if stopped is not None:
+        train(path, resume=True)
+    assert_same_run(reference, run)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, straight_runs, sigint_enabled):
+    cfg, _ = straight_runs["lora"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "twice")
+    first, second = install(Fault("before_forward", 3, "sigint")), install(Fault("between_micro_batches", 3, "sigint"))
+    try:  # both within step 3: the second stops the run mid-step, where nothing consistent can be saved
+        with pytest.raises(UserError, match=r"^interrupted twice at step 2: stopped without saving"):
+            train(path)
+    finally:
+        second.uninstall()
+        first.uninstall()
+    run = tmp_path / "runs" / "twice"
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000002"]
+
+
+def test_metrics_hold_one_record_per_step_after_resume(tmp_path, straight_runs):
+    """Killed after step 5 (checkpoint at 4): steps 5 and 6 are logged again on resume, once each."""
+    cfg, reference = straight_runs["lora"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "m")
+    armed = install(Fault("before_forward", 6, "kill"))
+    with pytest.raises(SimulatedKill):
+        train(path)
+    armed.uninstall()
+    run = tmp_path / "runs" / "m"
+    assert [s for s, _ in step_losses(run)] == [1, 2, 3, 4, 5]
+    train(path, resume=True)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in lines if r["kind"] == "train"]
+    assert train_steps == list(range(1, STEPS + 1)), train_steps
+    assert [r["step"] for r in lines if r["kind"] == "resume"] == [4]
+    assert_same_run(reference, run)
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+
+
+@pytest.mark.parametrize("damage", ["trainable.safetensors", "optimizer.pt", "state.json", "scheduler.pt"])
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, straight_runs, damage, capsys):
+    cfg, reference = straight_runs["lora"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "c")
+    armed = install(Fault("before_forward", 6, "kill"))
+    with pytest.raises(SimulatedKill):
+        train(path)
+    armed.uninstall()
+    run = tmp_path / "runs" / "c"
+    victim = run / "checkpoints" / "step-000004" / damage
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # cut short, as a full disk would
+    from tunelab.cli import main
+
+    assert main(["train", str(path), "--resume"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"checkpoint step-000004 is corrupt ({damage} does not match its checksum" in out, out
+    assert "resuming from step-000002" in out
+    assert_same_run(reference, run)
+
+
+def test_no_checkpoint_verifies_is_one_line(tmp_path, straight_runs, capsys):
+    cfg, _ = straight_runs["lora"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "n")
+    armed = install(Fault("before_forward", 4, "kill"))
+    with pytest.raises(SimulatedKill):
+        train(path)
+    armed.uninstall()
+    (run_ckpt,) = (tmp_path / "runs" / "n" / "checkpoints").glob("step-*")
+    (run_ckpt / "state.json").write_text("{\"step\": ")
+    from tunelab.cli import main
+
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no checkpoint verifies (step-000002: state.json does not match its checksum" in err
+
+
+def test_an_old_checkpoint_without_manifest_that_is_truncated_is_one_line(tmp_path, straight_runs, capsys):
+    cfg, _ = straight_runs["lora"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "o")
+    armed = install(Fault("before_forward", 4, "kill"))
+    with pytest.raises(SimulatedKill):
+        train(path)
+    armed.uninstall()
+    (ck,) = (tmp_path / "runs" / "o" / "checkpoints").glob("step-*")
+    (ck / "manifest.json").unlink()
+    (ck / "optimizer.pt").write_bytes((ck / "optimizer.pt").read_bytes()[:100])
+    from tunelab.cli import main
+
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "step-000002: checkpoint is unreadable" in err
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def _cli(args: list[str], fault: Fault | None = None, preexec=None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
+                          env=subprocess_env(fault), preexec_fn=preexec, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_stops_cleanly_and_keeps_the_previous_one(tmp_path, straight_runs):
+    cfg, reference = straight_runs["full"]
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "full")
+    first = _cli(["train", str(path)], Fault("after_update", 3, "sigkill"))
+    assert first.returncode == -9, first.stderr[-2000:]
+    run = tmp_path / "runs" / "full"
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-000002").iterdir()}
+    limit = max(len(b) for b in before.values()) // 2  # the weights no longer fit; the small files still do
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = _cli(["train", str(path), "--resume"], preexec=small_disk)
+    assert full.returncode == 2, full.stderr[-2000:]
+    err = full.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "could not write checkpoint step 4 (" in err and "file size limit" in err, err
+    assert "the previous checkpoint" in err and "step-000002 is intact" in err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-000002").iterdir()} == before
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    done = _cli(["train", str(path), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(reference, run)
+
+
+TWO_PROCESS_FAULTS = [Fault(p, n, a, rank) for (p, n, a, rank) in [
+    ("before_forward", 2, "sigint", 0), ("between_micro_batches", 4, "sigint", 1), ("after_update", 3, "sigint", 0),
+    ("during_eval", 1, "sigint", 1), ("during_checkpoint", 2, "sigint", 0),
+    ("before_forward", 5, "sigkill", 1), ("between_micro_batches", 2, "sigkill", 0), ("after_update", 4, "sigkill", 0),
+    ("during_eval", 1, "sigkill", 0), ("during_checkpoint", 1, "sigkill", 1)]]
+
+
+@pytest.mark.slow
+def test_two_processes_survive_a_chain_of_faults(tmp_path, alpaca_path):
+    """One 2-process run, stopped by each of 10 faults in turn (a Ctrl-C or a death on one rank)
+    and resumed after each, ends bit-identical to a 2-process run that never stopped."""
+    cfg = kind_config("lora", tmp_path, alpaca_path)
+    cfg = {**cfg, "train": {**cfg["train"], "processes": 2, "max_steps": 12}}
+    straight = write_config(tmp_path, cfg, "straight")
+    assert _cli(["train", str(straight)]).returncode == 0
+    path = write_config(tmp_path, cfg, "chain")
+    fired = 0
+    for i, fault in enumerate(TWO_PROCESS_FAULTS):
+        out = _cli(["train", str(path), *(["--resume"] if i else [])], fault)
+        if out.returncode == 0:
+            break  # the run finished before this fault's occurrence
+        fired += 1
+        err = out.stderr
+        assert "Traceback" not in err, err[-3000:]
+        if fault.action == "sigint":
+            assert out.returncode == 2 and "interrupted at step" in err, err[-3000:]
+    assert fired >= 6, fired
+    done = _cli(["train", str(path), "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (tmp_path / "runs" / "straight"), (tmp_path / "runs" / "chain")
+    for k, v in load_file(str(a / "checkpoints" / "step-000012" / "trainable.safetensors")).items():
+        assert torch.equal(v, load_file(str(b / "checkpoints" / "step-000012" / "trainable.safetensors"))[k]), k
