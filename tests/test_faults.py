@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -281,11 +282,21 @@ def test_disk_full_during_a_checkpoint_stops_cleanly_and_keeps_the_previous_one(
     assert_same_run(reference, run)
 
 
-TWO_PROCESS_FAULTS = [Fault(p, n, a, rank) for (p, n, a, rank) in [
-    ("before_forward", 2, "sigint", 0), ("between_micro_batches", 4, "sigint", 1), ("after_update", 3, "sigint", 0),
-    ("during_eval", 1, "sigint", 1), ("during_checkpoint", 2, "sigint", 0),
-    ("before_forward", 5, "sigkill", 1), ("between_micro_batches", 2, "sigkill", 0), ("after_update", 4, "sigkill", 0),
-    ("during_eval", 1, "sigkill", 0), ("during_checkpoint", 1, "sigkill", 1)]]
+# (fault, the step the session resumes from, then the step a Ctrl-C stops at / None for a death). A rank
+# that is asked to stop after the step's all-reduce (during the update, the evaluation or the checkpoint)
+# is heard at the next step's all-reduce, so all ranks stop one step later.
+TWO_PROCESS_CHAIN = [
+    (Fault("before_forward", 2, "sigint", 0), 0, 2),
+    (Fault("between_micro_batches", 3, "sigkill", 1), 2, None),  # dies in step 5; checkpoint 4
+    (Fault("after_update", 2, "sigint", 0), 4, 7),
+    (Fault("during_eval", 1, "sigkill", 0), 7, None),  # dies in step 8's evaluation
+    (Fault("during_checkpoint", 1, "sigint", 1), 7, 9),
+    (Fault("before_forward", 3, "sigkill", 0), 9, None),  # dies in step 12; checkpoint 10
+    (Fault("during_eval", 1, "sigint", 1), 10, 13),
+    (Fault("after_update", 1, "sigkill", 1), 13, None),  # dies after step 14's update, before its counter moves
+    (Fault("between_micro_batches", 2, "sigint", 0), 13, 15),
+    (Fault("during_checkpoint", 1, "sigkill", 0), 15, None),  # dies writing the last checkpoint
+]
 
 
 @pytest.mark.slow
@@ -293,23 +304,27 @@ def test_two_processes_survive_a_chain_of_faults(tmp_path, alpaca_path):
     """One 2-process run, stopped by each of 10 faults in turn (a Ctrl-C or a death on one rank)
     and resumed after each, ends bit-identical to a 2-process run that never stopped."""
     cfg = kind_config("lora", tmp_path, alpaca_path)
-    cfg = {**cfg, "train": {**cfg["train"], "processes": 2, "max_steps": 12}}
+    cfg = {**cfg, "train": {**cfg["train"], "processes": 2, "max_steps": 16, "eval_every": 4},
+           "data": {**cfg["data"], "train": [{"path": str(alpaca_path), "limit": 80}]}}
     straight = write_config(tmp_path, cfg, "straight")
     assert _cli(["train", str(straight)]).returncode == 0
     path = write_config(tmp_path, cfg, "chain")
-    fired = 0
-    for i, fault in enumerate(TWO_PROCESS_FAULTS):
+    run = tmp_path / "runs" / "chain"
+    for i, (fault, start, stop) in enumerate(TWO_PROCESS_CHAIN):
         out = _cli(["train", str(path), *(["--resume"] if i else [])], fault)
-        if out.returncode == 0:
-            break  # the run finished before this fault's occurrence
-        fired += 1
-        err = out.stderr
-        assert "Traceback" not in err, err[-3000:]
-        if fault.action == "sigint":
-            assert out.returncode == 2 and "interrupted at step" in err, err[-3000:]
-    assert fired >= 6, fired
+        # rich wraps the line at the terminal width, the path included: join the lines back
+        resumed = [int(n) for n in re.findall(r"resumed from\s*\S+ at step (\d+)", "".join(out.stdout.splitlines()))]
+        assert resumed == ([start] if start else []), (fault, out.stdout[-2000:])
+        if stop is None:  # a death: the launcher stops the other rank and fails
+            assert out.returncode not in (0, 2), (fault, out.stderr[-3000:])
+        else:  # a Ctrl-C: one line, and that step's checkpoint
+            err = out.stderr.strip()
+            assert out.returncode == 2 and "Traceback" not in err, (fault, err[-3000:])
+            assert f"interrupted at step {stop}:" in err, (fault, err[-3000:])
+            assert (run / "checkpoints" / f"step-{stop:06d}" / "manifest.json").is_file()
     done = _cli(["train", str(path), "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b = (tmp_path / "runs" / "straight"), (tmp_path / "runs" / "chain")
-    for k, v in load_file(str(a / "checkpoints" / "step-000012" / "trainable.safetensors")).items():
-        assert torch.equal(v, load_file(str(b / "checkpoints" / "step-000012" / "trainable.safetensors"))[k]), k
+    a = load_file(str(tmp_path / "runs" / "straight" / "checkpoints" / "step-000016" / "trainable.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step-000016" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(tmp_path / "runs" / "straight") == step_losses(run)
