@@ -45,3 +45,22 @@ def test_inspect_clean_split_leakage_weights_verbs(tmp_path, capsys):
     assert weights[0] > 1 > weights[1]  # SST-2 here has fewer negatives
     assert main(["data", "split", str(sst), "--out-dir", str(tmp_path / "x"), "--ratios", "0.5,0.6"]) == 2
     assert "--ratios" in capsys.readouterr().err
+
+
+def _two_arrays(tmp_path: Path) -> tuple[Path, int]:
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(25)]
+    head = json.dumps(rows[:5])
+    path = tmp_path / "data.json"
+    path.write_text(head + json.dumps(rows[5:]))
+    return path, len(head.encode())
+
+
+@pytest.mark.parametrize("verb", ["inspect", "clean", "split"])
+def test_data_verbs_refuse_a_json_file_with_two_arrays(tmp_path, capsys, verb):
+    path, at = _two_arrays(tmp_path)
+    out = {"inspect": [], "clean": ["--out", str(tmp_path / "o.jsonl")], "split": ["--out-dir", str(tmp_path / "s")]}
+    assert main(["data", verb, str(path), *out[verb]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert f"data.json: unexpected data after the JSON array at byte {at}" in err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "s").exists()
