@@ -64,3 +64,28 @@ def test_data_verbs_refuse_a_json_file_with_two_arrays(tmp_path, capsys, verb):
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert f"data.json: unexpected data after the JSON array at byte {at}" in err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "s").exists()
+
+
+def test_clean_moves_a_broken_json_line_to_the_removed_file(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    good = [json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) for i in range(4)]
+    path.write_text("\n".join(good[:2] + ['{"instruction": "x", oops'] + good[2:]) + "\n")
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "clean", str(path), "--out", str(out), "--no-near"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    removed = [json.loads(line) for line in (tmp_path / "clean.removed.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"], r["raw"]) for r in removed] == [(2, "bad_json", '{"instruction": "x", oops')]
+    report = json.loads((tmp_path / "clean.report.json").read_text())
+    assert (report["rows_read"], report["removed_by_reason"], report["steps"]["read"]["removed"]) == (5, {"bad_json": 1}, 1)
+
+
+def test_augment_puts_a_broken_json_line_in_its_rejects_file(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    good = [json.dumps({"instruction": f"say the words number {i} now", "output": "ok"}) for i in range(3)]
+    path.write_text("\n".join([good[0], "{oops", *good[1:]]) + "\n")
+    out = tmp_path / "aug.jsonl"
+    assert main(["data", "augment", str(path), "--out", str(out), "--ops", "swap"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len([r for r in rows if not r.get("augmented")]) == 3
+    rejects = [json.loads(line) for line in (tmp_path / "aug.rejects.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["reason"], r["raw"]) for r in rejects] == [(1, "bad_json", "{oops")]
