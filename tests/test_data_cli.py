@@ -89,3 +89,55 @@ def test_augment_puts_a_broken_json_line_in_its_rejects_file(tmp_path, capsys):
     assert len([r for r in rows if not r.get("augmented")]) == 3
     rejects = [json.loads(line) for line in (tmp_path / "aug.rejects.jsonl").read_text().splitlines()]
     assert [(r["row"], r["reason"], r["raw"]) for r in rejects] == [(1, "bad_json", "{oops")]
+
+
+def _rows_file(tmp_path: Path, n: int = 12, labelled: bool = False) -> Path:
+    path = tmp_path / "rows.jsonl"
+    rows = ([{"text": f"review number {i} " + "good " * (i % 3), "label": i % 2} for i in range(n)] if labelled
+            else [{"instruction": f"question number {i} " + "why " * i, "output": f"answer {i}"} for i in range(n)])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("verb", ["clean", "augment", "weights", "agreement", "inspect-html", "inspect-json"])
+def test_data_verbs_refuse_an_existing_output_unless_force(tmp_path, capsys, verb):
+    src = _rows_file(tmp_path, labelled=verb == "weights")
+    if verb == "agreement":
+        src.write_text("".join(json.dumps({"text": f"t{i}", "labels": [i % 2, 1, 1]}) + "\n" for i in range(6)))
+    out = tmp_path / ("o.html" if verb == "inspect-html" else "o.json" if verb == "inspect-json" else "o.jsonl")
+    out.write_text("the user's own file\n")
+    flag = {"inspect-html": "--html", "inspect-json": "--json"}.get(verb, "--out")
+    args = ["data", verb.split("-")[0], str(src), flag, str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flag}: {out} already exists" in err and "--force" in err and "\n" not in err
+    assert out.read_text() == "the user's own file\n"
+    assert main([*args, "--force"]) == 0
+    assert out.read_text() != "the user's own file\n"
+
+
+def test_clean_refuses_an_existing_removed_file_unless_force(tmp_path, capsys):
+    src = _rows_file(tmp_path)
+    removed = tmp_path / "o.removed.jsonl"  # the default removed-rows file of --out o.jsonl
+    removed.write_text("keep\n")
+    assert main(["data", "clean", str(src), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "o.removed.jsonl already exists" in capsys.readouterr().err
+    assert removed.read_text() == "keep\n" and not (tmp_path / "o.jsonl").exists()
+    assert main(["data", "clean", str(src), "--out", str(tmp_path / "o.jsonl"), "--force"]) == 0
+
+
+def test_split_out_dir_that_is_a_file_or_holds_splits_is_a_one_line_error(tmp_path, capsys):
+    src = _rows_file(tmp_path)
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    assert main(["data", "split", str(src), "--out-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out-dir:") and "is a file" in err and "\n" not in err and "Traceback" not in err
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "notes.txt").write_text("other files are fine")
+    assert main(["data", "split", str(src), "--out-dir", str(out), "--group", "none"]) == 0
+    train = (out / "train.jsonl").read_text()
+    assert main(["data", "split", str(src), "--out-dir", str(out), "--group", "none", "--seed", "1"]) == 2
+    assert "already holds split files" in capsys.readouterr().err and (out / "train.jsonl").read_text() == train
+    assert main(["data", "split", str(src), "--out-dir", str(out), "--group", "none", "--seed", "1", "--force"]) == 0
