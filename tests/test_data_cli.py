@@ -141,3 +141,20 @@ def test_split_out_dir_that_is_a_file_or_holds_splits_is_a_one_line_error(tmp_pa
     assert main(["data", "split", str(src), "--out-dir", str(out), "--group", "none", "--seed", "1"]) == 2
     assert "already holds split files" in capsys.readouterr().err and (out / "train.jsonl").read_text() == train
     assert main(["data", "split", str(src), "--out-dir", str(out), "--group", "none", "--seed", "1", "--force"]) == 0
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["split", "--out-dir", "S", "--ratios", "0.9,0.9,-0.8"],
+     "--ratios: ratios must be 2 or 3 non-negative shares (each >= 0) summing to 1 (got '0.9,0.9,-0.8')"),
+    (["split", "--out-dir", "S", "--ratios", "0.9,x"], "--ratios: not a comma-separated list of numbers"),
+    (["clean", "--out", "O", "--threshold", "2"], "--threshold: Input should be less than or equal to 1 (got 2.0)"),
+    (["clean", "--out", "O", "--min-chars", "-3"], "--min-chars: Input should be greater than or equal to 0 (got -3)"),
+    (["augment", "--out", "O", "--copies", "0"], "--copies: Input should be greater than or equal to 1 (got 0)"),
+    (["weights", "--out", "O", "--beta", "1"], "--beta: Input should be less than 1 (got 1.0)"),
+])
+def test_bad_data_verb_options_give_one_line_errors_naming_the_option(tmp_path, capsys, args, expected):
+    src = _rows_file(tmp_path, labelled=True)
+    args = [str(tmp_path / "x") if a in ("S", "O") else a for a in args]
+    assert main(["data", args[0], str(src), *args[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "pydantic" not in err and "Traceback" not in err

@@ -173,6 +173,27 @@ def _refuse_existing(path, field: str, *, force: bool) -> None:
     refuse_existing(pathlib.Path(path), field, force=force)
 
 
+def _data_settings(cls, verb: str, flags: dict[str, str] | None = None, given: dict[str, str] | None = None,
+                   **values):
+    """``cls(**values)``, a data verb's settings; a pydantic error becomes a one-line :class:`UserError`
+    naming the option (``flags`` maps a field to its option when not ``--<field>``). ``given`` holds
+    the text the user typed where it differs from the parsed value; a check of the whole model
+    names the first field of ``given`` (else of ``values``)."""
+    import re
+
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else next(iter(given or values))
+        flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
+        what = re.sub(r"\s*\(got [^)]*\)$", "", first["msg"].removeprefix("Value error, "))
+        got = (given or {}).get(field, values.get(field, first.get("input")))
+        raise UserError(f"{flag}: {what} (got {got!r}). See `tunelab data {verb} --help`.") from None
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -207,13 +228,17 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
     length = None
     if any(v is not None for v in (args.min_chars, args.max_chars, args.min_tokens, args.max_tokens)):
-        length = LengthSettings(field=args.length_field, min_chars=args.min_chars, max_chars=args.max_chars,
-                                min_tokens=args.min_tokens, max_tokens=args.max_tokens, tokenizer=args.tokenizer)
+        length = _data_settings(LengthSettings, "clean", {"field": "--length-field"}, field=args.length_field,
+                                min_chars=args.min_chars, max_chars=args.max_chars, min_tokens=args.min_tokens,
+                                max_tokens=args.max_tokens, tokenizer=args.tokenizer)
     s = CleanSettings(
         normalize=None if args.no_normalize else CleanSettings().normalize,
         pii=PiiSettings() if args.pii else None, length=length,
-        conflicts=None if args.conflicts == "off" else ConflictSettings(policy=args.conflicts),
-        dedup=None if (args.no_exact and args.no_near) else DedupSettings(
+        conflicts=None if args.conflicts == "off" else _data_settings(ConflictSettings, "clean",
+                                                                        {"policy": "--conflicts"},
+                                                                        policy=args.conflicts),
+        dedup=None if (args.no_exact and args.no_near) else _data_settings(
+            DedupSettings, "clean", {"exact": "--no-exact", "near": "--no-near"},
             exact=not args.no_exact, near=not args.no_near, threshold=args.threshold, key=args.key),
     )
     from tunelab.data.clean import default_removed_path
@@ -236,10 +261,11 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
     try:
         ratios = tuple(float(x) for x in args.ratios.split(","))
-        s = SplitSettings(ratios=ratios, stratify=not args.no_stratify, group=args.group, seed=args.seed)
     except ValueError as err:
-        raise UserError(f"--ratios: {str(err).splitlines()[-1].strip()} (got {args.ratios!r}). "
+        raise UserError(f"--ratios: not a comma-separated list of numbers ({err}) (got {args.ratios!r}). "
                         "E.g. --ratios 0.7,0.15,0.15") from None
+    s = _data_settings(SplitSettings, "split", {"stratify": "--no-stratify"}, {"ratios": args.ratios},
+                       ratios=ratios, stratify=not args.no_stratify, group=args.group, seed=args.seed)
     check_out_dir(args.out_dir, args.input, kfold=args.kfold, n_ratios=len(s.ratios), force=args.force)
     r = split_file(args.input, args.out_dir, s, kfold=args.kfold, format=args.format)
     _print_json(r.to_dict())
@@ -271,17 +297,19 @@ def cmd_data_augment(args: argparse.Namespace) -> int:
     from tunelab.data.augment import augment_file
     from tunelab.data.settings import AugmentSettings
 
-    s = AugmentSettings(ops=args.ops, copies=args.copies, alpha=args.alpha, field=args.field,
-                        synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed, limit=args.limit,
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    s = _data_settings(AugmentSettings, "augment", ops=args.ops, copies=args.copies, alpha=args.alpha,
+                       field=args.field, synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed,
+                       limit=args.limit, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     _refuse_existing(args.out, "--out", force=args.force)
     _print_json(augment_file(args.input, args.out, s, format=args.format))
     return 0
 
 
 def cmd_data_weights(args: argparse.Namespace) -> int:
+    from tunelab.data.settings import WeightSettings
     from tunelab.data.weights import weights_file
 
+    _data_settings(WeightSettings, "weights", scheme=args.scheme, beta=args.beta)
     _refuse_existing(args.out, "--out", force=args.force)
     _print_json(weights_file(args.input, args.out, scheme=args.scheme, beta=args.beta, format=args.format))
     return 0
