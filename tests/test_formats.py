@@ -451,3 +451,17 @@ def test_json_lines_split_only_at_line_ends_like_the_streaming_reader(tmp_path):
     result = read_records(path)
     assert (result.rows, result.rejects, [r.text for r in result.records]) == (3, [], [r["text"] for r in rows])
     assert [i.record for i in open_source(path).items()] == result.records
+
+
+@pytest.mark.parametrize("format", ["auto", "alpaca"])
+def test_a_mapping_to_a_column_the_file_lacks_is_named(tmp_path, format):
+    from tunelab.data.clean import clean_file
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3)))
+    expected = (r"rows.jsonl: the column mapping columns: \{instruction: question\} names column 'question', "
+                r"which is not in the file \(got columns \[\"instruction\", \"output\"\]\)")
+    with pytest.raises(UserError, match=expected):
+        read_records(path, format=format, columns={"instruction": "question"})
+    with pytest.raises(UserError, match=expected):  # the data verbs' streaming reader says the same
+        clean_file(path, tmp_path / "out.jsonl", format=format, columns={"instruction": "question"})

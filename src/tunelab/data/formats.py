@@ -135,7 +135,7 @@ def read_records(
             errors.append((ctx, err))
 
     if rows and not records:
-        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors])
+        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors], cols)
     rejects = [err.to_reject(ctx) for ctx, err in errors]
     return ReadResult(records=records, rejects=rejects, format=fmt, path=str(p), rows=len(rows))
 
@@ -422,6 +422,19 @@ def _rename(row: dict[str, Any], cols: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _check_mapping(p: Path, first: dict[str, Any], cols: dict[str, str]) -> None:
+    """A ``columns:`` mapping that names a column the file lacks is why no row can be read: say so."""
+    absent = {c: u for c, u in cols.items() if c in ROW_FIELDS and c != u and u not in first}
+    if not absent:
+        return
+    canonical, user = next(iter(absent.items()))
+    already = f"; the file already has {canonical!r}, so drop that entry" if canonical in first else ""
+    raise UserError(
+        f"{p}: the column mapping columns: {{{canonical}: {user}}} names column {user!r}, which is not in the "
+        f"file (got columns {_show(sorted(first))}). Map {canonical!r} to one of those columns{already}."
+    )
+
+
 def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -> str:
     first = next((r for _, r in rows if isinstance(r, dict)), None)
     if first is None:
@@ -439,17 +452,20 @@ def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -
         return "classification"
     if "text" in keys:
         return "text"
+    _check_mapping(p, first, cols)
     raise UserError(
         f"{p}: cannot tell the data format from the keys of the first row (got {_show(sorted(first))}). "
         f"{_FORMAT_HINT} and map your column names with `columns:`, e.g. columns: {{instruction: question}}."
     )
 
 
-def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError]) -> None:
+def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError],
+                       cols: dict[str, str]) -> None:
     """No row survived and every row lacked a required field: the format or columns are wrong."""
     if not errors or any(err.reason != "missing_field" for err in errors):
         return
     first = next((r for _, r in rows if isinstance(r, dict)), {})
+    _check_mapping(p, first, cols)
     missing = errors[0].field
     raise UserError(
         f"{p}: no row has the fields format {fmt!r} needs (got keys {_show(sorted(first))}; "

@@ -84,6 +84,9 @@ def open_source(path: str | Path, format: str = "auto", columns: dict[str, str] 
 def check_usable(source: Source, rows: int, records: int, reasons: dict[str, int]) -> None:
     """No row was usable and every one lacked a required field: the format or columns are wrong."""
     if rows and not records and reasons.get("missing_field", 0) == rows:
+        if source.columns:  # a mapping that names a column the file lacks: say which
+            first = next((raw for _, raw in _rows(source.path, source.limit) if isinstance(raw, dict)), {})
+            _f._check_mapping(source.path, first, source.columns)
         raise UserError(
             f"{source.path}: no row has the fields format {source.format!r} needs ({rows} rows, each missing a "
             "required field). Map your column names with --column/columns, or set the format explicitly."
