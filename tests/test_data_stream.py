@@ -161,3 +161,13 @@ def test_numpy_assignment_keeps_groups_and_class_shares():
             assert abs(((labels == c) & (single == k)).sum() - r * n) <= 1
     assert np.array_equal(assign([str(x) for x in labels], np.arange(2000), [0.7, 0.15, 0.15], 0), single)
     assert not np.array_equal(assign_codes(labels, np.arange(2000), [0.7, 0.15, 0.15], seed=1), single)
+
+
+@pytest.mark.parametrize("tail", ['[{"a": 3}]', "garbage", ", {\"a\": 3}]"])
+def test_json_array_text_after_the_closing_bracket_is_an_error(tmp_path, tail):
+    path = tmp_path / "two.json"
+    head = '[{"a": 1}, {"a": 2}]'
+    path.write_text(head + tail)
+    for chunk in (4, 1 << 20):
+        with pytest.raises(UserError, match=rf"two.json: unexpected data after the JSON array at byte {len(head)} "):
+            list(stream._stream_json_array(path, None, chunk=chunk))

@@ -338,7 +338,7 @@ def test_long_values_are_truncated_in_details(tmp_path):
     ("name", "pattern"),
     [
         ("not_a_list.json", "the top level is not a list of rows"),
-        ("broken.json", "not valid JSON and not JSON Lines"),
+        ("broken.json", r"not valid JSON: .* in element 1 at byte \d+"),
         ("empty.json", "the file is empty"),
         ("not_utf8.jsonl", "not UTF-8"),
         ("unsupported.xml", "unsupported file type"),
@@ -412,3 +412,56 @@ def test_write_and_summarize_rejects(tmp_path):
     assert summary == {"no_assistant_turn": 2, "wrong_type": 2, "bad_json": 1, "unknown_role": 1,
                        "empty_response": 1, "missing_field": 1, "bad_turn_order": 1, "bad_tools": 1}  # fmt: skip
     assert next(iter(summary.values())) == 2  # most frequent first
+
+
+# --------------------------------------------------------------------------- one strict JSON parser
+
+
+TWO_ARRAYS_ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(25)]
+
+
+@pytest.mark.parametrize("tail", ["two_arrays", "garbage"])
+def test_text_after_the_json_array_is_an_error_naming_the_byte(tmp_path, tail):
+    head = json.dumps(TWO_ARRAYS_ROWS[:5], ensure_ascii=False)
+    rest = json.dumps(TWO_ARRAYS_ROWS[5:]) if tail == "two_arrays" else "\nGARBAGE"
+    path = tmp_path / "data.json"
+    path.write_text(head + rest, encoding="utf-8")
+    at = len(head.encode()) + (1 if tail == "garbage" else 0)
+    with pytest.raises(UserError, match=rf"data.json: unexpected data after the JSON array at byte {at} ") as err:
+        read_records(path)
+    assert "\n" not in str(err.value)
+    path.write_text(head + "\n  \n", encoding="utf-8")  # trailing whitespace is fine
+    assert len(read_records(path).records) == 5
+
+
+def test_text_after_a_json_object_is_an_error_naming_the_byte(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{"text": "a"} trailing', encoding="utf-8")
+    with pytest.raises(UserError, match="obj.json: unexpected data after the JSON value at byte 14 "):
+        read_records(path)
+
+
+def test_json_lines_split_only_at_line_ends_like_the_streaming_reader(tmp_path):
+    from tunelab.data.stream import open_source
+
+    # JSON strings may hold U+2028, U+0085 and form feeds raw: str.splitlines would cut the row there
+    rows = [{"text": "a\u2028b"}, {"text": "c\x85d\x0ce"}, {"text": "f"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    result = read_records(path)
+    assert (result.rows, result.rejects, [r.text for r in result.records]) == (3, [], [r["text"] for r in rows])
+    assert [i.record for i in open_source(path).items()] == result.records
+
+
+@pytest.mark.parametrize("format", ["auto", "alpaca"])
+def test_a_mapping_to_a_column_the_file_lacks_is_named(tmp_path, format):
+    from tunelab.data.clean import clean_file
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3)))
+    expected = (r"rows.jsonl: the column mapping columns: \{instruction: question\} names column 'question', "
+                r"which is not in the file \(got columns \[\"instruction\", \"output\"\]\)")
+    with pytest.raises(UserError, match=expected):
+        read_records(path, format=format, columns={"instruction": "question"})
+    with pytest.raises(UserError, match=expected):  # the data verbs' streaming reader says the same
+        clean_file(path, tmp_path / "out.jsonl", format=format, columns={"instruction": "question"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import textwrap
 
@@ -165,11 +166,42 @@ def _print_json(obj) -> None:
     Console().print_json(json.dumps(obj, ensure_ascii=False, default=str))
 
 
+def _refuse_existing(path, field: str, *, force: bool) -> None:
+    """A data verb never replaces a file the user names unless --force (fsutil.refuse_existing)."""
+    from tunelab.fsutil import refuse_existing
+
+    refuse_existing(pathlib.Path(path), field, force=force)
+
+
+def _data_settings(cls, verb: str, flags: dict[str, str] | None = None, given: dict[str, str] | None = None,
+                   **values):
+    """``cls(**values)``, a data verb's settings; a pydantic error becomes a one-line :class:`UserError`
+    naming the option (``flags`` maps a field to its option when not ``--<field>``). ``given`` holds
+    the text the user typed where it differs from the parsed value; a check of the whole model
+    names the first field of ``given`` (else of ``values``)."""
+    import re
+
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else next(iter(given or values))
+        flag = (flags or {}).get(field, "--" + field.replace("_", "-"))
+        what = re.sub(r"\s*\(got [^)]*\)$", "", first["msg"].removeprefix("Value error, "))
+        got = (given or {}).get(field, values.get(field, first.get("input")))
+        raise UserError(f"{flag}: {what} (got {got!r}). See `tunelab data {verb} --help`.") from None
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.data.inspect import inspect_target, print_report, public, write_html
 
+    for path, flag in ((args.html, "--html"), (args.json, "--json")):
+        if path:
+            _refuse_existing(path, flag, force=args.force)
     reports = inspect_target(args.target, model=args.model, max_length=args.max_length, limit=args.limit,
                              near_threshold=args.threshold)
     console = Console()
@@ -196,15 +228,25 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
     length = None
     if any(v is not None for v in (args.min_chars, args.max_chars, args.min_tokens, args.max_tokens)):
-        length = LengthSettings(field=args.length_field, min_chars=args.min_chars, max_chars=args.max_chars,
-                                min_tokens=args.min_tokens, max_tokens=args.max_tokens, tokenizer=args.tokenizer)
+        length = _data_settings(LengthSettings, "clean", {"field": "--length-field"}, field=args.length_field,
+                                min_chars=args.min_chars, max_chars=args.max_chars, min_tokens=args.min_tokens,
+                                max_tokens=args.max_tokens, tokenizer=args.tokenizer)
     s = CleanSettings(
         normalize=None if args.no_normalize else CleanSettings().normalize,
         pii=PiiSettings() if args.pii else None, length=length,
-        conflicts=None if args.conflicts == "off" else ConflictSettings(policy=args.conflicts),
-        dedup=None if (args.no_exact and args.no_near) else DedupSettings(
+        conflicts=None if args.conflicts == "off" else _data_settings(ConflictSettings, "clean",
+                                                                        {"policy": "--conflicts"},
+                                                                        policy=args.conflicts),
+        dedup=None if (args.no_exact and args.no_near) else _data_settings(
+            DedupSettings, "clean", {"exact": "--no-exact", "near": "--no-near"},
             exact=not args.no_exact, near=not args.no_near, threshold=args.threshold, key=args.key),
     )
+    from tunelab.data.clean import default_removed_path
+
+    _refuse_existing(args.out, "--out", force=args.force)
+    removed = args.removed or default_removed_path(pathlib.Path(args.out))
+    _refuse_existing(removed, "--removed" if args.removed else "--removed (default <out>.removed.jsonl)",
+                    force=args.force)
     r = clean_file(args.input, args.out, s, format=args.format, removed=args.removed, progress=True)
     Console().print(f"{r.rows_read:,} rows read, {r.rows_written:,} written to {r.output}; removed "
                     f"{r.removed_by_reason or 'none'} -> {r.removed_file}" +
@@ -215,14 +257,16 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from tunelab.data.settings import SplitSettings
-    from tunelab.data.split import split_file
+    from tunelab.data.split import check_out_dir, split_file
 
     try:
         ratios = tuple(float(x) for x in args.ratios.split(","))
-        s = SplitSettings(ratios=ratios, stratify=not args.no_stratify, group=args.group, seed=args.seed)
     except ValueError as err:
-        raise UserError(f"--ratios: {str(err).splitlines()[-1].strip()} (got {args.ratios!r}). "
+        raise UserError(f"--ratios: not a comma-separated list of numbers ({err}) (got {args.ratios!r}). "
                         "E.g. --ratios 0.7,0.15,0.15") from None
+    s = _data_settings(SplitSettings, "split", {"stratify": "--no-stratify"}, {"ratios": args.ratios},
+                       ratios=ratios, stratify=not args.no_stratify, group=args.group, seed=args.seed)
+    check_out_dir(args.out_dir, args.input, kfold=args.kfold, n_ratios=len(s.ratios), force=args.force)
     r = split_file(args.input, args.out_dir, s, kfold=args.kfold, format=args.format)
     _print_json(r.to_dict())
     return 0
@@ -240,6 +284,8 @@ def cmd_data_leakage(args: argparse.Namespace) -> int:
 def cmd_data_agreement(args: argparse.Namespace) -> int:
     from tunelab.data.annotate import agreement_file
 
+    if args.out:
+        _refuse_existing(args.out, "--out", force=args.force)
     r = agreement_file(args.input, column=args.column, annotators=args.annotators, out=args.out)
     d = r.to_dict()
     d["disagreements"] = d["disagreements"][: args.show]
@@ -251,16 +297,20 @@ def cmd_data_augment(args: argparse.Namespace) -> int:
     from tunelab.data.augment import augment_file
     from tunelab.data.settings import AugmentSettings
 
-    s = AugmentSettings(ops=args.ops, copies=args.copies, alpha=args.alpha, field=args.field,
-                        synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed, limit=args.limit,
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    s = _data_settings(AugmentSettings, "augment", ops=args.ops, copies=args.copies, alpha=args.alpha,
+                       field=args.field, synonyms=args.synonyms, model=args.model, pivot=args.pivot, seed=args.seed,
+                       limit=args.limit, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    _refuse_existing(args.out, "--out", force=args.force)
     _print_json(augment_file(args.input, args.out, s, format=args.format))
     return 0
 
 
 def cmd_data_weights(args: argparse.Namespace) -> int:
+    from tunelab.data.settings import WeightSettings
     from tunelab.data.weights import weights_file
 
+    _data_settings(WeightSettings, "weights", scheme=args.scheme, beta=args.beta)
+    _refuse_existing(args.out, "--out", force=args.force)
     _print_json(weights_file(args.input, args.out, scheme=args.scheme, beta=args.beta, format=args.format))
     return 0
 
@@ -279,12 +329,16 @@ def _add_data_verbs(sub) -> None:
     i.add_argument("--json", default=None, help="write the statistics as JSON here")
     i.add_argument("--limit", type=int, default=None, help="read at most this many rows")
     i.add_argument("--threshold", type=float, default=0.85, help="near-duplicate Jaccard threshold")
+    i.add_argument("--force", action="store_true", help="replace an existing --html / --json file")
     i.set_defaults(fn=cmd_data_inspect)
 
     c = dsub.add_parser("clean", help="normalise, mask PII, filter lengths, resolve conflicts, de-duplicate")
     c.add_argument("input")
-    c.add_argument("--out", required=True, help="output file (its extension picks the format); never the input")
-    c.add_argument("--removed", default=None, help="removed-rows file (default <out>.removed.jsonl)")
+    c.add_argument("--out", required=True, help="output file (its extension picks the format); never the input; "
+                   "must not exist unless --force")
+    c.add_argument("--removed", default=None, help="removed-rows file (default <out>.removed.jsonl); must not exist "
+                   "unless --force")
+    c.add_argument("--force", action="store_true", help="replace an existing --out / removed-rows file")
     c.add_argument("--format", default="auto", help=fmt_help)
     c.add_argument("--no-normalize", action="store_true", help="skip NFKC / whitespace / control / HTML cleanup")
     c.add_argument("--pii", action="store_true", help="mask e-mails, phone and ID numbers")
@@ -304,7 +358,9 @@ def _add_data_verbs(sub) -> None:
 
     s = dsub.add_parser("split", help="stratified, group-aware train/val/test split (or k folds)")
     s.add_argument("input")
-    s.add_argument("--out-dir", required=True)
+    s.add_argument("--out-dir", required=True, help="folder for train/val[/test] (or fold_i/...) files; it must "
+                   "not hold split files already, unless --force")
+    s.add_argument("--force", action="store_true", help="replace the split files already in --out-dir")
     s.add_argument("--ratios", default="0.7,0.15,0.15", help="train,val[,test] shares")
     s.add_argument("--no-stratify", action="store_true", help="ignore labels")
     s.add_argument("--group", choices=["near", "exact", "none"], default="near",
@@ -324,13 +380,17 @@ def _add_data_verbs(sub) -> None:
     ag.add_argument("input")
     ag.add_argument("--column", default="labels", help="list column holding the annotations")
     ag.add_argument("--annotators", nargs="+", default=None, help="one column per annotator instead")
-    ag.add_argument("--out", default=None, help="write rows with the majority label (label_tie flags ties)")
+    ag.add_argument("--out", default=None, help="write rows with the majority label (label_tie flags ties); "
+                    "must not exist unless --force")
+    ag.add_argument("--force", action="store_true", help="replace an existing --out file")
     ag.add_argument("--show", type=int, default=20, help="disagreements to print")
     ag.set_defaults(fn=cmd_data_agreement)
 
     au = dsub.add_parser("augment", help="EDA, sentence re-ordering, model paraphrase / back-translation")
     au.add_argument("input")
-    au.add_argument("--out", required=True)
+    au.add_argument("--out", required=True, help="output file (originals, then augmented rows); must not exist "
+                    "unless --force")
+    au.add_argument("--force", action="store_true", help="replace an existing --out file")
     au.add_argument("--ops", nargs="+", default=["swap", "delete"],
                     choices=["synonym", "insert", "swap", "delete", "reorder", "paraphrase", "backtranslate"])
     au.add_argument("--copies", type=int, default=1)
@@ -348,7 +408,9 @@ def _add_data_verbs(sub) -> None:
 
     w = dsub.add_parser("weights", help="add class-balanced sample weights (a weight column)")
     w.add_argument("input")
-    w.add_argument("--out", required=True)
+    w.add_argument("--out", required=True, help="output file (the rows with a weight column); must not exist "
+                   "unless --force")
+    w.add_argument("--force", action="store_true", help="replace an existing --out file")
     w.add_argument("--scheme", choices=["inverse", "effective"], default="inverse")
     w.add_argument("--beta", type=float, default=0.999)
     w.add_argument("--format", default="auto", help=fmt_help)

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.jsonread import BadLine
 from tunelab.data.settings import AugmentSettings
 from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_text
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _SENTENCE = re.compile(r"(?<=[.!?。！？])\s*")
@@ -202,9 +204,13 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
     def is_original(item) -> bool:
         return item.record is not None and isinstance(item.raw, dict) and not item.raw.get("augmented")
 
+    unreadable: list[dict[str, Any]] = []  # lines that are not JSON cannot be copied: their rejects
     with RowWriter(out, protect=[src.path]) as w:
         positions = array("q")  # pass 1: every row as it is; where each original row landed
         for item in src.items():
+            if isinstance(item.raw, BadLine):
+                unreadable.append(item.reject.to_dict())
+                continue
             w.write(item.raw)
             if is_original(item):
                 positions.append(w.count - 1)
@@ -222,6 +228,10 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | 
                     made[op] += 1
     report = {"output": str(out), "original_rows": len(positions), "augmented_rows": sum(made.values()),
               "by_op": dict(made), "unchanged_skipped": dict(unchanged)}
+    if unreadable:
+        rejects = Path(out).with_name(Path(out).name.split(".")[0] + ".rejects.jsonl")
+        atomic_write_text(rejects, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unreadable))
+        report.update(rejected_rows=len(unreadable), rejects_file=str(rejects))
     if rewriter is not None:
         report["model_calls"] = rewriter.calls
     return report

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
+from tunelab.data.jsonread import BadLine
 from tunelab.data.settings import CleanSettings, NormalizeSettings, PiiSettings
 from tunelab.data.stream import (
     RowWriter,
@@ -375,6 +376,8 @@ def _remove_now(writer: RowWriter, reasons: Counter, steps, step: str, name: str
                 detail: str, raw: Any) -> None:
     reasons[reason] += 1
     steps[step]["removed"] += 1
+    if isinstance(raw, BadLine):  # a line that is not JSON is kept as its text
+        raw = raw.line
     writer.write({"id": f"{name}:{index}", "row": index, "reason": reason, "detail": detail, "raw": raw})
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.data import jsonread
 from tunelab.data.records import ROLES, Message, Record, Reject
 from tunelab.errors import UserError
 
@@ -134,7 +135,7 @@ def read_records(
             errors.append((ctx, err))
 
     if rows and not records:
-        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors])
+        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors], cols)
     rejects = [err.to_reject(ctx) for ctx, err in errors]
     return ReadResult(records=records, rejects=rejects, format=fmt, path=str(p), rows=len(rows))
 
@@ -221,12 +222,8 @@ def _as_object(row: Any) -> dict[str, Any]:
     return row
 
 
-@dataclass
-class _BadLine:
-    """A JSON Lines line that did not parse."""
-
-    line: str
-    error: str
+# A JSON Lines line that did not parse (the shared parser's type; old name kept for callers).
+_BadLine = jsonread.BadLine
 
 
 def _check_file(p: Path) -> None:
@@ -274,9 +271,16 @@ def _read_text(p: Path) -> str:
 
 
 def _iter_rows(p: Path, ext: str, limit: int | None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row index, row)``; a row is a parsed value or a :class:`_BadLine`."""
+    """Yield ``(row index, row)``; a row is a parsed value or a :class:`_BadLine`.
+
+    JSON and JSON Lines are parsed by :mod:`tunelab.data.jsonread`, as the streaming readers of
+    the ``data`` verbs do, so every reader sees the same rows (and refuses the same files).
+    """
     if ext == ".parquet":
         yield from _read_parquet(p, limit)
+        return
+    if ext == ".json" and jsonread.first_char(p) == "[":  # strict: text after the array is an error
+        yield from jsonread.iter_json_array(p, limit)
         return
     text = _read_text(p)
     if ext == ".csv":
@@ -286,33 +290,38 @@ def _iter_rows(p: Path, ext: str, limit: int | None) -> Iterator[tuple[int, Any]
         if not any(isinstance(r, dict) for _, r in rows):
             raise UserError(_not_jsonl_message(p, rows))
         yield from rows
-    else:  # .json: a list of objects, else JSON Lines
+    else:  # .json that is not an array: one object (an error), else JSON Lines
         yield from _read_json(p, text, limit)
 
 
 def _read_json(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
-    """A ``.json`` file: a list of rows, else JSON Lines, else a :class:`UserError`."""
+    """A ``.json`` file that is not an array: JSON Lines, else a :class:`UserError`."""
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError as err:
         data, error = _MISSING, err
     else:
         error = None
-    if isinstance(data, list):
-        if not data:
-            raise UserError(f"{p}: the JSON list is empty (got []). Point at a file with rows.")
-        return list(enumerate(data[:limit] if limit is not None else data))
-    # Not a list: JSON Lines saved as .json? Only if the file is one JSON value per line from
-    # its first line on; a pretty-printed document must not half-parse line by line.
+    # JSON Lines saved as .json? Only if the file is one JSON value per line from its first line
+    # on; a pretty-printed document must not half-parse line by line.
     one_line = error is None and isinstance(data, dict) and "\n" not in text.strip()
     rows = _read_jsonl(text, limit) if error is not None or one_line else []
     if rows and isinstance(rows[0][1], dict):
         return rows
+    if error is not None and error.msg == "Extra data":
+        at = jsonread.byte_offset(p, error.pos)
+        raise UserError(
+            f"{p}: unexpected data after the JSON value at byte {at} (got {_show(text[error.pos : error.pos + 40])}). "
+            "A .json file holds one list [{...}, ...] of rows: put every row in that one list, or write JSON "
+            "Lines (one object per line)."
+        )
     if error is not None:
         raise UserError(
             f"{p}: not valid JSON and not JSON Lines either (got {error.msg} at line {error.lineno} "
             f"column {error.colno}). Fix the syntax: a .json file holds one list [{{...}}, ...] of rows."
         )
+    if isinstance(data, list):  # an array that first_char missed (over 64 KiB of leading space)
+        return list(jsonread.iter_json_array(p, limit))
     what = (
         f"an object with keys {_show(sorted(data))}"
         if isinstance(data, dict)
@@ -325,17 +334,8 @@ def _read_json(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
 
 
 def _read_jsonl(text: str, limit: int | None) -> list[tuple[int, Any]]:
-    rows: list[tuple[int, Any]] = []
-    for index, line in enumerate(text.splitlines()):
-        if limit is not None and len(rows) >= limit:
-            break
-        if not line.strip():
-            continue
-        try:
-            rows.append((index, json.loads(line)))
-        except json.JSONDecodeError as err:
-            rows.append((index, _BadLine(line=line[:_RAW_LIMIT], error=f"{err.msg} at column {err.colno}")))
-    return rows
+    """JSON Lines rows of ``text``, split as the streaming reader splits a file."""
+    return list(jsonread.line_rows(jsonread.text_lines(text), limit, as_text=False))
 
 
 def _not_jsonl_message(p: Path, rows: list[tuple[int, Any]]) -> str:
@@ -384,13 +384,7 @@ def _read_parquet(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
 
 
 def _read_txt(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
-    seen = 0
-    for index, line in enumerate(_read_text(p).splitlines()):
-        if limit is not None and seen >= limit:
-            return
-        if line.strip():
-            seen += 1
-            yield index, {"text": line}
+    yield from jsonread.line_rows(jsonread.text_lines(_read_text(p)), limit, as_text=True)
 
 
 # --------------------------------------------------------------------------- columns and detection
@@ -428,6 +422,19 @@ def _rename(row: dict[str, Any], cols: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _check_mapping(p: Path, first: dict[str, Any], cols: dict[str, str]) -> None:
+    """A ``columns:`` mapping that names a column the file lacks is why no row can be read: say so."""
+    absent = {c: u for c, u in cols.items() if c in ROW_FIELDS and c != u and u not in first}
+    if not absent:
+        return
+    canonical, user = next(iter(absent.items()))
+    already = f"; the file already has {canonical!r}, so drop that entry" if canonical in first else ""
+    raise UserError(
+        f"{p}: the column mapping columns: {{{canonical}: {user}}} names column {user!r}, which is not in the "
+        f"file (got columns {_show(sorted(first))}). Map {canonical!r} to one of those columns{already}."
+    )
+
+
 def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -> str:
     first = next((r for _, r in rows if isinstance(r, dict)), None)
     if first is None:
@@ -445,17 +452,20 @@ def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -
         return "classification"
     if "text" in keys:
         return "text"
+    _check_mapping(p, first, cols)
     raise UserError(
         f"{p}: cannot tell the data format from the keys of the first row (got {_show(sorted(first))}). "
         f"{_FORMAT_HINT} and map your column names with `columns:`, e.g. columns: {{instruction: question}}."
     )
 
 
-def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError]) -> None:
+def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError],
+                       cols: dict[str, str]) -> None:
     """No row survived and every row lacked a required field: the format or columns are wrong."""
     if not errors or any(err.reason != "missing_field" for err in errors):
         return
     first = next((r for _, r in rows if isinstance(r, dict)), {})
+    _check_mapping(p, first, cols)
     missing = errors[0].field
     raise UserError(
         f"{p}: no row has the fields format {fmt!r} needs (got keys {_show(sorted(first))}; "

@@ -87,7 +87,8 @@ class SplitSettings(_Strict):
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitSettings:
         if not 2 <= len(self.ratios) <= 3 or any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
-            raise ValueError(f"ratios must be 2 or 3 shares >= 0 summing to 1 (got {list(self.ratios)})")
+            raise ValueError(f"ratios must be 2 or 3 non-negative shares (each >= 0) summing to 1 "
+                             f"(got {list(self.ratios)})")
         return self
 
 

@@ -203,6 +203,37 @@ def _scan(src, how: str, threshold: float, batch: int = 4096) -> _Scan:
                  np.frombuffer(aug_source, dtype=np.int64).copy() if aug_source else np.zeros(0, np.int64), rejected)
 
 
+def split_names(kfold: int | None, n_ratios: int) -> list[str]:
+    """The files a split writes, without the extension: ``train``, ``val``[, ``test``] or ``fold_<i>/...``."""
+    if kfold:
+        return [f"fold_{f}/{part}" for f in range(kfold) for part in ("train", "val")]
+    return list(SPLIT_NAMES[:n_ratios])
+
+
+def check_out_dir(out_dir: str | Path, input_path: str | Path, *, kfold: int | None = None, n_ratios: int = 3,
+                  force: bool = False) -> Path:
+    """Refuse an ``--out-dir`` that is a file, or that already holds split files (unless ``force``)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir: {out_dir} is a file, not a folder (got an existing file). "
+                        "Name a new or existing folder to write the splits into.")
+    ext = Path(input_path).suffix.lower()
+    there = [n + ext for n in split_names(kfold, n_ratios) if (out_dir / f"{n}{ext}").exists()]
+    for name in there:
+        if (out_dir / name).is_dir():
+            raise UserError(f"--out-dir: {out_dir / name} is a folder where a split file goes (got a folder). "
+                            "Remove it or choose another --out-dir.")
+    if there and not force:
+        raise UserError(f"--out-dir: {out_dir} already holds split files (got {', '.join(there[:4])}"
+                        f"{', ...' if len(there) > 4 else ''}). Choose another folder, or add --force to replace them.")
+    for n in split_names(kfold, n_ratios):  # a file where a fold folder goes
+        parent = (out_dir / n).parent
+        if parent != out_dir and parent.exists() and not parent.is_dir():
+            raise UserError(f"--out-dir: {parent} is a file, not a folder (got an existing file). "
+                            "Remove it or choose another --out-dir.")
+    return out_dir
+
+
 def split_file(path: str | Path, out_dir: str | Path, settings: SplitSettings | None = None, *,
                kfold: int | None = None, format: str = "auto", columns: dict[str, str] | None = None) -> SplitReport:
     """Write ``train/val[/test]`` files (or ``fold_<i>/{train,val}``) in the input's format.
@@ -230,10 +261,7 @@ def split_file(path: str | Path, out_dir: str | Path, settings: SplitSettings | 
     ext = src.path.suffix.lower()
     out_dir = Path(out_dir)
 
-    if kfold:
-        names = [f"fold_{f}/{part}" for f in range(kfold) for part in ("train", "val")]
-    else:
-        names = list(SPLIT_NAMES[: len(ratios)])
+    names = split_names(kfold, len(ratios))
     writers = {n: RowWriter(out_dir / f"{n}{ext}", protect=[src.path]) for n in names}
     label_counts: dict[str, Counter] = {n: Counter() for n in names}
     try:

@@ -8,10 +8,10 @@ readers of :mod:`tunelab.data.formats`, same rules, same rejects) to judge it.
 Every format is streamed, so memory does not grow with the file: JSON Lines and ``.txt`` line by
 line, ``.csv`` with the ``csv`` module's reader, ``.parquet`` in record batches
 (``pyarrow.parquet.ParquetFile.iter_batches``), and a ``.json`` top-level array element by
-element (our own incremental reader over ``json.JSONDecoder.raw_decode``, since no streaming
-JSON parser is a dependency; one element must fit in :data:`MAX_JSON_ROW` characters). A
-``.json`` file that is not an array (e.g. JSON Lines saved as ``.json``) is read whole by the
-readers in ``formats``. Writers are atomic (temp file + rename), refuse to write over the input
+element. JSON and JSON Lines go through :mod:`tunelab.data.jsonread`, the one strict parser the
+whole-file readers of ``formats`` use too (text after a ``.json`` array is an error, never
+ignored). A ``.json`` file that is not an array (e.g. JSON Lines saved as ``.json``) is read
+whole by the readers in ``formats``. Writers are atomic (temp file + rename), refuse to write over the input
 file, and stream too: ``.csv`` and ``.parquet`` rows are spooled to a temporary JSON Lines
 file and converted at :meth:`RowWriter.close` (Parquet in batches with one unified schema).
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data import formats as _f
+from tunelab.data import jsonread
 from tunelab.data.records import Record, Reject
 from tunelab.errors import UserError
 
@@ -83,6 +84,9 @@ def open_source(path: str | Path, format: str = "auto", columns: dict[str, str] 
 def check_usable(source: Source, rows: int, records: int, reasons: dict[str, int]) -> None:
     """No row was usable and every one lacked a required field: the format or columns are wrong."""
     if rows and not records and reasons.get("missing_field", 0) == rows:
+        if source.columns:  # a mapping that names a column the file lacks: say which
+            first = next((raw for _, raw in _rows(source.path, source.limit) if isinstance(raw, dict)), {})
+            _f._check_mapping(source.path, first, source.columns)
         raise UserError(
             f"{source.path}: no row has the fields format {source.format!r} needs ({rows} rows, each missing a "
             "required field). Map your column names with --column/columns, or set the format explicitly."
@@ -101,35 +105,19 @@ def parse(index: int, raw: Any, source: Source) -> Item:
 
 
 def _rows(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """Raw rows of any file; JSON and JSON Lines through :mod:`tunelab.data.jsonread`, the parser
+    the whole-file readers use too."""
     ext = p.suffix.lower()
     if ext == ".txt":
-        yield from _stream_lines(p, limit, as_text=True)
+        yield from jsonread.iter_lines(p, limit, as_text=True)
     elif ext == ".jsonl":
-        yield from _stream_lines(p, limit, as_text=False)
+        yield from jsonread.iter_lines(p, limit, as_text=False)
     elif ext == ".csv":
         yield from _stream_csv(p, limit)
     elif ext == ".parquet":
         yield from _stream_parquet(p, limit)
-    elif ext == ".json" and _first_char(p) == "[":
-        yield from _stream_json_array(p, limit)
-    else:
+    else:  # .json: an array streamed, anything else read whole (e.g. JSON Lines saved as .json)
         yield from _f._iter_rows(p, ext, limit)
-
-
-def _not_utf8(p: Path, err: UnicodeDecodeError) -> UserError:
-    return UserError(
-        f"{p}: the file is not UTF-8 text (got byte 0x{err.object[err.start]:02x}). "
-        "Re-save it as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`."
-    )
-
-
-def _first_char(p: Path) -> str:
-    """The first non-space character of a text file ('' when none in the first 64 KiB)."""
-    try:
-        with p.open("r", encoding="utf-8-sig") as fh:
-            return fh.read(65536).lstrip()[:1]
-    except UnicodeDecodeError as err:
-        raise _not_utf8(p, err) from err
 
 
 def _stream_csv(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
@@ -149,7 +137,7 @@ def _stream_csv(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
     except csv.Error as err:
         raise UserError(f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header.") from err
     except UnicodeDecodeError as err:
-        raise _not_utf8(p, err) from err
+        raise jsonread.not_utf8(p) from err
 
 
 def _stream_parquet(p: Path, limit: int | None, batch_size: int = 4096) -> Iterator[tuple[int, Any]]:
@@ -176,101 +164,9 @@ def _stream_parquet(p: Path, limit: int | None, batch_size: int = 4096) -> Itera
                         "Re-export it.") from err
 
 
-MAX_JSON_ROW = 64 * 2**20  # characters one element of a .json array may take (bounded reads)
-
-
-def _stream_json_array(p: Path, limit: int | None, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
-    """The elements of a top-level JSON array, one at a time, reading ``chunk`` characters at a time.
-
-    ``json.JSONDecoder.raw_decode`` parses one element from a buffer; when it fails and the file
-    has more text, more is read (doubling) and it retries, so an element may span chunks. An
-    element still unparsable after :data:`MAX_JSON_ROW` characters, or at the end of the file,
-    is a syntax error (a :class:`UserError` naming the element).
-    """
-    decoder = json.JSONDecoder()
-    consumed = 0  # characters dropped from the front of buf (for error offsets)
-    try:
-        with p.open("r", encoding="utf-8-sig") as fh:
-            buf, eof = fh.read(chunk), False
-
-            def more(n: int) -> bool:
-                nonlocal buf, eof
-                if eof:
-                    return False
-                part = fh.read(n)
-                eof = not part
-                buf += part
-                return bool(part)
-
-            def skip_ws(pos: int) -> int:
-                while True:
-                    while pos < len(buf) and buf[pos] in " \t\r\n":
-                        pos += 1
-                    if pos < len(buf) or not more(chunk):
-                        return pos
-
-            def syntax(pos: int, what: str) -> UserError:
-                return UserError(
-                    f"{p}: not valid JSON (got {what} at character {consumed + pos}). "
-                    "Fix the syntax: a .json file holds one list [{...}, ...] of rows."
-                )
-
-            pos = skip_ws(0)
-            if buf[pos : pos + 1] != "[":
-                raise syntax(pos, "no opening '['")
-            pos = skip_ws(pos + 1)
-            if buf[pos : pos + 1] == "]":
-                raise UserError(f"{p}: the JSON list is empty (got []). Point at a file with rows.")
-            index = 0
-            while True:
-                if limit is not None and index >= limit:
-                    return
-                want = chunk
-                while True:
-                    try:
-                        value, end = decoder.raw_decode(buf, pos)
-                        if end < len(buf) or not more(want):  # a number may go on in the next chunk
-                            break
-                    except json.JSONDecodeError as err:
-                        if len(buf) - pos > MAX_JSON_ROW or not more(want):
-                            raise syntax(err.pos, f"{err.msg} in element {index}") from err
-                        want *= 2
-                yield index, value
-                index += 1
-                pos = skip_ws(end)
-                sep = buf[pos : pos + 1]
-                if sep == "]":
-                    return
-                if sep != ",":
-                    raise syntax(pos, f"{sep or 'the end of the file'!r} after element {index - 1} (expected ',' or ']')")
-                pos = skip_ws(pos + 1)
-                if pos > chunk:  # drop what was parsed: the buffer stays about one chunk long
-                    consumed += pos
-                    buf, pos = buf[pos:], 0
-    except UnicodeDecodeError as err:
-        raise _not_utf8(p, err) from err
-
-
-def _stream_lines(p: Path, limit: int | None, *, as_text: bool) -> Iterator[tuple[int, Any]]:
-    seen = 0
-    try:
-        with p.open("r", encoding="utf-8-sig") as fh:
-            for index, line in enumerate(fh):
-                if limit is not None and seen >= limit:
-                    return
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                seen += 1
-                if as_text:
-                    yield index, {"text": line}
-                    continue
-                try:
-                    yield index, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield index, _f._BadLine(line[:500], f"{err.msg} at column {err.colno}")
-    except UnicodeDecodeError as err:
-        raise _not_utf8(p, err) from err
+# The strict .json array reader (kept under its old names for callers of this module).
+MAX_JSON_ROW = jsonread.MAX_JSON_ROW
+_stream_json_array = jsonread.iter_json_array
 
 
 # --------------------------------------------------------------------------- record text

@@ -79,6 +79,8 @@ def prepare(cfg, tokenizer, run, console: Console, is_main: bool):
             summary = {"type": spec.type, "train_samples": len(rows.train), "eval_samples": len(rows.eval),
                        "labels": rows.label_counts}
         if not t_rows:
+            if run is not None and is_main:  # the error points at this file: write every reject so far first
+                write_rejects(rejects + t_rej, run.rejects_file)
             raise UserError(f"tasks.{name}: no usable training row ({len(t_rej)} rejected: {summarize_rejects(t_rej)}). "
                             f"See the reasons in {run.rejects_file if run else 'the rejects file'}")
         info.train_of.append(tuple(range(len(train), len(train) + len(t_rows))))

@@ -153,6 +153,8 @@ def prepare_data(cfg: TuneConfig, tokenizer, run: RunDir | None, console: Consol
     rejects += tok_rejects + eval_tok_rejects
     if not train_enc:
         reasons = summarize_rejects(rejects)
+        if run is not None and is_main and rejects:  # the error points at this file: write it first
+            write_rejects(rejects, run.rejects_file)
         raise UserError(
             f"data.train: no usable training sample ({len(rejects)} rejected: {reasons}). "
             f"See the reasons in {run.rejects_file if run else 'the rejects file'}"
@@ -200,6 +202,8 @@ def _prepare_task_data(cfg: TuneConfig, tokenizer, train_records, eval_records, 
     rows = task_rows(cfg.task, cfg.data, cfg.classification, tokenizer, train_records, eval_records,
                      seed_rejects=rejects)
     if not rows.train:
+        if run is not None and is_main and rows.rejects:  # the error points at this file: write it first
+            write_rejects(rows.rejects, run.rejects_file)
         raise UserError(
             f"data.train: no usable training row for task {cfg.task} ({len(rows.rejects)} rejected: "
             f"{summarize_rejects(rows.rejects)}). See the reasons in {run.rejects_file if run else 'the rejects file'}"
