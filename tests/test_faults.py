@@ -290,7 +290,7 @@ TWO_PROCESS_CHAIN = [
     (Fault("between_micro_batches", 3, "sigkill", 1), 2, None),  # dies in step 5; checkpoint 4
     (Fault("after_update", 2, "sigint", 0), 4, 7),
     (Fault("during_eval", 1, "sigkill", 0), 7, None),  # dies in step 8's evaluation
-    (Fault("during_checkpoint", 1, "sigint", 1), 7, 9),
+    (Fault("during_checkpoint", 1, "sigint", 0), 7, 9),  # rank 0 writes the shared files
     (Fault("before_forward", 3, "sigkill", 0), 9, None),  # dies in step 12; checkpoint 10
     (Fault("during_eval", 1, "sigint", 1), 10, 13),
     (Fault("after_update", 1, "sigkill", 1), 13, None),  # dies after step 14's update, before its counter moves

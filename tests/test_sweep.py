@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import tiny_config
+from faults import Fault, subprocess_env
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
@@ -191,7 +192,7 @@ def test_a_trial_whose_worker_was_killed_is_rerun_with_its_parameters(tmp_path, 
     sweep = {"params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}}, "sampler": "random",
              "pruner": "none", "trials": 1, "heartbeat": 1}
     path = sweep_config(tmp_path, alpaca_path, sweep)
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "TUNELAB_FAULT_KILL_AT_STEP": "1"}
+    env = {**subprocess_env(Fault("after_update", 1, "sigkill")), "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(path), "--worker"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after optimiser step 1, mid-trial

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from faults import Fault, subprocess_env
 from tunelab.config import load_config
 from tunelab.train.recipe import fine_tune
 
@@ -197,7 +198,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path, packing):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
     straight = _cli(["train", str(tmp_path / "straight.yaml")])
     assert straight.returncode == 0, straight.stderr
-    killed = _cli(["train", str(tmp_path / "killed.yaml")], env={"TUNELAB_FAULT_KILL_AT_STEP": "5"})
+    killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "killed.yaml")],
+                            capture_output=True, text=True, env=subprocess_env(Fault("after_update", 5, "sigkill")),
+                            timeout=300)
     assert killed.returncode == -9  # SIGKILL, mid-run
     run = tmp_path / "runs" / "killed"
     assert not (run / "final").exists()

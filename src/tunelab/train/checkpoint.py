@@ -87,37 +87,50 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically (all processes call this; ``barrier`` syncs them)."""
     final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".tmp-step-{step:06d}"
-    try:
-        if is_main:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    def write(fill) -> None:
+        """Run the writes in ``fill``; a failed one (a full disk) becomes a one-line error. Only writes run
+        here: an error of a collective (a rank that died) is not a disk problem and passes through."""
+        try:
+            fill()
+        except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        barrier()
-        if is_main:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            files = sorted(f.name for f in tmp.iterdir())
-            (tmp / MANIFEST).write_text(json.dumps({n: sha256_file(tmp / n) for n in files}, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(ckpt_root)
-            prune(ckpt_root, limit)
-    except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
+            done = list_checkpoints(ckpt_root)
+            kept = f"the previous checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+            reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                      else "a file was cut short: the disk is full or a file size limit was reached")
+            raise UserError(f"{tmp}: could not write checkpoint step {step} ({reason}); {kept}. Free disk space "
+                            f"(or lower train.save_total_limit), then continue with: tunelab train CONFIG "
+                            f"--resume") from None
+
+    def start() -> None:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        done = list_checkpoints(ckpt_root)
-        kept = f"the previous checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
-        reason = (err.strerror if isinstance(err, OSError) and err.strerror
-                  else "a file was cut short: the disk is full or a file size limit was reached")
-        raise UserError(f"{tmp}: could not write checkpoint step {step} ({reason}); {kept}. Free disk space "
-                        f"(or lower train.save_total_limit), then continue with: tunelab train CONFIG --resume") from None
+        tmp.mkdir()
+
+    def fill_and_rename() -> None:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        files = sorted(f.name for f in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({n: sha256_file(tmp / n) for n in files}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        prune(ckpt_root, limit)
+
+    if is_main:
+        write(start)
+    barrier()
+    write(lambda: torch.save(rng_state(), tmp / f"rng-{rank}.pt"))
+    barrier()
+    if is_main:
+        write(fill_and_rename)
     barrier()
     return final
 
