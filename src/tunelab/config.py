@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.config import EvalSection
+from tunelab.fsutil import check_name
 from tunelab.methods import MethodConfig
 from tunelab.search.config import SweepSection
 
@@ -32,10 +34,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _safe_name(value: str) -> str:
+    """A name that becomes a folder (run, continual stage) must be one safe path component.
+
+    The error is a pydantic error of its own type (``unsafe_name``) so that :func:`_format_error`
+    prints :func:`tunelab.fsutil.check_name`'s wording under the field's full path, on one line.
+    """
+    try:
+        return check_name(value, "name")
+    except UserError as err:
+        reason = str(err).partition(": ")[2]
+        raise PydanticCustomError("unsafe_name", "{reason}", {"reason": reason}) from None
+
+
+#: A str field whose value becomes one folder name (``../x``, ``a/b``, ``''`` and ``.hidden`` are refused).
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
 class RunSection(_Strict):
     """Where the run directory goes."""
 
-    name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
+    name: SafeName = Field("run", description="Run name; the run directory is <output_dir>/<name> (one folder "
+                           "name: letters, digits, '.', '_', '-', '+'; no '/', not starting with '.').")
     output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
 
 
@@ -324,7 +344,8 @@ class StageSpec(_Strict):
     whole config. See docs/forgetting.md.
     """
 
-    name: str = Field(..., min_length=1, description="Stage (task) name: the column of the accuracy matrix.")
+    name: SafeName = Field(..., description="Stage (task) name: the column of the accuracy matrix; its folder is "
+                           "stages/<k>-<name> (letters, digits, '.', '_', '-', '+'; no '/', not starting with '.').")
     task: Literal["sft", "pretrain", "classification", "generative_classification"] | None = Field(
         None, description="The stage's task (default: the top-level task).")
     data: dict[str, Any] | None = Field(None, description="Overrides of the data section (train, eval, eval_ratio...).")
@@ -473,6 +494,8 @@ def _format_error(err: dict, method_names: list[str]) -> str:
         guess = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"did you mean '{guess[0]}'?" if guess else f"valid keys here: {', '.join(options)}"
         return f"{path}: unknown key. Remove it; {hint}"
+    if kind == "unsafe_name":  # check_name's wording already holds the value and the fix
+        return f"{path}: {err['msg']}"
     if kind == "missing":
         return f"{path}: required field is missing. Add it to the config or pass --set {path}=..."
     if kind == "union_tag_not_found":
