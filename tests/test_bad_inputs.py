@@ -285,7 +285,8 @@ CASES: list[Case] = [
                                                               .replace("Hi", "Salut ça"), "latin-1")), "s.json"),
     case("sharegpt-utf16", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(SHAREGPT), "utf-16")), "s.json"),
     case("sharegpt-wrong-roles", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(
-        [{"conversations": [{"from": "alien", "value": "x"}, {"from": "robot", "value": "y"}]}] * 2))), "s.json"),
+        [{"conversations": [{"from": "alien", "value": "x"}, {"from": "robot", "value": "y"}]}] * 2))),
+         "data.train: no usable training sample", "unknown_role"),
     case("sharegpt-trailing-garbage", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(SHAREGPT) + " ]]")),
          "s.json"),
     # OpenAI messages JSONL
@@ -489,6 +490,9 @@ def test_bad_input(c: Case, tmp_path, capsys, monkeypatch):
             assert want in text, f"expected {want!r} in the rejects: {text}"
     else:
         _assert_one_error(err, c.expect)
+        if "no usable training sample" in err:  # every row was bad: each is in the rejects file, with its reason
+            rejects = outputs / "runs" / "bad" / "rejects.jsonl"
+            assert rejects.is_file() and rejects.read_text().strip(), err
     after = _checksums(inputs)
     assert {k: after.get(k) for k in before} == before, "a file in the input folder was changed or removed"
     assert not (tmp_path / "escaped_run").exists() and not (tmp_path.parent / "escaped_run").exists()

@@ -837,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):  # rank 0 says it once
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         # A path the user gave that no check above caught (a folder where a file goes, an unreadable
         # file...): still one line naming the path, not a traceback. Without a path it is a bug: re-raise.
         if err.filename is None:

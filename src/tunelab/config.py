@@ -475,6 +475,30 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
 
 
+# pydantic names the member of a union it tried in the error location (``literal['balanced']``,
+# ``dict[str,float]``, ``function-after[...]``, ``int``): not a config key, so not part of the path.
+_UNION_TAGS = {"dict", "list", "tuple", "str", "int", "float", "bool"}
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """One problem per field: a value that fits no member of a union (``'balanced'`` or a mapping)
+    gives pydantic one error per member; they become one error at the field's path, their
+    messages joined with "or"."""
+    merged: dict[tuple, dict] = {}
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        if loc in merged and loc != tuple(err["loc"]):
+            first = merged[loc]
+            first["msg"] = f"{first['msg']}, or {err['msg'][0].lower()}{err['msg'][1:]}"
+            continue
+        merged.setdefault(loc, {**err, "loc": loc})
+    return list(merged.values())
+
+
 def _format_error(err: dict, method_names: list[str]) -> str:
     loc = tuple(p for p in err["loc"] if p not in method_names or err["loc"][0] != "method")
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -606,7 +630,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     try:
         cfg = TuneConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_format_error(e, list(METHODS)) for e in exc.errors()]
+        problems = [_format_error(e, list(METHODS)) for e in _merge_union_errors(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source_name) from None
     problems = _cross_field_problems(cfg)
     if problems:
