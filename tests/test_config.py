@@ -90,3 +90,42 @@ def test_bad_override_syntax(tmp_path):
 def test_every_example_validates(example):
     cfg, _ = load_config(example)
     assert cfg.data.train
+
+
+@pytest.mark.parametrize("name", ["../../escaped_run", "", ".", "..", ".hidden", "a/b", "a\\b", "x" * 129, "sp ace"])
+def test_run_name_must_be_one_safe_folder_name(tmp_path, name):
+    """Defect 8: the run folder is <output_dir>/<run.name>; a name with '/' or '..' escaped output_dir and an
+    empty one wrote into output_dir itself. Each is one config problem naming run.name."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, {**MINIMAL, "run": {"name": name}}))
+    assert len(excinfo.value.problems) == 1
+    problem = excinfo.value.problems[0]
+    assert problem.startswith(f"run.name: {name!r} is not a usable name") and "\n" not in problem
+    with pytest.raises(ConfigError, match="run.name"):  # --set goes through the same check
+        load_config(write(tmp_path, MINIMAL), [f"run.name={name}"] if name else ["run.name=''"])
+
+
+def test_safe_run_names_pass(tmp_path):
+    for name in ("run", "my-run_2", "v1.2+lora", "x" * 128):
+        assert load_config(write(tmp_path, {**MINIMAL, "run": {"name": name}}))[0].run_dir.name == name
+
+
+def test_stage_names_must_be_safe(tmp_path):
+    from tunelab.train.continual import load_continual
+
+    stages = [{"name": "a", "data": {"eval_ratio": 0.5}}, {"name": "../../b", "data": {"eval_ratio": 0.5}}]
+    with pytest.raises(ConfigError) as excinfo:
+        load_continual(write(tmp_path, {**MINIMAL, "stages": stages}))
+    assert excinfo.value.problems == [excinfo.value.problems[0]]
+    assert excinfo.value.problems[0].startswith("stages.1.name: '../../b' is not a usable name")
+    with pytest.raises(ConfigError, match=r"run.name: '\.\./x'"):  # the continual run's own folder too
+        load_continual(write(tmp_path, {**MINIMAL, "run": {"name": "../x"},
+                                          "stages": [stages[0], {**stages[0], "name": "b"}]}))
+
+
+def test_union_field_error_is_one_problem(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, {**MINIMAL, "classification": {"class_weights": [1, 2]}}))
+    assert excinfo.value.problems == [
+        "classification.class_weights: Input should be 'balanced', or input should be a valid dictionary "
+        "(got [1, 2]). Fix the value in the config or with --set classification.class_weights=..."]

@@ -427,11 +427,39 @@ def test_gguf_path_loads_a_plain_model(tmp_path: Path, no_network: list[str]) ->
 
 
 def test_unreadable_gguf(tmp_path: Path) -> None:
+    # no GGUF magic: said so (it used to surface as "no usable tokenizer found")
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"not a gguf file at all")
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UserError) as excinfo:
+            load(str(path))
+        assert one_line_error(excinfo).startswith(f"{path}: not a GGUF file (got bad magic b'not '")
+    # the magic, then nothing: transformers' parser fails (struct.error), still one line
+    path.write_bytes(b"GGUF\x03\x00")
     with pytest.raises(UserError) as excinfo:
         load_model(str(path))
     assert one_line_error(excinfo).startswith(f"model '{path}': transformers cannot read this GGUF file")
+    with pytest.raises(UserError) as excinfo:
+        load_tokenizer(str(path))
+    assert "cannot read the tokenizer of this GGUF file" in one_line_error(excinfo)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"model_type": ,}', "config.json: invalid JSON at line 1 column 16: Expecting value"),
+    ("[1, 2]", "config.json: the top level must be a JSON object (got list)"),
+    (b"\xff\xfe{", "config.json: not UTF-8 text"),
+])
+def test_invalid_config_json_is_named(tmp_path: Path, text, expected) -> None:
+    """A damaged config.json is named as such, not reported as a missing tokenizer."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UserError) as excinfo:
+            load(str(folder))
+        message = one_line_error(excinfo)
+        assert message.startswith(str(folder / "config.json")) and expected in message, message
+        assert "tokenizer" not in message
 
 
 # --------------------------------------------------------------------------- the real SmolLM2 (GGUF)

@@ -810,9 +810,18 @@ def _add_search_verbs(sub) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: tunelab VERB: what. See: tunelab VERB --help``)
+    like every other user error, instead of the usage block and a second line. Sub-commands use this
+    class too (``add_subparsers`` makes its parsers of the parent's class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}. See: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune LLMs on your own data and hardware.")
+    p = _Parser(prog="tunelab", description="Fine-tune LLMs on your own data and hardware.")
     p.add_argument("--version", action="version", version=f"tunelab {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
@@ -877,7 +886,10 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error (status 2, one line printed by _Parser), or --help / --version
+        return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
@@ -886,6 +898,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):  # rank 0 says it once
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 2
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        # A path the user gave that no check above caught (a folder where a file goes, an unreadable
+        # file...): still one line naming the path, not a traceback. Without a path it is a bug: re-raise.
+        if err.filename is None:
+            raise
+        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):
+            err_console.print(f"[bold red]error:[/] {err.filename}: {err.strerror or type(err).__name__} "
+                              f"(got {type(err).__name__}). Check the path and its permissions",
+                              highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

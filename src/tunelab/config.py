@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.config import EvalSection
+from tunelab.fsutil import check_name
 from tunelab.methods import MethodConfig
 from tunelab.search.config import SweepSection
 
@@ -32,10 +34,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _safe_name(value: str) -> str:
+    """A name that becomes a folder (run, continual stage) must be one safe path component.
+
+    The error is a pydantic error of its own type (``unsafe_name``) so that :func:`_format_error`
+    prints :func:`tunelab.fsutil.check_name`'s wording under the field's full path, on one line.
+    """
+    try:
+        return check_name(value, "name")
+    except UserError as err:
+        reason = str(err).partition(": ")[2]
+        raise PydanticCustomError("unsafe_name", "{reason}", {"reason": reason}) from None
+
+
+#: A str field whose value becomes one folder name (``../x``, ``a/b``, ``''`` and ``.hidden`` are refused).
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
 class RunSection(_Strict):
     """Where the run directory goes."""
 
-    name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
+    name: SafeName = Field("run", description="Run name; the run directory is <output_dir>/<name> (one folder "
+                           "name: letters, digits, '.', '_', '-', '+'; no '/', not starting with '.').")
     output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
 
 
@@ -324,7 +344,8 @@ class StageSpec(_Strict):
     whole config. See docs/forgetting.md.
     """
 
-    name: str = Field(..., min_length=1, description="Stage (task) name: the column of the accuracy matrix.")
+    name: SafeName = Field(..., description="Stage (task) name: the column of the accuracy matrix; its folder is "
+                           "stages/<k>-<name> (letters, digits, '.', '_', '-', '+'; no '/', not starting with '.').")
     task: Literal["sft", "pretrain", "classification", "generative_classification"] | None = Field(
         None, description="The stage's task (default: the top-level task).")
     data: dict[str, Any] | None = Field(None, description="Overrides of the data section (train, eval, eval_ratio...).")
@@ -454,6 +475,30 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None and hasattr(model, "model_fields") else []
 
 
+# pydantic names the member of a union it tried in the error location (``literal['balanced']``,
+# ``dict[str,float]``, ``function-after[...]``, ``int``): not a config key, so not part of the path.
+_UNION_TAGS = {"dict", "list", "tuple", "str", "int", "float", "bool"}
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
+
+
+def _merge_union_errors(errors: list[dict]) -> list[dict]:
+    """One problem per field: a value that fits no member of a union (``'balanced'`` or a mapping)
+    gives pydantic one error per member; they become one error at the field's path, their
+    messages joined with "or"."""
+    merged: dict[tuple, dict] = {}
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        if loc in merged and loc != tuple(err["loc"]):
+            first = merged[loc]
+            first["msg"] = f"{first['msg']}, or {err['msg'][0].lower()}{err['msg'][1:]}"
+            continue
+        merged.setdefault(loc, {**err, "loc": loc})
+    return list(merged.values())
+
+
 def _format_error(err: dict, method_names: list[str]) -> str:
     loc = tuple(p for p in err["loc"] if p not in method_names or err["loc"][0] != "method")
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -473,6 +518,8 @@ def _format_error(err: dict, method_names: list[str]) -> str:
         guess = difflib.get_close_matches(str(loc[-1]), options, n=1)
         hint = f"did you mean '{guess[0]}'?" if guess else f"valid keys here: {', '.join(options)}"
         return f"{path}: unknown key. Remove it; {hint}"
+    if kind == "unsafe_name":  # check_name's wording already holds the value and the fix
+        return f"{path}: {err['msg']}"
     if kind == "missing":
         return f"{path}: required field is missing. Add it to the config or pass --set {path}=..."
     if kind == "union_tag_not_found":
@@ -583,7 +630,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     try:
         cfg = TuneConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_format_error(e, list(METHODS)) for e in exc.errors()]
+        problems = [_format_error(e, list(METHODS)) for e in _merge_union_errors(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source_name) from None
     problems = _cross_field_problems(cfg)
     if problems:

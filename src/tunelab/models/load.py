@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ def _resolve(name_or_path: str) -> _Source:
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            _check_gguf_magic(path)
             return _Source("gguf", str(path), text)
         raise UserError(
             f"model '{text}': the path is a file but not a .gguf file (got {path.resolve()}). "
@@ -93,6 +96,7 @@ def _resolve(name_or_path: str) -> _Source:
                 f"model '{text}': the folder has no config.json, so it is not a Hugging Face model folder "
                 f"(got {path.resolve()}). Point model.path at the folder that holds config.json.{hint}"
             )
+        _check_config_json(path / "config.json")
         return _Source("folder", str(path), text)
     if "/" not in text:
         from difflib import get_close_matches
@@ -111,6 +115,43 @@ def _resolve(name_or_path: str) -> _Source:
             "or use an alias, a Hugging Face hub id (org/name) or an existing local model folder."
         )
     return _Source("hub", text, text)
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """A ``.gguf`` file must start with the GGUF magic; else say so (not "no usable tokenizer found",
+    which is what transformers' failure to parse it would otherwise turn into)."""
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the GGUF file (got {err.strerror or err}). Check its permissions") from None
+    if magic != GGUF_MAGIC:
+        what = "empty" if not magic else f"bad magic {magic!r}"
+        raise UserError(
+            f"{path}: not a GGUF file (got {what}; a GGUF file starts with {GGUF_MAGIC!r}). Point model.path at "
+            "a complete .gguf file (a cut-short download or a renamed file is not one)"
+        )
+
+
+def _check_config_json(path: Path) -> None:
+    """A model folder's ``config.json`` must be a JSON object; a syntax error is named with its line and
+    column (transformers would report it as a missing tokenizer or an unloadable folder)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (got byte {err.object[err.start:err.start + 1]!r} at offset "
+                        f"{err.start}). Restore the model's original config.json") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg} (got "
+                        f"{err.doc[err.pos:err.pos + 20]!r}). Fix the file or restore the model's original config.json") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it (got {err.strerror or err}). Check its permissions") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a JSON object (got {type(data).__name__}). "
+                        "Restore the model's original config.json")
 
 
 # --------------------------------------------------------------------------- the hub
@@ -260,7 +301,7 @@ def load_gguf_model(
             local_files_only=True,
             **kwargs,
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as err:  # struct.error: a cut-short file
         raise UserError(
             f"model '{path}': transformers cannot read this GGUF file (got: {_first_line(err)}). "
             "Use a GGUF of an architecture transformers supports, or the original Hugging Face folder."
@@ -325,7 +366,13 @@ def _load_tokenizer_from(source: _Source) -> PreTrainedTokenizerBase:
             args, kwargs = (source.location,), {}
         try:
             tokenizer = AutoTokenizer.from_pretrained(*args, local_files_only=True, **kwargs)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, IndexError, struct.error) as err:  # struct.error: a cut-short GGUF
+            if source.kind == "gguf":  # the magic was right, so the file is damaged or of an unknown layout
+                raise UserError(
+                    f"model '{source.label}': transformers cannot read the tokenizer of this GGUF file (got: "
+                    f"{_first_line(err)}). Use a complete GGUF of an architecture transformers supports, or the "
+                    "original Hugging Face folder."
+                ) from err
             raise UserError(
                 f"model '{source.label}': no usable tokenizer found (got: {_first_line(err)}). "
                 "Make sure the model folder holds its tokenizer files (tokenizer.json or tokenizer.model "

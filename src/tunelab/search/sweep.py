@@ -38,6 +38,7 @@ from tunelab.config import TuneConfig, _set_path, dump_config, load_config
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
 from tunelab.search.config import CategoricalParam, FloatParam, IntParam, SweepSection
+from tunelab.train.run import make_folder
 
 FINISHED = ("COMPLETE", "PRUNED")
 
@@ -153,7 +154,7 @@ def open_study(cfg: TuneConfig):
     import optuna
 
     s = _section(cfg)
-    sweep_folder(cfg).mkdir(parents=True, exist_ok=True)  # the default storage's file and the trials live here
+    make_folder(sweep_folder(cfg), "run.output_dir")  # the default storage's file and the trials live here
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=s.study or cfg.run.name, storage=open_storage(storage_url(cfg), s),
                                sampler=make_sampler(s), pruner=make_pruner(s, cfg.train.eval_every), direction=direction(s), load_if_exists=True)
@@ -328,8 +329,7 @@ def sweep(cfg: TuneConfig, console: Console | None = None, *, workers: int | Non
     """Run the sweep (``workers`` processes, default ``sweep.workers``) and write its outputs."""
     console = console or Console()
     s = _section(cfg)
-    folder = sweep_folder(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(sweep_folder(cfg), "run.output_dir")  # a file in the way: a one-line error
     workers = workers or s.workers
     url = storage_url(cfg)
     console.print(f"sweep {s.study or cfg.run.name}: {len(s.params)} parameters, sampler {s.sampler}, pruner "

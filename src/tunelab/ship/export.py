@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import UserError
-from tunelab.fsutil import atomic_folder, sha256_file
+from tunelab.fsutil import atomic_folder, check_name, sha256_file
 from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -173,6 +173,10 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
 
         kind = _GGUF_KIND[dtype]
         name = info.get("run") or Path(str(target)).name
+        try:  # the GGUF's file name: a run named before run.name was checked may hold '/' or '..'
+            check_name(name, "run")
+        except UserError:
+            name = "model"
         path = write_gguf(model, tok, tmp, tmp / f"{name}-{kind}.gguf", kind=kind, name=name)
         result.gguf = path
         if verify:

@@ -54,7 +54,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.errors import ConfigError, UserError
-from tunelab.fsutil import atomic_write_text
+from tunelab.fsutil import atomic_write_text, check_name
+from tunelab.train.run import make_folder
 
 STAGE_KEYS = ("task", "data", "method", "train", "objectives", "classification", "eval")
 
@@ -126,6 +127,9 @@ def load_continual(path: str | Path | None, overrides: list[str] | None = None, 
         except ValidationError as exc:
             for e in exc.errors():
                 where = ".".join(str(p) for p in e["loc"])
+                if e["type"] == "unsafe_name":  # the stage name becomes a folder: check_name's wording says why
+                    problems.append(f"stages.{i}.{where}: {e['msg']}")
+                    continue
                 problems.append(f"stages.{i}.{where}: {e['msg']} (got {str(e.get('input'))[:60]!r}). Stage keys: "
                                 f"name, {', '.join(STAGE_KEYS)}")
     if problems:
@@ -135,6 +139,10 @@ def load_continual(path: str | Path | None, overrides: list[str] | None = None, 
         raise ConfigError([f"stages: names must be unique (got {names}). Rename the stages"], source)
     base_run = raw.get("run") or {}
     name = base_run.get("name", "run")
+    try:  # the continual run's folder is <output_dir>/<name>: never outside output_dir, never output_dir itself
+        check_name(name, "run.name")
+    except UserError as err:
+        raise ConfigError([str(err)], source) from None
     root = Path(base_run.get("output_dir", "runs")) / name
     configs, sources = [], []
     for i, spec in enumerate(specs):
@@ -333,7 +341,7 @@ def _load_state(plan: ContinualPlan) -> dict[str, Any]:
 
 
 def _save_state(root: Path, state: dict[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root, "run.output_dir")  # a file in the way: a one-line error, not NotADirectoryError
     atomic_write_text(_state_path(root), json.dumps(state, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -548,6 +556,10 @@ def run_compare(path: str | Path, variants_text: str, overrides: list[str] | Non
     """Each variant as its own continual run; ACC / BWT / FWT side by side (``compare.json``, ``compare.md``)."""
     console = console or Console()
     raw = _read_yaml(Path(path))
+    try:  # the variants go under <output_dir>/<run.name>/compare/: run.name must be one folder name
+        check_name((raw.get("run") or {}).get("name", "run"), "run.name")
+    except UserError as err:
+        raise ConfigError([str(err)], str(path)) from None
     variants = parse_variants(variants_text)
     plans = [(label, load_continual(path, overrides, raw=variant_raw(raw, label, obj))) for label, obj in variants]
     root = plans[0][1].root.parent.parent
@@ -579,7 +591,7 @@ def _save_compare(root: Path, doc: dict[str, Any], console: Console) -> None:
                  *[_fmt(v, metric) for v in r["matrix"][-1]]]
         lines.append("| " + " | ".join(cells) + " |")
         table.add_row(*cells)
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root, "run.output_dir")  # a file in the way: a one-line error, not NotADirectoryError
     atomic_write_text(root / "compare.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(root / "compare.md", "\n".join(lines) + "\n")
     console.print(table)

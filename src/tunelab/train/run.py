@@ -19,6 +19,23 @@ from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
 
+def make_folder(path: Path, field: str) -> Path:
+    """``mkdir -p path``, or a one-line :class:`UserError` naming ``field`` when a file is in the way
+    (``run.output_dir`` naming an existing file gives NotADirectoryError / FileExistsError otherwise)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        # the deepest part of the path that exists is a file (or a link to one): name it
+        blocker = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), path)
+        raise UserError(f"{field}: {blocker} is a file, not a folder (got {path}). Remove or rename that file, "
+                        f"or set {field} to another name") from None
+    except PermissionError as err:
+        raise UserError(f"{field}: cannot create the folder {path} (got permission denied on "
+                        f"{err.filename or path}). Choose a writable {field}") from None
+    return path
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -56,7 +73,8 @@ class RunDir:
                 f"{path}: a run with this name already exists. Resume it with --resume, or choose another "
                 f"name with --set run.name=NEW"
             )
-        run.path.mkdir(parents=True, exist_ok=True)
+        make_folder(run.path.parent, "run.output_dir")
+        make_folder(run.path, "run.name")
         return run
 
     def has_trained(self) -> bool:
