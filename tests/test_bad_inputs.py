@@ -9,8 +9,7 @@ below, runs ``tunelab.cli.main`` in-process and checks what a user sees:
 * no file that was in the input folder before is changed (SHA-256 of every file, before and after),
   and nothing is written outside the case's folders.
 
-Cases marked ``# PENDING-DATA`` fail because of data-verb defects being fixed on another branch
-(issue #18); they are ``xfail(strict=False)`` until that branch is merged. Training only starts in
+Training only starts in
 the few cases whose good rows train (``train.max_steps: 1``, a tiny random model).
 """
 
@@ -28,9 +27,6 @@ import pytest
 import yaml
 
 from tunelab.cli import main
-
-PENDING_DATA = pytest.mark.xfail(reason="data-verbs fix pending", strict=False)
-
 
 # ----------------------------------------------------------------------------- helpers that write bad files
 
@@ -285,7 +281,7 @@ CASES: list[Case] = [
     case("alpaca-not-a-list", lambda d, o: train_on(d, o, write(d, "a.json", '"just a string"')), "a.json"),
     case("alpaca-column-map-vague", lambda d, o: train_on(d, o, write(d, "a.json", json.dumps(ALPACA)), data={
         "train": [{"path": str(d / "a.json"), "columns": {"instruction": "question"}}]}),
-         "a.json", "'question'", marks=PENDING_DATA),  # PENDING-DATA: the mapped column is missing: vague message
+         "a.json", "'question'"),
     # ShareGPT JSON
     case("sharegpt-empty", lambda d, o: train_on(d, o, write(d, "s.json", "[]")), "s.json", "empty"),
     case("sharegpt-truncated", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(SHAREGPT)[:-15])), "s.json"),
@@ -294,8 +290,7 @@ CASES: list[Case] = [
     case("sharegpt-utf16", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(SHAREGPT), "utf-16")), "s.json"),
     case("sharegpt-wrong-roles", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(
         [{"conversations": [{"from": "alien", "value": "x"}, {"from": "robot", "value": "y"}]}] * 2))),
-         "data.train: no usable training sample", "unknown_role",
-         marks=PENDING_DATA),  # PENDING-DATA: every row rejected, but rejects.jsonl is not written
+         "data.train: no usable training sample", "unknown_role"),
     case("sharegpt-trailing-garbage", lambda d, o: train_on(d, o, write(d, "s.json", json.dumps(SHAREGPT) + " ]]")),
          "s.json"),
     # OpenAI messages JSONL
@@ -311,8 +306,7 @@ CASES: list[Case] = [
          "m.jsonl", code=0),
     case("messages-all-bad", lambda d, o: train_on(d, o, write(d, "m.jsonl", "{oops\n[1, 2\n")), "m.jsonl"),
     case("messages-no-assistant", lambda d, o: train_on(d, o, write(d, "m.jsonl", jsonl(
-        [{"messages": [{"role": "user", "content": "only a question"}]}] * 3))), "data.train: no usable training sample", "no_assistant_turn",
-         marks=PENDING_DATA),  # PENDING-DATA: every row rejected, but rejects.jsonl is not written
+        [{"messages": [{"role": "user", "content": "only a question"}]}] * 3))), "data.train: no usable training sample", "no_assistant_turn"),
     # plain text (.txt and {"text": ...} JSONL, task: pretrain)
     case("txt-empty", lambda d, o: train_on(d, o, write(d, "t.txt", ""), task="pretrain"), "t.txt", "empty"),
     case("txt-whitespace", lambda d, o: train_on(d, o, write(d, "t.txt", "  \n\n \n"), task="pretrain"), "t.txt"),
@@ -369,18 +363,18 @@ CASES: list[Case] = [
          "b.json"),
     case("inspect-trailing-garbage", lambda d, o: ["data", "inspect", str(write(d, "a.json", json.dumps(ALPACA) +
                                                                               "xyz"))],
-         "a.json", marks=PENDING_DATA),  # PENDING-DATA: trailing garbage after the JSON is read silently
+         "a.json"),
     case("inspect-two-arrays", lambda d, o: ["data", "inspect", str(write(d, "a.json", json.dumps(ALPACA) * 2))],
-         "a.json", marks=PENDING_DATA),  # PENDING-DATA: concatenated arrays are read silently
+         "a.json"),
     case("clean-trailing-garbage", lambda d, o: ["data", "clean", str(write(d, "a.json", json.dumps(ALPACA) + "xyz")),
                                                  "--out", str(o / "clean.jsonl")],
-         "a.json", marks=PENDING_DATA),  # PENDING-DATA: trailing garbage after the JSON is read silently
+         "a.json"),
     case("clean-broken-lines", lambda d, o: ["data", "clean", str(write(d, "m.jsonl", jsonl(MESSAGES) + "{oops\n")),
                                              "--out", str(o / "clean.jsonl")],
-         "m.jsonl", marks=PENDING_DATA),  # PENDING-DATA: data clean crashes on a broken JSON line
+         "m.jsonl"),
     case("clean-out-exists", lambda d, o: ["data", "clean", str(write(d, "a.json", json.dumps(ALPACA))),
                                            "--out", str(write(d, "mine.jsonl", "precious\n"))],
-         "mine.jsonl", "exists", marks=PENDING_DATA),  # PENDING-DATA: --out overwrites an existing file
+         "mine.jsonl", "exists"),
     case("clean-out-is-input", lambda d, o: ["data", "clean", str(write(d, "a.json", json.dumps(ALPACA))),
                                              "--out", str(d / "a.json")], "a.json"),
     case("clean-missing", lambda d, o: ["data", "clean", str(d / "nope.json"), "--out", str(o / "x.jsonl")],
@@ -389,13 +383,13 @@ CASES: list[Case] = [
                                             "--out-dir", str(o / "split"), "--ratios", "abc"], "--ratios", "'abc'"),
     case("split-ratios-negative", lambda d, o: ["data", "split", str(write(d, "a.json", json.dumps(ALPACA))),
                                                 "--out-dir", str(o / "split"), "--ratios", "0.9,0.9,-0.8"],
-         "--ratios", marks=PENDING_DATA),  # PENDING-DATA: prints a pydantic URL
+         "--ratios"),
     case("split-out-dir-file", lambda d, o: ["data", "split", str(write(d, "a.json", json.dumps(ALPACA))),
                                              "--out-dir", str(write(d, "taken.txt", "mine"))],
-         "taken.txt", marks=PENDING_DATA),  # PENDING-DATA: --out-dir naming a file
+         "taken.txt"),
     case("split-trailing-garbage", lambda d, o: ["data", "split", str(write(d, "a.json", json.dumps(ALPACA) + "]")),
                                                  "--out-dir", str(o / "split")],
-         "a.json", marks=PENDING_DATA),  # PENDING-DATA: trailing garbage after the JSON is read silently
+         "a.json"),
     case("split-kfold-text", lambda d, o: ["data", "split", str(d / "a.json"), "--out-dir", str(o), "--kfold", "x"],
          "--kfold", "invalid int value"),
     case("leakage-missing", lambda d, o: ["data", "leakage", str(d / "nope.jsonl"), str(d / "nope2.jsonl")],
@@ -514,5 +508,4 @@ def test_corpus_size():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-# The corpus: len(CASES) == 160 bad inputs, 11 of them xfail-pending (# PENDING-DATA: data-verb and all-rows-rejected
-# defects fixed on another branch; unmark them after that merge).
+# The corpus: len(CASES) == 160 bad inputs (docs/reliability.md quotes the figure).
