@@ -142,10 +142,11 @@ class Case:
     expect: tuple[str, ...]  # substrings of the error line (code 2), or of the rejects' reasons (code 0)
     code: int = 2
     marks: tuple = field(default_factory=tuple)
+    rejects: str = "runs/bad/rejects.jsonl"  # where a code-0 case's bad rows go, under the output folder
 
 
-def case(id: str, build, *expect: str, code: int = 2, marks=()) -> Case:
-    return Case(id, build, expect, code, tuple(marks) if isinstance(marks, list | tuple) else (marks,))
+def case(id: str, build, *expect: str, code: int = 2, marks=(), rejects: str = "runs/bad/rejects.jsonl") -> Case:
+    return Case(id, build, expect, code, tuple(marks) if isinstance(marks, list | tuple) else (marks,), rejects)
 
 
 CASES: list[Case] = [
@@ -371,7 +372,7 @@ CASES: list[Case] = [
          "a.json"),
     case("clean-broken-lines", lambda d, o: ["data", "clean", str(write(d, "m.jsonl", jsonl(MESSAGES) + "{oops\n")),
                                              "--out", str(o / "clean.jsonl")],
-         "m.jsonl"),
+         "bad_json", "{oops", code=0, rejects="clean.removed.jsonl"),  # the broken line is a removed row
     case("clean-out-exists", lambda d, o: ["data", "clean", str(write(d, "a.json", json.dumps(ALPACA))),
                                            "--out", str(write(d, "mine.jsonl", "precious\n"))],
          "mine.jsonl", "exists"),
@@ -485,10 +486,9 @@ def test_bad_input(c: Case, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert code == c.code, f"exit {code}, expected {c.code}; stderr:\n{err}"
-    if code == 0:  # the good rows trained; every bad row is in the rejects file with its reason
-        rejects = outputs / "runs" / "bad" / "rejects.jsonl"
-        rows = [json.loads(x) for x in rejects.read_text().splitlines()]
-        assert rows and all(r["reason"] and r["detail"] for r in rows), rows
+    if code == 0:  # the good rows went through; every bad row is in the rejects file with its reason
+        rows = [json.loads(x) for x in (outputs / c.rejects).read_text().splitlines()]
+        assert rows and all(r["reason"] and (r.get("detail") or r.get("row") or r.get("raw")) for r in rows), rows
         text = json.dumps(rows)
         for want in c.expect:
             assert want in text, f"expected {want!r} in the rejects: {text}"
