@@ -150,6 +150,127 @@ def test_hostile_requests_get_the_right_status_and_an_openai_error(server):
     assert 'route="other",status="404"' in metrics
 
 
+# Inputs that used to crash generation (500) or be silently dropped (200): each is a 400 naming the field.
+_CHAT = {"model": "lora", "messages": CHAT, "max_tokens": 2}
+_BAD_INPUTS = [
+    # (path, body, param, code or None, a word the message must hold or None)
+    ("/v1/chat/completions", {**_CHAT, "seed": 2**64}, "seed", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "seed": -(2**63) - 1}, "seed", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "seed": 10**30}, "seed", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+     "messages[0].content[1]", "unsupported_content_type", "'image_url'"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+     "messages[0].content[0]", "unsupported_content_type", "'input_audio'"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0]", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [5]}]}, None, "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}, None,
+     "invalid_value", "surrogate"),
+    ("/v1/chat/completions", {**_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\udfff"}]}]}, "messages[0].content[0]", "invalid_value", "surrogate"),
+    ("/v1/chat/completions", {**_CHAT, "model": "\ud800"}, "model", "invalid_value", "surrogate"),
+    ("/v1/chat/completions", {**_CHAT, "stop": "x" * 10_000}, "stop", None, None),
+    ("/v1/chat/completions", {**_CHAT, "stop": ["\n", "y" * 65]}, "stop", None, None),
+    ("/v1/chat/completions", {**_CHAT, "stop": [1]}, None, "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "logit_bias": {"15": 1e300}}, "logit_bias", None, None),
+    ("/v1/chat/completions", {**_CHAT, "logit_bias": {"15": "lots"}}, None, "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "max_tokens": 2**64}, "max_tokens", "max_tokens_too_large", None),
+    ("/v1/chat/completions", {**_CHAT, "max_tokens": "many"}, "max_tokens", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "n": -1}, "n", "invalid_value", None),
+    ("/v1/chat/completions", {**_CHAT, "n": 2**70}, "n", None, None),
+    ("/v1/chat/completions", {**_CHAT, "min_tokens": 2**64}, "min_tokens", None, None),
+    ("/v1/chat/completions", {**_CHAT, "stream_options": "yes"}, "stream_options", "invalid_value", None),
+    ("/v1/completions", {"model": "lora", "prompt": "", "max_tokens": 2}, "prompt", "empty_prompt", None),
+    ("/v1/completions", {"model": "lora", "prompt": [""], "max_tokens": 2}, "prompt", "empty_prompt", None),
+    ("/v1/completions", {"model": "lora", "prompt": "\ud800x", "max_tokens": 2}, None, "invalid_value",
+     "surrogate"),
+    ("/v1/completions", {"model": "lora", "prompt": [[1, 2]], "max_tokens": 2}, None, "invalid_value", None),
+    ("/v1/classify", {"model": "cls", "input": ["fine", "\ud800"]}, None, "invalid_value", "surrogate"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "code", "word"), _BAD_INPUTS,
+                         ids=[f"{i}-{c[3] or c[2]}" for i, c in enumerate(_BAD_INPUTS)])
+def test_hostile_inputs_that_crashed_or_were_dropped_get_a_400_naming_the_field(server, path, body, param, code,
+                                                                                word):
+    r = _post(server, path, body)
+    assert r.status_code == 400, (path, str(body)[:100], r.status_code, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error" and "Traceback" not in r.text
+    if param:
+        assert (error["param"] or "").startswith(param), error
+    if code:
+        assert error["code"] == code, error
+    if word:
+        assert word in error["message"], error
+
+
+def test_every_seed_torch_accepts_is_served(server):
+    """The seed range ends where torch.manual_seed's does: signed and unsigned 64-bit values."""
+    for seed in (2**64 - 1, -(2**63), 0):
+        r = _post(server, "/v1/chat/completions", {**_CHAT, "seed": seed, "temperature": 1.0})
+        assert r.status_code == 200, (seed, r.text)
+
+
+def test_requests_beyond_max_in_flight_get_openais_json_503_not_plain_text(served):
+    """The cap on requests in progress is the app's (JSON), not uvicorn's limit_concurrency (plain text)."""
+    app = create_app(served, ServeSettings(max_concurrency=1, max_in_flight=1, request_timeout_s=20,
+                                           max_tokens_limit=1024))
+    with ThreadedServer(app) as srv, httpx.Client(timeout=30) as http:
+        long = {"model": "lora", "messages": CHAT, "max_tokens": 1000, "min_tokens": 1000, "temperature": 0,
+                "stream": True}
+        with http.stream("POST", srv.url + "/v1/chat/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # one request in progress: the cap is reached
+            for r in (http.get(srv.url + "/v1/models"), http.get(srv.url + "/health"),
+                      http.post(srv.url + "/v1/chat/completions", json=_CHAT)):
+                assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+                error = r.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"}
+                assert error["code"] == "server_overloaded" and error["type"] == "server_error"
+        deadline = time.monotonic() + 10  # the dropped stream ends and its place is free again
+        while app.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.post(srv.url + "/v1/chat/completions", json=_CHAT).status_code == 200
+        metrics = http.get(srv.url + "/metrics").text
+        assert 'tunelab_requests_rejected_total{reason="overloaded"} 3.0' in metrics
+
+
+def test_unsafe_served_names_are_refused_at_start_up_before_loading(ship_runs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import shutil
+
+    from tunelab.cli import main
+    from tunelab.ship import serve as serve_module
+
+    def copy_named(run_name: str, folder: str):
+        dest = tmp_path / folder
+        shutil.copytree(ship_runs["lora_b"], dest)
+        info = json.loads((dest / "tunelab.json").read_text())
+        (dest / "tunelab.json").write_text(json.dumps({**info, "run": run_name}))
+        return str(dest)
+
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded before the names were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(serve_module, "load_for_inference", no_loading)
+        for bad in ("../../x", "a/b", ".hidden", "x" * 200):
+            with pytest.raises(UserError, match="is not a usable name"):
+                load_models([str(ship_runs["lora"]), copy_named(bad, "bad")])
+            shutil.rmtree(tmp_path / "bad")
+        assert main(["serve", copy_named("../../etc", "cli")]) == 2
+    err = capsys.readouterr().err
+    assert "not a usable name" in err and len(err.strip().splitlines()) == 1
+    # a '.' is a usable served name; PEFT's own adapter key (no '.' allowed there) is derived from it
+    models = load_models([str(ship_runs["lora"]), copy_named("v1.2", "dotted")])
+    assert list(models) == ["lora", "tiny-random-llama", "v1.2"]
+    assert models["v1.2"].adapter != models["lora"].adapter and "." not in models["v1.2"].adapter
+
+
 def test_api_keys_are_required_when_set_and_for_public_binding(served):
     with pytest.raises(UserError, match="needs API keys"):
         create_app(served, ServeSettings(host="0.0.0.0"))
@@ -235,8 +356,7 @@ def test_cli_serve_builds_the_server_from_its_options(ship_runs, monkeypatch, ca
     monkeypatch.setenv("TUNELAB_API_KEYS", "key-from-env-1")
     assert main(["serve", str(ship_runs["lora"]), "--port", "8123", "--max-tokens-limit", "50",
                  "--max-queue", "3"]) == 0
-    assert seen == {"host": "127.0.0.1", "port": 8123, "connection_limit": 1 + 3 + 32, "status": 400,
-                    "error": "max_tokens"}
+    assert seen == {"host": "127.0.0.1", "port": 8123, "status": 400, "error": "max_tokens"}
     assert "serving on http://127.0.0.1:8123/v1" in capsys.readouterr().out
 
 

@@ -460,7 +460,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
                              default_max_tokens=args.default_max_tokens, max_n=args.max_n,
                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                             queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout)
+                             queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
+                             max_in_flight=args.max_in_flight)
     serve(args.targets, settings, checkpoint=args.checkpoint, dtype=args.dtype, console=Console())
     return 0
 
@@ -518,6 +519,9 @@ def _add_ship_verbs(sub) -> None:
     s.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait (then 503)")
     s.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds of generation per request (then it stops, finish_reason 'length')")
+    s.add_argument("--max-in-flight", type=int, default=None,
+                   help="HTTP requests in progress at once, any route; more get a JSON 503 "
+                   "(default: max-concurrency + max-queue + 32)")
     s.set_defaults(fn=cmd_serve)
 
 # ----------------------------------------------------------------------------- eval, compare, runs, report

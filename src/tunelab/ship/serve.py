@@ -18,6 +18,9 @@ Hardening (every limit is a :class:`ServeSettings` field and a CLI option):
 * ``max_concurrency`` requests generate at once, ``max_queue`` more wait (then 429); a request
   that waited ``queue_timeout_s`` gets 503; generation stops after ``request_timeout_s``
   (``finish_reason: "length"``) and when a streaming client disconnects;
+* at most ``max_in_flight`` HTTP requests (any route) are in progress at once; more get 503
+  ``server_overloaded`` from the ASGI guard (uvicorn's own ``limit_concurrency`` is not used: it
+  answers in plain text);
 * every error is an OpenAI-style JSON body ``{"error": {"message", "type", "param", "code"}}``
   with the right status; unexpected exceptions are logged and answered with a plain 500.
 """
@@ -32,19 +35,21 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Request  # a module-level name: FastAPI resolves the handlers' annotations here
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
+from tunelab.fsutil import check_name
 from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
 
 logger = logging.getLogger("tunelab.serve")
@@ -70,6 +75,12 @@ class ServeSettings:
     max_queue: int = 16
     queue_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
+    max_in_flight: int | None = None  # HTTP requests in progress at once, all routes (None: see in_flight_limit)
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests the guard lets in at once; more get a JSON 503 (default: the slots, the queue and 32 more)."""
+        return self.max_in_flight or self.max_concurrency + self.max_queue + 32
 
     def check(self) -> None:
         """Refuse an unsafe or impossible configuration with a one-line UserError."""
@@ -79,8 +90,8 @@ class ServeSettings:
                 "(or set TUNELAB_API_KEYS), or keep the default --host 127.0.0.1"
             )
         for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "max_n", "max_concurrency",
-                     "max_batch_inputs"):
-            if getattr(self, name) < 1:
+                     "max_batch_inputs", "max_in_flight"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(self, name)})")
         if any(len(k) < 8 for k in self.api_keys):
             raise UserError("--api-key: keys must be at least 8 characters (got a shorter one). Use a random key, "
@@ -148,7 +159,7 @@ class Served:
         return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
 
 
-def _unique(name: str, taken: dict) -> str:
+def _unique(name: str, taken) -> str:
     base, k = name, 2
     while name in taken:
         name, k = f"{base}-{k}", k + 1
@@ -157,32 +168,45 @@ def _unique(name: str, taken: dict) -> str:
 
 def load_models(targets: list[str], *, checkpoint: str = "final", dtype: torch.dtype = torch.float32
                 ) -> dict[str, Served]:
-    """Load every target; adapter runs on the same base (and task) share one base model."""
+    """Load every target; adapter runs on the same base (and task) share one base model.
+
+    Every served name (the run's name, or the target's last path component) is checked with
+    :func:`check_name` before anything is loaded: it is the ``model`` clients route by, so
+    ``../../x``, an empty name or one with '/' is a one-line :class:`UserError` at start-up.
+    """
     from transformers import AutoTokenizer
 
-    served: dict[str, Served] = {}
-    groups: dict[tuple[str, str], Served] = {}  # (base model, task) -> the served base of that group
+    plan, names = [], set()
     for target in targets:
         folder = weights_folder(target, checkpoint)
         info = read_info(folder) if folder is not None else {}
-        name = _unique(str(info.get("run") or Path(str(target).rstrip("/")).name), served)
+        name = _unique(str(info.get("run") or Path(str(target).rstrip("/")).name), names)
+        names.add(check_name(name, f"serve {target}: the served name (the run's name)"))
+        plan.append((target, folder, info, name))
+
+    served: dict[str, Served] = {}
+    groups: dict[tuple[str, str], Served] = {}  # (base model, task) -> the served base of that group
+    for i, (target, folder, info, name) in enumerate(plan):
+        # PEFT's adapter key: torch module names cannot hold '.', which a served name may
+        peft_name = f"a{i}_{name.replace('.', '_')}"
         key = (info.get("base_model"), info.get("task"))
         if folder is not None and (folder / "adapter_config.json").is_file() and key in groups:
             base = groups[key]
-            base.loaded.model.load_adapter(folder, adapter_name=name)
+            base.loaded.model.load_adapter(folder, adapter_name=peft_name)
             tok = AutoTokenizer.from_pretrained(folder)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             loaded = dataclasses.replace(base.loaded, tokenizer=tok, folder=folder, method=info["method"],
                                          description=f"{info['method']} on {info['base_model']} ({folder})",
                                          id2label=info.get("id2label"))
-            served[name] = Served(name, loaded, name, base.lock)
+            served[name] = Served(name, loaded, peft_name, base.lock)
             continue
-        loaded = load_for_inference(target, checkpoint=checkpoint, dtype=dtype, adapter_name=name)
+        loaded = load_for_inference(target, checkpoint=checkpoint, dtype=dtype, adapter_name=peft_name)
         lock = threading.Lock()
-        served[name] = Served(name, loaded, name if loaded.is_adapter else None, lock)
+        served[name] = Served(name, loaded, peft_name if loaded.is_adapter else None, lock)
         if loaded.is_adapter:
-            base_name = _unique(Path(str(info["base_model"]).rstrip("/")).name, served)
+            base_name = _unique(Path(str(info["base_model"]).rstrip("/")).name, names)
+            names.add(base_name)
             groups[key] = Served(base_name, loaded, None, lock)
             if loaded.task == "generation":  # a base classifier would answer with an untrained head
                 served[base_name] = groups[key]
@@ -191,19 +215,40 @@ def load_models(targets: list[str], *, checkpoint: str = "final", dtype: torch.d
 
 # ----------------------------------------------------------------------------- request bodies
 
+# torch.manual_seed takes any value that fits a signed or an unsigned 64-bit integer (a negative
+# seed wraps to the same unsigned one); anything larger raises OverflowError inside generation.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# transformers' stop_strings precompute a table per (stop string, vocabulary token): its time and
+# memory grow with the string's length (thousands of characters reach gigabytes), so each stop
+# string is capped; stop sequences in practice are a few characters.
+MAX_STOP_CHARS = 64
+
+
+def _unicode(text: str) -> str:
+    """Refuse text the tokenizer cannot take: JSON escapes can smuggle in lone UTF-16 surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream_options: dict[str, Any] | None = None
     logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
@@ -212,7 +257,7 @@ class _Request(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(_Request):
@@ -221,14 +266,14 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
-    input: str | list[str]
+    model: Text
+    input: Text | list[Text]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -271,6 +316,8 @@ class Engine:
 
     def check_prompt(self, served: Served, ids: list[int], max_new: int) -> None:
         s = self.settings
+        if not ids:  # an empty prompt: the model has no position to predict from
+            raise ApiError(400, "The prompt is empty (it has no tokens)", param="prompt", code="empty_prompt")
         if len(ids) > s.max_prompt_tokens:
             raise ApiError(400, f"The prompt has {len(ids)} tokens; this server accepts at most {s.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
@@ -326,6 +373,8 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, "stop: give at most 4 non-empty strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop: each stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
     return stops
 
 
@@ -423,14 +472,16 @@ _ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classif
 
 
 class Guard:
-    """Pure ASGI middleware: refuse oversize bodies (413) before parsing, and count every response.
+    """Pure ASGI middleware: cap the requests in progress (503), refuse oversize bodies (413) before
+    parsing, and count every response.
 
     The body (at most ``limit`` bytes) is read here and replayed to the app; later ``receive``
     calls go to the server, so streaming responses still see a client's disconnect.
     """
 
-    def __init__(self, app, limit: int, metrics: Metrics, admission: Admission):
+    def __init__(self, app, limit: int, metrics: Metrics, admission: Admission, max_in_flight: int):
         self.app, self.limit, self.metrics, self.admission = app, limit, metrics, admission
+        self.max_in_flight, self.in_flight = max_in_flight, 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -443,6 +494,16 @@ class Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        if self.in_flight >= self.max_in_flight:  # before anything else: this is the overload backstop
+            try:
+                self.metrics.rejected.labels("overloaded").inc()
+                await _send_json(counting_send, 503, ApiError(
+                    503, f"The server is overloaded ({self.in_flight} requests in progress). Retry after a short "
+                    "wait", type="server_error", code="server_overloaded").body())
+            finally:
+                self.metrics.requests.labels(route, str(status["code"])).inc()
+            return
+        self.in_flight += 1
         try:
             if route in _QUEUED and self.admission.full():  # cheap 429 before reading or parsing anything
                 err = self.admission.busy_error()
@@ -464,6 +525,7 @@ class Guard:
 
             await self.app(scope, replay, counting_send)
         finally:
+            self.in_flight -= 1
             self.metrics.requests.labels(route, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
@@ -519,8 +581,10 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        errors = err.errors()
+        # a union (``str | list[str]``) reports one error per member: our own checks' (value_error) say most
+        first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
         if first.get("type") == "json_invalid":
             return JSONResponse(ApiError(400, "The request body is not valid JSON", code="invalid_json").body(), 400)
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
@@ -570,8 +634,8 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(req: ChatRequest):
         served = engine.get(req.model, "generation")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
+                    for i, m in enumerate(req.messages)]
         try:
             ids = served.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                               return_dict=True)["input_ids"]
@@ -632,6 +696,8 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
             raise ApiError(400, "n > 1 cannot be streamed; set n to 1 or stream to false", param="n")
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.logit_bias:  # refused rather than silently ignored: the reply would not be what was asked
+            raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
         if req.presence_penalty or req.frequency_penalty:
             raise ApiError(400, "presence_penalty and frequency_penalty are not supported (use 0)",
                            param="frequency_penalty")
@@ -737,13 +803,36 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
                 task.add_done_callback(lambda _: admission.release())
 
     app.state.metrics, app.state.admission, app.state.models = metrics, admission, models
-    return Guard(app, settings.max_body_bytes, metrics, admission)
+    return Guard(app, settings.max_body_bytes, metrics, admission, settings.in_flight_limit)
 
 
-def _text(content) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
-    return content or ""
+def _text(content, index: int) -> str:
+    """A message's text: a string, or its text parts joined. Any other part (``image_url``,
+    ``input_audio``, ``file``, ...) is a 400, as in training data: dropping it would answer a
+    question the client did not ask."""
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        where = f"messages[{index}].content[{j}]"
+        kind = part.get("type", "text")
+        if kind != "text":
+            raise ApiError(400, f"{where}: unsupported content type {str(kind)[:40]!r}; this server takes text "
+                           "parts only", param=where, code="unsupported_content_type")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ApiError(400, f"{where}: a text part needs a string 'text'", param=where, code="invalid_value")
+        try:
+            _unicode(text)
+        except ValueError as err:
+            raise ApiError(400, f"{where}.text: {err}", param=where, code="invalid_value") from None
+        texts.append(text)
+    return "".join(texts)
+
+
+# pydantic's names for the member of a union an error came from (``str``, ``list[...]``,
+# ``function-after[_unicode(), str]``): not part of the field's path, so left out of ``param``
+_UNION_TAG = re.compile(r"(str|int|float|bool|dict|list|none)$|.*\[")
 
 
 def _sse(obj: dict) -> str:
@@ -765,18 +854,21 @@ def _queue_streamer(tokenizer, loop, queue):
 # ----------------------------------------------------------------------------- running it
 
 
-def run_server(app, host: str, port: int, *, log_level: str = "warning", connection_limit: int | None = None) -> None:
-    """Serve ``app`` with uvicorn until interrupted (Ctrl-C)."""
+def run_server(app, host: str, port: int, *, log_level: str = "warning") -> None:
+    """Serve ``app`` with uvicorn until interrupted (Ctrl-C).
+
+    No ``limit_concurrency``: uvicorn answers beyond it with a plain-text 503; the app's guard
+    caps the requests in progress instead (``max_in_flight``) and answers in OpenAI's JSON shape.
+    """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=connection_limit,
-                timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, timeout_graceful_shutdown=5)
 
 
 class ThreadedServer:
     """uvicorn on a background thread (tests, benchmarks); ``with ThreadedServer(app) as srv: srv.url``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, connection_limit: int | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         import socket
 
         import uvicorn
@@ -787,7 +879,7 @@ class ThreadedServer:
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error",
-                                                    limit_concurrency=connection_limit, timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -816,5 +908,4 @@ def serve(targets: list[str], settings: ServeSettings, *, checkpoint: str = "fin
         console.print(f"serving on http://{settings.host}:{settings.port}/v1  models: "
                       + ", ".join(f"{n} ({s.task})" for n, s in models.items())
                       + ("  [API key required]" if settings.api_keys else ""))
-    run_server(app, settings.host, settings.port,
-               connection_limit=settings.max_concurrency + settings.max_queue + 32)
+    run_server(app, settings.host, settings.port)
