@@ -33,16 +33,16 @@ def test_classification_method_trains_its_parameters_and_the_head_and_reloads(tm
     conf, marker = CASES[method]
     cfg = cls_config(tmp_path, f"cls-{method}", conf, n_train=32,
                      train={"epochs": None, "max_steps": 2, "eval_every": 0, "lr": 5e-2})
-    import tunelab.train.recipe as recipe
+    import tunelab.train.build as build
 
     before: dict[str, torch.Tensor] = {}
-    real = recipe.build_optimizer
+    real = build.build_optimizer
 
     def spy(model, *args, **kwargs):  # the model as the method left it, before the first step
         before.update(_snapshot(model))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "build_optimizer", spy)
+    monkeypatch.setattr(build, "build_optimizer", spy)
     out = run(tmp_path, cfg)
     after = _snapshot(out.model)
     trained = {n for n, p in out.model.named_parameters() if p.requires_grad}

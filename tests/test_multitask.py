@@ -180,8 +180,7 @@ def test_two_heads_and_sft_train_together_with_isolated_head_gradients_and_per_t
 def test_each_head_only_gets_gradient_from_its_own_task(tmp_path):
     from tunelab.data.batching import collate
     from tunelab.models.load import load_tokenizer
-    from tunelab.train import multitask
-    from tunelab.train.recipe import prepare_data
+    from tunelab.tasks import multitask, prepare_data
 
     cfg, _ = _load(tmp_path, mt_config(tmp_path, "grads"))
     tok = load_tokenizer("tiny-random-llama")

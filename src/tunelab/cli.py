@@ -762,12 +762,12 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_advise(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
-    from tunelab.search.advise import DRY_RUN_METHODS, advise, print_advice
+    from tunelab.search.advise import DRY_RUN_METHODS, advise, print_advice, probe_task
 
     cfg, _ = load_config(args.config, args.set)
     dry_run = getattr(args, "dry_run", False)  # train --dry-run: the configured method beside full, LoRA, QLoRA
     methods = getattr(args, "methods", None) or (list(DRY_RUN_METHODS) if dry_run else None)
-    if dry_run and cfg.task == "classification":
+    if dry_run and probe_task(cfg).class_head:
         methods = ["head", "lora", "full"]
     print_advice(advise(cfg, probe_steps=getattr(args, "probe_steps", 2), methods=methods,
                         all_checkpointing=not dry_run), Console())

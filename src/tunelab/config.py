@@ -571,22 +571,12 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
 
         p += sweep_problems(cfg.sweep, _flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
                             {n: set(m.Config.model_fields) for n, m in METHODS.items()})
-    # tasks (classification, pretrain)
-    if cfg.method.name == "head" and cfg.task not in ("classification", "multitask"):
-        p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. Set task: classification.")
-    if cfg.task == "classification" and cfg.method.name in ("prefix", "prompt", "ptuning", "llama_adapter"):
-        p.append(f"method {cfg.method.name} with task: classification: its virtual tokens / adaption prompts are "
-                 "not fed to the classifier's backbone. Use lora, qlora, ia3, adapter, full, freeze or head "
-                 "(or task: generative_classification).")
-    if cfg.task == "classification" and d.packing:
-        p.append("data.packing with task: classification: each row is one example. Set data.packing: false.")
     if cfg.stages:
         p.append("stages: this config describes a continual run (task after task). Run it with: tunelab continual CONFIG")
-    if cfg.task == "pretrain" and d.group_by_length:
-        p.append("data.group_by_length with task: pretrain: rows are all max_length long. Remove it.")
-    from tunelab.data.task_mix import config_problems
+    # the task's own rules; the task modules build models (torch), so they load when a config is checked
+    from tunelab import tasks  # noqa: PLC0415
 
-    p += config_problems(cfg)
+    p += tasks.problems(cfg)
     return p
 
 

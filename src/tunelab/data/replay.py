@@ -183,11 +183,12 @@ class ReplayPlan:
 # --------------------------------------------------------------------------- replay rows
 
 
-def replay_rows(cfg, tokenizer, group: int) -> tuple[list[Row], dict[str, Any], list]:
+def replay_rows(cfg, tokenizer, group: int, documents: bool) -> tuple[list[Row], dict[str, Any], list]:
     """Tokenised rows of ``objectives.replay.data`` (as the training data is tokenised), each
     marked with dataset index ``group``; returns (rows, summary, rejects)."""
     from tunelab.data.cache import encode_records_cached
     from tunelab.data.formats import read_records
+    from tunelab.data.tasks import encode_documents, pretrain_rows
 
     settings = cfg.objectives.replay
     d = cfg.data
@@ -199,10 +200,8 @@ def replay_rows(cfg, tokenizer, group: int) -> tuple[list[Row], dict[str, Any], 
         res = read_records(spec.path, format=spec.format, columns=spec.columns or None, limit=spec.limit)
         rejects += res.rejects
         records = res.records
-        if cfg.task == "pretrain":
-            texts = [r for r in records if r.is_text]
-            enc, rej, _ = encode_records_cached(texts, tokenizer, train_on="all", max_length=1 << 30,
-                                                truncation="truncate", use_cache=d.cache)
+        if documents:
+            enc, rej, _ = encode_documents([r for r in records if r.is_text], tokenizer, use_cache=d.cache)
         else:
             enc, rej, _ = encode_records_cached(records, tokenizer, train_on=d.train_on, max_length=d.max_length,
                                                 truncation=d.truncation, use_cache=d.cache)
@@ -214,9 +213,7 @@ def replay_rows(cfg, tokenizer, group: int) -> tuple[list[Row], dict[str, Any], 
     if not encoded:
         raise UserError(f"objectives.replay.data: no usable replay sample in {[f['path'] for f in files]} "
                         f"({len(rejects)} rejected). Check the files and their format")
-    if cfg.task == "pretrain":
-        from tunelab.data.tasks import pretrain_rows
-
+    if documents:
         weights = {e.weight for e in encoded}
         rows = pretrain_rows([e.input_ids for e in encoded], d.max_length)
         w = weights.pop() if len(weights) == 1 else 1.0
@@ -230,22 +227,22 @@ def replay_rows(cfg, tokenizer, group: int) -> tuple[list[Row], dict[str, Any], 
     return rows, summary, rejects
 
 
-def with_replay(cfg, tokenizer, data, plan: Plan, run, console, is_main: bool = True):
+def with_replay(cfg, tokenizer, data, plan: Plan, run, console, is_main: bool = True, *, task_facts):
     """(data, plan) with the replay rows appended to ``data.train`` and a :class:`ReplayPlan`.
 
     Task rows without a dataset index get index 0 so that every micro-batch reports per-dataset
     losses; the names become ``(*datasets or (task,), "replay")``.
     """
-    if cfg.task == "classification":
-        raise UserError("objectives.replay: task classification trains a class head; replayed text has no class. "
-                        "Use task: generative_classification or sft to replay data")
-    if cfg.task == "multitask":
+    if task_facts.unused_parameters:
         raise UserError("objectives.replay: task multitask samples one task per step; add the replay data as one "
                         "more sft task in `tasks` (its task_sampling share plays the replay ratio)")
+    if not task_facts.causal_lm_rows:
+        raise UserError(f"objectives.replay: task {cfg.task} trains a class head; replayed text has no class. "
+                        "Use task: generative_classification or sft to replay data")
     settings = cfg.objectives.replay
     names = tuple(data.datasets) or (cfg.data.train[0].name or Path(cfg.data.train[0].path).stem,)
     group = len(names)
-    rows, summary, rejects = replay_rows(cfg, tokenizer, group)
+    rows, summary, rejects = replay_rows(cfg, tokenizer, group, documents=task_facts.always_packed)
     task = [r if r.groups is not None else dataclasses.replace(r, groups=(0,) * len(r.segments)) for r in data.train]
     rplan = ReplayPlan(plan, len(rows), settings.ratio, tuple((int(s), float(r)) for s, r in settings.schedule))
     rplan.check()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -130,51 +129,3 @@ def _epoch_tasks(plan: TaskPlan, epoch: int) -> tuple[int, ...]:
 def _task_order(plan: TaskPlan, task: int, pass_: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed((plan.seed * 1_000_003 + 7919 * (task + 1)) * 1_000_033 + pass_)
     return tuple(torch.randperm(len(plan.task_rows[task]), generator=g).tolist())
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def config_problems(cfg) -> list[str]:
-    """Cross-field rules of ``task: multitask`` (called by config validation), worded with field paths."""
-    p: list[str] = []
-    d, tasks = cfg.data, cfg.tasks
-    if cfg.task != "multitask":
-        if tasks:
-            p.append(f"tasks is set but task is {cfg.task!r}. Set task: multitask, or remove tasks.")
-        named = [str(i) for i, s in enumerate(d.train + d.eval) if s.task is not None]
-        if named:
-            p.append("data.train/data.eval entries name a task, but task is not multitask. Set task: multitask "
-                     "or remove their task fields.")
-        return p
-    if not tasks:
-        return ["task: multitask needs a `tasks` mapping (name -> {type: classification|sft|generative_classification})."]
-    for name in tasks:
-        if not _NAME.fullmatch(name):
-            p.append(f"tasks.{name}: task names are letters, digits, '_', '.', '-'. Rename it.")
-    for section, specs in (("data.train", d.train), ("data.eval", d.eval)):
-        for i, spec in enumerate(specs):
-            if spec.task is None:
-                p.append(f"{section}.{i}.task: missing. Name the task of {spec.path} (one of: {', '.join(tasks)}).")
-            elif spec.task not in tasks:
-                p.append(f"{section}.{i}.task: unknown task {spec.task!r}. Choose one of: {', '.join(tasks)}.")
-    used = {s.task for s in d.train}
-    for name in tasks:
-        if name not in used:
-            p.append(f"tasks.{name}: no data.train entry has task: {name}. Add its training file or remove the task.")
-    if d.packing:
-        p.append("data.packing with task: multitask: classification rows are one example each. Set data.packing: false.")
-    if d.sampler != "random":
-        p.append("data.sampler with task: multitask: task_sampling chooses the rows of each step. Remove data.sampler.")
-    if d.group_by_length:
-        p.append("data.group_by_length with task: multitask is not supported. Remove it.")
-    from tunelab.methods import get as _method
-
-    if getattr(_method(cfg.method.name), "VIRTUAL_TOKENS", False) or cfg.method.name == "llama_adapter":
-        p.append(f"method {cfg.method.name} with task: multitask: virtual tokens are not fed to the task heads. "
-                 "Use lora, qlora, dora, ia3, adapter, full, freeze or head.")
-    generative = [n for n, t in tasks.items() if t.type != "classification"]
-    if cfg.method.name == "head" and not cfg.method.unfreeze_top and generative:
-        p.append(f"method head freezes the whole LM, so tasks {generative} would train nothing. Set "
-                 "method.unfreeze_top >= 1, or use lora / full for runs with sft or generative tasks.")
-    return p

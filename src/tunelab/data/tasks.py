@@ -25,14 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.batching import IGNORE, Row
+from tunelab.data.batching import IGNORE, Row, rows_packed, rows_unpacked
+from tunelab.data.cache import encode_records_cached
 from tunelab.data.records import Message, Record, Reject
 from tunelab.errors import UserError
 
 
 @dataclass
 class TaskRows:
-    """What :func:`task_rows` hands back to the recipe."""
+    """What the ``*_task_rows`` functions hand back to their task (``tunelab.tasks``)."""
 
     train: list[Row]
     eval: list[Row]
@@ -194,52 +195,63 @@ def generative_records(records: Sequence[Record], labels: list[str], prompt: str
 # --------------------------------------------------------------------------- the entry point
 
 
-def task_rows(task: str, data_cfg: Any, cls_cfg: Any, tokenizer: Any, train_records: list[Record],
-              eval_records: list[Record], *, seed_rejects: list[Reject] | None = None) -> TaskRows:
-    """Rows for ``task`` (``pretrain``, ``classification``, ``generative_classification``)."""
-    from tunelab.data.batching import rows_packed, rows_unpacked
-    from tunelab.data.cache import encode_records_cached
-
+def pretrain_task_rows(data_cfg: Any, tokenizer: Any, train_records: list[Record], eval_records: list[Record], *,
+                       seed_rejects: list[Reject] | None = None) -> TaskRows:
+    """Rows of ``task: pretrain``: documents joined and cut into ``max_length`` rows (see :func:`pretrain_rows`)."""
     d = data_cfg
     rejects: list[Reject] = list(seed_rejects or [])
-    if task == "pretrain":
-        texts, chats = [r for r in train_records if r.is_text], [r for r in train_records if not r.is_text]
-        rejects += [_reject(r, "not_text", "task: pretrain reads plain text; this row is a chat/instruction record. "
-                            "Use format: text, or task: sft", "read") for r in chats]
-        big = 1 << 30  # no per-document chunking: documents are cut only at row boundaries
-        enc, rej, hit = encode_records_cached(texts, tokenizer, train_on="all", max_length=big,
-                                              truncation="truncate", use_cache=d.cache)
-        eval_enc, eval_rej, _ = encode_records_cached([r for r in eval_records if r.is_text], tokenizer,
-                                                      train_on="all", max_length=big, truncation="truncate",
-                                                      use_cache=d.cache)
-        rejects += rej + eval_rej
-        train = pretrain_rows([e.input_ids for e in enc], d.max_length)
-        evals = pretrain_rows([e.input_ids for e in eval_enc], d.max_length)
-        return TaskRows(train, evals, rejects, {
-            "train_samples": len(enc), "eval_samples": len(eval_enc), "documents": len(enc),
-            "train_tokens": sum(len(e.input_ids) for e in enc), "truncated": 0, "tokenized_from_cache": hit})
+    texts, chats = [r for r in train_records if r.is_text], [r for r in train_records if not r.is_text]
+    rejects += [_reject(r, "not_text", "task: pretrain reads plain text; this row is a chat/instruction record. "
+                        "Use format: text, or task: sft", "read") for r in chats]
+    enc, rej, hit = encode_documents(texts, tokenizer, use_cache=d.cache)
+    eval_enc, eval_rej, _ = encode_documents([r for r in eval_records if r.is_text], tokenizer, use_cache=d.cache)
+    rejects += rej + eval_rej
+    train = pretrain_rows([e.input_ids for e in enc], d.max_length)
+    evals = pretrain_rows([e.input_ids for e in eval_enc], d.max_length)
+    return TaskRows(train, evals, rejects, {
+        "train_samples": len(enc), "eval_samples": len(eval_enc), "documents": len(enc),
+        "train_tokens": sum(len(e.input_ids) for e in enc), "truncated": 0, "tokenized_from_cache": hit})
 
+
+def encode_documents(records: list[Record], tokenizer: Any, *, use_cache: bool):
+    """Whole documents, every token a target: no per-document cut (rows are cut at their boundaries)."""
+    return encode_records_cached(records, tokenizer, train_on="all", max_length=1 << 30, truncation="truncate",
+                                 use_cache=use_cache)
+
+
+def _labelled(cls_cfg: Any, train_records: list[Record], eval_records: list[Record], rejects: list[Reject]):
     labels = label_set(train_records, cls_cfg.labels)
     train_records, rej = split_labelled(train_records, labels, "training")
     eval_records, eval_rej = split_labelled(eval_records, labels, "evaluation")
     rejects += rej + eval_rej
     counts = Counter(r.label for r in train_records)
-    label_counts = {lab: counts.get(lab, 0) for lab in labels}
+    return labels, {lab: counts.get(lab, 0) for lab in labels}, train_records, eval_records
 
-    if task == "classification":
-        l2i = {lab: i for i, lab in enumerate(labels)}
-        train, rej, trunc = classification_rows(train_records, tokenizer, l2i, max_length=d.max_length,
-                                                truncation=d.truncation)
-        evals, eval_rej, eval_trunc = classification_rows(eval_records, tokenizer, l2i, max_length=d.max_length,
-                                                          truncation=d.truncation)
-        rejects += rej + eval_rej
-        return TaskRows(train, evals, rejects, {
-            "train_samples": len(train), "eval_samples": len(evals), "train_tokens": sum(len(r) for r in train),
-            "truncated": trunc + eval_trunc, "tokenized_from_cache": False, "labels": label_counts},
-            labels, label_counts)
 
-    if task != "generative_classification":
-        raise ValueError(f"unknown task {task!r}")
+def classification_task_rows(data_cfg: Any, cls_cfg: Any, tokenizer: Any, train_records: list[Record],
+                             eval_records: list[Record], *, seed_rejects: list[Reject] | None = None) -> TaskRows:
+    """Rows of ``task: classification``: one example a row, its class id the last token's label."""
+    d = data_cfg
+    rejects: list[Reject] = list(seed_rejects or [])
+    labels, label_counts, train_records, eval_records = _labelled(cls_cfg, train_records, eval_records, rejects)
+    l2i = {lab: i for i, lab in enumerate(labels)}
+    train, rej, trunc = classification_rows(train_records, tokenizer, l2i, max_length=d.max_length,
+                                            truncation=d.truncation)
+    evals, eval_rej, eval_trunc = classification_rows(eval_records, tokenizer, l2i, max_length=d.max_length,
+                                                      truncation=d.truncation)
+    rejects += rej + eval_rej
+    return TaskRows(train, evals, rejects, {
+        "train_samples": len(train), "eval_samples": len(evals), "train_tokens": sum(len(r) for r in train),
+        "truncated": trunc + eval_trunc, "tokenized_from_cache": False, "labels": label_counts},
+        labels, label_counts)
+
+
+def generative_task_rows(data_cfg: Any, cls_cfg: Any, tokenizer: Any, train_records: list[Record],
+                         eval_records: list[Record], *, seed_rejects: list[Reject] | None = None) -> TaskRows:
+    """Rows of ``task: generative_classification``: chats whose answer is the label, and the eval prompts."""
+    d = data_cfg
+    rejects: list[Reject] = list(seed_rejects or [])
+    labels, label_counts, train_records, eval_records = _labelled(cls_cfg, train_records, eval_records, rejects)
     chat_train = generative_records(train_records, labels, cls_cfg.prompt)
     chat_eval = generative_records(eval_records, labels, cls_cfg.prompt)
     settings = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation, use_cache=d.cache)

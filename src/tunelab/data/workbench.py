@@ -1,6 +1,6 @@
 """The training config's data steps: read, clean, split, mix, augment, weight (``data.prepare``).
 
-:func:`prepare_records` is the one function ``recipe.prepare_data`` calls before tokenisation.
+:func:`prepare_records` is the one function every task calls in its ``rows`` before tokenisation.
 Cleaning (the expensive step) is cached under ``<cache>/prepared/<fingerprint>/``, keyed by the
 input file's bytes, the clean settings and the tunelab version; the report of every step is
 returned (and written into the run directory as ``data_prepare.json``, with the removed rows

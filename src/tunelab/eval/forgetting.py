@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tunelab import tasks
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
@@ -93,18 +94,19 @@ def task_metric(cfg, model, tokenizer, *, limit: int | None = None, batch_size: 
     from tunelab.eval.metrics import wilson_interval
 
     console = console or Console(stderr=True)
-    if cfg.task == "classification":
-        raise UserError("task classification (a class head) has no task metric here yet: forgetting and continual "
+    task = tasks.get(cfg.task)
+    if not task.continual:
+        raise UserError(f"task {cfg.task} (a class head) has no task metric here yet: forgetting and continual "
                         "runs support sft, pretrain and generative_classification")
     prep = prepare_records(cfg, None, Console(quiet=True), True)
     records = prep.eval[:limit] if limit else prep.eval
     if not records:
         return None
-    if cfg.task == "generative_classification":
-        from tunelab.data.tasks import task_rows
+    if task.labelled:
+        from tunelab.data.tasks import generative_task_rows
         from tunelab.objectives.classification import GenerativeEval
 
-        rows = task_rows(cfg.task, cfg.data, cfg.classification, tokenizer, prep.train, records)  # cached tokens
+        rows = generative_task_rows(cfg.data, cfg.classification, tokenizer, prep.train, records)  # cached tokens
         labels = rows.labels
         gen = GenerativeEval(_device_model(model), tokenizer, rows.eval_prompts, labels,
                              max_new_tokens=cfg.classification.max_new_tokens, batch_size=batch_size)

@@ -20,6 +20,11 @@ Optional hooks (absent means "nothing special"):
 * ``VIRTUAL_TOKENS = True``: the method feeds virtual tokens / past key values (prefix, prompt,
   P-tuning); :class:`~tunelab.objectives.causal_lm.CausalLMLoss` then runs
   :func:`tunelab.methods.virtual.hidden_states` instead of the bare decoder;
+* facts, read through :func:`fact` (defaults in brackets): ``VIRTUAL_TOKENS`` [False];
+  ``FUSED_KERNELS`` [True]: tunelab's training kernels may run the decoder (they assume plain
+  causal-LM inputs with no virtual tokens or adaption prompts); ``CLASSIFICATION`` [True]: the
+  method works under a class head (the backbone sees only the real tokens); ``CLASS_HEAD``
+  [False]: the method trains a class head only (``head``), so it needs a task with one;
 * ``load(folder, info, dtype) -> model``: rebuilds the tuned model from ``save``'s folder when a
   plain PEFT or transformers load cannot (own modules, a quantised base);
   :func:`tunelab.ship.inference.load_for_inference` calls it.
@@ -71,3 +76,11 @@ def lr_multiplier(cfg):
     """The method's per-parameter LR factor function, or None."""
     hook = getattr(get(cfg.name), "lr_multiplier", None)
     return hook(cfg) if hook else None
+
+
+FACTS = {"VIRTUAL_TOKENS": False, "FUSED_KERNELS": True, "CLASSIFICATION": True, "CLASS_HEAD": False}
+
+
+def fact(name: str, key: str) -> bool:
+    """A fact method ``name`` declares (see the module docstring), or its default."""
+    return bool(getattr(get(name), key, FACTS[key]))

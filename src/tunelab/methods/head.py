@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
 
+CLASS_HEAD = True  # trains a class head only: needs a task with one
 MERGEABLE = True  # the saved folder is already a complete model (backbone + head)
 
 

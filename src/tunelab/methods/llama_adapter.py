@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+FUSED_KERNELS = False  # the kernels assume no adaption prompts in the attention
+CLASSIFICATION = False  # a class head's backbone would not see them
 MERGEABLE = False
 NOT_MERGEABLE = (
     "the adaption prompts are attended to through a separate gated attention, which no weight matrix can absorb: "

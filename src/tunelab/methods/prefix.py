@@ -12,7 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.virtual import MERGEABLE, NOT_MERGEABLE, VIRTUAL_TOKENS, save, wrap  # noqa: F401
+from tunelab.methods.virtual import (  # noqa: F401
+    CLASSIFICATION,
+    FUSED_KERNELS,
+    MERGEABLE,
+    NOT_MERGEABLE,
+    VIRTUAL_TOKENS,
+    save,
+    wrap,
+)
 
 # The prefix is a key/value cache; a checkpointed layer's recomputation appends it a second time.
 GRADIENT_CHECKPOINTING = False

@@ -10,7 +10,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.virtual import MERGEABLE, NOT_MERGEABLE, VIRTUAL_TOKENS, save, wrap  # noqa: F401
+from tunelab.methods.virtual import (  # noqa: F401
+    CLASSIFICATION,
+    FUSED_KERNELS,
+    MERGEABLE,
+    NOT_MERGEABLE,
+    VIRTUAL_TOKENS,
+    save,
+    wrap,
+)
 
 
 class Config(BaseModel):

@@ -29,6 +29,8 @@ NOT_MERGEABLE = (
     "loaded onto the base (tunelab serve RUN, tunelab chat RUN)"
 )
 VIRTUAL_TOKENS = True
+FUSED_KERNELS = False  # the kernels assume no virtual tokens
+CLASSIFICATION = False  # a class head's backbone would not see them
 
 
 def wrap(model, peft_config):

@@ -350,7 +350,7 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
     random.Random(seed).shuffle(order)
     chosen = order[:samples]
     mine = chosen[rank::world]
-    sums = {t.key: torch.zeros(t.param.shape if isinstance(t, Plain) else _base_shape(t), dtype=torch.float32)
+    sums = {t.key: torch.zeros(t.param.shape if isinstance(t, Plain) else base_shape(t), dtype=torch.float32)
             for t in targets}
     device = device or next(model.parameters()).device
     sums = {k: v.to(device) for k, v in sums.items()}
@@ -396,7 +396,7 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
     return {k: (v / counted.float()).cpu() for k, v in sums.items()}
 
 
-def _base_shape(t: LowRank) -> torch.Size:
+def base_shape(t: LowRank) -> torch.Size:
     w = t.module.get_base_layer().weight
     if hasattr(w, "quant_state") and getattr(w, "quant_state", None) is not None:  # bitsandbytes 4-bit
         return torch.Size(w.quant_state.shape)
@@ -444,7 +444,7 @@ def load_fisher(path: Path) -> tuple[dict[str, torch.Tensor], Anchor, dict[str, 
 
 def check_fisher(fisher: dict[str, torch.Tensor], targets: list[Plain | LowRank], source: str) -> None:
     for t in targets:
-        want = tuple(t.param.shape if isinstance(t, Plain) else _base_shape(t))
+        want = tuple(t.param.shape if isinstance(t, Plain) else base_shape(t))
         got = fisher.get(t.key)
         if got is None or tuple(got.shape) != want:
             found = "missing" if got is None else f"shape {tuple(got.shape)}"
@@ -488,191 +488,3 @@ class KeepPenalty:
 
 
 # --------------------------------------------------------------------------- wiring into fine_tune
-
-
-@dataclass
-class KeepSetup:
-    """What :func:`build` hands the loop: the per-step penalty and the per-term metrics."""
-
-    penalty: KeepPenalty | None
-    distiller: Any = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def metrics(self) -> dict[str, float]:
-        out = dict(self.penalty.last) if self.penalty is not None else {}
-        if self.distiller is not None:
-            out.update(self.distiller.take_metrics())
-        return out
-
-
-def _labelled(specs, name: str) -> bool:
-    """Whether reference files are classification rows (True) or instruction/chat rows (False)."""
-    from tunelab.data.formats import read_records
-
-    kinds = {s.path: read_records(s.path, format=s.format, columns=s.columns or None, limit=8).format == "classification"
-             for s in specs}
-    if len(set(kinds.values())) > 1:
-        raise UserError(f"objectives.{name}.data: mixes classification files "
-                        f"{[p for p, k in kinds.items() if k]} with instruction files "
-                        f"{[p for p, k in kinds.items() if not k]}. Give one kind")
-    return all(kinds.values())
-
-
-def reference_rows(cfg, specs, tokenizer, run, console, is_main: bool, name: str, data) -> list:
-    """Rows of reference files, read and tokenised like the training data (rejects in ``<run>/reference/<name>/``)."""
-    from tunelab.train.recipe import prepare_data
-    from tunelab.train.run import RunDir
-
-    ref_data = cfg.data.model_copy(update={"train": list(specs), "eval": [], "eval_ratio": 0.0, "prepare": None,
-                                           "mix": type(cfg.data.mix)(), "sampler": "random"})
-    update: dict[str, Any] = {"data": ref_data}
-    if cfg.task == "generative_classification" and not _labelled(specs, name):
-        # General instruction data (alpaca, chat) keeps the model's general ability: it is a
-        # reference for an answer-as-text task as it is, scored on its replies like SFT.
-        update["task"] = "sft"
-    elif cfg.task in ("classification", "generative_classification") and data.task is not None:
-        update["classification"] = cfg.classification.model_copy(update={"labels": list(data.task.labels)})
-    ref_run = None
-    if run is not None:
-        ref_run = RunDir(run.path / "reference" / name)
-        ref_run.path.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        console.print(f"reference data for objectives.{name}:")
-    return prepare_data(cfg.model_copy(update=update), tokenizer, ref_run, console, is_main).train
-
-
-def build(cfg, *, model, loss_module, data, tokenizer, run, accelerator, console, scheduler, resumed: bool,
-          kernels: list[str], precision: str) -> KeepSetup | None:
-    """L2-SP, EWC and distillation as configured, for :func:`tunelab.train.recipe.fine_tune`.
-
-    Runs after the method is applied and before ``accelerator.prepare``, i.e. on the weights the run
-    starts from -- also in a resumed session, whose checkpoint the loop loads later -- so ``theta0``
-    is the start of the run. The Fisher (and the distillation top-k cache) are written to the run
-    and read back when resuming.
-    """
-    o = cfg.objectives
-    if o.l2sp is None and o.ewc is None and o.distill is None:
-        return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    packed = cfg.data.packing or cfg.task == "pretrain"
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if not getattr(model, "is_loaded_in_4bit", False):
-        loss_module.to(accelerator.device)  # estimate on the training device (prepare would move it anyway)
-    setup = KeepSetup(None)
-    if o.l2sp is not None or o.ewc is not None:
-        targets = collect_targets(model, skip=("score.",) if cfg.task == "classification" else ())
-        anchor, fisher = Anchor.capture(targets), None
-        if o.ewc is not None:
-            fisher, anchor = _run_fisher(cfg, targets, anchor, model=model, loss_module=loss_module, data=data,
-                                         tokenizer=tokenizer, run=run, accelerator=accelerator, console=console,
-                                         resumed=resumed, kernels=kernels, pad_id=pad_id, packed=packed)
-        setup.penalty = KeepPenalty(targets, anchor, l2sp=o.l2sp.weight if o.l2sp else None,
-                                    ewc=o.ewc.weight if o.ewc else None, fisher=fisher)
-        setup.info["targets"] = len(targets)
-        setup.info["anchored_values"] = sum(
-            t.param.numel() if isinstance(t, Plain) else _base_shape(t).numel() for t in targets)
-    if o.distill is not None:
-        from tunelab.objectives import distill as dist
-
-        d = o.distill
-        head = loss_module.model.get_output_embeddings() if hasattr(loss_module.model, "get_output_embeddings") else None
-        if head is not None and (getattr(head, "bias", None) is not None or loss_module.softcap):
-            raise UserError("objectives.distill: this model's LM head has a bias or logit soft-capping, which the "
-                            "chunked KL does not cover. Remove objectives.distill")
-        adapters = dist.has_adapters(model)
-        kind = d.teacher if d.teacher != "auto" else ("adapters_off" if adapters else "copy")
-        if kind == "adapters_off" and not adapters:
-            raise UserError(f"objectives.distill.teacher adapters_off: method {cfg.method.name} has no adapters to "
-                            "switch off. Use teacher: copy (a frozen copy in memory) or cached (top-k on disk)")
-        ref_rows = reference_rows(cfg, d.data, tokenizer, run, console, is_main, "distill", data) if d.data else None
-        teacher, cache = None, None
-        if kind == "copy":
-            import copy as _copy
-
-            teacher = _copy.deepcopy(model).requires_grad_(False).eval()
-            if precision == "bf16":
-                teacher.to(torch.bfloat16)
-            teacher.to(accelerator.device)
-        elif kind == "cached":
-            path = run.path / dist.CACHE_FILE
-            build_cache = lambda write: dist.build_topk_cache(  # noqa: E731
-                loss_module, ref_rows if ref_rows is not None else data.train, path=path, top_k=d.top_k,
-                temperature=d.temperature, pad_id=pad_id, packed=packed, batch_size=cfg.train.batch_size,
-                adapters_off=adapters, autocast=accelerator.autocast, console=console if is_main else None, write=write)
-            cache = build_cache(True) if is_main else None
-            accelerator.wait_for_everyone()
-            if cache is None:
-                cache = build_cache(False)
-        distiller = dist.Distiller(d.weight, d.temperature, kind, teacher=teacher, cache=cache,
-                                   chunk=getattr(loss_module, "chunk", 1024))
-        setup.distiller = distiller
-        setup.info["distill"] = {"teacher": kind, "on": "reference data" if ref_rows is not None else "training batches"}
-        if ref_rows is not None:
-            ref = dist.ReferenceKL(distiller, loss_module, ref_rows, batch_size=cfg.train.batch_size,
-                                   seed=cfg.train.seed, pad_id=pad_id, packed=packed, scheduler=scheduler,
-                                   rank=rank, world=world, autocast=accelerator.autocast, device=accelerator.device)
-            if setup.penalty is None:
-                setup.penalty = KeepPenalty([], Anchor({}))
-            setup.penalty.extra["distill"] = ref
-        else:
-            loss_module.distill = distiller
-    if is_main:
-        parts = []
-        if o.l2sp is not None:
-            parts.append(f"l2sp (lambda {o.l2sp.weight:g})")
-        if o.ewc is not None:
-            parts.append(f"ewc (lambda {o.ewc.weight:g})")
-        if o.distill is not None:
-            info = setup.info["distill"]
-            parts.append(f"distill (weight {o.distill.weight:g}, T {o.distill.temperature:g}, teacher {info['teacher']}, "
-                         f"on {info['on']})")
-        console.print("objectives: " + ", ".join(parts))
-    return setup
-
-
-def _run_fisher(cfg, targets, anchor: Anchor, *, model, loss_module, data, tokenizer, run, accelerator, console,
-                resumed: bool, kernels: list[str], pad_id: int, packed: bool) -> tuple[dict[str, torch.Tensor], Anchor]:
-    """The run's Fisher and anchor: read back on resume, reused from ``ewc.fisher``, or estimated
-    (and combined online with ``ewc.fisher``); written to ``<run>/fisher.safetensors``."""
-    e = cfg.objectives.ewc
-    own = run.path / FISHER_FILE
-    if resumed and own.is_file():
-        fisher, saved, _ = load_fisher(own)
-        check_fisher(fisher, targets, str(own))
-        saved.check(targets, str(own))
-        if accelerator.is_main_process:
-            console.print(f"ewc: Fisher and anchor read back from {own}")
-        return fisher, saved
-    old = None
-    if e.fisher:
-        old, _, _ = load_fisher(Path(e.fisher))
-        check_fisher(old, targets, f"objectives.ewc.fisher {e.fisher}")
-    meta: dict[str, Any] = {"estimator": "sampled-label diagonal Fisher, per labelled token", "model": cfg.model.path,
-                            "method": cfg.method.name, "task": cfg.task}
-    if old is not None and not e.online:
-        fisher = old
-        meta.update(source=str(e.fisher), reused=True)
-    else:
-        rows = (reference_rows(cfg, e.data, tokenizer, run, console, accelerator.is_main_process, "ewc", data)
-                if e.data else data.train)
-        from tunelab.kernels import restore_stock, use_training_kernels
-
-        was_on = restore_stock(model) if kernels else False  # the base-layer hooks need PEFT's own forward
-        try:
-            fisher = estimate_fisher(loss_module, rows, targets, samples=e.samples, pad_id=pad_id, packed=packed,
-                                     seed=cfg.train.seed, autocast=accelerator.autocast, rank=accelerator.process_index,
-                                     world=accelerator.num_processes,
-                                     reduce=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
-                                     console=console, device=accelerator.device)
-        finally:
-            if was_on:
-                use_training_kernels(model)
-        meta.update(samples=min(e.samples, len(rows)), data=[s.path for s in e.data] or "training data")
-        if old is not None:
-            fisher = combine_fisher(old, fisher, e.gamma)
-            meta.update(online=True, gamma=e.gamma, previous=str(e.fisher))
-    if accelerator.is_main_process:
-        save_fisher(own, fisher, anchor, meta)
-        console.print(f"ewc: Fisher of {len(fisher)} targets -> {own}")
-    accelerator.wait_for_everyone()
-    return fisher, anchor

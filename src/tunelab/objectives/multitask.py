@@ -2,7 +2,7 @@
 
 ``MultiTaskLoss`` has the contract of the single-task losses: ``forward(batch) -> (loss_sum,
 count, {task: (loss_sum, count)})``. The task of a row is its ``groups`` value (set by
-:mod:`tunelab.train.multitask`; the loop then logs ``loss/<task>`` per step). Each task's rows
+:mod:`tunelab.tasks.multitask`; the loop then logs ``loss/<task>`` per step). Each task's rows
 go through the task's own loss:
 
 * classification: cross-entropy of the task's head (class weights as in

@@ -7,9 +7,6 @@ def keep_problems(cfg) -> list[str]:
     """Config rules of ``objectives.l2sp / ewc / distill`` (called by the config's cross-field check)."""
     p: list[str] = []
     o = cfg.objectives
-    if o.distill is not None and cfg.task == "classification":
-        p.append("objectives.distill with task: classification: the class head is new, so the base model has no "
-                 "class distribution to distil from. Use objectives.l2sp or objectives.ewc instead")
     if o.ewc is not None and o.ewc.online and not o.ewc.fisher:
         p.append("objectives.ewc.online needs the previous Fisher: set objectives.ewc.fisher to an earlier run's "
                  "fisher.safetensors")

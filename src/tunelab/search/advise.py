@@ -36,12 +36,24 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tunelab import methods, tasks
 from tunelab.config import TuneConfig
+from tunelab.data.batching import IGNORE, Row, collate
 from tunelab.errors import UserError
+from tunelab.kernels import use_training_kernels
+from tunelab.methods import METHODS
 from tunelab.methods import get as get_method
 from tunelab.search.memory import TensorMemory, mib, model_tensors
-
-VIRTUAL = ("prefix", "prompt", "ptuning", "llama_adapter")
+from tunelab.train import step as step_fn
+from tunelab.train.build import (
+    build_model,
+    build_optimizer,
+    concurrent_micro_batches,
+    default_threads,
+    kernels_apply,
+    resolve_dtype,
+    set_threads,
+)
 
 
 @dataclass
@@ -102,8 +114,6 @@ class Advice:
 
 
 def _method_cfg(cfg: TuneConfig, name: str):
-    from tunelab.methods import METHODS
-
     return cfg.method if cfg.method.name == name else METHODS[name].Config()
 
 
@@ -116,63 +126,56 @@ def _probe_config(cfg: TuneConfig, method: str, *, checkpointing: bool, precisio
     return c
 
 
-def build_for_training(cfg: TuneConfig, precision: str):
-    """(model, loss module, optimiser) as :func:`tunelab.train.recipe.fine_tune` builds them."""
-    from types import SimpleNamespace
+def probe_task(cfg: TuneConfig):
+    """The task the advisor builds to measure a step without the real rows: the task itself where its model
+    needs nothing from the data but a label set, else sft (the causal LM the other tasks train)."""
+    task = tasks.get(cfg.task)
+    return task if task.builds_without_data else tasks.get("sft")
 
-    from tunelab import methods
-    from tunelab.kernels import use_training_kernels
-    from tunelab.train.recipe import _task_model_and_loss, build_optimizer, kernels_apply, resolve_dtype
+
+def build_for_training(cfg: TuneConfig, precision: str):
+    """(model, loss module, optimiser) as :func:`tunelab.train.build.build` builds them."""
+    from types import SimpleNamespace
 
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     task = SimpleNamespace(labels=["0", "1"], label_counts={"0": 1, "1": 1}, eval_prompts=[])
-    data = SimpleNamespace(task=task)
-    c = cfg if cfg.task == "classification" else cfg.model_copy(update={"task": "sft" if cfg.task != "pretrain" else "pretrain"})
+    c = cfg.model_copy(update={"task": probe_task(cfg).name})
     torch.manual_seed(cfg.train.seed)
-    model, loss, _ = _task_model_and_loss(c, data, dtype, None)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
+    model, loss, _ = build_model(c, SimpleNamespace(task=task), dtype, None)
     if kernels_apply(c):
         use_training_kernels(model)
-    if cfg.train.gradient_checkpointing:
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = build_optimizer(model, cfg.train, methods.lr_multiplier(cfg.method))
     return model, loss, optimizer
 
 
 def synthetic_batch(cfg: TuneConfig, vocab: int) -> dict[str, torch.Tensor]:
     """A micro-batch of ``train.batch_size`` full rows of ``data.max_length`` tokens, every token a target
-    (classification: one target per row); the worst case the loop sees."""
-    from tunelab.data.batching import IGNORE, Row, collate
-
+    (a class-head task: one target per row); the worst case the loop sees."""
+    lm_rows = probe_task(cfg).causal_lm_rows
     g = torch.Generator().manual_seed(0)
     length, rows = cfg.data.max_length, []
     for _ in range(cfg.train.batch_size):
         ids = tuple(torch.randint(3, vocab, (length,), generator=g).tolist())
-        labels = (IGNORE,) * (length - 1) + (0,) if cfg.task == "classification" else ids
+        labels = ids if lm_rows else (IGNORE,) * (length - 1) + (0,)
         rows.append(Row(ids, labels, (length,)))
-    return collate(rows, pad_id=0, packed=cfg.task != "classification")
+    return collate(rows, pad_id=0, packed=lm_rows)
 
 
 def train_steps(model, loss_module, optimizer, batch, *, precision: str, steps: int, max_grad_norm,
                 grad_accum: int = 1) -> list[float]:
-    """``steps`` optimiser steps as the loop runs them (autocast forward, backward of the mean, clip,
-    update, ``zero_grad(set_to_none)``); seconds per step."""
+    """``steps`` optimiser steps through the loop's own step functions (:mod:`tunelab.train.step`), under
+    the training precision; seconds per step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device.type
+    targets = max(1, int((batch["labels"] != IGNORE).sum()) * grad_accum) if "labels" in batch else 1
     loss_module.train()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        for _micro in range(grad_accum):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                part, n, *_ = loss_module(**batch)
-            (part / max(float(n), 1.0)).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm is not None else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = step_fn.accumulate(
+            loss_module, lambda _micro: batch, grad_accum, scale=1.0 / targets,
+            forward_context=lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"))
+        step_fn.update(optimizer, trainable, loss=float(loss) / targets, max_grad_norm=max_grad_norm)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -322,9 +325,7 @@ def estimate_method(cfg: TuneConfig, method: str, probes: Probes, *, precision: 
 
 def micro_batches(cfg: TuneConfig, method: str, trained: float, device: str) -> int:
     """How many micro-batches training would run at once with ``method`` (the rule of
-    :func:`tunelab.train.recipe.concurrent_micro_batches`, the facts taken from the config)."""
-    from tunelab.train.recipe import concurrent_micro_batches, default_threads, kernels_apply
-
+    :func:`tunelab.train.build.concurrent_micro_batches`, the facts taken from the config)."""
     mcfg = _method_cfg(cfg, method)
     return concurrent_micro_batches(
         cfg.train, threads=cfg.train.threads or default_threads(), device=device, processes=cfg.train.processes,
@@ -334,11 +335,10 @@ def micro_batches(cfg: TuneConfig, method: str, trained: float, device: str) -> 
 
 
 def applicable_methods(cfg: TuneConfig) -> list[str]:
-    from tunelab.methods import METHODS
-
-    names = [n for n in METHODS if n != "head" or cfg.task == "classification"]
-    if cfg.task == "classification":
-        names = [n for n in names if n not in VIRTUAL]
+    class_head = probe_task(cfg).class_head
+    names = [n for n in METHODS if class_head or not methods.fact(n, "CLASS_HEAD")]
+    if class_head:
+        names = [n for n in names if methods.fact(n, "CLASSIFICATION")]
     return names
 
 
@@ -418,19 +418,17 @@ def _bf16_ok(device: str) -> bool:
 
 def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Timed steps of the real model on real training rows; the base model's loss on them; the total time."""
-    from tunelab.data.batching import collate
     from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_tokenizer
-    from tunelab.train.recipe import prepare_data, set_threads
 
     set_threads(cfg.train.threads)  # timed as training will run
     tokenizer = load_tokenizer(cfg.model.path)
     set_chat_template(tokenizer, cfg.data.template)
     quiet = Console(file=io.StringIO())
-    data = prepare_data(cfg, tokenizer, None, quiet, True)
+    data = tasks.prepare_data(cfg, tokenizer, None, quiet, True)
     rows = sorted(data.train, key=len, reverse=True)[: cfg.train.batch_size]  # the longest: the slowest step
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate(rows, pad_id=pad, packed=cfg.data.packing or cfg.task == "pretrain")
+    batch = collate(rows, pad_id=pad, packed=cfg.data.packing or tasks.get(cfg.task).always_packed)
     model, loss, optimizer = build_for_training(cfg, precision)
     with torch.no_grad():
         loss.eval()
@@ -460,7 +458,7 @@ def recommend(cfg: TuneConfig, estimates: list[MethodEstimate], available: float
     base_loss = (data or {}).get("base_loss")
     keep = any(getattr(cfg.objectives, k) is not None for k in ("l2sp", "ewc", "distill", "replay"))
     params = next((e.parameters for e in estimates if e.parameters), None)
-    if cfg.task == "classification":
+    if probe_task(cfg).class_head:
         choice = "head" if tokens is not None and tokens < 20_000 and "head" in fits else "lora"
         reasons.append(f"classification: a new head on a frozen backbone ({'head' if choice == 'head' else 'LoRA'})"
                        + (f"; {tokens:,} target tokens is {'little' if choice == 'head' else 'enough'} data "

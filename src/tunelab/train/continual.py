@@ -53,6 +53,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tunelab import tasks
 from tunelab.errors import ConfigError, UserError
 from tunelab.fsutil import atomic_write_text, check_name
 from tunelab.train.run import make_folder
@@ -170,8 +171,8 @@ def _check_stage(i: int, name: str, cfg, source: str) -> None:
     from tunelab.ship.export import merge_policy
 
     problems = []
-    if cfg.task == "classification":
-        problems.append(f"stages.{i} ({name}): task classification trains a new class head per task; continual runs "
+    if not tasks.get(cfg.task).continual:
+        problems.append(f"stages.{i} ({name}): task {cfg.task} trains a new class head per task; continual runs "
                         "support sft, pretrain and generative_classification (one model answers every task)")
     adapter = cfg.method.name not in ("full", "freeze")
     ok, reason = merge_policy(cfg.method.name)
@@ -253,7 +254,7 @@ def write_buffer(stage: StageRun, size: int, root: Path) -> Path | None:
         return None
     prep = prepare_records(stage.cfg, None, Console(quiet=True), True)
     records = list(prep.train)
-    if stage.cfg.task == "generative_classification":
+    if tasks.get(stage.cfg.task).labelled:  # the buffer keeps the chats the model was trained on
         from tunelab.data.tasks import generative_records, label_set, split_labelled
 
         labels = label_set(records, stage.cfg.classification.labels)

@@ -16,7 +16,6 @@ Invariants it keeps (each has a test):
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading
@@ -37,6 +36,7 @@ from tunelab.config import TrainSection
 from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import step as step_fn
 from tunelab.train.run import RunDir
 
 
@@ -113,7 +113,7 @@ class LoopSetup:
     on_eval: Callable[[int, dict[str, Any]], None] | None = None
     # extra values for each train record (objectives: per-term penalties, the distillation KL)
     step_metrics: Callable[[], dict[str, float]] | None = None
-    # micro-batches run at once in worker threads (one CPU process; tunelab.train.recipe.micro_batch_threads)
+    # micro-batches run at once in worker threads (one CPU process; tunelab.train.build.micro_batch_threads)
     micro_batch_threads: int = 1
 
 
@@ -172,20 +172,12 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
             by_dataset[g, 1] += g_n
 
     if pool is None:
-        for micro in range(cfg.grad_accum):
-            batch = _micro_batch(s, step, micro)
-            last = micro == cfg.grad_accum - 1
-            with acc.no_sync(s.loss_model) if not last else nullcontext():
-                part, _, *groups = s.loss_model(**batch)
-                add_groups(groups)
-                objective = part * scale  # DDP averages gradients over processes: scale holds the factor `world`
-                if last and s.penalty is not None:  # the same on every process: DDP's mean keeps it
-                    penalty = s.penalty()
-                    objective = objective + penalty
-                    penalty_value = penalty.detach().item()
-                acc.backward(objective)
-            loss_sum += part.detach().double()
-        return loss_sum, penalty_value
+        # DDP averages gradients over processes: `scale` holds the factor `world`, and the penalty is the
+        # same on every process, so DDP's mean keeps it
+        return step_fn.accumulate(
+            s.loss_model, lambda micro: _micro_batch(s, step, micro), cfg.grad_accum, scale=scale,
+            backward=acc.backward, context=lambda last: nullcontext() if last else acc.no_sync(s.loss_model),
+            penalty=s.penalty, on_groups=add_groups)
 
     params = [p for p in s.model.parameters() if p.requires_grad]
 
@@ -243,12 +235,9 @@ def _stop_workers(pool: _Workers | None) -> None:
         pool.close()
 
 
-def train_loop(s: LoopSetup) -> dict[str, Any]:
-    acc, cfg, plan = s.accelerator, s.cfg, s.plan
-    world = acc.num_processes
-    trainable = [p for p in s.model.parameters() if p.requires_grad]
-
-    # --- state: fresh, or restored from a checkpoint --------------------------------------
+def _start_state(s: LoopSetup) -> dict[str, Any]:
+    """The loop's state: fresh, or restored from the checkpoint (with the metrics log cut back to it)."""
+    acc = s.accelerator
     state = {"step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "skipped_steps": 0,
              "nonfinite_in_a_row": 0, "tokens_seen": 0}
     if s.resume_from is not None:
@@ -259,13 +248,51 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
         if s.resume_from is not None:
             s.run.log_metrics({"kind": "resume", "step": state["step"], "from": s.resume_from.name})
             s.console.print(f"resumed from [bold]{s.resume_from}[/] at step {state['step']}")
+    return state
 
+
+def _step_divisor(step_rows: list[Row]) -> float:
+    """What the step's summed loss is divided by: its labelled tokens (the same on every process), or
+    the sum of their weights with sample weights (sum(w*ce)/sum(w))."""
+    if any(r.weights is not None for r in step_rows):
+        return max(1e-12, sum(r.target_weight for r in step_rows))
+    return max(1, sum(r.n_targets for r in step_rows))
+
+
+def _log_train(s: LoopSetup, record: dict[str, Any]) -> None:
+    s.run.log_metrics(record)
+    if s.tensorboard is not None:
+        s.tensorboard.add_scalar("train/loss", record["loss"], record["step"])
+        s.tensorboard.add_scalar("train/lr", record["lr"], record["step"])
+
+
+def _step_extras(s: LoopSetup, by_dataset: torch.Tensor | None, penalty_value: float | None,
+                 finite: bool) -> dict[str, Any]:
+    """The optional parts of a train record: per-dataset losses, the penalty, objective terms, a skip."""
+    out: dict[str, Any] = {}
+    for g, name in enumerate(s.datasets) if by_dataset is not None else ():
+        if by_dataset[g, 1] > 0:
+            out[f"loss/{name}"] = (by_dataset[g, 0] / by_dataset[g, 1]).item()
+    if penalty_value is not None:
+        out["penalty"] = penalty_value
+    if s.step_metrics is not None:
+        out.update(s.step_metrics())
+    if not finite:
+        out["skipped"] = "non-finite loss or gradient"
+    return out
+
+
+def train_loop(s: LoopSetup) -> dict[str, Any]:
+    acc, cfg, plan = s.accelerator, s.cfg, s.plan
+    world = acc.num_processes
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+
+    state = _start_state(s)
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=s.console, disable=not acc.is_main_process, transient=False,
-    )
+        console=s.console, disable=not acc.is_main_process, transient=False)
     task = progress.add_task("train", total=s.total_steps, completed=state["step"], loss="-", lr="-", tps="-")
     stop_reason = "completed"
     s.loss_model.train()
@@ -280,9 +307,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 step = state["step"]
                 # --- one optimiser step: the loss is a mean over the step's labelled tokens
                 step_rows = [s.rows[i] for i in plan.step_rows(step)]
-                n_targets = max(1, sum(r.n_targets for r in step_rows))  # same on every process
-                if any(r.weights is not None for r in step_rows):  # sample weights: sum(w*ce)/sum(w)
-                    n_targets = max(1e-12, sum(r.target_weight for r in step_rows))
+                n_targets = _step_divisor(step_rows)
                 by_dataset = torch.zeros((len(s.datasets), 2), dtype=torch.float64, device=acc.device) if s.datasets else None
                 step_tokens = sum(len(r) for r in step_rows)
                 loss_sum, penalty_value = _forward_backward(s, step, world / n_targets, by_dataset, pool)
@@ -295,17 +320,10 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- clip, check, update ------------------------------------------------
                 if s.before_update is not None:
                     s.before_update(step)
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-                grad_norm = acc.clip_grad_norm_(trainable, max_norm)
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-                if finite:
-                    s.optimizer.step()
-                    state["nonfinite_in_a_row"] = 0
-                else:
-                    state["skipped_steps"] += 1
-                    state["nonfinite_in_a_row"] += 1
-                s.optimizer.zero_grad(set_to_none=True)
+                grad_norm, finite = step_fn.update(s.optimizer, trainable, loss=step_loss,
+                                                   max_grad_norm=cfg.max_grad_norm, clip=acc.clip_grad_norm_)
+                state["nonfinite_in_a_row"] = 0 if finite else state["nonfinite_in_a_row"] + 1
+                state["skipped_steps"] += 0 if finite else 1
                 lr = s.scheduler.get_last_lr()[0]
                 s.scheduler.step()
                 state["step"] = step = step + 1
@@ -318,20 +336,9 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 if acc.is_main_process and (step % cfg.log_every == 0 or step == s.total_steps or not finite):
                     record = {"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
                               "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                              "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2)}
-                    for g, name in enumerate(s.datasets) if by_dataset is not None else ():
-                        if by_dataset[g, 1] > 0:
-                            record[f"loss/{name}"] = (by_dataset[g, 0] / by_dataset[g, 1]).item()
-                    if penalty_value is not None:
-                        record["penalty"] = penalty_value
-                    if s.step_metrics is not None:
-                        record.update(s.step_metrics())
-                    if not finite:
-                        record["skipped"] = "non-finite loss or gradient"
-                    s.run.log_metrics(record)
-                    if s.tensorboard is not None:
-                        s.tensorboard.add_scalar("train/loss", step_loss, step)
-                        s.tensorboard.add_scalar("train/lr", lr, step)
+                              "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2),
+                              **_step_extras(s, by_dataset, penalty_value, finite)}
+                    _log_train(s, record)
                     tokens_window, t_window = 0, now
                 progress.update(task, completed=step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
@@ -366,20 +373,23 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
         finally:
             _stop_workers(pool)
 
-        # --- the end: a last evaluation, a last checkpoint (a Ctrl-C now lets them finish) -------
-        if stop_reason == "completed" and s.eval_rows:
-            _eval_and_track(s, state, state["step"])
-        _save_checkpoint(s, state["step"], state)
-        if stop_reason == "diverged":
-            raise UserError(
-                f"training diverged: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
-                f"(step {state['step']}); the last checkpoint is in {s.run.checkpoints}. Lower train.lr, set "
-                f"train.max_grad_norm, or use train.precision=fp32"
-            )
+        _finish(s, state, stop_reason)  # inside the Ctrl-C guard: a Ctrl-C now lets it finish
     seconds = time.perf_counter() - t_start
     return {**state, "stop_reason": stop_reason, "train_seconds": round(seconds, 2),
             "steps_this_session": state["step"] - start_step,
             "tokens_per_s": round((state["tokens_seen"] - tokens_at_start) / max(seconds, 1e-9), 1)}
+
+
+def _finish(s: LoopSetup, state: dict[str, Any], stop_reason: str) -> None:
+    """The end of the run: a last evaluation and a last checkpoint; a diverged run says so."""
+    if stop_reason == "completed" and s.eval_rows:
+        _eval_and_track(s, state, state["step"])
+    _save_checkpoint(s, state["step"], state)
+    if stop_reason == "diverged":
+        raise UserError(
+            f"training diverged: {state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+            f"(step {state['step']}); the last checkpoint is in {s.run.checkpoints}. Lower train.lr, set "
+            f"train.max_grad_norm, or use train.precision=fp32")
 
 
 def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:

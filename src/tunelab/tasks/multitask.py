@@ -1,9 +1,9 @@
-"""``task: multitask`` for the recipe: per-task data, the shared model with its heads, the loss, the plan.
+"""``task: multitask``: per-task data, the shared model with its heads, the loss, the plan.
 
 Each task's files are read and prepared with the data workbench on their own
 (:func:`tunelab.data.workbench.prepare_records` with only that task's ``data.train`` /
 ``data.eval`` entries: cleaning, ``eval_ratio``, mixing, weights work per task), then turned into
-rows by the task's type (:func:`tunelab.data.tasks.task_rows` for classification and generative
+rows by the task's type (:mod:`tunelab.data.tasks` for classification and generative
 classification, the SFT tokeniser for sft). Every row carries its task index as ``groups``,
 which :class:`~tunelab.objectives.multitask.MultiTaskLoss` reads and the loop logs per task.
 """
@@ -11,6 +11,7 @@ which :class:`~tunelab.objectives.multitask.MultiTaskLoss` reads and the loop lo
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,21 @@ import torch
 from rich.console import Console
 
 from tunelab import methods
+from tunelab.data.batching import Plan, rows_unpacked
+from tunelab.data.cache import encode_records_cached
+from tunelab.data.formats import summarize_rejects, write_rejects
+from tunelab.data.task_mix import TaskPlan
+from tunelab.data.tasks import class_weights, classification_task_rows, generative_task_rows
+from tunelab.data.workbench import prepare_records
 from tunelab.errors import UserError
+from tunelab.models.classifier import ClassifierSpec
+from tunelab.models.load import load_model
+from tunelab.models.multitask import MultiTaskModel, save_heads
+from tunelab.objectives.classification import GenerativeEval
+from tunelab.objectives.multitask import MultiTaskLoss
+from tunelab.tasks.protocol import PreparedData
+
+ROWS = {"classification": classification_task_rows, "generative_classification": generative_task_rows}
 
 
 @dataclass
@@ -36,22 +51,13 @@ class MultiTaskRows:
 
 
 def _classification_section(cfg, spec):
-    from tunelab.config import ClassificationSection
-
-    return ClassificationSection(labels=spec.labels, pooling=spec.pooling, class_weights=spec.class_weights,
-                                 prompt=spec.prompt or cfg.classification.prompt,
-                                 max_new_tokens=cfg.classification.max_new_tokens)
+    return cfg.classification.model_copy(update={
+        "labels": spec.labels, "pooling": spec.pooling, "class_weights": spec.class_weights,
+        "prompt": spec.prompt or cfg.classification.prompt})
 
 
 def prepare(cfg, tokenizer, run, console: Console, is_main: bool):
     """Rows of every task (see the module docstring) -> ``PreparedData``."""
-    from tunelab.data.batching import rows_unpacked
-    from tunelab.data.cache import encode_records_cached
-    from tunelab.data.formats import summarize_rejects, write_rejects
-    from tunelab.data.tasks import task_rows
-    from tunelab.data.workbench import prepare_records
-    from tunelab.train.recipe import PreparedData
-
     d = cfg.data
     names = list(cfg.tasks)
     info = MultiTaskRows(names, [cfg.tasks[t].type for t in names])
@@ -70,8 +76,8 @@ def prepare(cfg, tokenizer, run, console: Console, is_main: bool):
             t_rows, e_rows, t_rej = rows_unpacked(tr), rows_unpacked(ev), prep.rejects + rej + ev_rej
             summary = {"type": "sft", "train_samples": len(tr), "eval_samples": len(ev)}
         else:
-            rows = task_rows(spec.type, d, _classification_section(cfg, spec), tokenizer, prep.train, prep.eval,
-                             seed_rejects=prep.rejects)
+            rows = ROWS[spec.type](d, _classification_section(cfg, spec), tokenizer, prep.train, prep.eval,
+                                   seed_rejects=prep.rejects)
             t_rows, e_rows, t_rej = rows.train, rows.eval, rows.rejects
             info.labels[name], info.label_counts[name] = rows.labels, rows.label_counts
             if spec.type == "generative_classification":
@@ -125,17 +131,10 @@ def _apply_head_method(lm, cfg):
 
 def model_and_loss(cfg, data, dtype: torch.dtype, tokenizer):
     """(MultiTaskModel, MultiTaskLoss, eval-metrics callable) with the method applied to the shared LM."""
-    from tunelab.data.tasks import class_weights
-    from tunelab.models.classifier import ClassifierSpec
-    from tunelab.models.load import load_model
-    from tunelab.models.multitask import MultiTaskModel
-    from tunelab.objectives.classification import GenerativeEval
-    from tunelab.objectives.multitask import MultiTaskLoss
-
     info: MultiTaskRows = data.task
     method = methods.get(cfg.method.name)
     lm = load_model(cfg.model.path, dtype=dtype, **methods.load_options(cfg.method, dtype))
-    head_cfg = cfg.method if cfg.method.name == "head" else None
+    head_cfg = cfg.method if methods.fact(cfg.method.name, "CLASS_HEAD") else None
     lm = _apply_head_method(lm, cfg.method) if head_cfg is not None else method.apply(lm, cfg.method)
     specs = {}
     for name in info.tasks:
@@ -183,19 +182,79 @@ def flatten_task_metrics(per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def plan(cfg, data, world_size: int):
-    from tunelab.data.task_mix import TaskPlan
-
     t, s = cfg.train, cfg.task_sampling
     return TaskPlan(tuple(data.task.train_of), t.batch_size, t.grad_accum, world_size, t.seed, s.strategy, s.temperature)
 
 
 def save(model, method, folder) -> None:
     """The shared LM as its method saves it (nothing for a frozen LM under ``method: head``) + the heads."""
-    from tunelab.models.multitask import save_heads
-
-    if method.__name__.endswith(".head"):
+    if getattr(method, "CLASS_HEAD", False):
         if any(p.requires_grad for p in model.lm.parameters()):
             model.lm.save_pretrained(folder, safe_serialization=True)
     else:
         method.save(model.lm, folder)
     save_heads(model, folder)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def config_problems(cfg) -> list[str]:
+    """Cross-field rules of ``task: multitask`` (its task module's rules), worded with field paths."""
+    p: list[str] = []
+    d, tasks = cfg.data, cfg.tasks
+    if not tasks:
+        return ["task: multitask needs a `tasks` mapping (name -> {type: classification|sft|generative_classification})."]
+    for name in tasks:
+        if not _NAME.fullmatch(name):
+            p.append(f"tasks.{name}: task names are letters, digits, '_', '.', '-'. Rename it.")
+    for section, specs in (("data.train", d.train), ("data.eval", d.eval)):
+        for i, spec in enumerate(specs):
+            if spec.task is None:
+                p.append(f"{section}.{i}.task: missing. Name the task of {spec.path} (one of: {', '.join(tasks)}).")
+            elif spec.task not in tasks:
+                p.append(f"{section}.{i}.task: unknown task {spec.task!r}. Choose one of: {', '.join(tasks)}.")
+    used = {s.task for s in d.train}
+    for name in tasks:
+        if name not in used:
+            p.append(f"tasks.{name}: no data.train entry has task: {name}. Add its training file or remove the task.")
+    if d.packing:
+        p.append("data.packing with task: multitask: classification rows are one example each. Set data.packing: false.")
+    if d.sampler != "random":
+        p.append("data.sampler with task: multitask: task_sampling chooses the rows of each step. Remove data.sampler.")
+    if d.group_by_length:
+        p.append("data.group_by_length with task: multitask is not supported. Remove it.")
+    if not methods.fact(cfg.method.name, "CLASSIFICATION"):
+        p.append(f"method {cfg.method.name} with task: multitask: virtual tokens are not fed to the task heads. "
+                 "Use lora, qlora, dora, ia3, adapter, full, freeze or head.")
+    generative = [n for n, t in tasks.items() if t.type != "classification"]
+    if methods.fact(cfg.method.name, "CLASS_HEAD") and not cfg.method.unfreeze_top and generative:
+        p.append(f"method head freezes the whole LM, so tasks {generative} would train nothing. Set "
+                 "method.unfreeze_top >= 1, or use lora / full for runs with sft or generative tasks.")
+    return p
+
+
+class MultiTask:
+    name = "multitask"
+    causal_lm_rows = False  # classification rows among them: no fused kernels, no replay
+    always_packed = False
+    class_head = True
+    labelled = True
+    continual = False
+    unused_parameters = True  # a step trains one task's head: the others get no gradient
+    builds_without_data = False  # its heads come from the tasks' label sets
+
+    def rules(self, cfg) -> list[str]:
+        return config_problems(cfg)
+
+    def rows(self, cfg, tokenizer, run, console, is_main: bool) -> PreparedData:
+        return prepare(cfg, tokenizer, run, console, is_main)
+
+    def model_and_loss(self, cfg, data, dtype: torch.dtype, tokenizer):
+        return model_and_loss(cfg, data, dtype, tokenizer)
+
+    def plan(self, cfg, data, processes: int, plan_: Plan) -> Plan:
+        return plan(cfg, data, processes)
+
+    def save(self, model, method, folder) -> None:
+        save(model, method, folder)
