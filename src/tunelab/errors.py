@@ -25,3 +25,10 @@ class ConfigError(UserError):
         self.problems = problems
         head = f"{source}: {len(problems)} problem(s) in the config"
         super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (without a final full stop), or its type's name: for
+    quoting a library's error inside a one-line :class:`UserError`."""
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
