@@ -30,6 +30,7 @@ import yaml
 from tunelab import metrics_log
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
+from tunelab.rundocs import TRADEOFF_HEADERS, fmt_change, run_row, tradeoff_rows
 
 __all__ = ["build_report", "write_report"]
 
@@ -175,8 +176,6 @@ def _delta(key: str, a: Any, b: Any) -> str:
 
 
 def _runs_table(runs: list[Path]) -> Section:
-    from tunelab.eval.runs import run_row
-
     rows = [run_row(r) for r in runs]
     keys: list[str] = []
     for r in rows:
@@ -284,13 +283,12 @@ def _forgetting(doc: dict) -> list[Block]:
 
 def _tradeoff_blocks(doc: dict) -> list[Block]:
     """eval.forgetting: the task metric and the general measures, base vs tuned, with intervals."""
-    from tunelab.eval.forgetting import HEADERS, tradeoff_rows
     from tunelab.report import plots
 
     out = [Block("text", text=f"{doc['method']} on {doc['base_model']}: task metric and general ability before and "
                               f"after tuning ({doc['confidence']:.0%} intervals; the change's interval is a paired "
                               "bootstrap over the same examples)."),
-           Block("table", headers=HEADERS, rows=tradeoff_rows(doc))]
+           Block("table", headers=TRADEOFF_HEADERS, rows=tradeoff_rows(doc))]
     bars = {side: {m["name"]: m[side]["value"] for m in doc["measures"] if m.get(side) and m["metric"] == "accuracy"}
             for side in ("base", "tuned")}
     if any(bars.values()):
@@ -301,7 +299,6 @@ def _tradeoff_blocks(doc: dict) -> list[Block]:
 
 def _tradeoff_across(docs: dict[str, dict]) -> list[Block]:
     """One point per run: the task gain against the change of each general measure."""
-    from tunelab.eval.forgetting import fmt_change
     from tunelab.report import plots
 
     names: list[str] = []

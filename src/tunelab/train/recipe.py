@@ -508,7 +508,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         if tensorboard is not None:
             tensorboard.close()
         _print_summary(console, summary, run)
-        from tunelab.eval.evaluate import after_training
+        from tunelab.eval.after import after_training
 
         after_training(cfg.eval, run.path, console)
     else:
