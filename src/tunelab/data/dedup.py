@@ -27,9 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.errors import require
+
 _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 _U32 = np.uint32
 _MULT = _U32(0x01000193)  # FNV prime: the polynomial base of the shingle hash
+NEAR_VERB = "near-duplicate detection (tunelab data dedup, clean, inspect, split, leakage)"
+
+
+def require_datasketch() -> None:
+    """A one-line error naming the ``[data]`` extra when datasketch (MinHash, LSH) is missing."""
+    require("datasketch", extra="data", verb=NEAR_VERB)
 
 
 def dedup_key(text: str) -> str:
@@ -62,6 +70,7 @@ def shingles(text: str, k: int) -> list[str]:
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) as datasketch's MinHashLSH chooses them for ``threshold``, weighing a
     missed pair 9x a false candidate (candidates are verified on the signatures anyway)."""
+    require_datasketch()
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
@@ -72,6 +81,7 @@ class MinHasher:
     """Vectorised MinHash signatures with datasketch's ``affine32`` permutations."""
 
     def __init__(self, num_perm: int = 128, k: int = 5, seed: int = 1):
+        require_datasketch()
         from datasketch import MinHash
 
         self.num_perm, self.k, self.seed = num_perm, k, seed

@@ -24,6 +24,7 @@ import numpy as np
 from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
 from tunelab.data.split import row_keys
 from tunelab.data.stream import answer_text, check_usable, full_text, open_source
+from tunelab.report import plots
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -293,11 +294,7 @@ def print_report(report: dict[str, Any], console) -> None:
 
 
 def _figure(data: dict[str, Lengths], title: str, xlabel: str, vline: float | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot(verb="tunelab data inspect --html", extra="data")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for name, hist in data.items():
         if len(hist):

@@ -348,26 +348,3 @@ def request_from_config(section) -> EvalRequest:
                                       batch_size=section.batch_size),
         max_length=section.max_length, dtype=section.dtype,
     )
-
-
-def after_training(section, run_dir: Path, console: Console | None = None) -> None:
-    """What the ``eval:`` section asks for once training has written ``final/``: evaluate, report, log."""
-    console = console or Console()
-    if section.data or section.benchmarks:
-        console.rule("[bold]evaluation")
-        evaluate(run_dir, request_from_config(section), checkpoint=section.checkpoint, console=console)
-    if getattr(section, "forgetting", None) is not None:  # base vs tuned, general vs task (eval/forgetting.py)
-        from tunelab.eval.forgetting import measure_forgetting
-
-        console.rule("[bold]forgetting")
-        measure_forgetting(run_dir, checkpoint=section.checkpoint, dtype=section.dtype, console=console)
-    if section.report:
-        from tunelab.report.html import write_report
-
-        html_path, md_path = write_report([run_dir])
-        console.print(f"report: {html_path} ({md_path})")
-    if section.mlflow:
-        from tunelab.eval.tracking import log_to_mlflow
-
-        rid = log_to_mlflow(run_dir, tracking_uri=section.mlflow_uri, experiment=section.mlflow_experiment)
-        console.print(f"MLflow: run {rid} in experiment {section.mlflow_experiment!r}")

@@ -34,6 +34,7 @@ from rich.table import Table
 from tunelab import tasks
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
+from tunelab.rundocs import TRADEOFF_HEADERS, tradeoff_rows
 
 __all__ = ["measure_forgetting", "task_metric", "general_scores", "print_tradeoff"]
 
@@ -260,45 +261,9 @@ def measure_forgetting(run_dir: str | Path, settings=None, *, checkpoint: str = 
 # --------------------------------------------------------------------------- showing it
 
 
-def fmt_value(metric: str | None, v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.1%}" if metric == "accuracy" else f"{v:.4f}"
-
-
-def fmt_change(metric: str | None, d: float | None, ci: list[float] | None = None) -> str:
-    if d is None:
-        return "-"
-    if metric == "accuracy":
-        text = f"{d * 100:+.1f} pts"
-        return text + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else "")
-    return f"{d:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
-
-
-def tradeoff_rows(doc: dict[str, Any]) -> list[list[str]]:
-    """Rows of the trade-off table: measure, base [CI], tuned [CI], change [paired CI], verdict."""
-    def cell(metric: str, s: dict | None) -> str:
-        if not s:
-            return "-"
-        return f"{fmt_value(metric, s['value'])} [{fmt_value(metric, s['ci_low'])}, {fmt_value(metric, s['ci_high'])}]"
-
-    out = []
-    for r in doc["measures"]:
-        verdict = "-"
-        if "change" in r:
-            verdict = ("better" if r["better"] else "worse") + ("" if r["significant"] else " (within noise)")
-        out.append([r["name"], r["metric"] + ("" if r["higher_is_better"] else " (lower is better)"),
-                    cell(r["metric"], r.get("base")), cell(r["metric"], r.get("tuned")), fmt_change(r["metric"], r.get("change"), r.get("change_ci")), verdict,
-                    str((r.get("tuned") or r.get("base") or {}).get("n", "-"))])
-    return out
-
-
-HEADERS = ["measure", "metric", "base", "tuned", "change [paired CI]", "verdict", "n"]
-
-
 def print_tradeoff(doc: dict[str, Any], console: Console) -> None:
     table = Table(title=f"forgetting: {doc['run']} ({doc['confidence']:.0%} intervals)")
-    for h in HEADERS:
+    for h in TRADEOFF_HEADERS:
         table.add_column(h, justify="left" if h in ("measure", "metric", "verdict") else "right")
     for row in tradeoff_rows(doc):
         table.add_row(*row)

@@ -11,7 +11,6 @@ is listed with the reason in ``status``, never hidden.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +18,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tunelab import metrics_log
 from tunelab.errors import UserError
+from tunelab.rundocs import eval_headlines, read_json, run_row
 
-__all__ = ["list_runs", "run_row", "show_run", "filter_runs", "sort_runs"]
+__all__ = ["eval_headlines", "list_runs", "run_row", "show_run", "filter_runs", "sort_runs"]
 
 COLUMNS = ("name", "date", "status", "model", "method", "lr", "steps", "batch", "train_loss", "eval_loss")
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _last_train_loss(path: Path) -> float | None:
-    last = None
-    for rec in metrics_log.read(path):
-        if rec.get("kind") == "train" and "loss" in rec:
-            last = rec["loss"]
-    return last
-
-
-def eval_headlines(run: Path) -> dict[str, float]:
-    """``{"<source>/<metric>": value}`` of the tuned system's headline metrics in ``eval/*.json``."""
-    out: dict[str, float] = {}
-    for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
-        if f.name.startswith("compare-"):
-            continue
-        try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-            system = doc["systems"].get("tuned") or next(iter(doc["systems"].values()))
-        except (json.JSONDecodeError, KeyError, StopIteration):
-            continue
-        for k, v in system.get("headline", {}).items():
-            if k not in ("ci_low", "ci_high"):
-                out[f"{doc['name']}/{k}"] = v
-    return out
-
-
-def run_row(run: Path) -> dict[str, Any]:
-    """One registry row for a run directory."""
-    row: dict[str, Any] = {"name": run.name, "path": str(run)}
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        return {**row, "status": f"unreadable config.yaml ({type(err).__name__})"}
-    summary = _read_json(run / "summary.json") or {}
-    t, m = cfg.get("train", {}), cfg.get("method", {})
-    started = (run / "config.yaml").stat().st_mtime
-    row.update(
-        date=time.strftime("%Y-%m-%d %H:%M", time.localtime(started)), timestamp=started,
-        status=summary.get("stop_reason", "finished") if (run / "final").is_dir() else
-        ("running or stopped" if (run / "metrics.jsonl").is_file() else "not started"),
-        model=cfg.get("model", {}).get("path"), method=m.get("name"),
-        lr=t.get("lr"), epochs=t.get("epochs"), max_steps=t.get("max_steps"),
-        batch=f"{t.get('batch_size')}x{t.get('grad_accum')}", seed=t.get("seed"),
-        r=m.get("r"), steps=summary.get("step"), train_seconds=summary.get("train_seconds"),
-        tokens_per_s=summary.get("tokens_per_s"), eval_loss=summary.get("best_eval_loss"),
-        train_loss=_last_train_loss(run / "metrics.jsonl"),
-    )
-    row["metrics"] = eval_headlines(run)
-    return row
 
 
 def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
@@ -164,8 +109,8 @@ def show_run(root: str | Path, name: str, console: Console | None = None) -> dic
                         "Check the name or pass --dir")
     row = run_row(run)
     info = {"row": row, "config": yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")),
-            "summary": _read_json(run / "summary.json"), "data": _read_json(run / "data.json"),
-            "env": _read_json(run / "env.json"),
+            "summary": read_json(run / "summary.json"), "data": read_json(run / "data.json"),
+            "env": read_json(run / "env.json"),
             "evaluations": [json.loads(f.read_text(encoding="utf-8")) for f in sorted((run / "eval").glob("*.json"))]
             if (run / "eval").is_dir() else []}
     table = Table(title=f"run {name}", show_header=False)

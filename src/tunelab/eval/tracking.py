@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunelab import metrics_log
-from tunelab.errors import UserError
+from tunelab.errors import UserError, require
 
 __all__ = ["log_to_mlflow"]
 
@@ -52,13 +53,9 @@ def _mlflow_key(key: str) -> str:
 
 def log_to_mlflow(run_dir: str | Path, *, tracking_uri: str | None = None, experiment: str = "tunelab") -> str:
     """Log ``run_dir`` to MLflow; returns the MLflow run id (see the module docstring)."""
-    try:
-        import mlflow  # noqa: F401  (the package check)
-        from mlflow.entities import Metric, Param
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        raise UserError("eval.mlflow: MLflow is not installed. pip install mlflow-skinny (or set eval.mlflow: false)") from None
-    import time
+    require("mlflow", extra="mlflow", verb="MLflow logging (eval.mlflow, tunelab runs mlflow)", package="mlflow-skinny")
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
 
     run = Path(run_dir).resolve()
     if not (run / "config.yaml").is_file():

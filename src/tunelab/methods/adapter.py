@@ -51,7 +51,7 @@ class Config(BaseModel):
 def apply(model, cfg: Config):
     from tunelab.errors import UserError
     from tunelab.methods.bottleneck import Bottleneck, output_hook, sublayers
-    from tunelab.models.classifier import is_classifier
+    from tunelab.models.classifier import is_classifier  # lazy: torch; the config imports this module
 
     decoder = model.backbone if is_classifier(model) else model.get_decoder()  # task: classification: the backbone
     layers = decoder.layers
@@ -84,7 +84,10 @@ def save(model, folder: Path) -> None:
     """The adapter tensors + config; a classifier also writes its trained head (``head.safetensors``)."""
     from safetensors.torch import save_file
 
-    from tunelab.models.classifier import HEAD_FILE, is_classifier
+    from tunelab.models.classifier import (  # lazy: torch; the config imports this module
+        HEAD_FILE,
+        is_classifier,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(model), str(folder / WEIGHTS_FILE))
@@ -113,6 +116,6 @@ def load_into(model, folder: Path):
 
 def load(folder: Path, info: dict, dtype):
     """The base model with the saved adapters hooked in."""
-    from tunelab.models.load import load_model
+    from tunelab.models.load import load_model  # lazy: torch; the config imports this module
 
     return load_into(load_model(info["base_model"], dtype=dtype), folder)

@@ -58,7 +58,7 @@ def apply(model, cfg: Config):
 def save(model, folder: Path) -> None:
     """``head.safetensors`` + ``classifier.json`` (+ the backbone when part of it was trained).
 
-    A frozen backbone is not copied: :func:`~tunelab.models.classifier.load_classifier` loads it
+    A frozen backbone is not copied: :func:`~tunelab.methods.reload.load_classifier` loads it
     from the base model named in ``classifier.json`` (a head on all-MiniLM-L6-v2 is 1.5 KB, not 90 MB).
     """
     model.save_pretrained(folder, safe_serialization=True,

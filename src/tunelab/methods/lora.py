@@ -106,7 +106,7 @@ def resolve_targets(model, target_modules: str | list[str], layers: list[int] | 
 def peft_config(model, cfg: Config):
     from peft import LoraConfig
 
-    from tunelab.models.classifier import peft_task_type
+    from tunelab.models.classifier import peft_task_type  # lazy: torch; the config imports this module
 
     return LoraConfig(
         r=cfg.r,

@@ -96,7 +96,7 @@ def load(folder: Path, info: dict, dtype):
     """The base re-quantised exactly as in training, with the adapter on top (same outputs)."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from tunelab.models.load import load_model
+    from tunelab.models.load import load_model  # lazy: torch; the config imports this module
 
     cfg = Config.model_validate(info["method_config"])
     trained_dtype = _dtype(info.get("dtype", ""), dtype)

@@ -18,7 +18,8 @@ from the attention mask, so a left-padded row gives the same logits as a right-p
 A saved folder is the backbone's ``save_pretrained`` (its ``config.json`` carries ``id2label`` /
 ``label2id``), ``head.safetensors`` and ``classifier.json`` (labels, pooling, head shape, base
 model); a PEFT method saves the adapter (with ``score``) instead of the backbone weights.
-:func:`load_classifier` reads either back.
+:func:`tunelab.methods.reload.load_classifier` reads either back (it needs the method registry, a
+layer above this module).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, first_line
+from tunelab.models.load import load_model, offline_mode_from_env, resolve_source
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
@@ -207,10 +209,8 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, **lo
     """
     from transformers import AutoModel
 
-    from tunelab.models.load import _first_line, _offline_mode_from_env, _resolve, load_model
-
-    with _offline_mode_from_env():
-        source = _resolve(name_or_path)
+    with offline_mode_from_env():
+        source = resolve_source(name_or_path)
         if source.kind == "gguf":
             return load_model(name_or_path, dtype=dtype, **load_options).get_decoder()
         try:
@@ -218,7 +218,7 @@ def load_backbone(name_or_path: str, *, dtype: torch.dtype = torch.float32, **lo
                                              **load_options)
         except (OSError, ValueError, KeyError) as err:
             raise UserError(
-                f"model '{name_or_path}': transformers cannot load this folder as a backbone (got: {_first_line(err)}). "
+                f"model '{name_or_path}': transformers cannot load this folder as a backbone (got: {first_line(err)}). "
                 "Check that it is a complete model folder (config.json plus *.safetensors)."
             ) from err
 
@@ -227,10 +227,8 @@ def default_pooling(name_or_path: str) -> str:
     """``last`` for causal LMs, ``mean`` for encoders (what sentence-transformers models are trained with)."""
     from transformers import AutoConfig
 
-    from tunelab.models.load import _offline_mode_from_env, _resolve
-
-    with _offline_mode_from_env():
-        source = _resolve(name_or_path)
+    with offline_mode_from_env():
+        source = resolve_source(name_or_path)
         if source.kind == "gguf":
             return "last"
         config = AutoConfig.from_pretrained(source.location, local_files_only=source.kind != "hub")
@@ -248,59 +246,6 @@ def build_classifier(name_or_path: str, labels: list[str], *, pooling: str = "au
     model = SequenceClassifier(backbone, spec)
     model.score.to(torch.float32)  # the head trains in fp32 whatever the backbone's dtype
     return model
-
-
-def _method_load_options(folder: Path, dtype: torch.dtype) -> tuple[dict[str, Any], torch.dtype]:
-    """The trained method's load options (QLoRA's quantisation) and dtype, from ``tunelab.json``."""
-    info_file = folder / "tunelab.json"
-    if not info_file.is_file():
-        return {}, dtype
-    from tunelab import methods
-
-    info = json.loads(info_file.read_text())
-    module = methods.METHODS.get(info.get("method", ""))
-    if module is None or not hasattr(module, "load_options"):
-        return {}, dtype
-    trained = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(info.get("dtype"), dtype)
-    return methods.load_options(module.Config.model_validate(info["method_config"]), trained), trained
-
-
-def load_classifier(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Reload a classifier saved by tunelab: a full folder, a PEFT adapter with its ``score`` head (QLoRA:
-    on the base re-quantised as in training), or bottleneck adapters with ``head.safetensors``."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    spec_file = folder / CLASSIFIER_FILE
-    if not spec_file.is_file():
-        raise UserError(f"{folder}: no {CLASSIFIER_FILE}, so this is not a tunelab classifier. Point at a run's final/ or best/")
-    spec = ClassifierSpec(**json.loads(spec_file.read_text()))
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        options, trained = _method_load_options(folder, dtype)
-        base = SequenceClassifier(load_backbone(spec.base_model, dtype=trained if options else dtype, **options), spec)
-        if options:  # a quantised backbone: the float weights as prepare_model_for_kbit_training left them
-            from peft import prepare_model_for_kbit_training
-
-            from tunelab.methods.qlora import same_kernel_in_eval
-
-            base = same_kernel_in_eval(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False))
-        base.score.to(torch.float32)
-        return PeftModel.from_pretrained(base, folder).eval()
-    from tunelab.methods import adapter as bottleneck
-
-    if (folder / bottleneck.CONFIG_FILE).is_file():  # bottleneck adapters hooked into the base backbone
-        model = SequenceClassifier(load_backbone(spec.base_model, dtype=dtype), spec)
-        model.score.to(torch.float32)
-        bottleneck.load_into(model, folder)
-        model.score.load_state_dict(load_file(str(folder / HEAD_FILE)))
-        return model.eval()
-    has_backbone = any(p.name != HEAD_FILE for p in folder.glob("*.safetensors"))
-    source = str(folder) if has_backbone else spec.base_model  # a frozen backbone is the base model's
-    model = SequenceClassifier(load_backbone(source, dtype=dtype), spec)
-    model.score.load_state_dict(load_file(str(folder / HEAD_FILE)))
-    return model.eval()
 
 
 @torch.no_grad()

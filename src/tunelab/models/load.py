@@ -17,7 +17,6 @@ that is not a model) raises a one-line :class:`~tunelab.errors.UserError`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -34,8 +34,9 @@ from urllib.parse import urlparse
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.errors import UserError
-from tunelab.models.registry import resolve_alias
+from tunelab.errors import UserError, first_line
+from tunelab.models.gguf import check_gguf_magic, load_gguf_model
+from tunelab.models.registry import ALIASES, resolve_alias
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _TRUTHY = {"1", "on", "yes", "true"}
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
     """Where a model comes from, once ``name_or_path`` has been interpreted."""
 
     kind: Literal["folder", "gguf", "hub"]
@@ -66,7 +67,7 @@ def _looks_local(text: str) -> bool:
     return "/" in text and Path(first).exists()  # a path whose first part exists here
 
 
-def _resolve(name_or_path: str) -> _Source:
+def resolve_source(name_or_path: str) -> Source:
     """Interpret what the user wrote as an alias, a folder, a ``.gguf`` file or a hub id."""
     text = str(name_or_path).strip()
     if not text:
@@ -76,13 +77,13 @@ def _resolve(name_or_path: str) -> _Source:
         )
     alias_folder = resolve_alias(text)
     if alias_folder is not None:
-        return _Source("folder", str(alias_folder), text)
+        return Source("folder", str(alias_folder), text)
 
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            _check_gguf_magic(path)
-            return _Source("gguf", str(path), text)
+            check_gguf_magic(path)
+            return Source("gguf", str(path), text)
         raise UserError(
             f"model '{text}': the path is a file but not a .gguf file (got {path.resolve()}). "
             "Point model.path at a Hugging Face model folder (with config.json) or a .gguf file."
@@ -97,12 +98,8 @@ def _resolve(name_or_path: str) -> _Source:
                 f"(got {path.resolve()}). Point model.path at the folder that holds config.json.{hint}"
             )
         _check_config_json(path / "config.json")
-        return _Source("folder", str(path), text)
+        return Source("folder", str(path), text)
     if "/" not in text:
-        from difflib import get_close_matches
-
-        from tunelab.models.registry import ALIASES
-
         close = get_close_matches(text, list(ALIASES), n=1, cutoff=0.8)
         if close:
             raise UserError(
@@ -114,26 +111,7 @@ def _resolve(name_or_path: str) -> _Source:
             f"model '{text}': no such file or folder (got {path.resolve()}). Check the path, "
             "or use an alias, a Hugging Face hub id (org/name) or an existing local model folder."
         )
-    return _Source("hub", text, text)
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def _check_gguf_magic(path: Path) -> None:
-    """A ``.gguf`` file must start with the GGUF magic; else say so (not "no usable tokenizer found",
-    which is what transformers' failure to parse it would otherwise turn into)."""
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(len(GGUF_MAGIC))
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the GGUF file (got {err.strerror or err}). Check its permissions") from None
-    if magic != GGUF_MAGIC:
-        what = "empty" if not magic else f"bad magic {magic!r}"
-        raise UserError(
-            f"{path}: not a GGUF file (got {what}; a GGUF file starts with {GGUF_MAGIC!r}). Point model.path at "
-            "a complete .gguf file (a cut-short download or a renamed file is not one)"
-        )
+    return Source("hub", text, text)
 
 
 def _check_config_json(path: Path) -> None:
@@ -165,7 +143,7 @@ def _hub_offline() -> bool:
 
 
 @contextlib.contextmanager
-def _offline_mode_from_env() -> Iterator[None]:
+def offline_mode_from_env() -> Iterator[None]:
     """Honour ``HF_HUB_OFFLINE`` set after ``huggingface_hub`` was imported.
 
     The hub library reads the variable once, at import; even its cache-only lookups may
@@ -212,11 +190,6 @@ def _unreachable(hub_id: str) -> UserError:
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
-
-
 def _hub_error(hub_id: str, err: BaseException) -> UserError:
     """Turn a failed hub download into a one-line UserError."""
     from huggingface_hub import errors as hf_errors
@@ -244,7 +217,7 @@ def _hub_error(hub_id: str, err: BaseException) -> UserError:
     ):
         return _unreachable(hub_id)
     return UserError(
-        f"model '{hub_id}': could not load it from the Hugging Face hub (got: {_first_line(err)}). "
+        f"model '{hub_id}': could not load it from the Hugging Face hub (got: {first_line(err)}). "
         "Check that the id names a transformers causal language model, or set model.path to a local folder."
     )
 
@@ -259,7 +232,7 @@ def _from_hub(hub_id: str, load: Any, what: str) -> Any:
         return load(local_files_only=True)
     except (OSError, ValueError) as err:
         logger.debug(
-            "%s '%s' is not (completely) in the Hugging Face cache: %s", what, hub_id, _first_line(err)
+            "%s '%s' is not (completely) in the Hugging Face cache: %s", what, hub_id, first_line(err)
         )
     if _hub_offline() or not _hub_reachable():
         raise _unreachable(hub_id)
@@ -268,63 +241,6 @@ def _from_hub(hub_id: str, load: Any, what: str) -> Any:
         return load(local_files_only=False)
     except (OSError, ValueError) as err:
         raise _hub_error(hub_id, err) from err
-
-
-# --------------------------------------------------------------------------- GGUF
-
-
-def load_gguf_model(
-    path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str | None = "sdpa",
-) -> PreTrainedModel:
-    """Load a ``.gguf`` file as an ordinary (dequantised, trainable, saveable) transformers model.
-
-    transformers reads the file with ``gguf_file=`` and unpacks every tensor; a model loaded that
-    way carries a GGUF quantizer that refuses ``save_pretrained`` and training, so the weights are
-    moved into a freshly constructed model of the same class (peak memory: about twice the
-    model in ``dtype``).
-    """
-    from transformers import AutoModelForCausalLM, GgufConfig
-    from transformers.initialization import no_init_weights
-
-    file = Path(path).expanduser()
-    started = time.perf_counter()
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(file.parent),
-            gguf_file=file.name,
-            dtype=dtype,
-            quantization_config=GgufConfig(dequantize=True),
-            local_files_only=True,
-            **kwargs,
-        )
-    except (OSError, ValueError, KeyError, IndexError, struct.error) as err:  # struct.error: a cut-short file
-        raise UserError(
-            f"model '{path}': transformers cannot read this GGUF file (got: {_first_line(err)}). "
-            "Use a GGUF of an architecture transformers supports, or the original Hugging Face folder."
-        ) from err
-    dequantised = time.perf_counter()
-
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with no_init_weights():
-        model = type(loaded)._from_config(config, dtype=dtype, **kwargs)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    if loaded.generation_config is not None:
-        model.generation_config = copy.deepcopy(loaded.generation_config)
-    del loaded
-    model.eval()
-    logger.info(
-        "model '%s': read and dequantised the GGUF in %.1f s (rebuilt as a plain model in %.1f s)",
-        path,
-        dequantised - started,
-        time.perf_counter() - dequantised,
-    )
-    return model
 
 
 def _place(model: PreTrainedModel, device_map: Any, label: str) -> PreTrainedModel:
@@ -349,7 +265,7 @@ def _place(model: PreTrainedModel, device_map: Any, label: str) -> PreTrainedMod
 # --------------------------------------------------------------------------- public API
 
 
-def _load_tokenizer_from(source: _Source) -> PreTrainedTokenizerBase:
+def _load_tokenizer_from(source: Source) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if source.kind == "hub":
@@ -370,11 +286,11 @@ def _load_tokenizer_from(source: _Source) -> PreTrainedTokenizerBase:
             if source.kind == "gguf":  # the magic was right, so the file is damaged or of an unknown layout
                 raise UserError(
                     f"model '{source.label}': transformers cannot read the tokenizer of this GGUF file (got: "
-                    f"{_first_line(err)}). Use a complete GGUF of an architecture transformers supports, or the "
+                    f"{first_line(err)}). Use a complete GGUF of an architecture transformers supports, or the "
                     "original Hugging Face folder."
                 ) from err
             raise UserError(
-                f"model '{source.label}': no usable tokenizer found (got: {_first_line(err)}). "
+                f"model '{source.label}': no usable tokenizer found (got: {first_line(err)}). "
                 "Make sure the model folder holds its tokenizer files (tokenizer.json or tokenizer.model "
                 "and tokenizer_config.json)."
             ) from err
@@ -399,7 +315,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, label: str) -> None:
 
 
 def _load_model_from(
-    source: _Source,
+    source: Source,
     *,
     dtype: torch.dtype,
     attn_implementation: str | None,
@@ -442,7 +358,7 @@ def _load_model_from(
             )
         except (OSError, ValueError, KeyError) as err:
             raise UserError(
-                f"model '{source.label}': transformers cannot load this folder (got: {_first_line(err)}). "
+                f"model '{source.label}': transformers cannot load this folder (got: {first_line(err)}). "
                 "Check that it is a complete causal language model folder (config.json plus *.safetensors)."
             ) from err
     logger.debug("model '%s': loaded in %.1f s", source.label, time.perf_counter() - started)
@@ -455,8 +371,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     The tokenizer always has a pad token (its eos token if it defines none); its padding side
     is left as the model ships it.
     """
-    with _offline_mode_from_env():
-        return _load_tokenizer_from(_resolve(name_or_path))
+    with offline_mode_from_env():
+        return _load_tokenizer_from(resolve_source(name_or_path))
 
 
 def load_model(
@@ -472,9 +388,9 @@ def load_model(
     ``attn_implementation=None`` lets transformers choose. ``quantization_config`` and
     ``device_map`` are passed to ``from_pretrained`` (a ``.gguf`` accepts only a single device).
     """
-    with _offline_mode_from_env():
+    with offline_mode_from_env():
         return _load_model_from(
-            _resolve(name_or_path),
+            resolve_source(name_or_path),
             dtype=dtype,
             attn_implementation=attn_implementation,
             quantization_config=quantization_config,
@@ -491,8 +407,8 @@ def load_model_and_tokenizer(
     device_map: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`load_model` and :func:`load_tokenizer` together; the model's pad id follows the tokenizer's."""
-    with _offline_mode_from_env():
-        source = _resolve(name_or_path)
+    with offline_mode_from_env():
+        source = resolve_source(name_or_path)
         tokenizer = _load_tokenizer_from(source)
         model = _load_model_from(
             source,

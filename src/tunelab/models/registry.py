@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.errors import UserError
+from tunelab.models.gguf import load_gguf_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -123,8 +124,6 @@ def smollm2_tokenizer() -> PreTrainedTokenizerBase:
 
 def _build_smollm2(dest: Path) -> None:
     """Dequantise the SmolLM2 GGUF into a plain float32 Llama and save it with its tokenizer."""
-    from tunelab.models.load import load_gguf_model
-
     gguf = smollm2_gguf_path()
     model = load_gguf_model(gguf)
     tokenizer = smollm2_tokenizer()

@@ -25,11 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from tunelab import metrics_log
-from tunelab.errors import UserError
+from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
+from tunelab.report import plots
+from tunelab.rundocs import TRADEOFF_HEADERS, fmt_change, run_row, tradeoff_rows
 
 __all__ = ["build_report", "write_report"]
 
@@ -175,8 +178,6 @@ def _delta(key: str, a: Any, b: Any) -> str:
 
 
 def _runs_table(runs: list[Path]) -> Section:
-    from tunelab.eval.runs import run_row
-
     rows = [run_row(r) for r in runs]
     keys: list[str] = []
     for r in rows:
@@ -212,8 +213,6 @@ def _config_section(run: Path) -> list[Block]:
 
 
 def _curves(run: Path) -> list[Block]:
-    from tunelab.report import plots
-
     recs = metrics_log.read(run / "metrics.jsonl")
     train = [r for r in recs if r.get("kind") == "train" and isinstance(r.get("loss"), int | float)]
     evals = [r for r in recs if r.get("kind") == "eval" and isinstance(r.get("eval_loss"), int | float)]
@@ -232,8 +231,6 @@ def _curves(run: Path) -> list[Block]:
 
 
 def _classification_blocks(run: Path, doc: dict) -> list[Block]:
-    from tunelab.report import plots
-
     out: list[Block] = []
     f1s: dict[str, dict[str, float]] = {}
     for name, s in _ordered(doc["systems"]):
@@ -284,13 +281,10 @@ def _forgetting(doc: dict) -> list[Block]:
 
 def _tradeoff_blocks(doc: dict) -> list[Block]:
     """eval.forgetting: the task metric and the general measures, base vs tuned, with intervals."""
-    from tunelab.eval.forgetting import HEADERS, tradeoff_rows
-    from tunelab.report import plots
-
     out = [Block("text", text=f"{doc['method']} on {doc['base_model']}: task metric and general ability before and "
                               f"after tuning ({doc['confidence']:.0%} intervals; the change's interval is a paired "
                               "bootstrap over the same examples)."),
-           Block("table", headers=HEADERS, rows=tradeoff_rows(doc))]
+           Block("table", headers=TRADEOFF_HEADERS, rows=tradeoff_rows(doc))]
     bars = {side: {m["name"]: m[side]["value"] for m in doc["measures"] if m.get(side) and m["metric"] == "accuracy"}
             for side in ("base", "tuned")}
     if any(bars.values()):
@@ -301,9 +295,6 @@ def _tradeoff_blocks(doc: dict) -> list[Block]:
 
 def _tradeoff_across(docs: dict[str, dict]) -> list[Block]:
     """One point per run: the task gain against the change of each general measure."""
-    from tunelab.eval.forgetting import fmt_change
-    from tunelab.report import plots
-
     names: list[str] = []
     for doc in docs.values():
         names += [m["name"] for m in doc["measures"] if m["name"] not in names]
@@ -379,6 +370,7 @@ def _prediction(row: dict) -> str:
 
 def build_report(runs: list[str | Path]) -> tuple[str, list[Section]]:
     """The report's title and sections for ``runs`` (see the module docstring)."""
+    require("matplotlib", extra="report", verb="tunelab report")  # the figures: fail before reading anything
     paths = [Path(r) for r in runs]
     for p in paths:
         if not (p / "config.yaml").is_file():
@@ -428,8 +420,6 @@ figure{margin:0 0 1em}figcaption{color:#555;font-size:.85em}
 
 
 def render_html(title: str, sections: list[Section]) -> str:
-    import jinja2
-
     env = jinja2.Environment(autoescape=True)
     env.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
     tpl = env.from_string("""<!DOCTYPE html>

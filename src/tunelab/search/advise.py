@@ -234,10 +234,10 @@ def base_config(model_path: str):
     """The base model's transformers config (without loading its weights where a folder has one)."""
     from transformers import AutoConfig
 
-    from tunelab.models.load import _offline_mode_from_env, _resolve
+    from tunelab.models.load import offline_mode_from_env, resolve_source
 
-    with _offline_mode_from_env():
-        source = _resolve(model_path)
+    with offline_mode_from_env():
+        source = resolve_source(model_path)
         if source.kind == "folder":
             return AutoConfig.from_pretrained(source.location)
         if source.kind == "hub":

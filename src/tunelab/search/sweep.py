@@ -35,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.config import TuneConfig, _set_path, dump_config, load_config
-from tunelab.errors import UserError
+from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
+from tunelab.report import plots
 from tunelab.search.config import CategoricalParam, FloatParam, IntParam, SweepSection
 from tunelab.train.run import make_folder
 
@@ -84,6 +85,7 @@ def open_storage(url: str, s: SweepSection):
     """``RDBStorage`` with heartbeats: a trial whose worker died is failed, then retried with its params."""
     import warnings
 
+    require("optuna", extra="sweep")  # every way into a study comes here first
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -328,6 +330,8 @@ def run_worker(cfg: TuneConfig, console: Console) -> int:
 def sweep(cfg: TuneConfig, console: Console | None = None, *, workers: int | None = None) -> SweepOutcome:
     """Run the sweep (``workers`` processes, default ``sweep.workers``) and write its outputs."""
     console = console or Console()
+    require("optuna", extra="sweep")  # both before the first trial, not after the last
+    require("matplotlib", extra="sweep", verb="tunelab sweep")
     s = _section(cfg)
     make_folder(sweep_folder(cfg), "run.output_dir")  # a file in the way: a one-line error
     workers = workers or s.workers
@@ -428,8 +432,7 @@ def _plots(study, s: SweepSection, folder: Path) -> dict[str, str]:
     import optuna
     from optuna.trial import TrialState
 
-    from tunelab.report.plots import bars, plt
-
+    plt = plots.pyplot(verb="tunelab sweep", extra="sweep")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return {}
@@ -452,9 +455,7 @@ def _plots(study, s: SweepSection, folder: Path) -> dict[str, str]:
     ax.set_title("optimisation history")
     ax.grid(alpha=0.3)
     ax.legend()
-    from tunelab.report.plots import _png
-
-    atomic_write_bytes(folder / "history.png", _png(fig))
+    atomic_write_bytes(folder / "history.png", plots.to_png(fig))
     out["history"] = str(folder / "history.png")
     varied = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
     if len(complete) >= 2 and varied:
@@ -463,9 +464,9 @@ def _plots(study, s: SweepSection, folder: Path) -> dict[str, str]:
         except (RuntimeError, ValueError):  # e.g. a dynamic search space with too few common trials
             importances = {}
         if importances:
-            atomic_write_bytes(folder / "importance.png", bars({"importance": dict(importances)},
-                                                                 title="parameter importances (fANOVA)",
-                                                                 ylabel="share of variance"))
+            atomic_write_bytes(folder / "importance.png", plots.bars({"importance": dict(importances)},
+                                                                       title="parameter importances (fANOVA)",
+                                                                       ylabel="share of variance"))
             atomic_write_text(folder / "importance.json", json.dumps(importances, indent=2) + "\n")
             out["importance"] = str(folder / "importance.png")
     return out

@@ -130,7 +130,7 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
         return Loaded(model.eval(), tokenizer, f"{info['method']} multi-task on {info['base_model']} ({folder})",
                       info["base_model"], task="multitask", method=info["method"], folder=folder, tasks=model.tasks)
     if (folder / "classifier.json").is_file():  # trained with task: classification (head, full, LoRA, ...)
-        from tunelab.models.classifier import load_classifier
+        from tunelab.methods.reload import load_classifier  # lazy: imports torch, peft and every method
 
         model = _LogitsOutput(load_classifier(folder, dtype=dtype))
     elif custom is not None:  # the method rebuilds its own model (own modules, a quantised base)

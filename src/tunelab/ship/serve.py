@@ -45,11 +45,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import Request  # a module-level name: FastAPI resolves the handlers' annotations here
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, require
 from tunelab.fsutil import check_name
+
+try:
+    from fastapi import Request  # a module-level name: FastAPI resolves the handlers' annotations here
+except ImportError:  # the [serve] extra is not installed: create_app says so in one line
+    Request = None
 from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
 
 logger = logging.getLogger("tunelab.serve")
@@ -561,8 +565,15 @@ async def _send_json(send, status: int, body: dict) -> None:
 # ----------------------------------------------------------------------------- the app
 
 
+def require_serve_extra() -> None:
+    """A one-line error naming the ``[serve]`` extra when one of its packages is missing."""
+    for module, package in (("fastapi", None), ("uvicorn", None), ("prometheus_client", "prometheus-client")):
+        require(module, extra="serve", package=package)
+
+
 def create_app(models: dict[str, Served], settings: ServeSettings):
     """The FastAPI app serving ``models`` under ``settings`` (see the module docstring)."""
+    require_serve_extra()
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -901,6 +912,7 @@ def serve(targets: list[str], settings: ServeSettings, *, checkpoint: str = "fin
     """``tunelab serve``: load the targets, print what is served, and run until Ctrl-C."""
     from tunelab.ship.export import DTYPES
 
+    require_serve_extra()  # before loading any model
     settings.check()
     models = load_models(targets, checkpoint=checkpoint, dtype=DTYPES[dtype])
     app = create_app(models, settings)

@@ -19,7 +19,7 @@ from rich.table import Table
 from tunelab import tasks
 from tunelab.config import TuneConfig
 from tunelab.errors import UserError
-from tunelab.eval.evaluate import after_training
+from tunelab.eval.after import after_training
 from tunelab.kernels import restore_stock
 from tunelab.train.build import Components, build, weights_saver, with_stock_code
 from tunelab.train.build import build_optimizer as build_optimizer  # noqa: PLC0414 - the public API's name

@@ -1,0 +1,121 @@
+"""The documents of a run directory, read back and formatted: JSON/YAML only, no model code.
+
+A low layer shared by the verbs that write these documents (``tunelab eval``, ``eval.forgetting``)
+and those that only read them (``tunelab runs``, ``tunelab report``), so that the report never
+imports the evaluation code:
+
+* :func:`run_row`: one registry row of a run (``config.yaml``, ``summary.json``,
+  ``metrics.jsonl``, the headline metrics of ``eval/*.json``);
+* :func:`tradeoff_rows` and :data:`TRADEOFF_HEADERS`: the trade-off table of a
+  ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab import metrics_log
+
+__all__ = ["TRADEOFF_HEADERS", "eval_headlines", "fmt_change", "fmt_value", "read_json", "run_row", "tradeoff_rows"]
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at ``path``; None if there is no such file."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- the run registry
+
+
+def _last_train_loss(path: Path) -> float | None:
+    last = None
+    for rec in metrics_log.read(path):
+        if rec.get("kind") == "train" and "loss" in rec:
+            last = rec["loss"]
+    return last
+
+
+def eval_headlines(run: Path) -> dict[str, float]:
+    """``{"<source>/<metric>": value}`` of the tuned system's headline metrics in ``eval/*.json``."""
+    out: dict[str, float] = {}
+    for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        if f.name.startswith("compare-"):
+            continue
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+            system = doc["systems"].get("tuned") or next(iter(doc["systems"].values()))
+        except (json.JSONDecodeError, KeyError, StopIteration):
+            continue
+        for k, v in system.get("headline", {}).items():
+            if k not in ("ci_low", "ci_high"):
+                out[f"{doc['name']}/{k}"] = v
+    return out
+
+
+def run_row(run: Path) -> dict[str, Any]:
+    """One registry row for a run directory."""
+    row: dict[str, Any] = {"name": run.name, "path": str(run)}
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        return {**row, "status": f"unreadable config.yaml ({type(err).__name__})"}
+    summary = read_json(run / "summary.json") or {}
+    t, m = cfg.get("train", {}), cfg.get("method", {})
+    started = (run / "config.yaml").stat().st_mtime
+    row.update(
+        date=time.strftime("%Y-%m-%d %H:%M", time.localtime(started)), timestamp=started,
+        status=summary.get("stop_reason", "finished") if (run / "final").is_dir() else
+        ("running or stopped" if (run / "metrics.jsonl").is_file() else "not started"),
+        model=cfg.get("model", {}).get("path"), method=m.get("name"),
+        lr=t.get("lr"), epochs=t.get("epochs"), max_steps=t.get("max_steps"),
+        batch=f"{t.get('batch_size')}x{t.get('grad_accum')}", seed=t.get("seed"),
+        r=m.get("r"), steps=summary.get("step"), train_seconds=summary.get("train_seconds"),
+        tokens_per_s=summary.get("tokens_per_s"), eval_loss=summary.get("best_eval_loss"),
+        train_loss=_last_train_loss(run / "metrics.jsonl"),
+    )
+    row["metrics"] = eval_headlines(run)
+    return row
+
+
+# --------------------------------------------------------------------------- forgetting.json
+
+
+TRADEOFF_HEADERS = ["measure", "metric", "base", "tuned", "change [paired CI]", "verdict", "n"]
+
+
+def fmt_value(metric: str | None, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1%}" if metric == "accuracy" else f"{v:.4f}"
+
+
+def fmt_change(metric: str | None, d: float | None, ci: list[float] | None = None) -> str:
+    if d is None:
+        return "-"
+    if metric == "accuracy":
+        text = f"{d * 100:+.1f} pts"
+        return text + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else "")
+    return f"{d:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+
+
+def tradeoff_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """Rows of the trade-off table: measure, base [CI], tuned [CI], change [paired CI], verdict."""
+    def cell(metric: str, s: dict | None) -> str:
+        if not s:
+            return "-"
+        return f"{fmt_value(metric, s['value'])} [{fmt_value(metric, s['ci_low'])}, {fmt_value(metric, s['ci_high'])}]"
+
+    out = []
+    for r in doc["measures"]:
+        verdict = "-"
+        if "change" in r:
+            verdict = ("better" if r["better"] else "worse") + ("" if r["significant"] else " (within noise)")
+        out.append([r["name"], r["metric"] + ("" if r["higher_is_better"] else " (lower is better)"),
+                    cell(r["metric"], r.get("base")), cell(r["metric"], r.get("tuned")), fmt_change(r["metric"], r.get("change"), r.get("change_ci")), verdict,
+                    str((r.get("tuned") or r.get("base") or {}).get("n", "-"))])
+    return out
