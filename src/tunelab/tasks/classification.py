@@ -10,7 +10,7 @@ from tunelab.data.tasks import class_weights, classification_task_rows
 from tunelab.data.workbench import prepare_records
 from tunelab.models.classifier import build_classifier, unwrap, write_spec
 from tunelab.objectives.classification import ClassificationLoss
-from tunelab.tasks.lm import _no_multitask_sections
+from tunelab.tasks.lm import no_multitask_sections
 from tunelab.tasks.pretrain import task_data
 from tunelab.tasks.protocol import PreparedData
 
@@ -36,7 +36,7 @@ class Classification:
         if cfg.objectives.distill is not None:
             p.append("objectives.distill with task: classification: the class head is new, so the base model has "
                      "no class distribution to distil from. Use objectives.l2sp or objectives.ewc instead")
-        return p + _no_multitask_sections(cfg)
+        return p + no_multitask_sections(cfg)
 
     def rows(self, cfg, tokenizer, run, console, is_main: bool) -> PreparedData:
         prep = prepare_records(cfg, run, console, is_main)

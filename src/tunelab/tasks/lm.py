@@ -33,7 +33,7 @@ class CausalLMTask:
         if cfg.method.name == "head":
             p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. "
                      "Set task: classification.")
-        return p + _no_multitask_sections(cfg)
+        return p + no_multitask_sections(cfg)
 
     def model_and_loss(self, cfg, data, dtype: torch.dtype, tokenizer):
         model = lm_with_method(cfg, dtype)
@@ -46,7 +46,7 @@ class CausalLMTask:
         method.save(model, folder)
 
 
-def _no_multitask_sections(cfg) -> list[str]:
+def no_multitask_sections(cfg) -> list[str]:
     """The multitask-only sections, set on another task."""
     p = []
     if cfg.tasks:
