@@ -30,20 +30,7 @@ from tunelab.data.records import Message, Record
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 from tunelab.search.memory import mib
-
-
-@dataclass
-class SelectRequest:
-    candidates: list[str]
-    data: str
-    shots: int = 3
-    limit: int = 64
-    max_length: int = 512
-    batch_size: int = 4
-    method: str = "lora"
-    out: str | None = None
-    max_new_tokens: int = 48
-    memory_methods: tuple[str, ...] = ("full", "lora", "qlora")
+from tunelab.search.settings import SelectRequest
 
 
 @dataclass
