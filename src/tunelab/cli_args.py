@@ -130,6 +130,8 @@ def flag_of(spec: _Spec) -> str:
 
 
 def _default_text(spec: _Spec) -> str:
+    if spec.field.is_required():
+        return ""
     d = spec.field.get_default(call_default_factory=True)
     if d is None or d is False or d == () or d == [] or spec.kind == "bool":
         return ""
@@ -137,20 +139,23 @@ def _default_text(spec: _Spec) -> str:
         d = (" " if spec.meta.get("nargs") else ",").join(str(x) for x in d)
     elif isinstance(d, enum.Enum):
         d = d.value
-    return f" (default {d})"
+    return f"default {d}"
 
 
 def _help(spec: _Spec) -> str:
     text = spec.meta.get("help") or (spec.field.description or "").strip()
-    if spec.kind == "bool" and spec.field.default is True and "help" not in spec.meta:
-        text = f"turn off: {text[:1].lower()}{text[1:]}" if text else "turn off"
-    if spec.kind == "list" and not (spec.meta.get("nargs") or spec.meta.get("repeat")):
-        text += " (comma-separated)"
+    notes = []
+    if spec.kind == "bool" and spec.field.default is True:
+        notes.append("on unless this flag is given")
+    elif spec.kind == "list" and not (spec.meta.get("nargs") or spec.meta.get("repeat")):
+        notes.append("comma-separated")
     elif spec.meta.get("repeat"):
-        text += " (repeatable)"
-    if "default" not in text.lower():
-        text += _default_text(spec)
-    return text.strip().replace("%", "%%")
+        notes.append("repeatable")
+    if "default" not in text.lower() and _default_text(spec):
+        notes.append(_default_text(spec))
+    if notes:
+        text = f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
+    return text.replace("%", "%%")
 
 
 # ----------------------------------------------------------------------------- building and parsing
@@ -165,6 +170,8 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None
         kw: dict[str, Any] = {"help": _help(spec), "default": argparse.SUPPRESS}
         if spec.meta.get("metavar"):
             kw["metavar"] = spec.meta["metavar"]
+        elif spec.meta.get("flag") and spec.kind != "bool":
+            kw["metavar"] = spec.meta["flag"].lstrip("-").replace("-", "_").upper()
         separated = spec.kind == "list" and not (spec.meta.get("nargs") or spec.meta.get("repeat"))
         if spec.kind == "bool":
             kw["action"] = "store_false" if spec.field.default is True else "store_true"
@@ -198,11 +205,10 @@ def _message(err: ValidationError, model: type[BaseModel], specs: dict[str, _Spe
     spec = specs.get(name)
     flag = flag_of(spec) if spec else name
     what = re.sub(r"\s*\(got [^)]*\)$", "", first["msg"].removeprefix("Value error, "))
-    if spec and spec.kind == "list" and len(loc) > 1 and isinstance(given.get(name), str):
-        if spec.item in (int, float):
-            what = f"not a comma-separated list of numbers ({what}: item {int(loc[1]) + 1})"
-        else:
-            what = f"item {int(loc[1]) + 1}: {what}"
+    if spec and spec.kind == "list" and len(loc) > 1 and isinstance(loc[1], int) and isinstance(given.get(name), str):
+        item = f"item {loc[1] + 1}: {first.get('input')!r}"  # one value of a comma-separated list
+        what = (f"not a comma-separated list of numbers ({item})" if spec.item in (int, float)
+                else f"{item}: {what}")
     got = given.get(name, first.get("input"))
     return f"{flag}: {what} (got {got!r}). See `{prog} --help`."
 

@@ -155,7 +155,7 @@ def _format():
 
 
 def _force(what: str):
-    return Field(False, description=f"Replace an existing {what}.")
+    return Field(False, description=f"Replace {what}.")
 
 
 class InspectOptions(_Strict):
@@ -170,7 +170,7 @@ class InspectOptions(_Strict):
                                  json_schema_extra={"cli": {"flag": "--json"}})
     limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
     threshold: float = field_of(DedupSettings, "threshold")
-    force: bool = _force("--html / --json file")
+    force: bool = _force("an existing --html / --json file")
 
 
 class CleanOptions(_Strict):
@@ -181,7 +181,7 @@ class CleanOptions(_Strict):
                      "unless --force.")
     removed: str | None = Field(None, description="Removed-rows file (default <out>.removed.jsonl); must not exist "
                                 "unless --force.")
-    force: bool = _force("--out / removed-rows file")
+    force: bool = _force("an existing --out / removed-rows file")
     format: str = _format()
     normalize: bool = Field(True, description="NFKC / whitespace / control / HTML cleanup.")
     pii: bool = Field(False, description="Mask e-mails, phone and ID numbers.")
@@ -220,7 +220,7 @@ class SplitOptions(SplitSettings):
     input: str = Field(description="The data file to split.", json_schema_extra=POSITIONAL)
     out_dir: str = Field(description="Folder for train/val[/test] (or fold_i/...) files; it must not hold split "
                          "files already, unless --force.")
-    force: bool = _force("split files in --out-dir")
+    force: bool = _force("the split files already in --out-dir")
     kfold: int | None = Field(None, ge=2, description="Write K folds instead (fold_i/train, fold_i/val).")
     format: str = _format()
 
@@ -246,7 +246,7 @@ class AgreementOptions(_Strict):
                                          json_schema_extra={"cli": {"nargs": "+"}})
     out: str | None = Field(None, description="Write rows with the majority label (label_tie flags ties); must "
                             "not exist unless --force.")
-    force: bool = _force("--out file")
+    force: bool = _force("an existing --out file")
     show: int = Field(20, ge=0, description="Disagreements to print.")
 
 
@@ -257,7 +257,7 @@ class AugmentOptions(AugmentSettings):
         AugmentSettings, "ops", json_schema_extra={"cli": {"nargs": "+"}})
     input: str = Field(description="The data file to augment.", json_schema_extra=POSITIONAL)
     out: str = Field(description="Output file (originals, then augmented rows); must not exist unless --force.")
-    force: bool = _force("--out file")
+    force: bool = _force("an existing --out file")
     format: str = _format()
 
     def settings(self) -> AugmentSettings:
@@ -269,7 +269,7 @@ class WeightsOptions(_Strict):
 
     input: str = Field(description="Labelled rows.", json_schema_extra=POSITIONAL)
     out: str = Field(description="Output file (the rows with a weight column); must not exist unless --force.")
-    force: bool = _force("--out file")
+    force: bool = _force("an existing --out file")
     scheme: Literal["inverse", "effective"] = field_of(WeightSettings, "scheme")
     beta: float = field_of(WeightSettings, "beta")
     format: str = _format()
