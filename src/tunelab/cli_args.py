@@ -120,7 +120,7 @@ def _converter(tp: Any):
 def flag_of(spec: _Spec) -> str:
     """How the user writes this field: ``--out-dir``, ``--no-stratify``, or a positional's name."""
     if spec.meta.get("positional"):
-        return spec.name
+        return spec.meta.get("metavar") or spec.name
     if spec.meta.get("flag"):
         return spec.meta["flag"]
     dashed = spec.name.replace("_", "-")
