@@ -71,3 +71,109 @@ def test_tensorboard_logging(tmp_path, alpaca_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("eval/loss")] == [3]
+
+
+# ----------------------------------------------------------------------------- cli_args: flags from a settings model
+
+
+def _toy_parser():
+    import argparse
+    from typing import Literal
+
+    from pydantic import BaseModel, Field, field_validator
+
+    from tunelab.cli_args import POSITIONAL, add_options
+
+    class Toy(BaseModel):
+        input: str = Field(description="The input file.", json_schema_extra=POSITIONAL)
+        out_dir: str = Field(description="Where results go.")
+        ratios: tuple[float, ...] = Field((0.5, 0.5), description="Shares.")
+        mode: Literal["fast", "slow"] = Field("fast", description="How to run.")
+        near: bool = Field(True, description="Look for near duplicates.")
+        pii: bool = Field(False, description="Mask personal data.")
+        ops: list[str] = Field(default_factory=lambda: ["a"], json_schema_extra={"cli": {"nargs": "+"}})
+        tag: list[str] = Field(default_factory=list, json_schema_extra={"cli": {"repeat": True}})
+        limit: int | None = Field(None, ge=1, description="At most this many rows.")
+        timeout_s: float = Field(3.0, json_schema_extra={"cli": {"flag": "--timeout"}})
+
+        @field_validator("ratios")
+        @classmethod
+        def _sum(cls, v):
+            if abs(sum(v) - 1) > 1e-6:
+                raise ValueError(f"ratios must sum to 1 (got {list(v)})")
+            return v
+
+    p = argparse.ArgumentParser(prog="tunelab toy")
+    add_options(p, Toy)
+    return Toy, p
+
+
+def test_cli_args_builds_flags_from_the_model_and_parses_back():
+    from tunelab.cli_args import parse_options
+
+    Toy, p = _toy_parser()
+    help_text = p.format_help()
+    for text in ("--out-dir OUT_DIR", "--no-near", "--pii", "{fast,slow}", "--timeout TIMEOUT", "At most this many rows",
+                 "comma-separated; default 0.5,0.5", "repeatable"):
+        assert text in help_text, text
+    o = parse_options(Toy, p.parse_args(["in.jsonl", "--out-dir", "o", "--ratios", "0.25, 0.75", "--mode", "slow",
+                                         "--no-near", "--pii", "--ops", "x", "y", "--tag", "t1", "--tag", "t2",
+                                         "--limit", "3", "--timeout", "9"]), prog="tunelab toy")
+    assert (o.input, o.out_dir, o.ratios, o.mode, o.near, o.pii) == ("in.jsonl", "o", (0.25, 0.75), "slow", False, True)
+    assert (o.ops, o.tag, o.limit, o.timeout_s) == (["x", "y"], ["t1", "t2"], 3, 9.0)
+    d = parse_options(Toy, p.parse_args(["in.jsonl", "--out-dir", "o"]))  # what is not given keeps its default
+    assert (d.ratios, d.mode, d.near, d.pii, d.ops, d.tag, d.limit) == ((0.5, 0.5), "fast", True, False, ["a"], [], None)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--ratios", "0.9,0.9"], "--ratios: ratios must sum to 1 (got '0.9,0.9'). See `tunelab toy --help`."),
+    (["--ratios", "0.5,x"], "--ratios: not a comma-separated list of numbers (item 2: 'x') (got '0.5,x')"),
+    (["--limit", "0"], "--limit: Input should be greater than or equal to 1 (got 0)"),
+])
+def test_cli_args_validation_errors_name_the_flag_on_one_line(argv, expected):
+    from tunelab.cli_args import parse_options
+    from tunelab.errors import UserError
+
+    Toy, p = _toy_parser()
+    with pytest.raises(UserError) as err:
+        parse_options(Toy, p.parse_args(["in.jsonl", "--out-dir", "o", *argv]), prog="tunelab toy")
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_verb_parses_its_defaults_and_documents_every_flag():
+    """Each verb of the table: every field of its options model is a documented flag, and the model
+    accepts what argparse gives it for the required arguments alone."""
+    import argparse
+
+    from tunelab.cli import VERBS, build_parser
+    from tunelab.cli_args import cli_fields, flag_of, parse_options
+
+    parser = build_parser()
+    for key, verb in VERBS.items():
+        sub = parser
+        for word in key.split():
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        help_text = sub.format_help()
+        argv = []
+        for spec in cli_fields(verb.options):
+            assert flag_of(spec) in help_text, (key, spec.name)
+            if spec.field.is_required():
+                value = ["x"] if spec.meta.get("positional") else [flag_of(spec), "x"]
+                argv += value
+        options = parse_options(verb.options, sub.parse_args(argv), prog=sub.prog)
+        assert isinstance(options, verb.options)
+
+
+def test_main_keeps_the_documented_flags(capsys):
+    """Flags that README / docs use keep their names (a sample across verbs)."""
+    for argv, flags in ((["data", "clean"], ["--no-normalize", "--no-exact", "--no-near", "--length-field", "--pii"]),
+                        (["data", "split"], ["--out-dir", "--no-stratify", "--kfold", "--ratios"]),
+                        (["export"], ["--merge", "--gguf", "--no-verify", "--dtype"]),
+                        (["serve"], ["--api-key", "--queue-timeout", "--request-timeout", "--max-concurrency"]),
+                        (["eval"], ["--data", "--benchmark", "--k-shot", "--baselines", "--stop"]),
+                        (["predict"], ["--data", "--out", "--batch-size", "--task"]),
+                        (["runs"], ["--dir", "--filter", "--sort", "--json"])):
+        assert main([*argv, "--help"]) == 0
+        out = capsys.readouterr().out
+        for flag in flags:
+            assert flag in out, (argv, flag)

@@ -70,7 +70,7 @@ class ModelSection(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="dtype of the base weights as loaded. auto: bfloat16 when training runs in bf16 and the "
-        "method freezes the base (LoRA: adapters stay float32, ~25% faster on CPU), else float32 master weights.",
+        "method freezes the base (LoRA: adapters stay float32; faster on CPU), else float32 master weights.",
     )
 
 
@@ -242,19 +242,19 @@ class TrainSection(_Strict):
     processes: int = Field(
         1, ge=1,
         description="Data-parallel processes `tunelab train` starts on this machine (DDP: gloo on CPU, one GPU "
-        "each). Each takes batch_size rows per micro-batch. On CPU, 2 one-thread processes beat one 2-thread "
-        "process for twice the model memory. Under accelerate launch / torchrun the launcher decides.",
+        "each). Each takes batch_size rows per micro-batch. On CPU, several one-thread processes can be faster "
+        "than one multi-thread process, at one model copy per process. Under accelerate launch / torchrun the launcher decides.",
     )
     micro_batch_threads: int | None = Field(
         None, ge=1,
         description="Run this many micro-batches of an optimiser step at once, each in its own thread with "
-        "threads / N intra-op threads (CPU, one process; 667 -> 727 tokens/s on the 2-core LoRA benchmark). Gradients are "
+        "threads / N intra-op threads (CPU, one process). Gradients are "
         "summed in micro-batch order, whatever finishes first. Default: 2 on a CPU with 2+ threads for adapter "
         "runs (<= 5% of parameters trained, tunelab's kernels on, grad_accum >= 2, no dropout, distillation, "
         "gradient checkpointing or compile); else 1.",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute layer activations in the backward pass: less memory, ~30% more compute."
+        False, description="Recompute layer activations in the backward pass: less memory, one more forward pass of compute per step."
     )
     compile: bool = Field(
         False, description="torch.compile the decoder (packed rows are padded to max_length for static shapes)."

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunelab.cli_args import POSITIONAL, field_of
 
 
 class _Strict(BaseModel):
@@ -82,14 +84,15 @@ class SplitSettings(_Strict):
     group: Literal["near", "exact", "none"] = Field(
         "near", description="Keep duplicate clusters in one split: near (MinHash LSH), exact, or none.")
     threshold: float = Field(0.8, gt=0, le=1, description="Similarity that puts rows in one group (group: near).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the shuffle that assigns rows to splits.")
 
-    @model_validator(mode="after")
-    def _sum_to_one(self) -> SplitSettings:
-        if not 2 <= len(self.ratios) <= 3 or any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1) > 1e-6:
+    @field_validator("ratios")
+    @classmethod
+    def _sum_to_one(cls, ratios: tuple[float, ...]) -> tuple[float, ...]:
+        if not 2 <= len(ratios) <= 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
             raise ValueError(f"ratios must be 2 or 3 non-negative shares (each >= 0) summing to 1 "
-                             f"(got {list(self.ratios)})")
-        return self
+                             f"(got {list(ratios)})")
+        return ratios
 
 
 class WeightSettings(_Strict):
@@ -117,7 +120,7 @@ class AugmentSettings(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Model sampling temperature; 0 is greedy (every "
                                "copy alike). Sampling is seeded per call from `seed`, so runs repeat.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling share when temperature > 0.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the operations' random choices and of model sampling.")
     limit: int | None = Field(None, ge=1, description="Augment at most this many source rows.")
 
 
@@ -141,3 +144,132 @@ class PrepareSection(_Strict):
         "share a held-out test file written into the run directory.")
     augment: AugmentSettings | None = Field(None, description="Augment the training rows (after the split).")
     weights: WeightSettings | None = Field(None, description="Class-balanced sample weights for the loss.")
+
+
+# ----------------------------------------------------------------------------- the `tunelab data` verbs' options
+# Each verb's flags (tunelab.cli_args builds them from these models). Step settings are reused
+# field by field, so a flag has the same type, range and description as the config key.
+
+def _format():
+    return Field("auto", description="Row format (auto detects it).")
+
+
+def _force(what: str):
+    return Field(False, description=f"Replace {what}.")
+
+
+class InspectOptions(_Strict):
+    """``tunelab data inspect``."""
+
+    target: str = Field(description="A data file, or a training config (.yaml): its files, model and max_length.",
+                        json_schema_extra=POSITIONAL)
+    model: str | None = Field(None, description="Tokenizer for token lengths (an alias or model folder).")
+    max_length: int | None = Field(None, ge=1, description="Report the share of rows over this many tokens.")
+    html: str | None = Field(None, description="Write an HTML page with histograms here.")
+    json_out: str | None = Field(None, description="Write the statistics as JSON here.",
+                                 json_schema_extra={"cli": {"flag": "--json"}})
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    threshold: float = field_of(DedupSettings, "threshold")
+    force: bool = _force("an existing --html / --json file")
+
+
+class CleanOptions(_Strict):
+    """``tunelab data clean``: one flag per step setting; :meth:`settings` builds the steps."""
+
+    input: str = Field(description="The data file to clean.", json_schema_extra=POSITIONAL)
+    out: str = Field(description="Output file (its extension picks the format); never the input; must not exist "
+                     "unless --force.")
+    removed: str | None = Field(None, description="Removed-rows file (default <out>.removed.jsonl); must not exist "
+                                "unless --force.")
+    force: bool = _force("an existing --out / removed-rows file")
+    format: str = _format()
+    normalize: bool = Field(True, description="NFKC / whitespace / control / HTML cleanup.")
+    pii: bool = Field(False, description="Mask e-mails, phone and ID numbers.")
+    min_chars: int | None = field_of(LengthSettings, "min_chars")
+    max_chars: int | None = field_of(LengthSettings, "max_chars")
+    min_tokens: int | None = field_of(LengthSettings, "min_tokens")
+    max_tokens: int | None = field_of(LengthSettings, "max_tokens")
+    tokenizer: str | None = field_of(LengthSettings, "tokenizer", description="Model whose tokenizer counts tokens "
+                                     "for --min-tokens / --max-tokens.")
+    length_field: Literal["full", "prompt", "answer"] = field_of(LengthSettings, "field")
+    conflicts: Literal["flag", "drop", "majority", "off"] = Field(
+        "flag", description="Same input, different answers: flag (keep, report), drop (every row of the group), "
+        "majority (keep the most common answer), off.")
+    exact: bool = field_of(DedupSettings, "exact")
+    near: bool = field_of(DedupSettings, "near")
+    threshold: float = field_of(DedupSettings, "threshold")
+    key: Literal["full", "prompt"] = field_of(DedupSettings, "key")
+
+    def settings(self) -> CleanSettings:
+        lengths = (self.min_chars, self.max_chars, self.min_tokens, self.max_tokens)
+        return CleanSettings(
+            normalize=NormalizeSettings() if self.normalize else None,
+            pii=PiiSettings() if self.pii else None,
+            length=None if all(v is None for v in lengths) else LengthSettings(
+                field=self.length_field, min_chars=self.min_chars, max_chars=self.max_chars,
+                min_tokens=self.min_tokens, max_tokens=self.max_tokens, tokenizer=self.tokenizer),
+            conflicts=None if self.conflicts == "off" else ConflictSettings(policy=self.conflicts),
+            dedup=None if not (self.exact or self.near) else DedupSettings(
+                exact=self.exact, near=self.near, threshold=self.threshold, key=self.key),
+        )
+
+
+class SplitOptions(SplitSettings):
+    """``tunelab data split``: the split settings, plus the files."""
+
+    input: str = Field(description="The data file to split.", json_schema_extra=POSITIONAL)
+    out_dir: str = Field(description="Folder for train/val[/test] (or fold_i/...) files; it must not hold split "
+                         "files already, unless --force.")
+    force: bool = _force("the split files already in --out-dir")
+    kfold: int | None = Field(None, ge=2, description="Write K folds instead (fold_i/train, fold_i/val).")
+    format: str = _format()
+
+    def settings(self) -> SplitSettings:
+        return SplitSettings(**self.model_dump(include=set(SplitSettings.model_fields)))
+
+
+class LeakageOptions(_Strict):
+    """``tunelab data leakage``."""
+
+    files: list[str] = Field(description="TRAIN, then the files checked against it (TEST ...).",
+                             json_schema_extra={"cli": {"positional": True, "nargs": "+"}})
+    threshold: float = Field(0.8, gt=0, le=1, description="Near-duplicate Jaccard threshold.")
+    fail: bool = Field(False, description="Exit 1 when anything leaks (for CI).")
+
+
+class AgreementOptions(_Strict):
+    """``tunelab data agreement``."""
+
+    input: str = Field(description="Rows with several annotations each.", json_schema_extra=POSITIONAL)
+    column: str = Field("labels", description="List column holding the annotations.")
+    annotators: list[str] | None = Field(None, description="One column per annotator instead.",
+                                         json_schema_extra={"cli": {"nargs": "+"}})
+    out: str | None = Field(None, description="Write rows with the majority label (label_tie flags ties); must "
+                            "not exist unless --force.")
+    force: bool = _force("an existing --out file")
+    show: int = Field(20, ge=0, description="Disagreements to print.")
+
+
+class AugmentOptions(AugmentSettings):
+    """``tunelab data augment``: the augment settings, plus the files."""
+
+    ops: list[Literal["synonym", "insert", "swap", "delete", "reorder", "paraphrase", "backtranslate"]] = field_of(
+        AugmentSettings, "ops", json_schema_extra={"cli": {"nargs": "+"}})
+    input: str = Field(description="The data file to augment.", json_schema_extra=POSITIONAL)
+    out: str = Field(description="Output file (originals, then augmented rows); must not exist unless --force.")
+    force: bool = _force("an existing --out file")
+    format: str = _format()
+
+    def settings(self) -> AugmentSettings:
+        return AugmentSettings(**self.model_dump(include=set(AugmentSettings.model_fields)))
+
+
+class WeightsOptions(_Strict):
+    """``tunelab data weights``."""
+
+    input: str = Field(description="Labelled rows.", json_schema_extra=POSITIONAL)
+    out: str = Field(description="Output file (the rows with a weight column); must not exist unless --force.")
+    force: bool = _force("an existing --out file")
+    scheme: Literal["inverse", "effective"] = field_of(WeightSettings, "scheme")
+    beta: float = field_of(WeightSettings, "beta")
+    format: str = _format()

@@ -9,25 +9,13 @@ batch so a sampled evaluation is reproducible, and chat or raw-text prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from tunelab.eval.settings import GenerationSettings
+
 __all__ = ["GenerationSettings", "generate", "encode_prompt", "loglik_continuations", "n_scored_rows"]
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to decode. ``temperature == 0`` is greedy; otherwise sampling with ``top_p`` / ``top_k``."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: int = 0
-    batch_size: int = 8
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict], *, chat: bool = True) -> list[int]:

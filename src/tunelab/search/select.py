@@ -30,20 +30,7 @@ from tunelab.data.records import Message, Record
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 from tunelab.search.memory import mib
-
-
-@dataclass
-class SelectRequest:
-    candidates: list[str]
-    data: str
-    shots: int = 3
-    limit: int = 64
-    max_length: int = 512
-    batch_size: int = 4
-    method: str = "lora"
-    out: str | None = None
-    max_new_tokens: int = 48
-    memory_methods: tuple[str, ...] = ("full", "lora", "qlora")
+from tunelab.search.settings import SelectRequest
 
 
 @dataclass
@@ -143,8 +130,8 @@ def _train_config(req: SelectRequest, model: str, method: str):
 def throughput(req: SelectRequest, model_path: str) -> float:
     """Training tokens per second of ``req.method`` (3 steps; the best of the last two)."""
     from tunelab.search.advise import build_for_training, synthetic_batch, train_steps
-    from tunelab.train.precision import resolve_precision
     from tunelab.train.build import set_threads
+    from tunelab.train.precision import resolve_precision
 
     cfg = _train_config(req, model_path, req.method)
     set_threads(None)

@@ -32,7 +32,6 @@ import collections
 import contextlib
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -47,7 +46,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tunelab.errors import UserError, require
+from tunelab.errors import require
 from tunelab.fsutil import check_name
 
 try:
@@ -55,60 +54,9 @@ try:
 except ImportError:  # the [serve] extra is not installed: create_app says so in one line
     Request = None
 from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
+from tunelab.ship.settings import ServeSettings, is_loopback  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("tunelab.serve")
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass
-class ServeSettings:
-    """Limits and network settings of the server (each is a ``tunelab serve`` option)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 1_000_000
-    max_prompt_tokens: int = 4096
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 256
-    max_n: int = 4
-    max_batch_inputs: int = 64  # texts per /v1/classify request, prompts per /v1/completions request
-    max_concurrency: int = 1
-    max_queue: int = 16
-    queue_timeout_s: float = 30.0
-    request_timeout_s: float = 120.0
-    max_in_flight: int | None = None  # HTTP requests in progress at once, all routes (None: see in_flight_limit)
-
-    @property
-    def in_flight_limit(self) -> int:
-        """Requests the guard lets in at once; more get a JSON 503 (default: the slots, the queue and 32 more)."""
-        return self.max_in_flight or self.max_concurrency + self.max_queue + 32
-
-    def check(self) -> None:
-        """Refuse an unsafe or impossible configuration with a one-line UserError."""
-        if not is_loopback(self.host) and not self.api_keys:
-            raise UserError(
-                f"--host {self.host}: binding beyond this machine needs API keys (got none). Pass --api-key KEY "
-                "(or set TUNELAB_API_KEYS), or keep the default --host 127.0.0.1"
-            )
-        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "max_n", "max_concurrency",
-                     "max_batch_inputs", "max_in_flight"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(self, name)})")
-        if any(len(k) < 8 for k in self.api_keys):
-            raise UserError("--api-key: keys must be at least 8 characters (got a shorter one). Use a random key, "
-                            "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------- errors
