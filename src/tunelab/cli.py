@@ -396,15 +396,16 @@ def _show_json(result, o) -> None:
 
 
 def _eval(o: EvalOptions) -> None:
-    from tunelab.eval.evaluate import evaluate
+    from tunelab.eval.evaluate import evaluate, request_from_options
 
-    evaluate(o.target, o.request(), checkpoint=o.checkpoint, out_dir=o.out)
+    evaluate(o.target, request_from_options(o), checkpoint=o.checkpoint, out_dir=o.out)
 
 
 def _compare(o: CompareOptions) -> None:
     from tunelab.eval.compare import compare
+    from tunelab.eval.evaluate import request_from_options
 
-    compare(o.run_a, o.run_b, o.request(), checkpoint=o.checkpoint, out=o.out)
+    compare(o.run_a, o.run_b, request_from_options(o), checkpoint=o.checkpoint, out=o.out)
 
 
 def _runs(o: RunsOptions):

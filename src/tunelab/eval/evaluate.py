@@ -348,3 +348,17 @@ def request_from_config(section) -> EvalRequest:
                                       batch_size=section.batch_size),
         max_length=section.max_length, dtype=section.dtype,
     )
+
+
+def request_from_options(o) -> EvalRequest:
+    """The request ``tunelab eval`` / ``compare`` options (:mod:`tunelab.eval.settings`) describe."""
+    return EvalRequest(
+        data=list(o.data), format=o.format, task=o.task, metrics=o.metrics, labels=o.labels,
+        limit=o.limit, baselines=getattr(o, "baselines", False), few_shot=getattr(o, "few_shot", 3),
+        benchmarks=[BenchmarkRequest(b, o.k_shot, o.limit, o.split, o.subjects) for b in o.benchmark],
+        generation=GenerationSettings(max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                                      top_p=o.top_p, stop=tuple(o.stop), seed=o.seed,
+                                      batch_size=o.batch_size),
+        max_length=o.max_length, dtype=o.dtype,
+        modes=("constrained", "generated") if o.mode == "both" else (o.mode,),
+    )

@@ -71,22 +71,6 @@ class _EvalCommon(_Options):
     dtype: Literal["float32", "bfloat16", "float16"] = field_of(
         EvalSection, "dtype", description="dtype to load the models in (bfloat16 is faster on CPUs with AVX512-BF16).")
 
-    def request(self):
-        """The :class:`~tunelab.eval.evaluate.EvalRequest` these options describe."""
-        from tunelab.eval.evaluate import BenchmarkRequest, EvalRequest
-
-        return EvalRequest(
-            data=list(self.data), format=self.format, task=self.task, metrics=self.metrics, labels=self.labels,
-            limit=self.limit, baselines=getattr(self, "baselines", False), few_shot=getattr(self, "few_shot", 3),
-            benchmarks=[BenchmarkRequest(b, self.k_shot, self.limit, self.split, self.subjects) for b in self.benchmark],
-            generation=GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                          top_p=self.top_p, stop=tuple(self.stop), seed=self.seed,
-                                          batch_size=self.batch_size),
-            max_length=self.max_length, dtype=self.dtype,
-            modes=("constrained", "generated") if self.mode == "both" else (self.mode,),
-        )
-
-
 class EvalOptions(_EvalCommon):
     """``tunelab eval``."""
 
