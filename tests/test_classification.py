@@ -233,7 +233,7 @@ def test_lora_trains_head_through_modules_to_save_and_reloads(tmp_path):
     from tunelab.ship.inference import classify, load_for_inference
 
     loaded = load_for_inference(out.run_dir)
-    assert loaded.task == "classification" and sorted(loaded.id2label.values()) == ["animal", "colour"]
+    assert loaded.kind == "classification" and sorted(loaded.id2label.values()) == ["animal", "colour"]
     got = classify(loaded, texts)
     expected = torch.softmax(batch_logits(reloaded, out.tokenizer, texts).float(), dim=-1)
     for row, probs in zip(got, expected.tolist(), strict=True):

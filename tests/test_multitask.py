@@ -249,7 +249,7 @@ def test_save_reload_gives_the_same_outputs_per_head_and_predict_picks_a_task(tm
     for row, p in zip(rows, probs.tolist(), strict=True):
         assert row["probs"]["bad"] == pytest.approx(p[0], abs=1e-5)
     chat = select_task(loaded, "chat")
-    assert chat.task == "generation" and chat.model is loaded.model.lm
+    assert chat.kind == "generation" and chat.model is loaded.model.lm
     from tunelab.eval.evaluate import load_target
 
     target = load_target(out.run_dir)  # tunelab eval scores the shared LM of a multi-task run

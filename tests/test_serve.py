@@ -47,7 +47,7 @@ def test_adapters_share_one_base_and_the_model_field_picks_one(ship_runs, served
     ids = [m.id for m in client(server).models.list().data]
     assert ids == ["lora", "tiny-random-llama", "lora_b", "cls_lora", "cls"]  # no random-headed base classifier
     assert served["lora"].loaded.model is served["lora_b"].loaded.model is served["tiny-random-llama"].loaded.model
-    assert served["cls_lora"].task == "classification"
+    assert served["cls_lora"].kind == "classification"
 
     replies = {}
     for name in ("lora", "lora_b", "tiny-random-llama", "lora"):  # switching back and forth

@@ -73,7 +73,7 @@ def test_predict_classification_gives_labels_with_probabilities(ship_runs, tmp_p
     assert (summary.written, summary.rejected) == (4, 1)
     rows = read_jsonl(out)
     loaded = load_for_inference(ship_runs[run])
-    assert loaded.task == "classification"
+    assert loaded.kind == "classification"
     with torch.no_grad():
         enc = loaded.tokenizer(texts[:1], return_tensors="pt")
         direct = torch.softmax(loaded.model(**enc).logits, -1)[0]

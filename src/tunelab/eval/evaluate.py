@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.errors import UserError
+from tunelab.eval import tasks as eval_kinds
 from tunelab.eval.generate import GenerationSettings
+from tunelab.eval.tasks import detect_task, label_set
 from tunelab.fsutil import atomic_write_text
 
 __all__ = ["BenchmarkRequest", "EvalRequest", "evaluate", "headline", "load_target"]
@@ -174,38 +177,75 @@ def _read(path: str, fmt: str, limit: int | None, console: Console):
 # --------------------------------------------------------------------------- scoring
 
 
-def _score_data(t: Target, records, task: str, req: EvalRequest, labels: list[str], shots, console) -> dict:
-    from tunelab.eval import tasks
+@dataclass(frozen=True)
+class EvalKind:
+    """What ``--task`` (``eval.task``) names: how a data file is scored and which figures head its table."""
 
-    if task == "classification" and t.id2label is not None:
-        return tasks.classify_with_head(t.model, t.tokenizer, records, t.id2label, batch_size=req.generation.batch_size,
-                                        max_length=req.max_length, console=console)
+    name: str
+    score: Callable[..., dict] | None  # (target, records, request, labels, shots, console) -> result
+    headline: Callable[[dict[str, Any]], dict[str, float]]
+    labelled: bool = False  # a label set is read from the data
+    prompted: bool = True  # rows are prompts with a reference reply (not plain text)
+    head_scores: bool = False  # a classification head (a model with id2label) can score it
+
+
+def _score_lm(t: Target, records, req: EvalRequest, labels, shots, console) -> dict:
+    return eval_kinds.eval_lm(t.model, t.tokenizer, records, batch_size=req.generation.batch_size,
+                              max_length=req.max_length, console=console)
+
+
+def _score_generation(t: Target, records, req: EvalRequest, labels, shots, console) -> dict:
+    return eval_kinds.eval_generation(t.model, t.tokenizer, records, req.generation, shots=shots,
+                                      metrics=req.metrics, console=console)
+
+
+def _score_classification(t: Target, records, req: EvalRequest, labels, shots, console) -> dict:
     if t.id2label is not None:
+        return eval_kinds.classify_with_head(t.model, t.tokenizer, records, t.id2label,
+                                             batch_size=req.generation.batch_size, max_length=req.max_length,
+                                             console=console)
+    return eval_kinds.eval_classification(t.model, t.tokenizer, records, labels, req.generation, shots=shots,
+                                          modes=req.modes, console=console)
+
+
+def _classification_headline(metrics: dict[str, Any]) -> dict[str, float]:
+    m = metrics.get(metrics.get("primary", "generated"), {})
+    out = {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1")}
+    if "constrained" in metrics and metrics.get("primary") != "constrained":
+        out["constrained_accuracy"] = metrics["constrained"]["accuracy"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+EVAL_KINDS = {k.name: k for k in (
+    EvalKind("lm", _score_lm, lambda m: {k: m[k] for k in ("loss", "perplexity", "token_accuracy")}, prompted=False),
+    EvalKind("generation", _score_generation,
+             lambda m: {k: m[k] for k in ("exact_match", "f1", "bleu", "rougeL", "chrf") if k in m}),
+    EvalKind("classification", _score_classification, _classification_headline, labelled=True, head_scores=True),
+    EvalKind("benchmark", None, lambda m: {k: m[k] for k in ("accuracy", "ci_low", "ci_high")}),
+)}
+DATA_KINDS = tuple(k for k, v in EVAL_KINDS.items() if v.score is not None)  # what a data file can be scored as
+
+
+def asked_kind(name: str) -> EvalKind | None:
+    """The kind ``--task`` names; None for ``auto`` (detected from each file's rows)."""
+    if name == "auto":
+        return None
+    if name not in DATA_KINDS:
+        raise UserError(f"--task: unknown task {name!r}. Choose auto, {', '.join(DATA_KINDS)}")
+    return EVAL_KINDS[name]
+
+
+def _score_data(t: Target, records, kind: str, req: EvalRequest, labels: list[str], shots, console) -> dict:
+    how = EVAL_KINDS[kind]
+    if t.id2label is not None and not how.head_scores:
         raise UserError(f"eval: {t.description} is a classification head; it can only score classification data "
-                        f"(got task {task!r}). Use --task classification")
-    if task == "lm":
-        return tasks.eval_lm(t.model, t.tokenizer, records, batch_size=req.generation.batch_size,
-                             max_length=req.max_length, console=console)
-    if task == "generation":
-        return tasks.eval_generation(t.model, t.tokenizer, records, req.generation, shots=shots,
-                                     metrics=req.metrics, console=console)
-    return tasks.eval_classification(t.model, t.tokenizer, records, labels, req.generation, shots=shots,
-                                     modes=req.modes, console=console)
+                        f"(got task {kind!r}). Use --task classification")
+    return how.score(t, records, req, labels, shots, console)
 
 
-def headline(task: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The few numbers a table shows for a result: the primary figures of its task."""
-    if task == "classification":
-        m = metrics.get(metrics.get("primary", "generated"), {})
-        out = {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1")}
-        if "constrained" in metrics and metrics.get("primary") != "constrained":
-            out["constrained_accuracy"] = metrics["constrained"]["accuracy"]
-        return {k: v for k, v in out.items() if v is not None}
-    if task == "lm":
-        return {k: metrics[k] for k in ("loss", "perplexity", "token_accuracy")}
-    if task == "benchmark":
-        return {k: metrics[k] for k in ("accuracy", "ci_low", "ci_high")}
-    return {k: metrics[k] for k in ("exact_match", "f1", "bleu", "rougeL", "chrf") if k in metrics}
+def headline(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a table shows for a result: the primary figures of its kind."""
+    return EVAL_KINDS.get(kind, EVAL_KINDS["generation"]).headline(metrics)
 
 
 def _slug(text: str) -> str:
@@ -218,19 +258,16 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
     console = console or Console()
     if not req.data and not req.benchmarks:
         raise UserError("eval: nothing to evaluate. Pass --data FILE and/or --benchmark ZIP_OR_FOLDER")
-    if req.task not in ("auto", "lm", "generation", "classification"):
-        raise UserError(f"--task: unknown task {req.task!r}. Choose auto, lm, generation or classification")
+    asked = asked_kind(req.task)
     run_dir = _run_dir(target)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else Path("eval_results") / _slug(Path(str(target)).name))
-
-    from tunelab.eval.tasks import detect_task, label_set
 
     sources: list[dict[str, Any]] = []
     for path in req.data:
         res = _read(path, req.format, req.limit, console)
-        task = req.task if req.task != "auto" else detect_task(res.records, req.labels)
-        labels = label_set(res.records, req.labels) if task == "classification" else []
-        sources.append({"kind": "data", "name": _slug(Path(path).stem), "path": path, "task": task,
+        kind = asked.name if asked is not None else detect_task(res.records, req.labels)
+        labels = label_set(res.records, req.labels) if EVAL_KINDS[kind].labelled else []
+        sources.append({"kind": "data", "name": _slug(Path(path).stem), "path": path, "task": kind,
                         "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects)})
     from tunelab.eval.choice import load_benchmark
 

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from tunelab.data.records import Message, Record
 from tunelab.errors import UserError
+from tunelab.eval.evaluate import EVAL_KINDS
 from tunelab.fsutil import atomic_write_text
 from tunelab.search.memory import mib
 from tunelab.search.settings import SelectRequest
@@ -55,7 +56,7 @@ class Candidate:
 
 
 def read_validation(path: str, shots: int, limit: int) -> tuple[list[Record], list[Record], str, list[str]]:
-    """(shots, rows to score, task, labels): chat rows as they are; text + label rows become chats that
+    """(shots, rows to score, evaluation kind, labels): chat rows as they are; text + label rows become chats that
     ask for the label (the prompt of ``task: generative_classification``)."""
     from tunelab.config import ClassificationSection
     from tunelab.data.formats import read_records
@@ -66,16 +67,16 @@ def read_validation(path: str, shots: int, limit: int) -> tuple[list[Record], li
     if len(records) <= shots:
         raise UserError(f"--data {path}: {len(records)} usable row(s) ({len(res.rejects)} rejected); need more than "
                         f"--shots {shots}. Use a larger validation file or fewer shots")
-    task = detect_task(records)
-    labels = label_set(records, None) if task == "classification" else []
-    if task == "classification" and all(r.label is not None for r in records):  # text + label rows
+    kind = detect_task(records)  # an evaluation kind (lm, generation, classification), not a training task
+    labels = label_set(records, None) if EVAL_KINDS[kind].labelled else []
+    if labels and all(r.label is not None for r in records):  # text + label rows
         prompt = ClassificationSection().prompt
         records = [Record(r.id, (Message("user", prompt.format(labels=", ".join(labels), text=_text(r))),
                                  Message("assistant", gold_label(r) or "")), label=r.label) for r in records]
-    if task == "lm":
+    if not EVAL_KINDS[kind].prompted:
         raise UserError(f"--data {path}: plain-text rows have no prompt to condition on. Use chat, instruction "
                         "or classification data (the rows your fine-tuned model will answer)")
-    return records[:shots], records[shots:], task, labels
+    return records[:shots], records[shots:], kind, labels
 
 
 def _text(r: Record) -> str:
@@ -101,14 +102,14 @@ def reply_losses(model, tokenizer, records: list[Record], shots: list[Record]) -
     return -sum(s[0] for s in scores) / max(tokens, 1)
 
 
-def task_metric(model, tokenizer, task: str, records: list[Record], shots: list[Record], labels: list[str],
+def task_metric(model, tokenizer, kind: str, records: list[Record], shots: list[Record], labels: list[str],
                 max_new_tokens: int) -> tuple[str, float]:
     from tunelab.eval.generate import GenerationSettings
     from tunelab.eval.tasks import eval_classification, eval_generation
 
     quiet = Console(file=io.StringIO())
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=8)
-    if task == "classification":
+    if EVAL_KINDS[kind].labelled:
         out = eval_classification(model, tokenizer, records, labels, settings, shots=shots, modes=("constrained",),
                                   console=quiet)
         return "accuracy", float(out["metrics"]["constrained"]["accuracy"])

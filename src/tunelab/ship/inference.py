@@ -25,7 +25,8 @@ class Loaded:
     tokenizer: object
     description: str
     base_model: str | None = None  # the base this was tuned from (for --compare-base)
-    task: str = "generation"  # "generation" (causal LM) or "classification" (sequence classification)
+    kind: str = "generation"  # what the model does: "generation" (a causal LM), "classification" (a class
+    # head) or "multitask" (pick one with select_task); not the training task (tunelab.tasks)
     method: str | None = None  # the tunelab method that produced the weights, if a run
     folder: Path | None = None  # the weights folder, if a run
     id2label: dict[int, str] | None = None  # classification labels
@@ -128,7 +129,7 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
     if (folder / "multitask.json").is_file():  # task: multitask: the shared LM as its method saved it + the heads
         model = _load_multitask(folder, info, dtype, custom)
         return Loaded(model.eval(), tokenizer, f"{info['method']} multi-task on {info['base_model']} ({folder})",
-                      info["base_model"], task="multitask", method=info["method"], folder=folder, tasks=model.tasks)
+                      info["base_model"], kind="multitask", method=info["method"], folder=folder, tasks=model.tasks)
     if (folder / "classifier.json").is_file():  # trained with task: classification (head, full, LoRA, ...)
         from tunelab.methods.reload import load_classifier  # lazy: imports torch, peft and every method
 
@@ -150,7 +151,7 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return Loaded(model.eval(), tokenizer, f"{info['method']} on {info['base_model']} ({folder})", info["base_model"],
-                  task=info["task"], method=info["method"], folder=folder, id2label=id2label)
+                  kind=info["task"], method=info["method"], folder=folder, id2label=id2label)
 
 
 def _load_multitask(folder: Path, info: dict, dtype: torch.dtype, custom):
@@ -198,8 +199,8 @@ def select_task(loaded: Loaded, task: str | None) -> Loaded:
     if task in model.specs:
         labels = model.specs[task].labels
         return Loaded(_LogitsOutput(_TaskHead(model, task)).eval(), loaded.tokenizer, f"{loaded.description} [{task}]",
-                      task="classification", id2label=dict(enumerate(labels)), **common)
-    return Loaded(model.lm, loaded.tokenizer, f"{loaded.description} [{task}]", task="generation", **common)
+                      kind="classification", id2label=dict(enumerate(labels)), **common)
+    return Loaded(model.lm, loaded.tokenizer, f"{loaded.description} [{task}]", kind="generation", **common)
 
 
 class _LogitsOutput(torch.nn.Module):
@@ -244,7 +245,7 @@ def base_only(loaded: Loaded):
 @torch.no_grad()
 def classify(loaded: Loaded, texts: list[str], *, batch_size: int = 16, max_length: int | None = None) -> list[dict]:
     """Label probabilities for each text (softmax over the classification head), best label first."""
-    if loaded.task != "classification" or not loaded.id2label:
+    if loaded.kind != "classification" or not loaded.id2label:
         raise UserError(f"{loaded.description}: not a classification model. Use generation (predict/chat) instead")
     tok = loaded.tokenizer
     results: list[dict] = []

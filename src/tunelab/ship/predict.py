@@ -96,7 +96,7 @@ def _text_from(row: dict) -> tuple[str, Any]:
     raise ValueError("no text to classify: expected a non-empty text (or input/prompt) field")
 
 
-def read_items(path: Path, task: str, system: str | None) -> tuple[list[Item], list[dict]]:
+def read_items(path: Path, kind: str, system: str | None) -> tuple[list[Item], list[dict]]:
     """Every usable row as an :class:`Item`, and a reject (with its reason) for every other row."""
     from tunelab.data import formats
 
@@ -113,7 +113,7 @@ def read_items(path: Path, task: str, system: str | None) -> tuple[list[Item], l
                             "raw": str(row)[:500]})
             continue
         try:
-            value, reference = _text_from(row) if task == "classification" else _messages_from(row, system)
+            value, reference = _text_from(row) if kind == "classification" else _messages_from(row, system)
         except (ValueError, KeyError, TypeError, IndexError) as err:
             reason = "bad_row" if isinstance(err, ValueError) else "malformed_turns"
             rejects.append({"row": index, "id": rid, "reason": reason, "detail": str(err),
@@ -172,7 +172,7 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
         raise UserError(f"--batch-size: must be at least 1 (got {batch_size}). Use e.g. 8")
     data, out = Path(data), Path(out)
     loaded = select_task(loaded or load_for_inference(target, checkpoint=checkpoint), task)  # multi-task: one head
-    items, rejects = read_items(data, loaded.task, system)
+    items, rejects = read_items(data, loaded.kind, system)
     rejects_file = out.with_name(out.name + ".rejects.jsonl") if rejects else None
     if rejects_file is not None:
         atomic_write_text(rejects_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
@@ -205,7 +205,7 @@ def _count(values) -> dict[str, int]:
 
 
 def _predict_chunk(loaded: Loaded, chunk: list[Item], **gen) -> list[dict]:
-    if loaded.task == "classification":
+    if loaded.kind == "classification":
         scored = classify(loaded, [it.input for it in chunk], batch_size=len(chunk))
         return [{"index": it.index, "id": it.id, "text": it.input, **s, "reference": it.reference}
                 for it, s in zip(chunk, scored, strict=True)]

@@ -88,8 +88,8 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def task(self) -> str:
-        return self.loaded.task
+    def kind(self) -> str:
+        return self.loaded.kind
 
     @contextlib.contextmanager
     def active(self):
@@ -160,7 +160,7 @@ def load_models(targets: list[str], *, checkpoint: str = "final", dtype: torch.d
             base_name = _unique(Path(str(info["base_model"]).rstrip("/")).name, names)
             names.add(base_name)
             groups[key] = Served(base_name, loaded, None, lock)
-            if loaded.task == "generation":  # a base classifier would answer with an untrained head
+            if loaded.kind == "generation":  # a base classifier would answer with an untrained head
                 served[base_name] = groups[key]
     return served
 
@@ -255,14 +255,14 @@ class Engine:
     def __init__(self, models: dict[str, Served], settings: ServeSettings):
         self.models, self.settings = models, settings
 
-    def get(self, name: str, task: str) -> Served:
+    def get(self, name: str, kind: str) -> Served:
         served = self.models.get(name)
         if served is None:
             raise ApiError(404, f"The model '{name}' does not exist. Models: {', '.join(self.models)}",
                            param="model", code="model_not_found")
-        if served.task != task:
-            use = "/v1/classify" if served.task == "classification" else "/v1/chat/completions or /v1/completions"
-            raise ApiError(400, f"The model '{name}' is a {served.task} model; use {use}", param="model",
+        if served.kind != kind:
+            use = "/v1/classify" if served.kind == "classification" else "/v1/chat/completions or /v1/completions"
+            raise ApiError(400, f"The model '{name}' is a {served.kind} model; use {use}", param="model",
                            code="wrong_endpoint")
         return served
 
@@ -587,7 +587,7 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
     @app.get("/v1/models", dependencies=auth)
     async def list_models():
         return {"object": "list", "data": [
-            {"id": s.name, "object": "model", "created": s.created, "owned_by": "tunelab", "task": s.task,
+            {"id": s.name, "object": "model", "created": s.created, "owned_by": "tunelab", "task": s.kind,
              "root": s.loaded.base_model or s.name, "max_model_len": s.context_length} for s in models.values()]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -866,6 +866,6 @@ def serve(targets: list[str], settings: ServeSettings, *, checkpoint: str = "fin
     app = create_app(models, settings)
     if console is not None:
         console.print(f"serving on http://{settings.host}:{settings.port}/v1  models: "
-                      + ", ".join(f"{n} ({s.task})" for n, s in models.items())
+                      + ", ".join(f"{n} ({s.kind})" for n, s in models.items())
                       + ("  [API key required]" if settings.api_keys else ""))
     run_server(app, settings.host, settings.port)
