@@ -25,9 +25,8 @@ IGNORE = -100
 
 # Training micro-batches are padded to a multiple of this many tokens. Every distinct matmul
 # shape makes oneDNN (PyTorch's CPU GEMM library) build and cache a primitive, and the heap
-# fragments under ever-new tensor sizes: with packed rows of 466-512 tokens the training
-# process grew by ~10 MB per row for the whole epoch (measured, docs/benchmarks.md). With a few
-# shapes the memory stays flat; the padding costs under 1% of the tokens of packed rows.
+# fragments under ever-new tensor sizes, so memory grows row after row for the whole epoch
+# (docs/benchmarks.md). With a few shapes the memory stays flat, for a little padding.
 PAD_MULTIPLE = 64
 
 

@@ -67,8 +67,7 @@ def same_kernel_in_eval(model):
 
     In eval mode without gradients, bitsandbytes (0.50) repacks a CPU ``Linear4bit`` for its
     AVX512-BF16 kernel and keeps it packed afterwards, so after the first evaluation the base computes
-    slightly different numbers (measured: logits off by ~1e-3 on tiny-random-llama, in training as
-    well), and a reloaded adapter no longer reproduces the trained model. Off, the layers always
+    slightly different numbers (logits off by about 1e-3, in training as well), and a reloaded adapter no longer reproduces the trained model. Off, the layers always
     dequantise as in training.
     """
     for module in model.modules():

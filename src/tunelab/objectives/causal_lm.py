@@ -21,10 +21,8 @@ from tunelab.data.batching import IGNORE
 # The fp32 logits of one chunk (evaluation's; training's bf16 ones are half of it) stay below this
 # size. Larger blocks are memory-mapped afresh by malloc at every call (glibc serves allocations
 # above its mmap threshold, at most 32 MiB, with new pages), and the page faults cost more than the
-# arithmetic: on SmolLM2 (49,152 words) a 1,024-row chunk (200 MB) took 98 ms per 300 tokens where
-# 64-row chunks take 36 ms (measured). Below it, taller chunks run the two vocabulary GEMMs faster:
-# 160 rows (31.5 MB) took 101-110 ms for a row's 468 labelled tokens where 80 rows took 124
-# (forward + backward, 2 threads, measured).
+# arithmetic. Below it, taller chunks run the two vocabulary GEMMs faster, so a chunk is as tall as
+# this size allows (the measurements are in docs/benchmarks.md).
 CHUNK_BYTES = 32 * 2**20 - 2**20
 # Chunks are whole multiples of this many rows, the last one padded with zero rows: the number of
 # labelled tokens differs in every batch, and each new chunk height is a new matmul shape for
@@ -43,10 +41,8 @@ def _softmax_and_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     the logits' dtype) and that sum (fp32).
 
     One softmax pass in the logits' dtype, where an fp32 log-softmax, a clamp, an ``exp`` and a cast
-    took four passes over an fp32 block: the CE of a real 468-token SmolLM2 row, forward and
-    backward, went from 218-244 to 156-161 ms on one thread (the two versions alternated), of which
-    ~125 ms are its two GEMMs (measured). What a bf16 softmax would lose is taken back where it
-    matters:
+    would take four passes over an fp32 block (docs/benchmarks.md has the timings). What a bf16
+    softmax would lose is taken back where it matters:
 
     * a target above one half: its entry is minus the mass on the other words (summed with fp32
       accumulation, rounded once) and its loss ``-log1p(-that mass)``: exact where ``p_t`` is near

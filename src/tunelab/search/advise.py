@@ -183,7 +183,7 @@ def train_steps(model, loss_module, optimizer, batch, *, precision: str, steps: 
 @contextlib.contextmanager
 def _one_thread():
     """Memory does not depend on the thread count; one thread avoids oversubscribing a busy machine
-    (tiny operators ran 16x slower with 2 threads on a loaded 2-core box)."""
+    (tiny operators slow down badly when threads compete for cores)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
