@@ -189,6 +189,26 @@ def test_metrics_hold_one_record_per_step_after_resume(tmp_path, straight_runs):
     assert_same_run(reference, run)
 
 
+def test_rejects_are_not_written_twice_by_a_resumed_run(tmp_path, straight_runs, alpaca_path):
+    rows = json.loads(alpaca_path.read_text())[:40]
+    rows[3]["output"], rows[7]["instruction"] = "", ""  # an empty reply, an empty prompt: 2 rejects
+    data = tmp_path / "with_bad.json"
+    data.write_text(json.dumps(rows))
+    cfg, _ = straight_runs["lora"]
+    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")},
+           "data": {**cfg["data"], "train": [{"path": str(data)}]}}
+    path = write_config(tmp_path, cfg, "rej")
+    armed = install(Fault("before_forward", 5, "kill"))
+    with pytest.raises(SimulatedKill):
+        train(path)
+    armed.uninstall()
+    rejects = tmp_path / "runs" / "rej" / "rejects.jsonl"
+    first = rejects.read_text()
+    assert len(first.splitlines()) == 2
+    train(path, resume=True)
+    assert rejects.read_text() == first
+
+
 # --------------------------------------------------------------------------- corrupt checkpoints
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from tunelab.data import jsonread
 from tunelab.data.records import ROLES, Message, Record, Reject
 from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_text
 
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "text", "classification")
 EXTENSIONS: tuple[str, ...] = (".json", ".jsonl", ".csv", ".parquet", ".txt")
@@ -140,9 +141,13 @@ def read_records(
     return ReadResult(records=records, rejects=rejects, format=fmt, path=str(p), rows=len(rows))
 
 
-def write_rejects(rejects: list[Reject], path: Path) -> None:
-    """Append ``rejects`` to ``path`` as JSON Lines (one :meth:`Reject.to_dict` per line)."""
+def write_rejects(rejects: list[Reject], path: Path, *, replace: bool = False) -> None:
+    """Append ``rejects`` to ``path`` as JSON Lines (one :meth:`Reject.to_dict` per line); with ``replace``,
+    write the file anew, atomically (a run's data rejects: a resumed run makes the same ones again)."""
     path = Path(path)
+    if replace:
+        atomic_write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects))
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         for reject in rejects:

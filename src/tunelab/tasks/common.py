@@ -15,7 +15,7 @@ def refuse_empty(rows: list, rejects: list, run, is_main: bool, what: str) -> No
     if rows:
         return
     if run is not None and is_main and rejects:
-        write_rejects(rejects, run.rejects_file)
+        write_rejects(rejects, run.rejects_file, replace=True)
     raise UserError(f"data.train: no usable training {what} ({len(rejects)} rejected: {summarize_rejects(rejects)}). "
                     f"See the reasons in {run.rejects_file if run else 'the rejects file'}")
 
@@ -23,8 +23,8 @@ def refuse_empty(rows: list, rejects: list, run, is_main: bool, what: str) -> No
 def report(summary: dict[str, Any], rejects: list, run, console: Console, is_main: bool, headline: str) -> None:
     """Write the rejects and ``data.json`` into the run; print ``headline`` and the rejects' count."""
     if run is not None and is_main:
-        if rejects:
-            write_rejects(rejects, run.rejects_file)
+        if rejects or run.rejects_file.exists():  # anew: a resumed run makes the same ones again
+            write_rejects(rejects, run.rejects_file, replace=True)
         run.write_json("data.json", summary)
     if is_main:
         if rejects:

@@ -86,7 +86,7 @@ def prepare(cfg, tokenizer, run, console: Console, is_main: bool):
                        "labels": rows.label_counts}
         if not t_rows:
             if run is not None and is_main:  # the error points at this file: write every reject so far first
-                write_rejects(rejects + t_rej, run.rejects_file)
+                write_rejects(rejects + t_rej, run.rejects_file, replace=True)
             raise UserError(f"tasks.{name}: no usable training row ({len(t_rej)} rejected: {summarize_rejects(t_rej)}). "
                             f"See the reasons in {run.rejects_file if run else 'the rejects file'}")
         info.train_of.append(tuple(range(len(train), len(train) + len(t_rows))))
@@ -103,8 +103,8 @@ def prepare(cfg, tokenizer, run, console: Console, is_main: bool):
                "train_target_tokens": sum(r.n_targets for r in train),
                "rejected": len(rejects), "rejected_by_reason": summarize_rejects(rejects)}
     if run is not None and is_main:
-        if rejects:
-            write_rejects(rejects, run.rejects_file)
+        if rejects or run.rejects_file.exists():  # anew: a resumed run makes the same ones again
+            write_rejects(rejects, run.rejects_file, replace=True)
         run.write_json("data.json", summary)
     if is_main:
         shown = ", ".join(f"{t} ({v['type']}): {v['train_rows']} train / {v['eval_rows']} eval" for t, v in per_task.items())
