@@ -73,7 +73,8 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     for _ in range(steps):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, n = loss_model(input_ids=ids, labels=labels, position_ids=pos)
+            out = loss_model(input_ids=ids, labels=labels, position_ids=pos)
+            loss, n = out.total, out.count
         (loss / n).backward()
         optim.step()
         optim.zero_grad(set_to_none=True)

@@ -131,8 +131,9 @@ def test_class_weights_change_the_loss_exactly_as_by_hand():
     original = clf.unwrap
     clf.unwrap = lambda m: m
     try:
-        plain, n = ClassificationLoss(Fixed(logits), ["x", "y", "z"])(ids, labels)
-        weighted, _ = ClassificationLoss(Fixed(logits), ["x", "y", "z"], weights)(ids, labels)
+        out = ClassificationLoss(Fixed(logits), ["x", "y", "z"])(ids, labels)
+        plain, n = out.total, out.count
+        weighted = ClassificationLoss(Fixed(logits), ["x", "y", "z"], weights)(ids, labels).total
     finally:
         clf.unwrap = original
     logp = torch.log_softmax(logits, dim=-1)

@@ -46,8 +46,8 @@ def test_class_weights_change_the_loss_as_computed_by_hand(tiny):
     per_row = []
     for s in samples:  # each row alone, unweighted: (ce sum, targets)
         batch = collate(rows_unpacked([Encoded(s.input_ids, s.labels, s.id)]), pad_id=0, packed=False)
-        loss_sum, n = tiny(**batch)
-        per_row.append((loss_sum.item(), n.item(), s.weight))
+        out = tiny(**batch)
+        per_row.append((out.total.item(), out.count.item(), s.weight))
     expected = sum(w * ls for ls, _, w in per_row) / sum(w * n for _, n, w in per_row)
     rows = rows_unpacked(samples)
     for packed, batch_rows in ((False, rows), (True, None)):
@@ -56,7 +56,8 @@ def test_class_weights_change_the_loss_as_computed_by_hand(tiny):
 
             batch_rows = rows_packed(samples, 64)
         batch = collate(batch_rows, pad_id=0, packed=packed)
-        wsum, wn = tiny(**batch)
+        out = tiny(**batch)
+        wsum, wn = out.total, out.count
         assert wn.item() == pytest.approx(sum(r.target_weight for r in batch_rows))
         assert (wsum / wn).item() == pytest.approx(expected, rel=1e-5)
     unweighted = sum(ls for ls, _, _ in per_row) / sum(n for _, n, _ in per_row)

@@ -127,14 +127,15 @@ def test_method_trains_only_its_parameters_and_reloads(case, base, tokenizer, tm
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(2):  # 2 updates: zero-initialised B / up / gates let A / down / prompts move at the 2nd
-        loss_sum, n = loss_model(**batch())
+        out = loss_model(**batch())
+        loss_sum, n = out.total, out.count
         (loss_sum / n).backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append((loss_sum / n).item())
     with torch.no_grad():
-        loss_sum, n = loss_model(**batch())
-        losses.append((loss_sum / n).item())
+        out = loss_model(**batch())
+        losses.append((out.total / out.count).item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -168,7 +169,8 @@ def test_virtual_token_loss_matches_peft_forward(name, base, tmp_path):
     """Our labels-only path gives PEFT's own loss: virtual tokens get none, positions line up."""
     _, model = build(base, {"name": name, "virtual_tokens": 3}, tmp_path)
     b = batch()
-    loss_sum, n = CausalLMLoss(model)(**b)
+    out = CausalLMLoss(model)(**b)
+    loss_sum, n = out.total, out.count
     theirs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     torch.testing.assert_close(loss_sum / n, theirs, rtol=1e-5, atol=1e-5)
     assert n == (b["labels"][:, 1:] != -100).sum()

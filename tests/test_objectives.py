@@ -26,7 +26,8 @@ def test_loss_equals_full_logits_cross_entropy(head):
     ids = torch.randint(5, 1000, (2, 16))
     labels = ids.clone()
     labels[:, :6] = -100
-    loss_sum, n = loss_model(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
+    out = loss_model(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids))
+    loss_sum, n = out.total, out.count
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tunelab.data.batching import IGNORE
+from tunelab.objectives.output import LossSum
 
 # The fp32 logits of one chunk (evaluation's; training's bf16 ones are half of it) stay below this
 # size. Larger blocks are memory-mapped afresh by malloc at every call (glibc serves allocations
@@ -188,9 +189,11 @@ class CausalLMLoss(nn.Module):
         keep = targets != IGNORE
         return hidden[:, :-1][keep], targets[keep], keep, head
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None, groups=None):
-        """``(loss_sum, n_targets)``; with ``weights`` (per token) ``(sum(w*ce), sum(w))``; with
-        ``groups`` (dataset per token) a third value: ``{group: (ce_sum, tokens)}``, unweighted.
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, weights=None,
+                groups=None) -> LossSum:
+        """The CE summed over the labelled tokens and their count; with ``weights`` (per token)
+        ``sum(w*ce)`` and ``sum(w)``; with ``groups`` (dataset per token) ``{group: (ce_sum, tokens)}``,
+        unweighted, in ``LossSum.groups``.
 
         With :attr:`distill` set, training adds the gradient of ``distill.weight * T^2 * KL`` per
         labelled token (weighted like the CE) while the returned value stays the CE (the loop logs
@@ -198,17 +201,18 @@ class CausalLMLoss(nn.Module):
         """
         h, targets, keep, head = self.target_hidden(input_ids, labels, attention_mask, position_ids)
         if weights is not None or groups is not None:
-            out = self._weighted(h, head, targets, weights, groups, keep)
+            total, count, per_group = self._weighted(h, head, targets, weights, groups, keep)
         elif self.fused:
-            out = chunked_cross_entropy_sum(h, head.weight, targets, self.chunk), keep.sum()
+            total, count, per_group = chunked_cross_entropy_sum(h, head.weight, targets, self.chunk), keep.sum(), None
         else:
-            out = plain_cross_entropy_sum(h, head, targets, self.softcap, self.chunk), keep.sum()
+            total, count = plain_cross_entropy_sum(h, head, targets, self.softcap, self.chunk), keep.sum()
+            per_group = None
         if self.distill is not None and self.training:
             token_w = weights[:, 1:][keep] if weights is not None else None
             kl = self.distill.kl_sum(self.model, h, head, keep, token_w, input_ids=input_ids,
                                      attention_mask=attention_mask, position_ids=position_ids)
-            out = (out[0] + (kl - kl.detach()), *out[1:])
-        return out
+            total = total + (kl - kl.detach())
+        return LossSum(total, count, per_group)
 
     def _weighted(self, h, head, targets, weights, groups, keep):
         """The loss per (group, weight) class of tokens: one chunked CE call per distinct pair.
@@ -230,6 +234,4 @@ class CausalLMLoss(nn.Module):
             total = total + part * wv
             s, n = per_group.get(int(gv), (0.0, 0))
             per_group[int(gv)] = (s + part.detach().double(), n + int(sel.sum()))
-        if groups is None:
-            return total, w.sum()
-        return total, w.sum(), per_group
+        return total, w.sum(), (per_group if groups is not None else None)

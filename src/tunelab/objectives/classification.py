@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tunelab.data.batching import IGNORE
+from tunelab.objectives.output import LossSum
 
 
 def metrics_from_confusion(confusion: torch.Tensor, labels: list[str]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ class ClassificationLoss(nn.Module):
             pred = logits.argmax(dim=-1)
             for t, p in zip(targets[keep].tolist(), pred[keep].tolist(), strict=True):
                 self.confusion[t, p] += 1
-        return loss_sum, keep.sum()
+        return LossSum(loss_sum, keep.sum())
 
     def take_metrics(self, accelerator) -> dict[str, Any]:
         """Metrics of the evaluation just run (summed over processes); resets the counts."""

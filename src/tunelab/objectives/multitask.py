@@ -27,6 +27,7 @@ from torch import nn
 from tunelab.data.batching import IGNORE
 from tunelab.objectives.causal_lm import CausalLMLoss
 from tunelab.objectives.classification import metrics_from_confusion
+from tunelab.objectives.output import LossSum
 
 
 class MultiTaskLoss(nn.Module):
@@ -69,7 +70,8 @@ class MultiTaskLoss(nn.Module):
                 part, n = self._classification(self.tasks[k], ids, lab, mask)
             else:
                 w = weights[sel, :width] if weights is not None else None
-                part, n = self.lm_loss(ids, lab, attention_mask=mask, weights=w)
+                out = self.lm_loss(ids, lab, attention_mask=mask, weights=w)
+                part, n = out.total, out.count
             per_task[k] = (part.detach().double(), n)
             if self.training:
                 scaled = part * self.weights[k]
@@ -81,7 +83,7 @@ class MultiTaskLoss(nn.Module):
             count = count + (torch.as_tensor(n, dtype=torch.float64) if self.training else len(sel))
         if total is None:  # an empty batch
             total = (input_ids.sum() * 0.0).float()
-        return total, count, per_task
+        return LossSum(total, count, per_task)
 
     def take_metrics(self, accelerator) -> dict[str, Any]:
         """Per-task eval loss (and accuracy / macro-F1 of classification tasks) of the evaluation just run."""

@@ -433,8 +433,8 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     with torch.no_grad():
         loss.eval()
         with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            part, n, *_ = loss(**batch)
-        base_loss = float(part) / max(float(n), 1.0)
+            out = loss(**batch)
+        base_loss = float(out.total) / max(float(out.count), 1.0)
     times = train_steps(model, loss, optimizer, batch, precision=precision, steps=steps + 1,
                         max_grad_norm=cfg.train.max_grad_norm, grad_accum=cfg.train.grad_accum)
     per_step = min(times[1:]) if len(times) > 1 else times[0]

@@ -136,8 +136,8 @@ def evaluate(s: LoopSetup) -> float | None:
     for start in range(0, max(len(mine), 1), s.cfg.batch_size):
         batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
                         multiple_of=PAD_MULTIPLE)
-        loss_sum, n, *_ = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
-        total += torch.stack([loss_sum.double(), n.double()])
+        out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
+        total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
     total = acc.reduce(total, "sum")
     s.loss_model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -166,8 +166,8 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     penalty_value = None
 
-    def add_groups(groups) -> None:
-        for g, (g_sum, g_n) in (groups[0].items() if groups and by_dataset is not None else ()):
+    def add_groups(groups: dict | None) -> None:
+        for g, (g_sum, g_n) in (groups.items() if groups and by_dataset is not None else ()):
             by_dataset[g, 0] += g_sum
             by_dataset[g, 1] += g_n
 
@@ -182,8 +182,8 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
     params = [p for p in s.model.parameters() if p.requires_grad]
 
     def one(micro: int):
-        part, _, *groups = s.loss_model(**_micro_batch(s, step, micro))
-        return part.detach(), groups, torch.autograd.grad(part * scale, params, allow_unused=True)
+        out = s.loss_model(**_micro_batch(s, step, micro))
+        return out.total.detach(), out.groups, torch.autograd.grad(out.total * scale, params, allow_unused=True)
 
     futures = [pool.submit(one, micro) for micro in range(cfg.grad_accum)]
     for future in futures:

@@ -20,14 +20,15 @@ def accumulate(loss_model: torch.nn.Module, make_batch: Callable[[int], dict[str
                context: Callable[[bool], AbstractContextManager] = lambda last: nullcontext(),
                forward_context: Callable[[], AbstractContextManager] = nullcontext,
                penalty: Callable[[], torch.Tensor] | None = None,
-               on_groups: Callable[[list], None] | None = None) -> tuple[torch.Tensor, float | None]:
+               on_groups: Callable[[dict | None], None] | None = None) -> tuple[torch.Tensor, float | None]:
     """Forward and backward of micro-batches ``make_batch(0 .. count-1)``; returns the step's summed loss
     (float64) and the penalty's value (or None).
 
     ``scale`` turns a micro-batch's loss sum into its share of the step's objective; ``context(last)``
     wraps each micro-batch's forward and backward (DDP's ``no_sync`` for all but the last),
     ``forward_context()`` its forward only (autocast, where the model is not prepared by accelerate); ``penalty()`` is added once, to the
-    last micro-batch's objective; ``on_groups`` gets the loss module's per-group sums, if any.
+    last micro-batch's objective; ``on_groups`` gets the loss module's per-group sums
+    (:attr:`~tunelab.objectives.output.LossSum.groups`).
     """
     loss_sum, penalty_value = None, None
     for micro in range(count):
@@ -35,9 +36,10 @@ def accumulate(loss_model: torch.nn.Module, make_batch: Callable[[int], dict[str
         last = micro == count - 1
         with context(last):
             with forward_context():
-                part, _, *groups = loss_model(**batch)
+                out = loss_model(**batch)
+            part = out.total
             if on_groups is not None:
-                on_groups(groups)
+                on_groups(out.groups)
             objective = part * scale
             if last and penalty is not None:
                 value = penalty()
