@@ -167,7 +167,11 @@ def clean_file(
     progress: bool = False,
     limit: int | None = None,
 ) -> CleanReport:
-    """Clean ``input_path`` into ``out`` (same format as the extension of ``out``)."""
+    """Clean ``input_path`` into ``out`` (same format as the extension of ``out``).
+
+    Over 100 lines on purpose: the two streaming passes (decide, then write) share the per-step
+    counters, the spool and the removed-rows writer, which keeps both passes in one place.
+    """
     t0 = time.perf_counter()
     s = settings or CleanSettings()
     src = open_source(input_path, format, columns, limit)

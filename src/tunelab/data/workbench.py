@@ -142,7 +142,11 @@ def _unique_names(specs) -> list[str]:
 
 
 def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> PreparedRecords:
-    """Read the data files and run the configured workbench steps; returns records to tokenise."""
+    """Read the data files and run the configured workbench steps; returns records to tokenise.
+
+    Over 100 lines on purpose: the steps (read, clean, split, mix, weights) run in the order the
+    config gives and share one report, one rejects list and the fingerprints of the clean cache.
+    """
     from tunelab.data.sampling import mix, mix_counts
     from tunelab.data.split import assign, groups_of
 

@@ -520,7 +520,11 @@ def require_serve_extra() -> None:
 
 
 def create_app(models: dict[str, Served], settings: ServeSettings):
-    """The FastAPI app serving ``models`` under ``settings`` (see the module docstring)."""
+    """The FastAPI app serving ``models`` under ``settings`` (see the module docstring).
+
+    Over 100 lines on purpose: FastAPI routes are declared as closures over the one engine, its
+    admission queue and metrics, so every route lives here; each is a few lines calling ``Engine``.
+    """
     require_serve_extra()
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
