@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from tunelab.kernels import attention as att
-from tunelab.kernels import install_forward, remove_forward
 from tunelab.kernels import lora as fused_lora
+from tunelab.kernels.patching import install_forward, remove_forward
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _CHILDREN = {  # the exact module tree the fused layer computes; anything added (an adapter) or wrapped is not it

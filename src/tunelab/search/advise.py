@@ -323,7 +323,8 @@ def estimate_method(cfg: TuneConfig, method: str, probes: Probes, *, precision: 
 def micro_batches(cfg: TuneConfig, method: str, trained: float, device: str) -> int:
     """How many micro-batches training would run at once with ``method`` (the rule of
     :func:`tunelab.train.recipe.concurrent_micro_batches`, the facts taken from the config)."""
-    from tunelab.train.recipe import concurrent_micro_batches, default_threads, kernels_apply
+    from tunelab.train.cpu_tuning import default_threads
+    from tunelab.train.recipe import concurrent_micro_batches, kernels_apply
 
     mcfg = _method_cfg(cfg, method)
     return concurrent_micro_batches(
@@ -421,7 +422,8 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     from tunelab.data.batching import collate
     from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_tokenizer
-    from tunelab.train.recipe import prepare_data, set_threads
+    from tunelab.train.cpu_tuning import set_threads
+    from tunelab.train.recipe import prepare_data
 
     set_threads(cfg.train.threads)  # timed as training will run
     tokenizer = load_tokenizer(cfg.model.path)

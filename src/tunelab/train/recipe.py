@@ -26,6 +26,7 @@ from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import launch
+from tunelab.train.cpu_tuning import apply_cpu_tuning, default_threads, set_threads  # noqa: F401 (re-exported)
 from tunelab.train.loop import LoopSetup, train_loop
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
 from tunelab.train.run import RunDir, environment, peak_memory_mib
@@ -65,24 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def default_threads() -> int:
-    """The physical cores shared among this machine's processes."""
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def set_threads(threads: int | None) -> int:
-    """torch threads: as configured, else :func:`default_threads`."""
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
-    return threads
 
 
 def micro_batch_threads(t, *, threads: int, device: torch.device, processes: int, model: torch.nn.Module,
@@ -361,8 +344,9 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
                         "or set train.processes: 1")
     if os.environ.get(launch.LAUNCHED_ENV):
         launch.check_devices(int(os.environ["WORLD_SIZE"]))
-    threads = set_threads(t.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tuning = apply_cpu_tuning(t, device.type)  # threads, malloc (train.cpu_tuning); recorded in env.json
+    threads = tuning["threads"]
     precision = resolve_precision(t.precision, device)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # accelerate keeps process-global state; a second fine_tune in the same Python process
@@ -406,13 +390,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     for p in model.parameters():  # trained tensors keep fp32 masters whatever dtype the frozen base has
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
-    kernels = use_training_kernels(model) if kernels_apply(cfg) else []
-    if t.fused_kernels and device.type == "cpu":
-        from tunelab.kernels.allocator import keep_freed_memory
-
-        allocator = "malloc keeps freed memory" if keep_freed_memory() else "default"
-    else:
-        allocator = "default"
+    kernels = use_training_kernels(model, notify=console.print if is_main else None) if kernels_apply(cfg) else []
     if t.gradient_checkpointing:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -424,7 +402,7 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
             f"process(es) on {device.type}, {threads} threads"
         )
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "kernels": kernels, "allocator": allocator,
+                                    "template": template, "dtype": dtype, "kernels": kernels, "cpu_tuning": tuning,
                                     "model": info})
 
     # --- optimiser, schedule, plan ----------------------------------------------------------
