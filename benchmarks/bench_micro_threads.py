@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -61,12 +62,14 @@ def markdown_section(result: dict) -> str:
         f"Workload: the standard one (`bench_lora.py`, tunelab's side) over {result['workload']['records']} records, "
         f"{result['workload']['threads']} torch threads; arms alternated, {result['repeats']} runs each.",
         "",
-        "| run | micro_batch_threads | dataset tokens/s | training time (s) | peak RSS (MiB) | eval loss |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| run | micro_batch_threads | dataset tokens/s | training time (s) | peak RSS (MiB) | eval loss | "
+        "1-min load average before / after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, r in enumerate(runs, 1):
         lines.append(f"| {i} | {r['micro_batch_threads']} | {r['tokens_per_s']:,.0f} | {r['train_seconds']:.1f} | "
-                     f"{r['peak_rss_mib']:,.0f} | {r['eval_loss']:.4f} |")
+                     f"{r['peak_rss_mib']:,.0f} | {r['eval_loss']:.4f} | "
+                     f"{r['load_avg_1min'][0]:.1f} / {r['load_avg_1min'][1]:.1f} |")
     s = result["summary"]
     lines += [
         "",
@@ -114,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             for arm in ((1, 2) if rep % 2 == 0 else (2, 1)):
                 run_dir = workdir / f"r{rep}-t{arm}"
                 run_dir.mkdir()
+                load_before = os.getloadavg()[0]
                 r = bl.launch("ours", {**spec, "workdir": str(run_dir), "ours_train": {"micro_batch_threads": arm}},
                               run_dir)
                 assert r["micro_batch_threads"] == arm, r
                 runs.append({"repeat": rep, **{k: r[k] for k in (
                     "micro_batch_threads", "tokens_per_s", "train_seconds", "peak_rss_mib", "eval_loss",
-                    "train_tokens", "optimiser_steps", "grad_accum")}})
+                    "train_tokens", "optimiser_steps", "grad_accum")},
+                             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
                 print(f"[ab] repeat {rep} micro_batch_threads {arm}: {r['tokens_per_s']:.0f} tokens/s", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
