@@ -37,11 +37,12 @@ __all__ = ["TESTED", "TrainingKernels", "install_forward", "remove_forward", "re
            "use_training_kernels", "version_notice"]
 
 # The versions the kernels were tested with (tests/test_kernels.py, tests/test_decoder_kernel.py):
-# package -> (lowest tested, first version not tested). Widen a range only after those tests
-# pass on the new version; pyproject.toml may allow more, and then the kernels stay off.
-TESTED: dict[str, tuple[str, str]] = {
-    "transformers": ("5.23.0", "5.24"),
-    "peft": ("0.21.2", "0.22"),
+# package -> ranges (lowest tested, first version not tested), patch releases of a tested minor
+# included. Add a range only after those tests pass on the new version; pyproject.toml allows
+# more, and on those the kernels stay off.
+TESTED: dict[str, list[tuple[str, str]]] = {
+    "transformers": [("5.23.0", "5.24"), ("5.25.0", "5.26")],
+    "peft": [("0.21.2", "0.22")],
 }
 
 
@@ -56,14 +57,15 @@ def version_notice() -> str | None:
     """None when the installed transformers and PEFT are within :data:`TESTED`; else the one-line
     notice that the kernels stay off, naming the untested versions."""
     untested = []
-    for package, (low, high) in TESTED.items():
+    for package, ranges in TESTED.items():
         found = _installed(package)
         try:
-            ok = found is not None and Version(low) <= Version(found) < Version(high)
+            ok = found is not None and any(Version(low) <= Version(found) < Version(high) for low, high in ranges)
         except InvalidVersion:
             ok = False
         if not ok:
-            untested.append(f"{package} {found or 'not installed'} (tested: >={low},<{high})")
+            tested = " or ".join(f">={low},<{high}" for low, high in ranges)
+            untested.append(f"{package} {found or 'not installed'} (tested: {tested})")
     if not untested:
         return None
     return (f"training kernels off: untested {', '.join(untested)}; training runs the stock "
