@@ -155,6 +155,7 @@ def worker_ours(spec: dict) -> dict:
             "epochs": HYPER["epochs"], "eval_every": 0, "save_every": 0, "precision": "auto",
             "seed": HYPER["seed"], "threads": max(1, spec["threads"] // processes), "log_every": 1,
             "gradient_checkpointing": spec.get("ours_gradient_checkpointing", False), "processes": processes,
+            **spec.get("ours_train", {}),  # further train.* settings (bench_micro_threads.py's A/B)
         },
     }
     launcher_rss = None
@@ -196,6 +197,7 @@ def worker_ours(spec: dict) -> dict:
         "train_loss_first": train_records[0]["loss"] if train_records else None,
         "train_loss_last": train_records[-1]["loss"] if train_records else None,
         "precision": summary["precision"],
+        "micro_batch_threads": summary.get("micro_batch_threads"),
         "base_dtype": env.get("dtype"),
         "threads": env.get("threads", torch.get_num_threads()),
     }

@@ -45,9 +45,9 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.kernels import use_training_kernels
-    from tunelab.kernels.allocator import keep_freed_memory
     from tunelab.methods import lora
     from tunelab.objectives.causal_lm import CausalLMLoss
+    from tunelab.train.cpu_tuning import keep_freed_memory
     from tunelab.train.precision import cpu_supports_bf16
 
     bf16 = cpu_supports_bf16()

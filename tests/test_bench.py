@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,16 +19,13 @@ def test_bench_lora_tiny_end_to_end(tmp_path):
     results = tmp_path / "results"
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nbefore\n<!-- bench:lora:start -->\nold\n<!-- bench:lora:end -->\nafter\n")
-    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_lora.py"), "--model", "tiny-random-llama",
          "--records", "16", "--eval-records", "8", "--max-length", "128",
          "--results-dir", str(results), "--out", str(docs)],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )
-    elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
 
     files = list(results.glob("*.json"))
     assert len(files) == 1
@@ -37,7 +33,8 @@ def test_bench_lora_tiny_end_to_end(tmp_path):
     sides = result["sides"]
     assert set(sides) == {"ours", "baseline"}
     for name, side in sides.items():
-        assert side["tokens_per_s"] > 0, name
+        # the figure is the dataset tokens over the training time, as documented
+        assert side["tokens_per_s"] == pytest.approx(side["train_tokens"] / side["train_seconds"], rel=1e-2), name
         assert side["peak_rss_mib"] > 0, name
         assert side["eval_loss"] is not None and math.isfinite(side["eval_loss"]), name
         assert side["optimiser_steps"] >= 1, name
@@ -48,7 +45,8 @@ def test_bench_lora_tiny_end_to_end(tmp_path):
     assert sides["ours"]["train_target_tokens"] == sides["baseline"]["train_target_tokens"]
     assert sides["ours"]["eval_target_tokens"] == sides["baseline"]["eval_target_tokens"]
     assert result["comparison"]["same_tokens"] is True
-    assert result["comparison"]["tokens_per_s_ratio"] > 0
+    assert result["comparison"]["tokens_per_s_ratio"] == pytest.approx(
+        sides["ours"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"])
 
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n")

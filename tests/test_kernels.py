@@ -149,6 +149,93 @@ def test_fused_kernels_keep_the_training_curve(tmp_path, alpaca_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+def _train_losses(tmp_path, alpaca_path, name: str, console=None, **train):
+    from conftest import tiny_config
+    from tunelab.config import load_config
+    from tunelab.train.recipe import fine_tune
+
+    raw = tiny_config(tmp_path, alpaca_path, data={"train": [{"path": str(alpaca_path), "limit": 24}],
+                                                    "max_length": 256, "packing": True},
+                      train={"max_steps": 3, "lr": 1e-3, **train})
+    raw["run"]["name"] = name
+    out = fine_tune(load_config(None, base=raw)[0], console=console)
+    env = json.loads((out.run_dir / "env.json").read_text())
+    losses = [json.loads(x)["loss"] for x in (out.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    return out, env, losses
+
+
+def test_untested_transformers_trains_the_stock_path_with_the_same_curve_and_one_notice(tmp_path, alpaca_path,
+                                                                                          monkeypatch):
+    """On a transformers version outside the tested table the kernels stay off, training says so in
+    one line and runs the stock code: the same loss curve as with the kernels on."""
+    from rich.console import Console
+
+    import tunelab.kernels as kernels
+
+    _, env_on, on = _train_losses(tmp_path, alpaca_path, "tested")
+    assert any(k.startswith("fused decoder layer") for k in env_on["kernels"])
+
+    monkeypatch.setitem(kernels.TESTED, "transformers", [("0.0.1", "0.0.2")])  # the installed one is now unknown
+    console = Console(record=True, width=400)
+    out, env_off, off = _train_losses(tmp_path, alpaca_path, "untested", console=console)
+    assert env_off["kernels"] == []
+    assert out.model.get_base_model().config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(m) for m in out.model.modules())
+    notices = [line for line in console.export_text().splitlines() if "training kernels off" in line]
+    assert notices == [kernels.version_notice()], console.export_text()
+    assert "transformers" in notices[0] and "(tested: >=0.0.1,<0.0.2)" in notices[0] and "peft" not in notices[0]
+    assert on == pytest.approx(off, rel=1e-5)
+
+
+def test_training_kernels_context_switches_off_on_exit_and_on_errors_and_pauses_for_stock_code(monkeypatch):
+    import tunelab.kernels as kernels
+
+    model = _tiny_lora()
+    lm = model.get_base_model()
+
+    def ours_on() -> bool:
+        return lm.config._attn_implementation == att.NAME or any("forward" in vars(m) for m in model.modules())
+
+    with kernels.training_kernels(model) as k:
+        assert k and k.notice is None and "segment-wise causal attention" in k.active and ours_on()
+        with k.stock():  # saving / generation inside the loop
+            assert not ours_on()
+        assert ours_on()
+    assert not ours_on()
+
+    with pytest.raises(RuntimeError, match="boom"), kernels.training_kernels(model) as k:
+        assert ours_on()
+        raise RuntimeError("boom")
+    assert not ours_on()
+
+    with kernels.training_kernels(model, enabled=False) as k:  # switched off by config: no notice
+        assert not k and k.notice is None and not ours_on()
+
+    monkeypatch.setitem(kernels.TESTED, "peft", [("99.0", "100.0")])
+    said = []
+    with kernels.training_kernels(model, notify=said.append) as k:
+        assert not k and not ours_on()
+        assert said == [k.notice] and k.notice.startswith("training kernels off: untested peft ")
+        with k.stock():
+            assert not ours_on()
+    assert kernels.use_training_kernels(model) == [] and not ours_on()  # the old entry point is gated too
+
+
+def test_the_pinned_transformers_and_peft_are_tested_versions():
+    """`make setup` installs requirements/constraints.txt: those pins must be in the kernels' table,
+    else `make test` would test the stock path only."""
+    from packaging.version import Version
+
+    from conftest import REPO
+    from tunelab.kernels import TESTED
+
+    pins = dict(line.split("==") for line in (REPO / "requirements" / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for package, ranges in TESTED.items():
+        assert any(Version(low) <= Version(pins[package].strip()) < Version(high) for low, high in ranges), package
+
+
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}])
 def test_kernels_under_bf16_autocast_with_mixed_input_dtypes(tmp_path, alpaca_path, method):
     """Full fine-tuning keeps fp32 weights: under bf16 autocast RoPE gives fp32 q/k and bf16 v."""

@@ -237,7 +237,16 @@ class TrainSection(_Strict):
     )
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard extra).")
     threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per process (default: physical cores / processes)."
+        None, ge=1, description="torch intra-op threads per process (default: physical cores / processes with "
+        "train.cpu_tuning, else torch's own default)."
+    )
+    cpu_tuning: bool = Field(
+        True,
+        description="Tune the training process for CPU speed (src/tunelab/train/cpu_tuning.py), recorded in the "
+        "run's env.json: torch threads = physical cores / processes unless train.threads is set; glibc malloc "
+        "keeps memory freed by one step for the next (no page faults re-fetching it; Linux/glibc, CPU only; "
+        "stays set for the rest of the process); a shorter GIL switch interval while micro-batches run in "
+        "threads. false: the process as Python, torch and glibc set it.",
     )
     processes: int = Field(
         1, ge=1,
@@ -263,7 +272,9 @@ class TrainSection(_Strict):
         True,
         description="Use tunelab's training kernels where they apply: segment-wise causal attention for packed "
         "rows on CPU, fused Llama/Mistral/Qwen2 decoder layers (frozen base, LoRA or none) and a fused LoRA linear "
-        "forward/backward. false: the stock transformers / PEFT code.",
+        "forward/backward. They are used only with the transformers / PEFT versions they were tested with "
+        "(tunelab.kernels.TESTED); on others training prints one line and runs the stock code. false: the stock "
+        "transformers / PEFT code.",
     )
     # --- ULMFiT-style tools (train/schedule.py); they apply to full, freeze and LoRA-family runs
     stlr_cut_frac: float = Field(0.1, gt=0, lt=1, description="schedule stlr: share of the steps spent rising to the peak LR.")

@@ -4,49 +4,75 @@
 * :mod:`~tunelab.kernels.decoder`: a whole Llama-style decoder layer (frozen base weights, LoRA or
   none) as one function with a hand-written backward, on CPU with packed rows;
 * :mod:`~tunelab.kernels.lora`: a fused forward/backward for PEFT's LoRA linear layers (those
-  outside fused decoder layers).
+  outside fused decoder layers);
+* :mod:`~tunelab.kernels.patching`: the instance ``forward``s they are installed as.
 
-Both leave the parameters and the saved formats alone: :func:`restore_stock` puts the stock
-transformers / PEFT code back before a model is saved, used for generation or handed to a user,
-and :func:`use_training_kernels` switches them on again.
+They replace instance ``forward``s of transformers and PEFT classes and rely on those classes'
+internals, so they are version-gated: :data:`TESTED` lists the transformers and PEFT versions they
+were tested with, and on any other version they stay off (:func:`version_notice` says why, in
+one line) and training runs the stock code.
+
+The loop owns them through one context manager, :func:`training_kernels`: on inside the ``with``
+block, the stock transformers / PEFT code again when it is left (also on an exception), and
+:meth:`TrainingKernels.stock` for anything inside it that must run the stock code (saving,
+evaluation by generation). The parameters and saved formats are never touched.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
 
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
+from tunelab.kernels import attention as att
+from tunelab.kernels import decoder
+from tunelab.kernels import lora as fused_lora
+from tunelab.kernels.patching import install_forward, remove_forward
 
-def install_forward(model: nn.Module, eligible: Callable[[nn.Module], object], forward: Callable) -> int:
-    """Give every module of ``model`` for which ``eligible`` is truthy ``forward`` as its instance
-    ``forward`` (the class's stays underneath); returns how many got it."""
-    n = 0
-    for module in model.modules():
-        if eligible(module):
-            module.forward = types.MethodType(forward, module)
-            n += 1
-    return n
+__all__ = ["TESTED", "TrainingKernels", "install_forward", "remove_forward", "restore_stock", "training_kernels",
+           "use_training_kernels", "version_notice"]
 
-
-def remove_forward(model: nn.Module, forward: Callable) -> bool:
-    """Take the instance ``forward`` installed by :func:`install_forward` off every module again;
-    returns whether any had it."""
-    found = False
-    for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is forward:
-            del module.forward
-            found = True
-    return found
+# The versions the kernels were tested with (tests/test_kernels.py, tests/test_decoder_kernel.py):
+# package -> ranges (lowest tested, first version not tested), patch releases of a tested minor
+# included. Add a range only after those tests pass on the new version; pyproject.toml allows
+# more, and on those the kernels stay off.
+TESTED: dict[str, list[tuple[str, str]]] = {
+    "transformers": [("5.23.0", "5.24"), ("5.25.0", "5.26")],
+    "peft": [("0.21.2", "0.22")],
+}
 
 
-def use_training_kernels(model: nn.Module) -> list[str]:
-    """Switch ``model`` to our training kernels where they apply; returns what was switched on."""
-    from tunelab.kernels import attention as att
-    from tunelab.kernels import decoder
-    from tunelab.kernels import lora as fused_lora
+def _installed(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
+
+def version_notice() -> str | None:
+    """None when the installed transformers and PEFT are within :data:`TESTED`; else the one-line
+    notice that the kernels stay off, naming the untested versions."""
+    untested = []
+    for package, ranges in TESTED.items():
+        found = _installed(package)
+        try:
+            ok = found is not None and any(Version(low) <= Version(found) < Version(high) for low, high in ranges)
+        except InvalidVersion:
+            ok = False
+        if not ok:
+            tested = " or ".join(f">={low},<{high}" for low, high in ranges)
+            untested.append(f"{package} {found or 'not installed'} (tested: {tested})")
+    if not untested:
+        return None
+    return (f"training kernels off: untested {', '.join(untested)}; training runs the stock "
+            "transformers / PEFT code")
+
+
+def _switch_on(model: nn.Module) -> list[str]:
     used = []
     if att.use_packed_attention(model):
         used.append("segment-wise causal attention")
@@ -61,11 +87,68 @@ def use_training_kernels(model: nn.Module) -> list[str]:
 
 def restore_stock(model: nn.Module) -> bool:
     """The stock transformers attention and PEFT forward again; returns whether any of ours was on."""
-    from tunelab.kernels import attention as att
-    from tunelab.kernels import decoder
-    from tunelab.kernels import lora as fused_lora
-
     attention_was_on = att.restore_sdpa(model)
     layers_were_on = decoder.restore(model)
     lora_was_on = fused_lora.restore(model)
     return attention_was_on or layers_were_on or lora_was_on
+
+
+def use_training_kernels(model: nn.Module, notify: Callable[[str], object] | None = None) -> list[str]:
+    """Switch ``model`` to our training kernels where they apply, if the installed transformers and
+    PEFT are tested ones (else :func:`version_notice` goes to ``notify`` and nothing is switched);
+    returns what was switched on. Prefer :func:`training_kernels`, which also switches them off."""
+    notice = version_notice()
+    if notice is not None:
+        if notify is not None:
+            notify(notice)
+        return []
+    return _switch_on(model)
+
+
+@dataclass
+class TrainingKernels:
+    """What :func:`training_kernels` switched on for its ``with`` block."""
+
+    model: nn.Module
+    active: list[str] = field(default_factory=list)  # e.g. "segment-wise causal attention"; empty: stock code
+    notice: str | None = None  # why they stayed off on this transformers / PEFT, if they did
+
+    def __bool__(self) -> bool:
+        return bool(self.active)
+
+    @contextmanager
+    def stock(self) -> Iterator[None]:
+        """The stock transformers / PEFT code for the block (saving, generation), ours again after it."""
+        if not self.active:
+            yield
+            return
+        restore_stock(self.model)
+        try:
+            yield
+        finally:
+            _switch_on(self.model)
+
+
+@contextmanager
+def training_kernels(model: nn.Module, enabled: bool = True, *,
+                     notify: Callable[[str], object] | None = None) -> Iterator[TrainingKernels]:
+    """Our training kernels on ``model`` for the ``with`` block, the stock code again after it (also
+    when the block raises).
+
+    ``enabled``: the caller's decision (``train.fused_kernels`` and whether the task fits, see
+    ``tunelab.train.build.kernels_apply``); false gives the stock code with no notice. On untested
+    transformers / PEFT versions they stay off: the notice is in ``.notice`` and, when given, sent to
+    ``notify`` (e.g. ``console.print``). Yields a :class:`TrainingKernels` (falsy when nothing is on).
+    """
+    state = TrainingKernels(model)
+    if enabled:
+        state.notice = version_notice()
+        if state.notice is None:
+            state.active = _switch_on(model)
+        elif notify is not None:
+            notify(state.notice)
+    try:
+        yield state
+    finally:
+        if state.active:
+            restore_stock(model)

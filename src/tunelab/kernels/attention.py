@@ -2,8 +2,7 @@
 
 Why our own: with packed rows transformers turns restarting position ids into a block-diagonal
 ``L x L`` mask, and PyTorch's CPU attention kernels are slow in the backward pass on it
-(measured: the flash kernel's forward + backward was 36% of a SmolLM2-135M LoRA step on one
-512-token packed row). Here every packed sample attends over its own span only, so the work is
+(docs/benchmarks.md). Here every packed sample attends over its own span only, so the work is
 ``sum(n_i^2)`` rather than ``L^2``, and both passes are a few large batched matrix products
 (bf16 on AMX/AVX512-BF16) around an fp32 softmax:
 
@@ -38,8 +37,8 @@ NAME = "tunelab_packed"
 BLOCK = 256  # queries per block: the fp32 score matrix is at most (G * BLOCK) x n per key/value head
 # Query blocks and key spans are computed padded to a multiple of this: every new matmul shape
 # costs oneDNN a cached primitive and the heap a new block size, and packed rows bring a new
-# segment length with nearly every sample, so unpadded shapes grew the process by megabytes per
-# row for the whole epoch (measured). Padded query rows are zeros whose results are dropped;
+# segment length with nearly every sample, so unpadded shapes kept growing the process over the
+# whole epoch. Padded query rows are zeros whose results are dropped;
 # padded keys are masked for every real query; neither changes a real token's result or gradient.
 SHAPE_MULTIPLE = 32
 
@@ -74,8 +73,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 # (G, m, kn, dtype, device) -> causal bias, shared by all layers; least recently used first. Packed
 # rows give many block shapes (one per segment length), so the cache is bounded in bytes: unbounded,
-# it grew by ~80 MB per optimiser step on the standard workload (measured), and a row only needs
-# the few shapes of its own segments across its 30 layers.
+# it grew with every optimiser step, and a row only needs the few shapes of its own segments
+# across its layers.
 _BIASES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _BIAS_BYTES = 32 * 2**20
 _BIAS_LOCK = threading.Lock()  # the training loop may run two micro-batches at once (train.micro_batch_threads)
@@ -162,8 +161,7 @@ def attention_backward(q, k, v, d_out, bounds, scale, probs=None):
     Per query block: the probabilities are the forward's (``probs``) or recomputed (in the inputs'
     dtype, the softmax accumulating in fp32, as in the forward), and the score gradient ``p * (dp - rowsum(dp * p))``
     is one fused ``_softmax_backward_data`` pass instead of five elementwise ones over fp32
-    copies (the attention backward took 3.97 -> 2.98 ms per SmolLM2 layer and 512-token sample,
-    measured; the error against an fp64 reference stays that of bf16, 0.45% vs 0.43%).
+    copies; the error against an fp64 reference stays that of bf16 (both in docs/benchmarks.md).
     """
     b_, h, length, d = q.shape
     kv = k.shape[1]

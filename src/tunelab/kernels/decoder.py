@@ -17,8 +17,8 @@ layer with a hand-written backward:
   intermediates): ~15 KB per token and layer in bf16, plus the attention probabilities of each
   packed sample (bf16, ``heads x n^2`` for a sample of ``n`` tokens; not with gradient
   checkpointing, which recomputes them). Keeping the probabilities instead of recomputing them in
-  the backward took the standard benchmark from 727 to 765 tokens/s for 240 MiB more peak memory;
-  keeping ``silu(gate)`` saves one of the two SiLU passes the backward made (measured).
+  the backward trades memory for speed (docs/benchmarks.md); keeping ``silu(gate)`` saves one of
+  the two SiLU passes the backward would make.
 
 It is our own code because neither transformers nor PEFT has a fused CPU training path (Liger's
 fused kernels are Triton, CUDA only). The parameters, the module tree and the saved formats are
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from tunelab.kernels import attention as att
-from tunelab.kernels import install_forward, remove_forward
 from tunelab.kernels import lora as fused_lora
+from tunelab.kernels.patching import install_forward, remove_forward
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 _CHILDREN = {  # the exact module tree the fused layer computes; anything added (an adapter) or wrapped is not it

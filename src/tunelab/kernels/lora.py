@@ -24,9 +24,10 @@ adapters, ``adapter_names``) runs PEFT's forward unchanged.
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from tunelab.kernels import install_forward, remove_forward
+from tunelab.kernels.patching import install_forward, remove_forward
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -87,8 +88,6 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def fusable(module: nn.Module) -> bool:
     """A PEFT ``lora.Linear`` over a frozen ``nn.Linear`` (the layers the fused kernels can take)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     base = getattr(module, "base_layer", None)
     return (type(module) is LoraLinear and type(base) is nn.Linear and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad) and not getattr(module, "fan_in_fan_out", False))

@@ -131,7 +131,7 @@ def _train_config(req: SelectRequest, model: str, method: str):
 def throughput(req: SelectRequest, model_path: str) -> float:
     """Training tokens per second of ``req.method`` (3 steps; the best of the last two)."""
     from tunelab.search.advise import build_for_training, synthetic_batch, train_steps
-    from tunelab.train.build import set_threads
+    from tunelab.train.cpu_tuning import set_threads
     from tunelab.train.precision import resolve_precision
 
     cfg = _train_config(req, model_path, req.method)

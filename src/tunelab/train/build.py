@@ -38,6 +38,7 @@ from tunelab.tasks import PreparedData
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import keep as keep_objectives
 from tunelab.train import launch
+from tunelab.train.cpu_tuning import apply_cpu_tuning, default_threads, set_threads  # noqa: F401 (re-exported)
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
 from tunelab.train.run import RunDir, environment
 from tunelab.train.schedule import GradualUnfreezing, lr_factor, num_layers, param_groups, warmup_steps
@@ -56,24 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def default_threads() -> int:
-    """The physical cores shared among this machine's processes."""
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def set_threads(threads: int | None) -> int:
-    """torch threads: as configured, else :func:`default_threads`."""
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
-    return threads
 
 
 def micro_batch_threads(t, *, threads: int, device: torch.device, processes: int, model: torch.nn.Module,
@@ -267,8 +250,9 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
                         "or set train.processes: 1")
     if os.environ.get(launch.LAUNCHED_ENV):
         launch.check_devices(int(os.environ["WORLD_SIZE"]))
-    threads = set_threads(t.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tuning = apply_cpu_tuning(t, device.type)  # threads, malloc (train.cpu_tuning); recorded in env.json
+    threads = tuning["threads"]
     precision = resolve_precision(t.precision, device)
     accelerator = make_accelerator(cfg, precision, device)
     is_main = accelerator.is_main_process
@@ -282,12 +266,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model, loss_module, eval_extra = build_model(cfg, data, dtype, tokenizer)
-    kernels = use_training_kernels(model) if kernels_apply(cfg) else []
-    allocator = "default"
-    if t.fused_kernels and device.type == "cpu":
-        from tunelab.kernels.allocator import keep_freed_memory
-
-        allocator = "malloc keeps freed memory" if keep_freed_memory() else "default"
+    kernels = use_training_kernels(model, notify=console.print if is_main else None) if kernels_apply(cfg) else []
     info = describe_model(model)
     if is_main:
         console.print(
@@ -295,7 +274,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
             f"{info['parameters']:,} parameters trained ({info['trainable_percent']:.2f}%); precision {precision}, "
             f"{accelerator.num_processes} process(es) on {device.type}, {threads} threads")
         run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "kernels": kernels, "allocator": allocator,
+                                    "template": template, "dtype": dtype, "kernels": kernels, "cpu_tuning": tuning,
                                     "model": info})
 
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None

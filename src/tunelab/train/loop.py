@@ -17,7 +17,6 @@ Invariants it keeps (each has a test):
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from tunelab.config import TrainSection
 from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import cpu_tuning as cpu_tuning_mod
 from tunelab.train import step as step_fn
 from tunelab.train.run import RunDir
 
@@ -203,16 +203,13 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
 class _Workers:
     """Worker threads for :func:`_forward_backward`, each with its share of the intra-op threads.
 
-    While they run, Python is asked to hand the GIL over every 0.1 ms instead of every 5 ms: a
-    thread back from a matrix product then waits less for the other's Python work (standard
-    benchmark, 20 rows, 2 workers: 851 and 867 vs 821 and 842 tokens/s, alternated, measured).
+    With ``train.cpu_tuning`` the GIL switch interval is shortened while they run
+    (:func:`tunelab.train.cpu_tuning.shorten_switch_interval`).
     """
 
-    SWITCH_INTERVAL_S = 1e-4
-
-    def __init__(self, n: int):
-        self.threads, self.switch = torch.get_num_threads(), sys.getswitchinterval()
-        sys.setswitchinterval(self.SWITCH_INTERVAL_S)
+    def __init__(self, n: int, cpu_tuning: bool = True):
+        self.threads = torch.get_num_threads()
+        self.restore_switch_interval = cpu_tuning_mod.shorten_switch_interval(cpu_tuning)
         self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             n, thread_name_prefix="tunelab-micro", initializer=torch.set_num_threads,
             initargs=(max(1, self.threads // n),))
@@ -227,7 +224,7 @@ class _Workers:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pool = None
         torch.set_num_threads(self.threads)  # new threads start from the last value set anywhere in the process
-        sys.setswitchinterval(self.switch)
+        self.restore_switch_interval()
 
 
 def _stop_workers(pool: _Workers | None) -> None:
@@ -299,7 +296,7 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
     t_start, tokens_window, t_window = time.perf_counter(), 0, time.perf_counter()
     start_step, tokens_at_start = state["step"], state["tokens_seen"]
 
-    pool = _Workers(s.micro_batch_threads) if s.micro_batch_threads > 1 else None
+    pool = _Workers(s.micro_batch_threads, s.cfg.cpu_tuning) if s.micro_batch_threads > 1 else None
     saved_at = None  # the step of the checkpoint written last in this session
     with progress, _StopRequest(s.console, acc.is_main_process) as stop:
         try:

@@ -1,0 +1,111 @@
+"""Process-global CPU tuning for training, opt-in by ``train.cpu_tuning``.
+
+Everything training changes about the process lives here, so that it is one switch and recorded
+in the run's ``env.json`` (:func:`apply_cpu_tuning` returns what it set):
+
+* torch intra-op threads: ``train.threads``, else (with tuning) the physical cores shared among
+  this machine's processes (:func:`default_threads`);
+* glibc ``malloc`` thresholds (:func:`keep_freed_memory`): a training step allocates and frees
+  the same large blocks over and over (activations, logits chunks, gradients); with glibc's
+  defaults blocks above its (dynamic) mmap threshold get fresh ``mmap`` pages and heap memory
+  above the trim threshold is handed back, so every step page-faults the same memory in again.
+  With the thresholds raised, memory freed by one step is reused by the next; the peak stays what
+  a step needs. Our own because it is one ``mallopt`` call; PyTorch has no CPU caching allocator
+  that does it. Only glibc (Linux) has ``mallopt``; elsewhere nothing is set;
+* the GIL switch interval while micro-batches run in worker threads
+  (``train.micro_batch_threads``, :func:`shorten_switch_interval`): a thread back from a matrix
+  product waits less for the other's Python work.
+
+Measurements behind each: ``docs/benchmarks.md``; ``benchmarks/bench_allocator.py`` counts the page
+faults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts: blocks up to 32 MiB come from the heap
+TRIM_THRESHOLD = 2**30  # free memory at the top of the heap is kept up to 1 GiB
+SWITCH_INTERVAL_S = 1e-4  # the GIL hand-over interval while micro-batch workers run (Python's default: 5 ms)
+
+_malloc_set = False
+
+
+def default_threads() -> int:
+    """The physical cores shared among this machine's processes."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def set_threads(threads: int | None) -> int:
+    """torch threads: as configured, else :func:`default_threads`; returns the count set."""
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc thresholds for training (once per process: they cannot be undone, and a
+    later run in the same process wants them too); returns whether they are set."""
+    global _malloc_set
+    if _malloc_set:
+        return True
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    _malloc_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _malloc_set
+
+
+def apply_cpu_tuning(train_cfg, device: str) -> dict[str, Any]:
+    """Apply the process-wide settings ``train_cfg`` (``TrainSection``) asks for on ``device``
+    (``"cpu"`` / ``"cuda"``); returns what was set, for the run's ``env.json``.
+
+    ``train.threads`` is always honoured (it is an explicit setting); everything else only with
+    ``train.cpu_tuning``. The switch interval is not changed here but by the loop's worker threads,
+    through :func:`shorten_switch_interval`.
+    """
+    enabled = bool(getattr(train_cfg, "cpu_tuning", True))
+    if enabled or train_cfg.threads:
+        threads = set_threads(train_cfg.threads)
+    else:
+        threads = torch.get_num_threads()  # torch's own default
+    malloc = "default"
+    if enabled and device == "cpu" and keep_freed_memory():
+        malloc = f"keeps freed memory (mmap threshold {MMAP_THRESHOLD}, trim threshold {TRIM_THRESHOLD})"
+    return {
+        "enabled": enabled,
+        "threads": threads,
+        "threads_source": "train.threads" if train_cfg.threads else ("physical cores" if enabled else "torch default"),
+        "malloc": malloc,
+        "switch_interval_s_in_micro_batch_workers": SWITCH_INTERVAL_S if enabled else sys.getswitchinterval(),
+    }
+
+
+def shorten_switch_interval(enabled: bool = True) -> Callable[[], None]:
+    """While micro-batch worker threads run: hand the GIL over every :data:`SWITCH_INTERVAL_S` (when
+    ``enabled``, i.e. ``train.cpu_tuning``); returns the function that puts the previous interval back."""
+    if not enabled:
+        return lambda: None
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return lambda: sys.setswitchinterval(previous)
