@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tunelab.kernels import attention as att
-from tunelab.kernels import lora as fused_lora
+import tunelab.kernels.attention as att
+import tunelab.kernels.lora as fused_lora
 from tunelab.kernels.patching import install_forward, remove_forward
 
 LAYER_TYPES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
