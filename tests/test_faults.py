@@ -270,7 +270,13 @@ def test_an_old_checkpoint_without_manifest_that_is_truncated_is_one_line(tmp_pa
 # --------------------------------------------------------------------------- subprocesses
 
 
-def _cli(args: list[str], fault: Fault | None = None, preexec=None, timeout: int = 300):
+def _default_sigint() -> None:
+    """A suite started in the background (`make test &`) has SIGINT ignored, and tunelab keeps an
+    inherited SIG_IGN as any program does: give the run under test the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _cli(args: list[str], fault: Fault | None = None, preexec=_default_sigint, timeout: int = 300):
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
                           env=subprocess_env(fault), preexec_fn=preexec, timeout=timeout)
 
@@ -286,6 +292,7 @@ def test_disk_full_during_a_checkpoint_stops_cleanly_and_keeps_the_previous_one(
     limit = max(len(b) for b in before.values()) // 2  # the weights no longer fit; the small files still do
 
     def small_disk():
+        _default_sigint()
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
