@@ -12,10 +12,13 @@ internals, so they are version-gated: :data:`TESTED` lists the transformers and 
 were tested with, and on any other version they stay off (:func:`version_notice` says why, in
 one line) and training runs the stock code.
 
-The loop owns them through one context manager, :func:`training_kernels`: on inside the ``with``
-block, the stock transformers / PEFT code again when it is left (also on an exception), and
-:meth:`TrainingKernels.stock` for anything inside it that must run the stock code (saving,
-evaluation by generation). The parameters and saved formats are never touched.
+:func:`training_kernels` is the context manager that switches them on for a ``with`` block and
+back to the stock transformers / PEFT code when it is left (also on an exception), with
+:meth:`TrainingKernels.stock` for anything inside that must run the stock code (saving,
+evaluation by generation). ``tunelab.train.build`` still switches them with
+:func:`use_training_kernels` before the loop, and saving, evaluation and the end of ``fine_tune``
+switch back with :func:`restore_stock`; moving the run onto the context manager is open work. The
+parameters and saved formats are never touched.
 """
 
 from __future__ import annotations
