@@ -104,6 +104,18 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert evals[0] == evals[1]
 
 
+def killed_run(tmp_path: Path, cfg: dict, name: str, at_step: int) -> tuple[Path, Path]:
+    """Run ``cfg`` as ``name`` until it dies before the forward of step ``at_step``; (config, run dir)."""
+    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, name)
+    armed = install(Fault("before_forward", at_step, "kill"))
+    try:
+        with pytest.raises(SimulatedKill):
+            train(path)
+    finally:
+        armed.uninstall()
+    return path, tmp_path / "runs" / name
+
+
 @pytest.fixture
 def sigint_enabled():
     """A suite started in the background has SIGINT ignored, which tunelab respects: undo it here."""
@@ -174,12 +186,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, straight_runs, s
 def test_metrics_hold_one_record_per_step_after_resume(tmp_path, straight_runs):
     """Killed after step 5 (checkpoint at 4): steps 5 and 6 are logged again on resume, once each."""
     cfg, reference = straight_runs["lora"]
-    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "m")
-    armed = install(Fault("before_forward", 6, "kill"))
-    with pytest.raises(SimulatedKill):
-        train(path)
-    armed.uninstall()
-    run = tmp_path / "runs" / "m"
+    path, run = killed_run(tmp_path, cfg, "m", 6)
     assert [s for s, _ in step_losses(run)] == [1, 2, 3, 4, 5]
     train(path, resume=True)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -195,14 +202,8 @@ def test_rejects_are_not_written_twice_by_a_resumed_run(tmp_path, straight_runs,
     data = tmp_path / "with_bad.json"
     data.write_text(json.dumps(rows))
     cfg, _ = straight_runs["lora"]
-    cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")},
-           "data": {**cfg["data"], "train": [{"path": str(data)}]}}
-    path = write_config(tmp_path, cfg, "rej")
-    armed = install(Fault("before_forward", 5, "kill"))
-    with pytest.raises(SimulatedKill):
-        train(path)
-    armed.uninstall()
-    rejects = tmp_path / "runs" / "rej" / "rejects.jsonl"
+    path, run = killed_run(tmp_path, {**cfg, "data": {**cfg["data"], "train": [{"path": str(data)}]}}, "rej", 5)
+    rejects = run / "rejects.jsonl"
     first = rejects.read_text()
     assert len(first.splitlines()) == 2
     train(path, resume=True)
@@ -215,12 +216,7 @@ def test_rejects_are_not_written_twice_by_a_resumed_run(tmp_path, straight_runs,
 @pytest.mark.parametrize("damage", ["trainable.safetensors", "optimizer.pt", "state.json", "scheduler.pt"])
 def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, straight_runs, damage, capsys):
     cfg, reference = straight_runs["lora"]
-    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "c")
-    armed = install(Fault("before_forward", 6, "kill"))
-    with pytest.raises(SimulatedKill):
-        train(path)
-    armed.uninstall()
-    run = tmp_path / "runs" / "c"
+    path, run = killed_run(tmp_path, cfg, "c", 6)
     victim = run / "checkpoints" / "step-000004" / damage
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # cut short, as a full disk would
     from tunelab.cli import main
@@ -234,12 +230,8 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path
 
 def test_no_checkpoint_verifies_is_one_line(tmp_path, straight_runs, capsys):
     cfg, _ = straight_runs["lora"]
-    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "n")
-    armed = install(Fault("before_forward", 4, "kill"))
-    with pytest.raises(SimulatedKill):
-        train(path)
-    armed.uninstall()
-    (run_ckpt,) = (tmp_path / "runs" / "n" / "checkpoints").glob("step-*")
+    path, run = killed_run(tmp_path, cfg, "n", 4)
+    (run_ckpt,) = (run / "checkpoints").glob("step-*")
     (run_ckpt / "state.json").write_text("{\"step\": ")
     from tunelab.cli import main
 
@@ -251,12 +243,8 @@ def test_no_checkpoint_verifies_is_one_line(tmp_path, straight_runs, capsys):
 
 def test_an_old_checkpoint_without_manifest_that_is_truncated_is_one_line(tmp_path, straight_runs, capsys):
     cfg, _ = straight_runs["lora"]
-    path = write_config(tmp_path, {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "runs")}}, "o")
-    armed = install(Fault("before_forward", 4, "kill"))
-    with pytest.raises(SimulatedKill):
-        train(path)
-    armed.uninstall()
-    (ck,) = (tmp_path / "runs" / "o" / "checkpoints").glob("step-*")
+    path, run = killed_run(tmp_path, cfg, "o", 4)
+    (ck,) = (run / "checkpoints").glob("step-*")
     (ck / "manifest.json").unlink()
     (ck / "optimizer.pt").write_bytes((ck / "optimizer.pt").read_bytes()[:100])
     from tunelab.cli import main

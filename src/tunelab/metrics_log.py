@@ -25,10 +25,12 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).is_file():
-        return []
+    return _parse(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else []
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # the last line of a killed run may be cut short
@@ -46,13 +48,13 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_after(path: Path, step: int) -> int:
-    """Drop every record of a step after ``step`` (a resume from that step repeats them); returns how many."""
-    recs = _records(path)
+    """Drop every record of a step after ``step`` (a resume from that step repeats them), and a line cut
+    short by a kill; returns how many records were dropped."""
+    if not Path(path).is_file():
+        return 0
+    text = Path(path).read_text(encoding="utf-8")
+    lines, recs = [line for line in text.splitlines() if line.strip()], _parse(text)
     keep = [r for r in recs if not (isinstance(r.get("step"), int) and r["step"] > step)]
-    if len(keep) != len(recs) or (Path(path).is_file() and len(recs) != _line_count(path)):
+    if len(keep) != len(lines):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(recs) - len(keep)
-
-
-def _line_count(path: Path) -> int:
-    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
