@@ -44,7 +44,7 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunelab.kernels import use_training_kernels
+    from tunelab.kernels import training_kernels
     from tunelab.methods import lora
     from tunelab.objectives.causal_lm import CausalLMLoss
     from tunelab.train.cpu_tuning import keep_freed_memory
@@ -58,7 +58,6 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32)
     model = lora.apply(model, lora.Config(r=16, alpha=32))
     keep_freed_memory()
-    kernels = use_training_kernels(model)
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -70,20 +69,21 @@ def worker(shape: str, seq: int, checkpointing: bool, steps: int) -> dict:
     segment = min(seq, 256)  # samples of 256 tokens packed into the row
     pos = torch.arange(seq).remainder(segment)[None]
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = loss_model(input_ids=ids, labels=labels, position_ids=pos)
-            loss, n = out.total, out.count
-        (loss / n).backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    with training_kernels(model) as kernels:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = loss_model(input_ids=ids, labels=labels, position_ids=pos)
+                loss, n = out.total, out.count
+            (loss / n).backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
     best = min(times[1:]) if len(times) > 1 else times[0]
     return {"shape": shape, "params": params, "seq": seq, "checkpointing": checkpointing, "bf16": bf16,
             "peak_rss_mib": round(_peak_rss_mib(), 1), "s_per_step": round(best, 3),
-            "tokens_per_s": round(seq / best, 1), "kernels": kernels}
+            "tokens_per_s": round(seq / best, 1), "kernels": kernels.active}
 
 
 def main() -> None:

@@ -172,11 +172,15 @@ def batch_of(rows):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["kernels-on", "kernels-off"])
 def test_distillation_kl_is_zero_before_any_update_and_positive_after(tiny_rows, fused):
-    from tunelab.kernels import restore_stock, use_training_kernels
+    from tunelab.kernels import training_kernels
 
     loss = tiny_lora_loss()
-    if fused:
-        assert any("fused LoRA" in k for k in use_training_kernels(loss.model))
+    with training_kernels(loss.model, enabled=fused) as k:
+        assert any("fused LoRA" in name for name in k.active) == fused
+        _distillation_kl_before_and_after_an_update(loss, tiny_rows)
+
+
+def _distillation_kl_before_and_after_an_update(loss, tiny_rows):
     distiller = dist.Distiller(1.0, 2.0, "adapters_off")
     loss.distill = distiller
     loss.train()
@@ -194,7 +198,6 @@ def test_distillation_kl_is_zero_before_any_update_and_positive_after(tiny_rows,
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     loss.distill = None  # ...while the returned value is the CE alone
     assert loss(**batch).total.item() == pytest.approx(ce2.item(), rel=1e-6)
-    restore_stock(loss.model)
 
 
 def test_chunked_kl_gradient_matches_autograd_for_full_and_top_k_teachers():

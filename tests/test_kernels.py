@@ -219,7 +219,7 @@ def test_training_kernels_context_switches_off_on_exit_and_on_errors_and_pauses_
         assert said == [k.notice] and k.notice.startswith("training kernels off: untested peft ")
         with k.stock():
             assert not ours_on()
-    assert kernels.use_training_kernels(model) == [] and not ours_on()  # the old entry point is gated too
+    assert not ours_on()
 
 
 def test_the_pinned_transformers_and_peft_are_tested_versions():

@@ -12,13 +12,11 @@ internals, so they are version-gated: :data:`TESTED` lists the transformers and 
 were tested with, and on any other version they stay off (:func:`version_notice` says why, in
 one line) and training runs the stock code.
 
-:func:`training_kernels` is the context manager that switches them on for a ``with`` block and
-back to the stock transformers / PEFT code when it is left (also on an exception), with
-:meth:`TrainingKernels.stock` for anything inside that must run the stock code (saving,
-evaluation by generation). ``tunelab.train.build`` still switches them with
-:func:`use_training_kernels` before the loop, and saving, evaluation and the end of ``fine_tune``
-switch back with :func:`restore_stock`; moving the run onto the context manager is open work. The
-parameters and saved formats are never touched.
+:func:`training_kernels` is the one switch: ``fine_tune`` (and the advisor's timed probe) runs the
+loop inside it, and it puts the stock transformers / PEFT code back when the block is left (also
+on an exception). Inside, :meth:`TrainingKernels.stock` gives the stock code to what must run it
+(checkpoint saving, evaluation by generation). Building, the final save and evaluation after
+training run outside it. The parameters and saved formats are never touched.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from tunelab.kernels import lora as fused_lora
 from tunelab.kernels.patching import install_forward, remove_forward
 
 __all__ = ["TESTED", "TrainingKernels", "install_forward", "remove_forward", "restore_stock", "training_kernels",
-           "use_training_kernels", "version_notice"]
+           "version_notice"]
 
 # The versions the kernels were tested with (tests/test_kernels.py, tests/test_decoder_kernel.py):
 # package -> ranges (lowest tested, first version not tested), patch releases of a tested minor
@@ -96,18 +94,6 @@ def restore_stock(model: nn.Module) -> bool:
     return attention_was_on or layers_were_on or lora_was_on
 
 
-def use_training_kernels(model: nn.Module, notify: Callable[[str], object] | None = None) -> list[str]:
-    """Switch ``model`` to our training kernels where they apply, if the installed transformers and
-    PEFT are tested ones (else :func:`version_notice` goes to ``notify`` and nothing is switched);
-    returns what was switched on. Prefer :func:`training_kernels`, which also switches them off."""
-    notice = version_notice()
-    if notice is not None:
-        if notify is not None:
-            notify(notice)
-        return []
-    return _switch_on(model)
-
-
 @dataclass
 class TrainingKernels:
     """What :func:`training_kernels` switched on for its ``with`` block."""
@@ -115,6 +101,7 @@ class TrainingKernels:
     model: nn.Module
     active: list[str] = field(default_factory=list)  # e.g. "segment-wise causal attention"; empty: stock code
     notice: str | None = None  # why they stayed off on this transformers / PEFT, if they did
+    inside: bool = False  # within the ``with`` block; after it, :meth:`stock` has nothing to switch
 
     def __bool__(self) -> bool:
         return bool(self.active)
@@ -122,7 +109,7 @@ class TrainingKernels:
     @contextmanager
     def stock(self) -> Iterator[None]:
         """The stock transformers / PEFT code for the block (saving, generation), ours again after it."""
-        if not self.active:
+        if not (self.active and self.inside):
             yield
             return
         restore_stock(self.model)
@@ -143,7 +130,7 @@ def training_kernels(model: nn.Module, enabled: bool = True, *,
     transformers / PEFT versions they stay off: the notice is in ``.notice`` and, when given, sent to
     ``notify`` (e.g. ``console.print``). Yields a :class:`TrainingKernels` (falsy when nothing is on).
     """
-    state = TrainingKernels(model)
+    state = TrainingKernels(model, inside=True)
     if enabled:
         state.notice = version_notice()
         if state.notice is None:
@@ -153,5 +140,6 @@ def training_kernels(model: nn.Module, enabled: bool = True, *,
     try:
         yield state
     finally:
+        state.inside = False
         if state.active:
             restore_stock(model)

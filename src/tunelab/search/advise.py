@@ -40,7 +40,7 @@ from tunelab import methods, tasks
 from tunelab.config import TuneConfig
 from tunelab.data.batching import IGNORE, Row, collate
 from tunelab.errors import UserError
-from tunelab.kernels import use_training_kernels
+from tunelab.kernels import training_kernels
 from tunelab.methods import METHODS
 from tunelab.methods import get as get_method
 from tunelab.search.memory import TensorMemory, mib, model_tensors
@@ -142,10 +142,13 @@ def build_for_training(cfg: TuneConfig, precision: str):
     c = cfg.model_copy(update={"task": probe_task(cfg).name})
     torch.manual_seed(cfg.train.seed)
     model, loss, _ = build_model(c, SimpleNamespace(task=task), dtype, None)
-    if kernels_apply(c):
-        use_training_kernels(model)
     optimizer = build_optimizer(model, cfg.train, methods.lr_multiplier(cfg.method))
     return model, loss, optimizer
+
+
+def probe_kernels(cfg: TuneConfig) -> bool:
+    """Whether training would run our kernels on the probe :func:`build_for_training` builds."""
+    return kernels_apply(cfg.model_copy(update={"task": probe_task(cfg).name}))
 
 
 def synthetic_batch(cfg: TuneConfig, vocab: int) -> dict[str, torch.Tensor]:
@@ -162,9 +165,16 @@ def synthetic_batch(cfg: TuneConfig, vocab: int) -> dict[str, torch.Tensor]:
 
 
 def train_steps(model, loss_module, optimizer, batch, *, precision: str, steps: int, max_grad_norm,
-                grad_accum: int = 1) -> list[float]:
+                grad_accum: int = 1, kernels: bool = False) -> list[float]:
     """``steps`` optimiser steps through the loop's own step functions (:mod:`tunelab.train.step`), under
-    the training precision; seconds per step."""
+    the training precision, with our training kernels if ``kernels`` (:func:`probe_kernels`); seconds per step."""
+    with training_kernels(model, kernels):
+        return _train_steps(model, loss_module, optimizer, batch, precision=precision, steps=steps,
+                            max_grad_norm=max_grad_norm, grad_accum=grad_accum)
+
+
+def _train_steps(model, loss_module, optimizer, batch, *, precision: str, steps: int, max_grad_norm,
+                 grad_accum: int) -> list[float]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device.type
     targets = max(1, int((batch["labels"] != IGNORE).sum()) * grad_accum) if "labels" in batch else 1
@@ -209,7 +219,7 @@ def _measure_step_memory(cfg: TuneConfig, precision: str, steps: int) -> tuple[M
     tracker.track(model_tensors(model, optimizer))
     with tracker:
         train_steps(model, loss, optimizer, batch, precision=precision, steps=steps,
-                    max_grad_norm=cfg.train.max_grad_norm)
+                    max_grad_norm=cfg.train.max_grad_norm, kernels=probe_kernels(cfg))
     opt = sum(_bytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     peak = float(tracker.peak)
     del model, loss, optimizer, tracker
@@ -436,7 +446,8 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
             out = loss(**batch)
         base_loss = float(out.total) / max(float(out.count), 1.0)
     times = train_steps(model, loss, optimizer, batch, precision=precision, steps=steps + 1,
-                        max_grad_norm=cfg.train.max_grad_norm, grad_accum=cfg.train.grad_accum)
+                        max_grad_norm=cfg.train.max_grad_norm, grad_accum=cfg.train.grad_accum,
+                        kernels=probe_kernels(cfg))
     per_step = min(times[1:]) if len(times) > 1 else times[0]
     per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum))
     total = cfg.train.max_steps or max(1, math.ceil((cfg.train.epochs or 1.0) * per_epoch))

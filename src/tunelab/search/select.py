@@ -130,7 +130,7 @@ def _train_config(req: SelectRequest, model: str, method: str):
 
 def throughput(req: SelectRequest, model_path: str) -> float:
     """Training tokens per second of ``req.method`` (3 steps; the best of the last two)."""
-    from tunelab.search.advise import build_for_training, synthetic_batch, train_steps
+    from tunelab.search.advise import build_for_training, probe_kernels, synthetic_batch, train_steps
     from tunelab.train.cpu_tuning import set_threads
     from tunelab.train.precision import resolve_precision
 
@@ -140,7 +140,7 @@ def throughput(req: SelectRequest, model_path: str) -> float:
     model, loss, optimizer = build_for_training(cfg, precision)
     vocab = model.get_input_embeddings().weight.shape[0]
     times = train_steps(model, loss, optimizer, synthetic_batch(cfg, vocab), precision=precision, steps=3,
-                        max_grad_norm=1.0)
+                        max_grad_norm=1.0, kernels=probe_kernels(cfg))
     return req.batch_size * req.max_length / min(times[1:])
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ from tunelab.data.replay import with_replay
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
-from tunelab.kernels import restore_stock, use_training_kernels
 from tunelab.models.load import describe_model, load_tokenizer
 from tunelab.objectives.causal_lm import causal_lm_parts
 from tunelab.tasks import PreparedData
@@ -108,19 +108,6 @@ def kernels_apply(cfg: TuneConfig) -> bool:
             and methods.fact(cfg.method.name, "FUSED_KERNELS"))
 
 
-def with_stock_code(model, kernels: list[str], fn, accelerator):
-    """Run ``fn(accelerator)`` (e.g. generation at an evaluation) under the training precision, with the
-    stock attention / PEFT code, then switch back."""
-    with accelerator.autocast():  # the training precision: bf16 frozen weights meet fp32 trained ones
-        if not kernels:
-            return fn(accelerator)
-        restore_stock(model)
-        try:
-            return fn(accelerator)
-        finally:
-            use_training_kernels(model)
-
-
 def build_model(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):
     """(model, loss module, task metrics or None): the task's model with the method applied, trained tensors
     in fp32 masters, gradient checkpointing switched on if configured."""
@@ -162,18 +149,18 @@ def build_schedule(cfg: TuneConfig, optimizer, plan) -> tuple[torch.optim.lr_sch
     return scheduler, total_steps
 
 
-def weights_saver(model, tokenizer, cfg: TuneConfig) -> Callable[[Path], None]:
-    """A function writing the tuned weights + tokenizer + tunelab.json to a folder, atomically."""
+def weights_saver(model, tokenizer, cfg: TuneConfig,
+                  stock: Callable[[], AbstractContextManager] = nullcontext) -> Callable[[Path], None]:
+    """A function writing the tuned weights + tokenizer + tunelab.json to a folder, atomically.
+
+    ``stock``: inside the training loop, ``TrainingKernels.stock`` (what is saved must load and run with
+    plain transformers / PEFT, so it is written with the stock code)."""
     method, task = methods.get(cfg.method.name), tasks.get(cfg.task)
 
     def save(folder: Path) -> None:
         def fill(tmp: Path) -> None:
-            was_on = restore_stock(model)  # what we save must load and run with plain transformers / PEFT
-            try:
+            with stock():
                 task.save(model, method, tmp)
-            finally:
-                if was_on:
-                    use_training_kernels(model)
             tokenizer.save_pretrained(tmp)
             info = {"base_model": cfg.model.path, "method": cfg.method.name,
                     "run": cfg.run.name, "task": cfg.task, "method_config": cfg.method.model_dump(mode="json"),
@@ -213,8 +200,8 @@ class Components:
     total_steps: int
     precision: str
     threads: int
-    kernels: list[str]
-    micro_batch_threads: int
+    kernels: bool  # whether the training kernels apply; the loop switches them on (``kernels.training_kernels``)
+    env: dict[str, Any]  # for env.json, written once the kernels' state is known
     resume_from: Path | None
     eval_extra: Callable | None = None
     unfreezing: GradualUnfreezing | None = None
@@ -266,16 +253,14 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     seed_everything(t.seed)  # the same initial adapter whatever the data did to the RNG
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     model, loss_module, eval_extra = build_model(cfg, data, dtype, tokenizer)
-    kernels = use_training_kernels(model, notify=console.print if is_main else None) if kernels_apply(cfg) else []
     info = describe_model(model)
     if is_main:
         console.print(
             f"model: {cfg.model.path}, method {cfg.method.name}: {info['trainable_parameters']:,} of "
             f"{info['parameters']:,} parameters trained ({info['trainable_percent']:.2f}%); precision {precision}, "
             f"{accelerator.num_processes} process(es) on {device.type}, {threads} threads")
-        run.write_json("env.json", {**environment(device.type, precision, accelerator.num_processes),
-                                    "template": template, "dtype": dtype, "kernels": kernels, "cpu_tuning": tuning,
-                                    "model": info})
+    env = {**environment(device.type, precision, accelerator.num_processes),
+           "template": template, "dtype": dtype, "cpu_tuning": tuning, "model": info}
 
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
     plan = task.plan(cfg, data, accelerator.num_processes,
@@ -297,11 +282,6 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     # keep what the model knew: L2-SP, EWC, distillation (objectives/keep.py, objectives/distill.py)
     keep = keep_objectives.build(cfg, model=model, loss_module=loss_module, data=data, tokenizer=tokenizer, run=run,
                                  accelerator=accelerator, console=console, scheduler=scheduler,
-                                 resumed=resume_from is not None, kernels=kernels, precision=precision)
-    workers = micro_batch_threads(t, threads=threads, device=device, processes=accelerator.num_processes,
-                                  model=model, loss_module=loss_module, kernels=kernels)
-    if is_main and workers > 1:
-        console.print(f"{workers} micro-batches at a time, {max(1, threads // workers)} thread(s) each "
-                      f"(train.micro_batch_threads)")
+                                 resumed=resume_from is not None, precision=precision)
     return Components(accelerator, run, tokenizer, data, model, loss_module, optimizer, scheduler, plan, total_steps,
-                      precision, threads, kernels, workers, resume_from, eval_extra, unfreezing, keep)
+                      precision, threads, kernels_apply(cfg), env, resume_from, eval_extra, unfreezing, keep)

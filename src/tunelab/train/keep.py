@@ -18,7 +18,6 @@ import torch
 from tunelab import tasks
 from tunelab.data.formats import read_records
 from tunelab.errors import UserError
-from tunelab.kernels import restore_stock, use_training_kernels
 from tunelab.objectives import distill as dist
 from tunelab.objectives.keep import (
     FISHER_FILE,
@@ -84,10 +83,11 @@ def reference_rows(cfg, specs, tokenizer, run, console, is_main: bool, name: str
 
 
 def build(cfg, *, model, loss_module, data, tokenizer, run, accelerator, console, scheduler, resumed: bool,
-          kernels: list[str], precision: str) -> KeepSetup | None:
+          precision: str) -> KeepSetup | None:
     """L2-SP, EWC and distillation as configured, for :func:`tunelab.train.recipe.fine_tune`.
 
-    Runs after the method is applied and before ``accelerator.prepare``, i.e. on the weights the run
+    Runs after the method is applied and before ``accelerator.prepare`` and the training kernels (the
+    Fisher's base-layer hooks need PEFT's own forward), i.e. on the weights the run
     starts from -- also in a resumed session, whose checkpoint the loop loads later -- so ``theta0``
     is the start of the run. The Fisher (and the distillation top-k cache) are written to the run
     and read back when resuming.
@@ -107,7 +107,7 @@ def build(cfg, *, model, loss_module, data, tokenizer, run, accelerator, console
         if o.ewc is not None:
             fisher, anchor = _run_fisher(cfg, targets, anchor, model=model, loss_module=loss_module, data=data,
                                          tokenizer=tokenizer, run=run, accelerator=accelerator, console=console,
-                                         resumed=resumed, kernels=kernels, pad_id=pad_id, packed=packed)
+                                         resumed=resumed, pad_id=pad_id, packed=packed)
         setup.penalty = KeepPenalty(targets, anchor, l2sp=o.l2sp.weight if o.l2sp else None,
                                     ewc=o.ewc.weight if o.ewc else None, fisher=fisher)
         setup.info["targets"] = len(targets)
@@ -169,7 +169,7 @@ def build(cfg, *, model, loss_module, data, tokenizer, run, accelerator, console
 
 
 def _run_fisher(cfg, targets, anchor: Anchor, *, model, loss_module, data, tokenizer, run, accelerator, console,
-                resumed: bool, kernels: list[str], pad_id: int, packed: bool) -> tuple[dict[str, torch.Tensor], Anchor]:
+                resumed: bool, pad_id: int, packed: bool) -> tuple[dict[str, torch.Tensor], Anchor]:
     """The run's Fisher and anchor: read back on resume, reused from ``ewc.fisher``, or estimated
     (and combined online with ``ewc.fisher``); written to ``<run>/fisher.safetensors``."""
     e = cfg.objectives.ewc
@@ -193,16 +193,11 @@ def _run_fisher(cfg, targets, anchor: Anchor, *, model, loss_module, data, token
     else:
         rows = (reference_rows(cfg, e.data, tokenizer, run, console, accelerator.is_main_process, "ewc", data)
                 if e.data else data.train)
-        was_on = restore_stock(model) if kernels else False  # the base-layer hooks need PEFT's own forward
-        try:
-            fisher = estimate_fisher(loss_module, rows, targets, samples=e.samples, pad_id=pad_id, packed=packed,
-                                     seed=cfg.train.seed, autocast=accelerator.autocast, rank=accelerator.process_index,
-                                     world=accelerator.num_processes,
-                                     reduce=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
-                                     console=console, device=accelerator.device)
-        finally:
-            if was_on:
-                use_training_kernels(model)
+        fisher = estimate_fisher(loss_module, rows, targets, samples=e.samples, pad_id=pad_id, packed=packed,
+                                 seed=cfg.train.seed, autocast=accelerator.autocast, rank=accelerator.process_index,
+                                 world=accelerator.num_processes,
+                                 reduce=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
+                                 console=console, device=accelerator.device)
         meta.update(samples=min(e.samples, len(rows)), data=[s.path for s in e.data] or "training data")
         if old is not None:
             fisher = combine_fisher(old, fisher, e.gamma)

@@ -20,8 +20,8 @@ from tunelab import tasks
 from tunelab.config import TuneConfig
 from tunelab.errors import UserError
 from tunelab.eval.after import after_training
-from tunelab.kernels import restore_stock
-from tunelab.train.build import Components, build, weights_saver, with_stock_code
+from tunelab.kernels import TrainingKernels, training_kernels
+from tunelab.train.build import Components, build, micro_batch_threads, weights_saver
 from tunelab.train.build import build_optimizer as build_optimizer  # noqa: PLC0414 - the public API's name
 from tunelab.train.loop import LoopSetup, train_loop
 from tunelab.train.run import RunDir, peak_memory_mib
@@ -45,14 +45,19 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     """
     console = console or Console()
     c = build(cfg, sources, resume=resume, console=console)
-    setup = loop_setup(cfg, c, console, on_eval)
-    result = train_loop(setup)
+    is_main = c.accelerator.is_main_process
+    # Our kernels run inside the loop only; the final save, evaluation and the returned model run the stock code.
+    with training_kernels(c.model, c.kernels, notify=console.print if is_main else None) as kernels:
+        if is_main:
+            c.run.write_json("env.json", {**c.env, "kernels": kernels.active})
+        setup = loop_setup(cfg, c, console, on_eval, kernels)
+        result = train_loop(setup)
     result.update(peak_memory(c.accelerator))
     summary = dict(result)
-    if c.accelerator.is_main_process:
+    if is_main:
         weights_saver(c.model, c.tokenizer, cfg)(c.run.final)
         summary = {**result, "run_dir": str(c.run.path), "total_steps": c.total_steps, "precision": c.precision,
-                   "processes": c.accelerator.num_processes, "micro_batch_threads": c.micro_batch_threads,
+                   "processes": c.accelerator.num_processes, "micro_batch_threads": setup.micro_batch_threads,
                    "data": c.data.summary}
         c.run.write_json("summary.json", summary)
         if setup.tensorboard is not None:
@@ -60,13 +65,19 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         _print_summary(console, summary, c.run)
         after_training(cfg.eval, c.run.path, console)
     c.accelerator.wait_for_everyone()
-    restore_stock(c.model)  # the returned model runs the stock code (generation, saving, a user's own use)
     return TrainOutcome(summary, c.model, c.tokenizer, c.run.path)
 
 
-def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval) -> LoopSetup:
-    """The loop's inputs, as values: the prepared model and optimiser, rows, plan, callbacks."""
+def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernels: TrainingKernels) -> LoopSetup:
+    """The loop's inputs, as values: the prepared model and optimiser, rows, plan, callbacks. ``kernels``: what
+    :func:`tunelab.kernels.training_kernels` switched on; saving and generation inside the loop use its stock code."""
     t, tokenizer = cfg.train, c.tokenizer
+    workers = micro_batch_threads(t, threads=c.threads, device=c.accelerator.device,
+                                  processes=c.accelerator.num_processes, model=c.model, loss_module=c.loss_module,
+                                  kernels=bool(kernels))
+    if c.accelerator.is_main_process and workers > 1:
+        console.print(f"{workers} micro-batches at a time, {max(1, c.threads // workers)} thread(s) each "
+                      f"(train.micro_batch_threads)")
     loss_model, optimizer = c.accelerator.prepare(c.loss_module, c.optimizer)
     tensorboard = None
     if t.tensorboard and c.accelerator.is_main_process:
@@ -76,16 +87,21 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval) -> Loo
             raise UserError("train.tensorboard: the tensorboard package is not installed. pip install tensorboard") from None
         tensorboard = SummaryWriter(str(c.run.path / "tensorboard"))
     eval_extra = c.eval_extra
+
+    def eval_stock():  # e.g. generation at an evaluation: the training precision, the stock attention / PEFT code
+        with c.accelerator.autocast(), kernels.stock():
+            return eval_extra(c.accelerator)
+
     return LoopSetup(
-        accelerator=c.accelerator, micro_batch_threads=c.micro_batch_threads, loss_model=loss_model, model=c.model,
+        accelerator=c.accelerator, micro_batch_threads=workers, loss_model=loss_model, model=c.model,
         optimizer=optimizer, scheduler=c.scheduler, rows=c.data.train, eval_rows=c.data.eval, plan=c.plan,
         total_steps=c.total_steps,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         packed=cfg.data.packing or tasks.get(cfg.task).always_packed,
         pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=c.run,
-        save_weights=weights_saver(c.model, tokenizer, cfg), resume_from=c.resume_from, console=console,
+        save_weights=weights_saver(c.model, tokenizer, cfg, stock=kernels.stock), resume_from=c.resume_from, console=console,
         tensorboard=tensorboard, datasets=c.data.datasets,
-        eval_extra=(lambda: with_stock_code(c.model, c.kernels, eval_extra, c.accelerator)) if eval_extra else None,
+        eval_extra=eval_stock if eval_extra else None,
         before_update=c.unfreezing.drop_frozen_grads if c.unfreezing else None, on_eval=on_eval,
         penalty=c.keep.penalty if c.keep else None, step_metrics=c.keep.metrics if c.keep else None,
     )
