@@ -118,7 +118,7 @@ elif step == "clean":
     info = {"written": r.rows_written, "removed": r.removed_by_reason}
 elif step == "near":  # the near-duplicate index alone: MinHash + LSH over the normalised texts
     from tunelab.data.dedup import NearDupIndex, dedup_key
-    from tunelab.data.stream import open_source
+    from tunelab.data.formats import open_source
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with NearDupIndex(threshold=0.85) as index:
         batch = []

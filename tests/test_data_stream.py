@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tunelab.data import stream
+from tunelab.data import formats, jsonread
 from tunelab.data.dedup import NearDupIndex, dedup_key
-from tunelab.data.formats import read_records
+from tunelab.data.formats import open_source, read_records
 from tunelab.data.inspect import Lengths, inspect_file
 from tunelab.data.split import assign, assign_codes
-from tunelab.data.stream import RowWriter, open_source
+from tunelab.data.stream import RowWriter
 from tunelab.errors import UserError
 
 ROWS = [
@@ -30,11 +30,11 @@ def test_json_array_streams_element_by_element_across_chunk_boundaries(tmp_path)
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(ROWS, ensure_ascii=False, indent=2), encoding="utf-8")
     for chunk in (3, 7, 64, 1 << 20):  # elements split anywhere, even inside strings and escapes
-        assert [r for _, r in stream._stream_json_array(path, None, chunk=chunk)] == ROWS
+        assert [r for _, r in jsonread.iter_json_array(path, None, chunk=chunk)] == ROWS
     numbers = tmp_path / "numbers.json"
     numbers.write_text("[1234567, 89, {\"a\": 1}]")
-    assert [r for _, r in stream._stream_json_array(numbers, None, chunk=3)] == [1234567, 89, {"a": 1}]
-    assert [r for _, r in stream._stream_json_array(path, 5, chunk=7)] == ROWS[:5]
+    assert [r for _, r in jsonread.iter_json_array(numbers, None, chunk=3)] == [1234567, 89, {"a": 1}]
+    assert [r for _, r in jsonread.iter_json_array(path, 5, chunk=7)] == ROWS[:5]
     # the workbench's reader gives the same records as the whole-file reader
     src = open_source(path)
     assert src.format == "alpaca"
@@ -52,7 +52,7 @@ def test_json_array_syntax_errors_are_one_line_user_errors(tmp_path, text, messa
     path = tmp_path / "bad.json"
     path.write_text(text)
     with pytest.raises(UserError, match="bad.json") as err:
-        list(stream._stream_json_array(path, None, chunk=4))
+        list(jsonread.iter_json_array(path, None, chunk=4))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -73,9 +73,9 @@ def test_csv_and_parquet_stream_like_the_whole_file_readers(tmp_path, monkeypatc
     assert [i.record for i in open_source(c).items()] == read_records(c).records
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "rows.parquet", row_group_size=5)
     p = tmp_path / "rows.parquet"
-    got = [r for _, r in stream._stream_parquet(p, None, batch_size=4)]  # several batches and row groups
+    got = [r for _, r in formats._stream_parquet(p, None, batch_size=4)]  # several batches and row groups
     assert got == pa.Table.from_pylist(ROWS).to_pylist()
-    assert [r for _, r in stream._stream_parquet(p, 6, batch_size=4)] == got[:6]
+    assert [r for _, r in formats._stream_parquet(p, 6, batch_size=4)] == got[:6]
     assert [i.record for i in open_source(p).items()] == read_records(p).records
     (tmp_path / "header.csv").write_text("instruction,output\n")
     with pytest.raises(UserError, match="header but no rows"):
@@ -170,4 +170,4 @@ def test_json_array_text_after_the_closing_bracket_is_an_error(tmp_path, tail):
     path.write_text(head + tail)
     for chunk in (4, 1 << 20):
         with pytest.raises(UserError, match=rf"two.json: unexpected data after the JSON array at byte {len(head)} "):
-            list(stream._stream_json_array(path, None, chunk=chunk))
+            list(jsonread.iter_json_array(path, None, chunk=chunk))

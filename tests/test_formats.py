@@ -442,7 +442,7 @@ def test_text_after_a_json_object_is_an_error_naming_the_byte(tmp_path):
 
 
 def test_json_lines_split_only_at_line_ends_like_the_streaming_reader(tmp_path):
-    from tunelab.data.stream import open_source
+    from tunelab.data.formats import open_source
 
     # JSON strings may hold U+2028, U+0085 and form feeds raw: str.splitlines would cut the row there
     rows = [{"text": "a\u2028b"}, {"text": "c\x85d\x0ce"}, {"text": "f"}]

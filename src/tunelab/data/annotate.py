@@ -131,16 +131,16 @@ def agreement(rows: Sequence[dict[str, Any]], *, column: str = "labels", annotat
 def agreement_file(path: str | Path, *, column: str = "labels", annotators: Sequence[str] | None = None,
                    out: str | Path | None = None) -> AgreementReport:
     """Read raw rows of a .jsonl/.json/.csv/.parquet file, report agreement, optionally write voted rows."""
-    from tunelab.data import formats as _f
-    from tunelab.data.stream import _rows, write_rows
+    from tunelab.data.formats import check_file, json_value, raw_rows
+    from tunelab.data.stream import write_rows
 
     p = Path(path)
-    _f._check_file(p)
-    rows = [r for _, r in _rows(p, None) if isinstance(r, dict)]
+    check_file(p)
+    rows = [r for _, r in raw_rows(p, None) if isinstance(r, dict)]
     if annotators is None:
         for r in rows:  # CSV list columns arrive as JSON text
             if isinstance(r.get(column), str):
-                r[column] = _f._json_value(r[column])
+                r[column] = json_value(r[column])
     report, voted = agreement(rows, column=column, annotators=annotators, where=str(p))
     if out is not None:
         write_rows(out, voted, protect=[p])

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.formats import open_source
 from tunelab.data.jsonread import BadLine
 from tunelab.data.settings import AugmentSettings
+from tunelab.data.stream import RowWriter
 from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_text
 
@@ -185,8 +187,6 @@ def rewrite_row(raw: dict[str, Any], fmt: str, field: str, fn: Callable[[str], s
 def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings | None = None, *,
                  format: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Write the original rows, then the augmented ones, to ``out``; return counts per operation."""
-    from tunelab.data.stream import RowWriter, open_source
-
     s = settings or AugmentSettings()
     src = open_source(path, format)
     needs_model = {"paraphrase", "backtranslate"} & set(s.ops)

@@ -31,18 +31,10 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
+from tunelab.data.formats import check_usable, open_source, parse
 from tunelab.data.jsonread import BadLine
 from tunelab.data.settings import CleanSettings, NormalizeSettings, PiiSettings
-from tunelab.data.stream import (
-    RowWriter,
-    answer_text,
-    check_usable,
-    full_text,
-    map_text,
-    open_source,
-    parse,
-    prompt_text,
-)
+from tunelab.data.stream import RowWriter, answer_text, full_text, map_text, prompt_text
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 

@@ -1,7 +1,11 @@
-"""Read data files into canonical :class:`~tunelab.data.records.Record` objects.
+"""The one reader of data files: rows streamed from a file, each parsed into a canonical
+:class:`~tunelab.data.records.Record` by the parser of its *format*.
 
-Files are parsed with the standard library (``json``, ``csv``) and pyarrow (``.parquet``);
-this module only maps each row of a known *format* onto the canonical record:
+:func:`open_source` checks the file and detects its format (:data:`DETECT`); :meth:`Source.items`
+streams ``(raw row, record or reject)`` items (:func:`raw_rows`, then :data:`PARSERS`), which the
+``data`` verbs use to rewrite files in their own format; :func:`read_records`, what training reads,
+is ``list(items())`` with the whole-file checks. Files are parsed with the standard library
+(``json`` through :mod:`tunelab.data.jsonread`, ``csv``) and pyarrow (``.parquet``). The formats:
 
 * ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
   (a list of ``[user, assistant]`` pairs that become earlier turns);
@@ -23,11 +27,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
-import io
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,15 @@ SHAREGPT_ROLES: dict[str, str] = {
     "tool": "tool",
 }
 
+#: Format detection: the first format whose rule holds for the keys of the file's first object row.
+DETECT: tuple[tuple[str, Callable[[set[str]], bool]], ...] = (
+    ("sharegpt", lambda keys: "conversations" in keys),
+    ("messages", lambda keys: "messages" in keys),
+    ("alpaca", lambda keys: "instruction" in keys),
+    ("classification", lambda keys: "text" in keys and bool(keys & {"label", "label_text"})),
+    ("text", lambda keys: "text" in keys),
+)
+
 _RAW_LIMIT = 500
 _FORMAT_HINT = f"Set `format:` to one of {', '.join(FORMATS)}"
 
@@ -88,6 +100,89 @@ class ReadResult:
 # --------------------------------------------------------------------------- public API
 
 
+@dataclass
+class Item:
+    """One row of a file: its index, the raw row (as the file has it), and its record or its reject."""
+
+    index: int
+    raw: Any
+    record: Record | None
+    reject: Reject | None
+    missing: str = ""  # the required field the row lacks (a ``missing_field`` reject)
+
+
+@dataclass
+class Source:
+    """An opened data file: its path, format (detected or given) and column mapping. :meth:`items` is
+    the one reader: training reads ``list(items())`` (:func:`read_records`), the ``data`` verbs stream it."""
+
+    path: Path
+    format: str
+    columns: dict[str, str]
+    limit: int | None = None
+
+    def items(self) -> Iterator[Item]:
+        """Every row of the file, parsed (a fresh pass each call)."""
+        for index, raw in raw_rows(self.path, self.limit):
+            yield parse(index, raw, self)
+
+
+def open_source(path: str | Path, format: str = "auto", columns: dict[str, str] | None = None,
+                limit: int | None = None) -> Source:
+    """Check the file and the settings, and detect the format from the keys of the first row that is a
+    JSON object (:data:`DETECT`)."""
+    p = Path(path)
+    if format != "auto" and format not in FORMATS:
+        raise UserError(f"data.format: unknown format (got {format!r}). Use auto or one of {', '.join(FORMATS)}.")
+    cols = _check_columns(columns)
+    check_file(p)
+    if p.suffix.lower() == ".txt":
+        if format not in ("auto", "text"):
+            raise UserError(
+                f"{p}: a .txt file is read as plain text, one document per line (got format {format!r}). "
+                "Set `format: text` (or auto), or convert the file to .jsonl."
+            )
+        if next(raw_rows(p, 1), None) is None:
+            raise UserError(f"{p}: the file is empty (got only whitespace). Point at a file with rows.")
+        return Source(p, "text", cols, limit)
+    head: list[tuple[int, Any]] = []
+    for index, raw in raw_rows(p, limit):
+        head.append((index, raw))
+        if isinstance(raw, dict):
+            break
+    if not head:
+        raise UserError(f"{p}: the file is empty (got only whitespace). Point at a file with rows.")
+    if not isinstance(head[-1][1], dict) and p.suffix.lower() == ".jsonl":
+        raise UserError(_not_jsonl_message(p, head))
+    return Source(p, format if format != "auto" else _detect_format(p, head, cols), cols, limit)
+
+
+def parse(index: int, raw: Any, source: Source) -> Item:
+    """The record (or reject) of one raw row of ``source``."""
+    ctx = _Ctx(path=source.path, row=index, raw=raw)
+    try:
+        obj = _rename(_as_object(raw), source.columns)
+        record = _with_weight(obj, PARSERS[source.format](obj, ctx, source.columns))
+    except _RowError as err:
+        return Item(index, raw, None, err.to_reject(ctx), err.field if err.reason == "missing_field" else "")
+    return Item(index, raw, record, None)
+
+
+def check_usable(source: Source, rows: int, records: int, reasons: dict[str, int]) -> None:
+    """No row was usable and every one lacked a required field: the format or the columns are wrong (a
+    :class:`UserError` naming the field, or the mapped column the file does not have)."""
+    if not rows or records or reasons.get("missing_field", 0) != rows:
+        return
+    index, first = next(((i, r) for i, r in raw_rows(source.path, source.limit) if isinstance(r, dict)), (0, {}))
+    _check_mapping(source.path, first, source.columns)
+    missing = parse(index, first, source).missing or "?"
+    raise UserError(
+        f"{source.path}: no row has the fields format {source.format!r} needs (got keys {_show(sorted(first))}; "
+        f"{missing!r} is missing in all {rows} rows). Map your column names with `columns:` (--column), "
+        f"e.g. columns: {{{missing}: <your column>}}, or {_FORMAT_HINT[0].lower()}{_FORMAT_HINT[1:]}."
+    )
+
+
 def read_records(
     path: str | Path,
     *,
@@ -95,7 +190,8 @@ def read_records(
     columns: dict[str, str] | None = None,
     limit: int | None = None,
 ) -> ReadResult:
-    """Read one ``.json``/``.jsonl``/``.csv``/``.parquet``/``.txt`` file into records.
+    """Read one ``.json``/``.jsonl``/``.csv``/``.parquet``/``.txt`` file into records: ``list`` of
+    :meth:`Source.items`, with the whole-file checks.
 
     ``format="auto"`` detects the format from the keys of the first row that is a JSON
     object. ``columns`` maps canonical field names to the file's own names, for example
@@ -103,42 +199,14 @@ def read_records(
     ``{"conversations": "dialog", "from": "speaker", "value": "text"}``. ``limit`` stops
     after that many rows.
     """
-    p = Path(path)
-    if format != "auto" and format not in FORMATS:
-        raise UserError(
-            f"data.format: unknown format (got {format!r}). Use auto or one of {', '.join(FORMATS)}."
-        )
-    cols = _check_columns(columns)
-    _check_file(p)
-    ext = p.suffix.lower()
-
-    if ext == ".txt":
-        if format not in ("auto", "text"):
-            raise UserError(
-                f"{p}: a .txt file is read as plain text, one document per line (got format {format!r}). "
-                "Set `format: text` (or auto), or convert the file to .jsonl."
-            )
-        rows = list(_read_txt(p, limit))
-        fmt = "text"
-    else:
-        rows = list(_iter_rows(p, ext, limit))
-        fmt = format if format != "auto" else _detect_format(p, rows, cols)
-
-    parse = _PARSERS[fmt]
-    records: list[Record] = []
-    errors: list[tuple[_Ctx, _RowError]] = []
-    for index, row in rows:
-        ctx = _Ctx(path=p, row=index, raw=row)
-        try:
-            obj = _rename(_as_object(row), cols)
-            records.append(_with_weight(obj, parse(obj, ctx, cols)))
-        except _RowError as err:
-            errors.append((ctx, err))
-
-    if rows and not records:
-        _raise_if_mismatch(p, fmt, rows, [err for _, err in errors], cols)
-    rejects = [err.to_reject(ctx) for ctx, err in errors]
-    return ReadResult(records=records, rejects=rejects, format=fmt, path=str(p), rows=len(rows))
+    source = open_source(path, format, columns, limit)
+    items = list(source.items())
+    if source.path.suffix.lower() == ".jsonl" and not any(isinstance(i.raw, dict) for i in items):
+        raise UserError(_not_jsonl_message(source.path, [(i.index, i.raw) for i in items]))
+    records = [i.record for i in items if i.record is not None]
+    rejects = [i.reject for i in items if i.reject is not None]
+    check_usable(source, len(items), len(records), summarize_rejects(rejects))
+    return ReadResult(records=records, rejects=rejects, format=source.format, path=str(source.path), rows=len(items))
 
 
 def write_rejects(rejects: list[Reject], path: Path, *, replace: bool = False) -> None:
@@ -183,7 +251,7 @@ class _RowError(Exception):
     def to_reject(self, ctx: _Ctx) -> Reject:
         where = f"{ctx.path.name} row {ctx.row}" + (f", field '{self.field}'" if self.field else "")
         detail = f"{where}: {self.what} (got {_show(self.value)}). {self.fix}."
-        raw = ctx.raw.line if isinstance(ctx.raw, _BadLine) else _show(ctx.raw, _RAW_LIMIT)
+        raw = ctx.raw.line if isinstance(ctx.raw, BadLine) else _show(ctx.raw, _RAW_LIMIT)
         return Reject(source=str(ctx.path), row=ctx.row, reason=self.reason, detail=detail, raw=raw)
 
 
@@ -212,7 +280,7 @@ _MISSING: Any = _Missing()
 
 def _as_object(row: Any) -> dict[str, Any]:
     """The row as a JSON object, or the row's reject."""
-    if isinstance(row, _BadLine):
+    if isinstance(row, BadLine):
         raise _RowError(
             "bad_json",
             "",
@@ -227,11 +295,11 @@ def _as_object(row: Any) -> dict[str, Any]:
     return row
 
 
-# A JSON Lines line that did not parse (the shared parser's type; old name kept for callers).
-_BadLine = jsonread.BadLine
+# A JSON Lines line that did not parse: a row that becomes a ``bad_json`` reject.
+BadLine = jsonread.BadLine
 
 
-def _check_file(p: Path) -> None:
+def check_file(p: Path) -> None:
     if not p.exists():
         hint = ""
         if p.parent.is_dir():
@@ -275,28 +343,72 @@ def _read_text(p: Path) -> str:
     return text
 
 
-def _iter_rows(p: Path, ext: str, limit: int | None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row index, row)``; a row is a parsed value or a :class:`_BadLine`.
+def raw_rows(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """``(row index, row)`` of any data file, streamed so that memory does not grow with the file; a
+    row is a parsed value or a :class:`BadLine`.
 
-    JSON and JSON Lines are parsed by :mod:`tunelab.data.jsonread`, as the streaming readers of
-    the ``data`` verbs do, so every reader sees the same rows (and refuses the same files).
+    JSON Lines and ``.txt`` line by line, and a ``.json`` top-level array element by element, through
+    :mod:`tunelab.data.jsonread` (strict: text after the array is an error, never ignored); ``.csv``
+    with the ``csv`` module's reader; ``.parquet`` in record batches. A ``.json`` file that is not an
+    array (e.g. JSON Lines saved as ``.json``) is read whole.
     """
-    if ext == ".parquet":
-        yield from _read_parquet(p, limit)
-        return
-    if ext == ".json" and jsonread.first_char(p) == "[":  # strict: text after the array is an error
-        yield from jsonread.iter_json_array(p, limit)
-        return
-    text = _read_text(p)
-    if ext == ".csv":
-        yield from _read_csv(p, text, limit)
+    ext = p.suffix.lower()
+    if ext == ".txt":
+        yield from jsonread.iter_lines(p, limit, as_text=True)
     elif ext == ".jsonl":
-        rows = _read_jsonl(text, limit)
-        if not any(isinstance(r, dict) for _, r in rows):
-            raise UserError(_not_jsonl_message(p, rows))
-        yield from rows
-    else:  # .json that is not an array: one object (an error), else JSON Lines
-        yield from _read_json(p, text, limit)
+        yield from jsonread.iter_lines(p, limit, as_text=False)
+    elif ext == ".csv":
+        yield from _stream_csv(p, limit)
+    elif ext == ".parquet":
+        yield from _stream_parquet(p, limit)
+    elif jsonread.first_char(p) == "[":
+        yield from jsonread.iter_json_array(p, limit)
+    else:
+        yield from _read_json(p, _read_text(p), limit)
+
+
+def _stream_csv(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """CSV rows as dicts (header = keys), one at a time."""
+    seen = 0
+    try:
+        with p.open("r", encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for index, row in enumerate(reader):
+                if limit is not None and index >= limit:
+                    return
+                seen += 1
+                yield index, {k: v for k, v in row.items() if k is not None}
+            if not seen:
+                raise UserError(f"{p}: the CSV file has a header but no rows (got {_show(reader.fieldnames)}). "
+                                "Add rows.")
+    except csv.Error as err:
+        raise UserError(f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header.") from err
+    except UnicodeDecodeError as err:
+        raise jsonread.not_utf8(p) from err
+
+
+def _stream_parquet(p: Path, limit: int | None, batch_size: int = 4096) -> Iterator[tuple[int, Any]]:
+    """Parquet rows as dicts, one record batch (``batch_size`` rows) in memory at a time."""
+    import pyarrow as pa  # the [data] / parquet path only
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(p)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]}). Re-export it.") from err
+    if pf.metadata.num_rows == 0:
+        raise UserError(f"{p}: the Parquet file has no rows (got columns {pf.schema_arrow.names}). Add rows.")
+    index = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size):
+            for row in batch.to_pylist():
+                if limit is not None and index >= limit:
+                    return
+                yield index, row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]} at row {index}). "
+                        "Re-export it.") from err
 
 
 def _read_json(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
@@ -345,51 +457,11 @@ def _read_jsonl(text: str, limit: int | None) -> list[tuple[int, Any]]:
 
 def _not_jsonl_message(p: Path, rows: list[tuple[int, Any]]) -> str:
     first = rows[0][1] if rows else None
-    got = f"line {rows[0][0] + 1}: {first.error}" if isinstance(first, _BadLine) else f"{_show(first)}"
+    got = f"line {rows[0][0] + 1}: {first.error}" if isinstance(first, BadLine) else f"{_show(first)}"
     return (
         f"{p}: no line is a JSON object (got {got}). "
         "Write JSON Lines: one object {...} per line, or a .json file holding a list."
     )
-
-
-def _read_csv(p: Path, text: str, limit: int | None) -> list[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        rows = []
-        for index, row in enumerate(reader):
-            if limit is not None and index >= limit:
-                break
-            rows.append((index, {k: v for k, v in row.items() if k is not None}))
-    except csv.Error as err:
-        raise UserError(
-            f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header."
-        ) from err
-    if not rows:
-        raise UserError(
-            f"{p}: the CSV file has a header but no rows (got {_show(reader.fieldnames)}). Add rows."
-        )
-    return rows
-
-
-def _read_parquet(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(
-            f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]}). Re-export it."
-        ) from err
-    if table.num_rows == 0:
-        raise UserError(f"{p}: the Parquet file has no rows (got columns {table.column_names}). Add rows.")
-    if limit is not None:
-        table = table.slice(0, limit)
-    yield from enumerate(table.to_pylist())
-
-
-def _read_txt(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
-    yield from jsonread.line_rows(jsonread.text_lines(_read_text(p)), limit, as_text=True)
 
 
 # --------------------------------------------------------------------------- columns and detection
@@ -447,35 +519,13 @@ def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -
             f"{p}: no row is a JSON object (got {_show(rows[0][1] if rows else None)}). {_FORMAT_HINT}."
         )
     keys = set(_rename(first, cols))
-    if "conversations" in keys:
-        return "sharegpt"
-    if "messages" in keys:
-        return "messages"
-    if "instruction" in keys:
-        return "alpaca"
-    if "text" in keys and keys & {"label", "label_text"}:
-        return "classification"
-    if "text" in keys:
-        return "text"
+    for fmt, has in DETECT:
+        if has(keys):
+            return fmt
     _check_mapping(p, first, cols)
     raise UserError(
         f"{p}: cannot tell the data format from the keys of the first row (got {_show(sorted(first))}). "
         f"{_FORMAT_HINT} and map your column names with `columns:`, e.g. columns: {{instruction: question}}."
-    )
-
-
-def _raise_if_mismatch(p: Path, fmt: str, rows: list[tuple[int, Any]], errors: list[_RowError],
-                       cols: dict[str, str]) -> None:
-    """No row survived and every row lacked a required field: the format or columns are wrong."""
-    if not errors or any(err.reason != "missing_field" for err in errors):
-        return
-    first = next((r for _, r in rows if isinstance(r, dict)), {})
-    _check_mapping(p, first, cols)
-    missing = errors[0].field
-    raise UserError(
-        f"{p}: no row has the fields format {fmt!r} needs (got keys {_show(sorted(first))}; "
-        f"{missing!r} is missing in all {len(rows)} rows). Map your column names with `columns:`, "
-        f"e.g. columns: {{{missing}: <your column>}}, or {_FORMAT_HINT[0].lower()}{_FORMAT_HINT[1:]}."
     )
 
 
@@ -543,7 +593,7 @@ def _with_weight(row: dict[str, Any], record: Record) -> Record:
     return dataclasses.replace(record, weight=weight)
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """Nested fields in CSV files arrive as JSON text: decode them (other values as they are)."""
     if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
         try:
@@ -662,7 +712,7 @@ def _alpaca(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
 
 
 def _history(row: dict[str, Any]) -> list[Message]:
-    value = _json_value(_get(row, "history"))
+    value = json_value(_get(row, "history"))
     if value is _MISSING or value == "":
         return []
     fix = "Write history as a list of [user, assistant] pairs of strings"
@@ -691,7 +741,7 @@ def _history(row: dict[str, Any]) -> list[Message]:
 
 
 def _turn_list(row: dict[str, Any], key: str) -> list[Any]:
-    value = _json_value(_get(row, key))
+    value = json_value(_get(row, key))
     if value is _MISSING:
         raise _missing(key)
     if not isinstance(value, list):
@@ -852,7 +902,8 @@ def _classification(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Rec
     return Record(id=ctx.id, messages=(Message("user", text),), label=str(label), source=str(ctx.path))
 
 
-_PARSERS = {
+#: Format name -> the parser of one row (a JSON object with canonical keys) into a :class:`Record`.
+PARSERS = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
     "messages": _messages,
@@ -863,7 +914,17 @@ _PARSERS = {
 __all__ = [
     "EXTENSIONS",
     "FORMATS",
+    "PARSERS",
+    "BadLine",
+    "DETECT",
+    "Item",
     "ReadResult",
+    "Source",
+    "check_file",
+    "check_usable",
+    "open_source",
+    "parse",
+    "raw_rows",
     "read_records",
     "summarize_rejects",
     "write_rejects",

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
+from tunelab.data.formats import check_usable, open_source
 from tunelab.data.split import row_keys
-from tunelab.data.stream import answer_text, check_usable, full_text, open_source
+from tunelab.data.stream import answer_text, full_text
 from tunelab.report import plots
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

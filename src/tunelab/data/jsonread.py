@@ -1,8 +1,7 @@
 """The one parser of JSON and JSON Lines data files, shared by every reader.
 
-Both the eager reader (:func:`tunelab.data.formats.read_records`, used by training) and the
-streaming one (:mod:`tunelab.data.stream`, used by the ``data`` verbs) read rows through these
-functions, so a file means the same rows everywhere:
+The one reader of data files (:func:`tunelab.data.formats.raw_rows`), the server's JSON Lines
+inputs and ``predict`` read rows through these functions, so a file means the same rows everywhere:
 
 * a ``.json`` top-level array is read element by element (:func:`iter_json_array`), strictly:
   anything but whitespace after its closing ``]`` (a second array, garbage) is a

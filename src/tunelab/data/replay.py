@@ -30,16 +30,13 @@ as ``loss/replay`` (per-dataset losses, as for ``data.mix``).
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from tunelab.data.batching import Plan, Row, rows_packed, rows_unpacked
+from tunelab.data.batching import Plan
 from tunelab.errors import UserError
 
 REPLAY = "replay"
@@ -178,87 +175,3 @@ class ReplayPlan:
                     f"{where}: {ratio} of {self.rows_per_step} rows per optimiser step (batch_size x grad_accum x "
                     f"processes) rounds to {k} replay rows. Choose a ratio giving 1..{self.rows_per_step - 1} rows, "
                     "or raise train.batch_size / train.grad_accum")
-
-
-# --------------------------------------------------------------------------- replay rows
-
-
-def replay_rows(cfg, tokenizer, group: int, documents: bool) -> tuple[list[Row], dict[str, Any], list]:
-    """Tokenised rows of ``objectives.replay.data`` (as the training data is tokenised), each
-    marked with dataset index ``group``; returns (rows, summary, rejects)."""
-    from tunelab.data.cache import encode_records_cached
-    from tunelab.data.formats import read_records
-    from tunelab.data.tasks import encode_documents, pretrain_rows
-
-    settings = cfg.objectives.replay
-    d = cfg.data
-    if not settings.data:
-        raise UserError("objectives.replay.data: empty. Give the replay files (general instruction data, earlier "
-                        "tasks); the buffer of earlier stages exists only in `tunelab continual`")
-    encoded, rejects, files = [], [], []
-    for spec in settings.data:
-        res = read_records(spec.path, format=spec.format, columns=spec.columns or None, limit=spec.limit)
-        rejects += res.rejects
-        records = res.records
-        if documents:
-            enc, rej, _ = encode_documents([r for r in records if r.is_text], tokenizer, use_cache=d.cache)
-        else:
-            enc, rej, _ = encode_records_cached(records, tokenizer, train_on=d.train_on, max_length=d.max_length,
-                                                truncation=d.truncation, use_cache=d.cache)
-        rejects += rej
-        if spec.weight != 1.0:
-            enc = [dataclasses.replace(e, weight=e.weight * spec.weight) for e in enc]
-        encoded += enc
-        files.append({"path": spec.path, "rows": res.rows, "samples": len(enc), "rejected": len(res.rejects) + len(rej)})
-    if not encoded:
-        raise UserError(f"objectives.replay.data: no usable replay sample in {[f['path'] for f in files]} "
-                        f"({len(rejects)} rejected). Check the files and their format")
-    if documents:
-        weights = {e.weight for e in encoded}
-        rows = pretrain_rows([e.input_ids for e in encoded], d.max_length)
-        w = weights.pop() if len(weights) == 1 else 1.0
-        rows = [dataclasses.replace(r, groups=(group,) * len(r.segments),
-                                    weights=(w,) * len(r.segments) if w != 1.0 else None) for r in rows]
-    else:
-        groups = [group] * len(encoded)
-        rows = rows_packed(encoded, d.max_length, groups) if d.packing else rows_unpacked(encoded, groups)
-    summary = {"files": files, "samples": len(encoded), "rows": len(rows),
-               "target_tokens": sum(r.n_targets for r in rows), "rejected": len(rejects)}
-    return rows, summary, rejects
-
-
-def with_replay(cfg, tokenizer, data, plan: Plan, run, console, is_main: bool = True, *, task_facts):
-    """(data, plan) with the replay rows appended to ``data.train`` and a :class:`ReplayPlan`.
-
-    Task rows without a dataset index get index 0 so that every micro-batch reports per-dataset
-    losses; the names become ``(*datasets or (task,), "replay")``.
-    """
-    if task_facts.unused_parameters:
-        raise UserError("objectives.replay: task multitask samples one task per step; add the replay data as one "
-                        "more sft task in `tasks` (its task_sampling share plays the replay ratio)")
-    if not task_facts.causal_lm_rows:
-        raise UserError(f"objectives.replay: task {cfg.task} trains a class head; replayed text has no class. "
-                        "Use task: generative_classification or sft to replay data")
-    settings = cfg.objectives.replay
-    names = tuple(data.datasets) or (cfg.data.train[0].name or Path(cfg.data.train[0].path).stem,)
-    group = len(names)
-    rows, summary, rejects = replay_rows(cfg, tokenizer, group, documents=task_facts.always_packed)
-    task = [r if r.groups is not None else dataclasses.replace(r, groups=(0,) * len(r.segments)) for r in data.train]
-    rplan = ReplayPlan(plan, len(rows), settings.ratio, tuple((int(s), float(r)) for s, r in settings.schedule))
-    rplan.check()
-    k = rplan.replay_rows_at(0)
-    summary.update(ratio=settings.ratio, schedule=[list(p) for p in settings.schedule],
-                   rows_per_step=plan.rows_per_step, replay_rows_per_step=k, task_rows_per_step=plan.rows_per_step - k)
-    if run is not None and is_main:
-        if rejects:
-            from tunelab.data.formats import write_rejects
-
-            write_rejects(rejects, run.rejects_file)
-        run.write_json("replay.json", summary)
-    if is_main:
-        console.print(f"replay: {summary['samples']} samples in {summary['rows']} rows; {k} of {plan.rows_per_step} "
-                      f"rows of every step (ratio {settings.ratio})"
-                      + (f"; [yellow]{len(rejects)} rejected[/]" if rejects else ""))
-    data = dataclasses.replace(data, train=task + rows, datasets=(*names, REPLAY),
-                               summary={**data.summary, "replay": summary})
-    return data, rplan

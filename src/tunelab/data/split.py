@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
+from tunelab.data.formats import open_source
 from tunelab.data.settings import SplitSettings
-from tunelab.data.stream import RowWriter, answer_text, open_source, prompt_text
+from tunelab.data.stream import RowWriter, answer_text, prompt_text
 from tunelab.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -1,19 +1,11 @@
-"""Rows of a data file one at a time, with the file's own raw row kept beside its record.
+"""Writing data files in their own format, and the texts of a record, for the workbench verbs.
 
-The workbench (clean, split, augment, weights) rewrites files *in their own format*: it changes
-the raw row (a dict as the file has it, column names and extra keys included) and writes it
-back, and uses the canonical :class:`~tunelab.data.records.Record` parsed from it (by the
-readers of :mod:`tunelab.data.formats`, same rules, same rejects) to judge it.
-
-Every format is streamed, so memory does not grow with the file: JSON Lines and ``.txt`` line by
-line, ``.csv`` with the ``csv`` module's reader, ``.parquet`` in record batches
-(``pyarrow.parquet.ParquetFile.iter_batches``), and a ``.json`` top-level array element by
-element. JSON and JSON Lines go through :mod:`tunelab.data.jsonread`, the one strict parser the
-whole-file readers of ``formats`` use too (text after a ``.json`` array is an error, never
-ignored). A ``.json`` file that is not an array (e.g. JSON Lines saved as ``.json``) is read
-whole by the readers in ``formats``. Writers are atomic (temp file + rename), refuse to write over the input
-file, and stream too: ``.csv`` and ``.parquet`` rows are spooled to a temporary JSON Lines
-file and converted at :meth:`RowWriter.close` (Parquet in batches with one unified schema).
+The workbench (clean, split, augment, weights) reads a file with the one reader,
+:func:`tunelab.data.formats.open_source` (each row's raw dict beside its canonical record), changes
+the raw row (column names and extra keys kept) and writes it back here. Writers are atomic (temp
+file + rename), refuse to write over the input file, and stream: ``.csv`` and ``.parquet`` rows are
+spooled to a temporary JSON Lines file and converted at :meth:`RowWriter.close` (Parquet in batches
+with one unified schema).
 """
 
 from __future__ import annotations
@@ -23,153 +15,14 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.data import formats as _f
-from tunelab.data import jsonread
-from tunelab.data.records import Record, Reject
+from tunelab.data.records import Record
 from tunelab.errors import UserError
 
 # Keys whose values are not prose (never normalised, augmented or masked).
 NON_TEXT_KEYS = frozenset({"tools", "id", "weight", "label", "source_id", "augmented", "from", "role"})
-
-
-@dataclass
-class Item:
-    """One row: its index in the file, the raw row, and its record or its reject."""
-
-    index: int
-    raw: Any
-    record: Record | None
-    reject: Reject | None
-
-
-@dataclass
-class Source:
-    """An opened data file: its path, detected format and column mapping."""
-
-    path: Path
-    format: str
-    columns: dict[str, str]
-    limit: int | None = None
-
-    def items(self) -> Iterator[Item]:
-        """Every row of the file, parsed (a fresh pass each call)."""
-        for index, raw in _rows(self.path, self.limit):
-            yield parse(index, raw, self)
-
-
-def open_source(path: str | Path, format: str = "auto", columns: dict[str, str] | None = None,
-                limit: int | None = None) -> Source:
-    """Check the file and detect its format from the first object row (like ``read_records``)."""
-    p = Path(path)
-    if format != "auto" and format not in _f.FORMATS:
-        raise UserError(f"--format: unknown format (got {format!r}). Use auto or one of {', '.join(_f.FORMATS)}.")
-    cols = _f._check_columns(columns)
-    _f._check_file(p)
-    if p.suffix.lower() == ".txt":
-        return Source(p, "text", cols, limit)
-    if format != "auto":
-        return Source(p, format, cols, limit)
-    head: list[tuple[int, Any]] = []
-    for index, raw in _rows(p, limit):
-        head.append((index, raw))
-        if isinstance(raw, dict):
-            break
-    return Source(p, _f._detect_format(p, head, cols), cols, limit)
-
-
-def check_usable(source: Source, rows: int, records: int, reasons: dict[str, int]) -> None:
-    """No row was usable and every one lacked a required field: the format or columns are wrong."""
-    if rows and not records and reasons.get("missing_field", 0) == rows:
-        if source.columns:  # a mapping that names a column the file lacks: say which
-            first = next((raw for _, raw in _rows(source.path, source.limit) if isinstance(raw, dict)), {})
-            _f._check_mapping(source.path, first, source.columns)
-        raise UserError(
-            f"{source.path}: no row has the fields format {source.format!r} needs ({rows} rows, each missing a "
-            "required field). Map your column names with --column/columns, or set the format explicitly."
-        )
-
-
-def parse(index: int, raw: Any, source: Source) -> Item:
-    """The record (or reject) of one raw row, by the same parsers ``read_records`` uses."""
-    ctx = _f._Ctx(path=source.path, row=index, raw=raw)
-    try:
-        obj = _f._rename(_f._as_object(raw), source.columns)
-        record = _f._with_weight(obj, _f._PARSERS[source.format](obj, ctx, source.columns))
-    except _f._RowError as err:
-        return Item(index, raw, None, err.to_reject(ctx))
-    return Item(index, raw, record, None)
-
-
-def _rows(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
-    """Raw rows of any file; JSON and JSON Lines through :mod:`tunelab.data.jsonread`, the parser
-    the whole-file readers use too."""
-    ext = p.suffix.lower()
-    if ext == ".txt":
-        yield from jsonread.iter_lines(p, limit, as_text=True)
-    elif ext == ".jsonl":
-        yield from jsonread.iter_lines(p, limit, as_text=False)
-    elif ext == ".csv":
-        yield from _stream_csv(p, limit)
-    elif ext == ".parquet":
-        yield from _stream_parquet(p, limit)
-    else:  # .json: an array streamed, anything else read whole (e.g. JSON Lines saved as .json)
-        yield from _f._iter_rows(p, ext, limit)
-
-
-def _stream_csv(p: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
-    """CSV rows as dicts (header = keys), like ``formats._read_csv`` but one row at a time."""
-    seen = 0
-    try:
-        with p.open("r", encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            for index, row in enumerate(reader):
-                if limit is not None and index >= limit:
-                    return
-                seen += 1
-                yield index, {k: v for k, v in row.items() if k is not None}
-            if not seen:
-                raise UserError(f"{p}: the CSV file has a header but no rows (got {_f._show(reader.fieldnames)}). "
-                                "Add rows.")
-    except csv.Error as err:
-        raise UserError(f"{p}: not valid CSV (got {err}). Check quoting; the first line must be a header.") from err
-    except UnicodeDecodeError as err:
-        raise jsonread.not_utf8(p) from err
-
-
-def _stream_parquet(p: Path, limit: int | None, batch_size: int = 4096) -> Iterator[tuple[int, Any]]:
-    """Parquet rows as dicts, one record batch (``batch_size`` rows) in memory at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(p)
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]}). Re-export it.") from err
-    if pf.metadata.num_rows == 0:
-        raise UserError(f"{p}: the Parquet file has no rows (got columns {pf.schema_arrow.names}). Add rows.")
-    index = 0
-    try:
-        for batch in pf.iter_batches(batch_size=batch_size):
-            for row in batch.to_pylist():
-                if limit is not None and index >= limit:
-                    return
-                yield index, row
-                index += 1
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"{p}: not a readable Parquet file (got {str(err).splitlines()[0]} at row {index}). "
-                        "Re-export it.") from err
-
-
-# The strict .json array reader (kept under its old names for callers of this module).
-MAX_JSON_ROW = jsonread.MAX_JSON_ROW
-_stream_json_array = jsonread.iter_json_array
-
-
-# --------------------------------------------------------------------------- record text
 
 
 def prompt_text(record: Record) -> str:

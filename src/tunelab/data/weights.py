@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.formats import open_source
 from tunelab.data.records import Record
+from tunelab.data.stream import RowWriter
 from tunelab.errors import UserError
 
 
@@ -54,8 +56,6 @@ def balance(records: Sequence[Record], key: Callable[[Record], Any], scheme: str
 def weights_file(path: str | Path, out: str | Path, *, scheme: str = "inverse", beta: float = 0.999,
                  format: str = "auto", columns: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``path``'s rows with a ``weight`` column (row weight x class weight of its label)."""
-    from tunelab.data.stream import RowWriter, open_source
-
     src = open_source(path, format, columns)
     counts = Counter(i.record.label for i in src.items() if i.record is not None)
     if None in counts or not counts:

@@ -100,12 +100,12 @@ def read_items(path: Path, kind: str, system: str | None) -> tuple[list[Item], l
     """Every usable row as an :class:`Item`, and a reject (with its reason) for every other row."""
     from tunelab.data import formats
 
-    formats._check_file(path)
+    formats.check_file(path)
     items: list[Item] = []
     rejects: list[dict] = []
-    for index, row in formats._iter_rows(path, path.suffix.lower(), None):
+    for index, row in formats.raw_rows(path, None):
         rid = f"{path.name}:{index}"
-        if isinstance(row, formats._BadLine):
+        if isinstance(row, formats.BadLine):
             rejects.append({"row": index, "id": rid, "reason": "bad_json", "detail": row.error, "raw": row.line})
             continue
         if not isinstance(row, dict):

@@ -6,6 +6,9 @@ what a task decides and how to add one.
 
 from __future__ import annotations
 
+from typing import Any
+
+from tunelab.errors import UserError, first_line
 from tunelab.tasks.classification import Classification
 from tunelab.tasks.generative_classification import GenerativeClassification
 from tunelab.tasks.multitask import MultiTask
@@ -16,7 +19,7 @@ from tunelab.tasks.sft import SFT
 TASKS: dict[str, Task] = {t.name: t for t in (SFT(), Pretrain(), Classification(), GenerativeClassification(),
                                               MultiTask())}
 
-__all__ = ["TASKS", "PreparedData", "Task", "get", "prepare_data", "problems"]
+__all__ = ["TASKS", "PreparedData", "Task", "build_rows", "get", "prepare_data", "problems"]
 
 
 def get(name: str) -> Task:
@@ -32,3 +35,22 @@ def problems(cfg) -> list[str]:
 def prepare_data(cfg, tokenizer, run, console, is_main: bool = True) -> PreparedData:
     """The rows of ``cfg.task`` from ``cfg.data``, its rejects and ``data.json`` written into ``run``."""
     return get(cfg.task).rows(cfg, tokenizer, run, console, is_main)
+
+
+def build_rows(cfg, specs, tokenizer, run, console, is_main: bool, *, field: str, task: str | None = None,
+               update: dict[str, Any] | None = None) -> PreparedData:
+    """Rows of further data files (``specs``: the reference data of EWC and distillation, replay data), read
+    and tokenised exactly as the training data is, by the rows of ``task`` (``cfg.task`` by default): the one
+    path from files to rows besides :func:`prepare_data` itself, which it calls.
+
+    ``run``: where their rejects and ``data.json`` go (a folder of their own inside the run), or None.
+    ``field``: the config field that names the files, for errors. ``update``: further config fields (e.g.
+    the label set).
+    """
+    data = cfg.data.model_copy(update={"train": list(specs), "eval": [], "eval_ratio": 0.0, "prepare": None,
+                                       "mix": type(cfg.data.mix)(), "sampler": "random"})
+    sub = cfg.model_copy(update={"data": data, "task": task or cfg.task, **(update or {})})
+    try:
+        return prepare_data(sub, tokenizer, run, console, is_main)
+    except UserError as err:  # the data.train rules, said of the field that named these files
+        raise UserError(f"{field}: {first_line(err).removeprefix('data.train: ')}") from None

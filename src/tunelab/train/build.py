@@ -28,7 +28,6 @@ from rich.console import Console
 from tunelab import methods, tasks
 from tunelab.config import TuneConfig, dump_config
 from tunelab.data.batching import Plan
-from tunelab.data.replay import with_replay
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
@@ -40,6 +39,7 @@ from tunelab.train import keep as keep_objectives
 from tunelab.train import launch
 from tunelab.train.cpu_tuning import apply_cpu_tuning, default_threads, set_threads  # noqa: F401 (re-exported)
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
+from tunelab.train.replay import with_replay
 from tunelab.train.run import RunDir, environment
 from tunelab.train.schedule import GradualUnfreezing, lr_factor, num_layers, param_groups, warmup_steps
 

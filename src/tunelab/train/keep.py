@@ -63,23 +63,26 @@ def _labelled(specs, name: str) -> bool:
 
 def reference_rows(cfg, specs, tokenizer, run, console, is_main: bool, name: str, data) -> list:
     """Rows of reference files, read and tokenised like the training data (rejects in ``<run>/reference/<name>/``)."""
-    task = tasks.get(cfg.task)
-    ref_data = cfg.data.model_copy(update={"train": list(specs), "eval": [], "eval_ratio": 0.0, "prepare": None,
-                                           "mix": type(cfg.data.mix)(), "sampler": "random"})
-    update: dict[str, Any] = {"data": ref_data}
+    task, as_task, update = tasks.get(cfg.task), None, {}
     if task.labelled and task.causal_lm_rows and not _labelled(specs, name):
         # General instruction data (alpaca, chat) keeps the model's general ability: it is a
         # reference for an answer-as-text task as it is, scored on its replies like SFT.
-        update["task"] = "sft"
+        as_task = "sft"
     elif task.labelled and isinstance(getattr(data.task, "labels", None), list):  # one label set (not multitask)
         update["classification"] = cfg.classification.model_copy(update={"labels": list(data.task.labels)})
-    ref_run = None
-    if run is not None:
-        ref_run = RunDir(run.path / "reference" / name)
-        ref_run.path.mkdir(parents=True, exist_ok=True)
     if is_main:
         console.print(f"reference data for objectives.{name}:")
-    return tasks.prepare_data(cfg.model_copy(update=update), tokenizer, ref_run, console, is_main).train
+    return tasks.build_rows(cfg, specs, tokenizer, sub_run(run, name), console, is_main,
+                            field=f"objectives.{name}.data", task=as_task, update=update).train
+
+
+def sub_run(run: RunDir | None, name: str) -> RunDir | None:
+    """``<run>/reference/<name>/``: the rejects and ``data.json`` of further data files (reference, replay)."""
+    if run is None:
+        return None
+    sub = RunDir(run.path / "reference" / name)
+    sub.path.mkdir(parents=True, exist_ok=True)
+    return sub
 
 
 def build(cfg, *, model, loss_module, data, tokenizer, run, accelerator, console, scheduler, resumed: bool,
