@@ -14,9 +14,12 @@ Three checks:
    module. Layers import downwards only, so there must be none.
 2. **function-level imports**: an ``import`` inside a function is kept only for an optional or
    heavy dependency (:data:`LAZY_ALLOWED`: torch and the model stack, and the packages of the
-   extras), so that ``import tunelab.cli`` and the config stay light. Anything else (tunelab's
-   own modules, the standard library, light dependencies) belongs at the top of the file, unless
-   a comment on the import's line says why it is lazy (e.g. ``# lazy: imports torch``).
+   extras), so that ``import tunelab.cli`` and the config stay light. A tunelab module that loads
+   one of those when it is imported (at its top, directly or through other tunelab modules) counts
+   as heavy too: ``cli.py`` imports the verb that trains inside the verb's function, so that
+   ``tunelab --help`` does not load torch. Anything else (light tunelab modules, the standard
+   library, light dependencies) belongs at the top of the file, unless a comment on the import's
+   line says why it is lazy.
 3. **private names across modules**: ``from tunelab.a import _x`` or ``a._x`` (``a`` a tunelab
    module) in another module. A name used elsewhere is part of that module's interface: make it
    public, or move the code that needs it.
@@ -218,11 +221,14 @@ def analyse(src: str | Path = "src") -> Report:
     modules = module_names(src)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     report = Report(modules=len(modules))
+    visitors = {}
     for name, path in modules.items():
-        text = path.read_text(encoding="utf-8")
         visitor = _Visitor(name, path.name == "__init__.py", modules)
-        visitor.visit(ast.parse(text, filename=str(path)))
-        explained = _comment_lines(text)
+        visitor.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        visitors[name] = visitor
+    heavy = _heavy_modules(visitors)
+    for name, path in modules.items():
+        visitor, explained = visitors[name], _comment_lines(path.read_text(encoding="utf-8"))
         rel = path.relative_to(src.parent) if src.is_absolute() == path.is_absolute() else path
         for node, targets, in_function in visitor.imports:
             for target in targets:
@@ -234,12 +240,32 @@ def analyse(src: str | Path = "src") -> Report:
             if any(ln in explained for ln in range(node.lineno, (node.end_lineno or node.lineno) + 1)):
                 continue
             for target in dict.fromkeys(targets):
-                if _top(target) not in LAZY_ALLOWED:
+                if _top(target) not in LAZY_ALLOWED and visitor._known(target) not in heavy:
                     report.lazy_imports.append(LazyImport(f"{rel}:{node.lineno}", target))
         for line, what in visitor.private:
             report.private_uses.append(PrivateUse(f"{rel}:{line}", what))
     report.cycles = strongly_connected(graph)
     return report
+
+
+def _heavy_modules(visitors: dict[str, _Visitor]) -> set[str]:
+    """The tunelab modules whose import loads a :data:`LAZY_ALLOWED` package: directly at their top, or
+    through the tunelab modules they import at their top (or through their package's ``__init__``)."""
+    top_level = {name: {t for node, targets, in_function in v.imports if not in_function for t in targets}
+                 for name, v in visitors.items()}
+    heavy = {name for name, targets in top_level.items() if any(_top(t) in LAZY_ALLOWED for t in targets)}
+    changed = True
+    while changed:
+        changed = False
+        for name, targets in top_level.items():
+            if name in heavy:
+                continue
+            parents = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+            needs = {visitors[name]._known(t) for t in targets} | (parents & set(visitors))
+            if needs & heavy:
+                heavy.add(name)
+                changed = True
+    return heavy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,7 @@ def _check_resume_config(cfg) -> None:
 def _config_show(o: ConfigShowOptions) -> None:
     from rich.table import Table
 
-    from tunelab.config import _flatten, dump_config, load_config
+    from tunelab.config import dump_config, flatten, load_config
 
     cfg, sources = load_config(o.config, o.set)
     if o.yaml:
@@ -145,7 +145,7 @@ def _config_show(o: ConfigShowOptions) -> None:
     table = Table(title=f"resolved config: {o.config}")
     for col in ("key", "value", "from"):
         table.add_column(col)
-    for key, value in _flatten(cfg.model_dump(mode="json")).items():
+    for key, value in flatten(cfg.model_dump(mode="json")).items():
         src = sources.get(key, "default")
         table.add_row(key, repr(value), src if src != "default" else "[dim]default[/]")
     Console().print(table)

@@ -427,7 +427,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
     node: Any = tree
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -451,16 +451,16 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out or {prefix: {}}
     if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
         out = {}
         for i, v in enumerate(tree):
-            out.update(_flatten(v, f"{prefix}.{i}"))
+            out.update(flatten(v, f"{prefix}.{i}"))
         return out
     return {prefix: tree}
 
@@ -580,7 +580,7 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         from tunelab.methods import METHODS
         from tunelab.search.config import sweep_problems
 
-        p += sweep_problems(cfg.sweep, _flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
+        p += sweep_problems(cfg.sweep, flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
                             {n: set(m.Config.model_fields) for n, m in METHODS.items()})
     if cfg.stages:
         p.append("stages: this config describes a continual run (task after task). Run it with: tunelab continual CONFIG")
@@ -616,11 +616,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections (got {type(loaded).__name__}). See examples/")
         raw.update(loaded)
-    from_file = set(_flatten(raw))
+    from_file = set(flatten(raw))
     over = parse_overrides(overrides or [])
     for key, value in over.items():
         try:
-            _set_path(raw, key, value)
+            set_path(raw, key, value)
         except (ValueError, TypeError, IndexError):
             raise UserError(f"--set {key}={value!r}: that path does not fit the config's structure") from None
 
@@ -638,7 +638,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         raise ConfigError(problems, source_name)
 
     sources: dict[str, str] = {}
-    for key in _flatten(cfg.model_dump(mode="json")):
+    for key in flatten(cfg.model_dump(mode="json")):
         if any(key == o or key.startswith(o + ".") for o in over):
             sources[key] = "--set"
         elif key in from_file:

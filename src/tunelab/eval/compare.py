@@ -79,12 +79,12 @@ def _disagree(ra: dict, rb: dict) -> bool:
 def compare(target_a: str | Path, target_b: str | Path, req, *, checkpoint: str = "final",
             out: str | Path | None = None, max_examples: int = 50, console: Console | None = None) -> list[dict]:
     """Score both targets on ``req``'s data sources, then test each source's paired difference."""
-    from tunelab.eval.evaluate import _slug, evaluate
+    from tunelab.eval.evaluate import evaluate, slug
 
     console = console or Console()
     if req.baselines:
         raise UserError("compare: --baselines does not apply; compare two runs, or a run with its base model")
-    name_a, name_b = _slug(Path(str(target_a)).name), _slug(Path(str(target_b)).name)
+    name_a, name_b = slug(Path(str(target_a)).name), slug(Path(str(target_b)).name)
     if name_a == name_b:
         name_b += "-b"
     scratch = Path(out) if out else (Path(target_a) / "eval" if (Path(target_a) / "config.yaml").is_file()

@@ -248,7 +248,7 @@ def headline(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
     return EVAL_KINDS.get(kind, EVAL_KINDS["generation"]).headline(metrics)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "eval"
 
 
@@ -260,20 +260,20 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
         raise UserError("eval: nothing to evaluate. Pass --data FILE and/or --benchmark ZIP_OR_FOLDER")
     asked = asked_kind(req.task)
     run_dir = _run_dir(target)
-    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else Path("eval_results") / _slug(Path(str(target)).name))
+    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir else Path("eval_results") / slug(Path(str(target)).name))
 
     sources: list[dict[str, Any]] = []
     for path in req.data:
         res = _read(path, req.format, req.limit, console)
         kind = asked.name if asked is not None else detect_task(res.records, req.labels)
         labels = label_set(res.records, req.labels) if EVAL_KINDS[kind].labelled else []
-        sources.append({"kind": "data", "name": _slug(Path(path).stem), "path": path, "task": kind,
+        sources.append({"kind": "data", "name": slug(Path(path).stem), "path": path, "task": kind,
                         "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects)})
     from tunelab.eval.choice import load_benchmark
 
     for b in req.benchmarks:
         bench = load_benchmark(b.path)
-        sources.append({"kind": "benchmark", "name": _slug(f"{bench.name}-{b.k_shot}shot"), "path": b.path,
+        sources.append({"kind": "benchmark", "name": slug(f"{bench.name}-{b.k_shot}shot"), "path": b.path,
                         "task": "benchmark", "bench": bench, "request": b})
 
     systems = [("tuned", None)]

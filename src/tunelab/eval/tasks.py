@@ -178,7 +178,7 @@ def _last_user(prompt: list[dict]) -> str:
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
-def _label_continuations(tokenizer, prompt: list[dict], prompt_ids: list[int], labels: Sequence[str]) -> list[list[int]]:
+def label_continuations(tokenizer, prompt: list[dict], prompt_ids: list[int], labels: Sequence[str]) -> list[list[int]]:
     """Token ids of each label as the complete assistant reply (the template's end of turn included)."""
     out = []
     for label in labels:
@@ -204,7 +204,7 @@ def eval_classification(model, tokenizer, records: Sequence[Record], labels: Seq
         {"id": r.id, "prompt": _last_user(p), "reference": g} for r, p, g in zip(records, prompts, gold, strict=True)]}
     if "constrained" in modes:
         ctx = [encode_prompt(tokenizer, p) for p in prompts]
-        conts = [_label_continuations(tokenizer, p, c, labels) for p, c in zip(prompts, ctx, strict=True)]
+        conts = [label_continuations(tokenizer, p, c, labels) for p, c in zip(prompts, ctx, strict=True)]
         with progress_bar("score labels", sum(len(c) for c in conts), console) as advance:
             scores = loglik_continuations(model, tokenizer, ctx, conts, batch_size=settings.batch_size, progress=advance)
         pred = [labels[max(range(len(s)), key=s.__getitem__)] for s in scores]

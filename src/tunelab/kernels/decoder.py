@@ -52,7 +52,7 @@ def _hooked(module: nn.Module) -> bool:
     maths) that the fused layer would skip."""
     forward = vars(module).get("forward")
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or (forward is not None and getattr(forward, "__func__", None) is not fused_lora._fused_forward))
+                or (forward is not None and getattr(forward, "__func__", None) is not fused_lora.fused_forward))
 
 
 @dataclass
@@ -365,7 +365,7 @@ def _bounds(position_ids: torch.Tensor | None, batch: int, length: int) -> list:
     return _BOUNDS.bounds
 
 
-def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+def fused_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                    use_cache=False, position_embeddings=None, **kwargs):
     """Instance ``forward`` of a decoder layer: the fused function when the call fits, else the stock one."""
     spec = describe(self)
@@ -394,9 +394,9 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
 
 def use_fused_layers(model: nn.Module) -> int:
     """Give every decoder layer that fits the fused forward; returns how many got it."""
-    return install_forward(model, lambda m: describe(m) is not None, _fused_forward)
+    return install_forward(model, lambda m: describe(m) is not None, fused_forward)
 
 
 def restore(model: nn.Module) -> bool:
     """The stock forward on every decoder layer again; returns whether any had the fused one."""
-    return remove_forward(model, _fused_forward)
+    return remove_forward(model, fused_forward)

@@ -77,7 +77,7 @@ def fused_adapter(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | No
     return m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance ``forward`` of a PEFT ``lora.Linear``: the fused path when it applies, else PEFT's."""
     adapter = None if (args or kwargs or self.disable_adapters) else fused_adapter(self)
     if adapter is None:
@@ -95,9 +95,9 @@ def fusable(module: nn.Module) -> bool:
 
 def use_fused_lora(model: nn.Module) -> int:
     """Give every eligible LoRA linear layer the fused forward; returns how many got it."""
-    return install_forward(model, fusable, _fused_forward)
+    return install_forward(model, fusable, fused_forward)
 
 
 def restore(model: nn.Module) -> bool:
     """PEFT's own forward everywhere again; returns whether any layer had the fused one."""
-    return remove_forward(model, _fused_forward)
+    return remove_forward(model, fused_forward)

@@ -88,7 +88,7 @@ def _text(r: Record) -> str:
 def reply_losses(model, tokenizer, records: list[Record], shots: list[Record]) -> float:
     """Mean NLL per reply token (the reference reply as the complete assistant turn) given the prompt."""
     from tunelab.eval.generate import encode_prompt, loglik_continuations
-    from tunelab.eval.tasks import _label_continuations, split_reply, with_shots
+    from tunelab.eval.tasks import label_continuations, split_reply, with_shots
 
     contexts, conts = [], []
     for r in records:
@@ -96,7 +96,7 @@ def reply_losses(model, tokenizer, records: list[Record], shots: list[Record]) -
         prompt = with_shots(prompt, shots)
         ids = encode_prompt(tokenizer, prompt)
         contexts.append(ids)
-        conts.append(_label_continuations(tokenizer, prompt, ids, [reply or ""]))
+        conts.append(label_continuations(tokenizer, prompt, ids, [reply or ""]))
     scores = loglik_continuations(model, tokenizer, contexts, conts, batch_size=4)
     tokens = sum(len(c[0]) for c in conts)
     return -sum(s[0] for s in scores) / max(tokens, 1)

@@ -34,7 +34,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.config import TuneConfig, _set_path, dump_config, load_config
+from tunelab.config import TuneConfig, dump_config, load_config, set_path
 from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
 from tunelab.report import plots
@@ -201,7 +201,7 @@ def apply_params(cfg: TuneConfig, params: dict[str, Any], *, name: str | None = 
         raw["method"] = {k: v for k, v in raw["method"].items() if k in fields} | {"name": new_method}
     raw = copy.deepcopy(raw)
     for path, value in params.items():
-        _set_path(raw, path, value)
+        set_path(raw, path, value)
     if name is not None:
         raw["run"]["name"] = name
     if output_dir is not None:
