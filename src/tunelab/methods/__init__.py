@@ -25,6 +25,11 @@ Optional hooks (absent means "nothing special"):
   causal-LM inputs with no virtual tokens or adaption prompts); ``CLASSIFICATION`` [True]: the
   method works under a class head (the backbone sees only the real tokens); ``CLASS_HEAD``
   [False]: the method trains a class head only (``head``), so it needs a task with one;
+  ``TRAINS_BASE`` [False]: the method trains the base weights themselves (``full``, ``freeze``), so
+  they are fp32 masters, the saved folder is a plain model, and there is no adapter to switch off;
+* ``memory_linear_from(cfg) -> int``: the smallest decoder depth from which the method's training
+  memory grows linearly with depth (1 by default; more when only the top layers train, so nothing
+  below them holds gradients or saved activations); the advisor's memory probes start there;
 * ``load(folder, info, dtype) -> model``: rebuilds the tuned model from ``save``'s folder when a
   plain PEFT or transformers load cannot (own modules, a quantised base);
   :func:`tunelab.ship.inference.load_for_inference` calls it.
@@ -78,9 +83,16 @@ def lr_multiplier(cfg):
     return hook(cfg) if hook else None
 
 
-FACTS = {"VIRTUAL_TOKENS": False, "FUSED_KERNELS": True, "CLASSIFICATION": True, "CLASS_HEAD": False}
+FACTS = {"VIRTUAL_TOKENS": False, "FUSED_KERNELS": True, "CLASSIFICATION": True, "CLASS_HEAD": False,
+         "TRAINS_BASE": False}
 
 
 def fact(name: str, key: str) -> bool:
     """A fact method ``name`` declares (see the module docstring), or its default."""
     return bool(getattr(get(name), key, FACTS[key]))
+
+
+def memory_linear_from(cfg, layers: int) -> int:
+    """The method's ``memory_linear_from`` hook (see the module docstring), within ``1..layers``."""
+    hook = getattr(get(cfg.name), "memory_linear_from", None)
+    return max(1, min(hook(cfg) if hook else 1, layers))

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MERGEABLE = True  # already a plain model
+TRAINS_BASE = True
 
 
 class Config(BaseModel):
@@ -105,6 +106,14 @@ def apply(model, cfg: Config):
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     return model
+
+
+def memory_linear_from(cfg: Config) -> int:
+    """With ``layers: N`` the probes start at N layers (see ``methods.memory_linear_from``)."""
+    if cfg.patterns or cfg.bitfit:
+        return 1
+    n = cfg.layers if cfg.layers is not None else 2
+    return n if n > 0 else 1
 
 
 def save(model, folder: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 MERGEABLE = True  # already a plain model
+TRAINS_BASE = True
 
 
 class Config(BaseModel):

@@ -48,6 +48,11 @@ def apply(model, cfg: Config):
                                                       adapter_layers=layers))
 
 
+def memory_linear_from(cfg: Config) -> int:
+    """Adaption prompts in the top ``layers`` only: nothing below them needs gradients."""
+    return cfg.layers
+
+
 def save(model, folder: Path) -> None:
     """A PEFT adapter folder: ``PeftModel.from_pretrained(base, folder)`` reloads it."""
     model.save_pretrained(folder, safe_serialization=True)

@@ -149,6 +149,15 @@ def lr_multiplier(cfg: Config):
     return multiplier
 
 
+def memory_linear_from(cfg: Config) -> int:
+    """LoRA on the top ``-i`` layers (negative ``layers``) needs no gradients below them; on explicit
+    positive ``layers``, memory grows linearly from above the highest one."""
+    idx = cfg.layers
+    if not idx:
+        return 1
+    return max(-i for i in idx) if all(i < 0 for i in idx) else max(i for i in idx if i >= 0) + 1
+
+
 def save(model, folder: Path) -> None:
     """A PEFT adapter folder: ``PeftModel.from_pretrained(base, folder)`` reloads it."""
     model.save_pretrained(folder, safe_serialization=True)

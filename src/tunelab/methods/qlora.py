@@ -84,6 +84,7 @@ def apply(model, cfg: Config):
 
 
 lr_multiplier = lora.lr_multiplier
+memory_linear_from = lora.memory_linear_from
 
 
 def save(model, folder: Path) -> None:

@@ -301,30 +301,9 @@ class Probes:
         self._tmp.cleanup()
 
 
-def first_probe_layers(method_cfg, total: int) -> int:
-    """The smallest layer count from which the method's memory grows linearly with depth.
-
-    1 for most methods. When only the top N layers train (``freeze`` layers, ``llama_adapter``
-    layers, LoRA on negative ``layers``), nothing below them needs gradients or saved activations,
-    so each further layer adds frozen weights only: the probes start at N. LoRA on explicit
-    positive ``layers`` starts above the highest one.
-    """
-    name = method_cfg.name
-    a = 1
-    if name == "freeze" and not method_cfg.patterns and not method_cfg.bitfit:
-        n = method_cfg.layers if method_cfg.layers is not None else 2
-        a = n if n > 0 else 1  # the bottom N train: gradients flow through every layer above
-    elif name == "llama_adapter":
-        a = method_cfg.layers
-    elif name in ("lora", "qlora") and getattr(method_cfg, "layers", None):
-        idx = method_cfg.layers
-        a = max(-i for i in idx) if all(i < 0 for i in idx) else max(i for i in idx if i >= 0) + 1
-    return max(1, min(a, total))
-
-
 def estimate_method(cfg: TuneConfig, method: str, probes: Probes, *, precision: str, checkpointing: bool) -> tuple[Memory, int, int]:
     """Peak memory of ``method`` on the full model, extrapolated from probes with ``a`` and ``a + 1`` layers."""
-    a = first_probe_layers(_method_cfg(cfg, method), probes.layers)
+    a = methods.memory_linear_from(_method_cfg(cfg, method), probes.layers)
     m1, t1, n1 = measure_step_memory(_probe_config(cfg, method, checkpointing=checkpointing, precision=precision,
                                                    model_path=probes.folder(a)), precision)
     m2, t2, n2 = measure_step_memory(_probe_config(cfg, method, checkpointing=checkpointing, precision=precision,

@@ -27,7 +27,7 @@ class Classification:
 
     def rules(self, cfg) -> list[str]:
         p = []
-        if getattr(methods.get(cfg.method.name), "VIRTUAL_TOKENS", False) or cfg.method.name == "llama_adapter":
+        if not methods.fact(cfg.method.name, "CLASSIFICATION"):
             p.append(f"method {cfg.method.name} with task: classification: its virtual tokens / adaption prompts "
                      "are not fed to the classifier's backbone. Use lora, qlora, ia3, adapter, full, freeze or head "
                      "(or task: generative_classification).")
@@ -46,7 +46,7 @@ class Classification:
 
     def model_and_loss(self, cfg, data, dtype, tokenizer):
         labels = data.task.labels
-        if cfg.method.name == "head" and cfg.method.unfreeze_top and cfg.model.dtype == "auto":
+        if getattr(cfg.method, "unfreeze_top", 0) and cfg.model.dtype == "auto":  # head with unfrozen blocks
             dtype = torch.float32  # unfrozen blocks train in fp32 master weights
         model = build_classifier(cfg.model.path, labels, pooling=cfg.classification.pooling, dtype=dtype,
                                  **methods.load_options(cfg.method, dtype))  # QLoRA: a 4-bit backbone

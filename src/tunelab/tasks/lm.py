@@ -30,8 +30,8 @@ class CausalLMTask:
 
     def rules(self, cfg) -> list[str]:
         p = []
-        if cfg.method.name == "head":
-            p.append(f"method.name=head trains a classification head, but task is {cfg.task!r}. "
+        if methods.fact(cfg.method.name, "CLASS_HEAD"):
+            p.append(f"method.name={cfg.method.name} trains a classification head, but task is {cfg.task!r}. "
                      "Set task: classification.")
         return p + no_multitask_sections(cfg)
 

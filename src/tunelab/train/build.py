@@ -47,10 +47,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(requested: str, precision: str, method: str) -> str:
-    """``model.dtype: auto``: frozen base weights in bf16 under bf16 autocast, else fp32 masters."""
+    """``model.dtype: auto``: frozen base weights in bf16 under bf16 autocast, else fp32 masters (a method that
+    trains the base weights, ``TRAINS_BASE``)."""
     if requested != "auto":
         return requested
-    return "bfloat16" if precision == "bf16" and method not in ("full", "freeze") else "float32"
+    return "bfloat16" if precision == "bf16" and not methods.fact(method, "TRAINS_BASE") else "float32"
 
 
 def seed_everything(seed: int) -> None:

@@ -53,7 +53,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tunelab import tasks
+from tunelab import methods, tasks
 from tunelab.errors import ConfigError, UserError
 from tunelab.fsutil import atomic_write_text, check_name
 from tunelab.train.run import make_folder
@@ -174,7 +174,7 @@ def _check_stage(i: int, name: str, cfg, source: str) -> None:
     if not tasks.get(cfg.task).continual:
         problems.append(f"stages.{i} ({name}): task {cfg.task} trains a new class head per task; continual runs "
                         "support sft, pretrain and generative_classification (one model answers every task)")
-    adapter = cfg.method.name not in ("full", "freeze")
+    adapter = not methods.fact(cfg.method.name, "TRAINS_BASE")
     ok, reason = merge_policy(cfg.method.name)
     if adapter and not ok:
         problems.append(f"stages.{i} ({name}): method {cfg.method.name} cannot be merged into its base, so the next "
@@ -348,7 +348,7 @@ def _save_state(root: Path, state: dict[str, Any]) -> None:
 
 def _carry_weights(cfg, run_dir: Path, console: Console) -> Path:
     """The plain model folder the next stage starts from (see the module docstring)."""
-    if cfg.method.name in ("full", "freeze"):
+    if methods.fact(cfg.method.name, "TRAINS_BASE"):  # the final folder is a plain model already
         return run_dir / "final"
     merged = run_dir / "merged"
     if not (merged / "config.json").is_file():
