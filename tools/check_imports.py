@@ -43,9 +43,11 @@ LAZY_ALLOWED = frozenset({
     # the model stack (torch is installed separately; importing any of these costs seconds)
     "torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "tokenizers",
     "deepspeed", "bitsandbytes", "gguf", "datasets", "pyarrow", "sklearn", "sacrebleu", "rouge_score",
+    # numerics and templating: a second or more at import (scipy), ~0.1-0.3 s each (numpy, jinja2)
+    "numpy", "scipy", "jinja2",
     # extras: serve, sweep, data, report, mlflow, tensorboard
     "fastapi", "starlette", "uvicorn", "prometheus_client", "optuna", "jieba", "datasketch", "matplotlib",
-    "mlflow", "tensorboard", "gradio", "llama_cpp", "psutil", "platformdirs",
+    "mlflow", "tensorboard", "gradio", "llama_cpp", "psutil", "platformdirs", "nltk",
 })
 
 PACKAGE = "tunelab"

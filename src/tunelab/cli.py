@@ -21,11 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from pydantic import BaseModel
 from rich.console import Console
+from rich.table import Table
 
 from tunelab import __version__
 from tunelab.cli_args import add_options, parse_options
+from tunelab.data.annotate import agreement_file
+from tunelab.data.augment import augment_file
 from tunelab.data.settings import (
     AgreementOptions,
     AugmentOptions,
@@ -35,8 +39,10 @@ from tunelab.data.settings import (
     SplitOptions,
     WeightsOptions,
 )
+from tunelab.data.weights import weights_file
 from tunelab.demo.settings import DemoOptions
 from tunelab.errors import UserError
+from tunelab.eval.runs import filter_runs, list_runs, print_runs, show_run, sort_runs
 from tunelab.eval.settings import (
     CompareOptions,
     CvOptions,
@@ -45,6 +51,9 @@ from tunelab.eval.settings import (
     RunsOptions,
     RunsShowOptions,
 )
+from tunelab.eval.tracking import log_to_mlflow
+from tunelab.fsutil import atomic_write_text, refuse_existing
+from tunelab.quiet import quiet_libraries
 from tunelab.report.settings import ReportOptions
 from tunelab.search.settings import AdviseOptions, SelectRequest, SweepOptions
 from tunelab.ship.settings import ChatOptions, ExportOptions, GenerateOptions, PredictOptions, ServeOptions
@@ -90,7 +99,6 @@ def _print_json(obj) -> None:
 
 def _refuse_existing(path, flag: str, *, force: bool) -> None:
     """A verb never replaces a file the user names unless --force (fsutil.refuse_existing)."""
-    from tunelab.fsutil import refuse_existing
 
     refuse_existing(pathlib.Path(path), flag, force=force)
 
@@ -116,7 +124,6 @@ def _train(o: TrainOptions) -> int | None:
 
 def _check_resume_config(cfg) -> None:
     """On --resume the config must be the one the run started with (the data order depends on it)."""
-    import yaml
 
     saved = cfg.run_dir / "config.yaml"
     if not saved.is_file():
@@ -134,7 +141,6 @@ def _check_resume_config(cfg) -> None:
 
 
 def _config_show(o: ConfigShowOptions) -> None:
-    from rich.table import Table
 
     from tunelab.config import dump_config, flatten, load_config
 
@@ -305,7 +311,6 @@ def _serve(o: ServeOptions) -> None:
 
 def _data_inspect(o: InspectOptions):
     from tunelab.data.inspect import inspect_target, public, write_html
-    from tunelab.fsutil import atomic_write_text
 
     for path, flag in ((o.html, "--html"), (o.json_out, "--json")):
         if path:
@@ -365,7 +370,6 @@ def _show_leakage(r, o: LeakageOptions) -> int:
 
 
 def _data_agreement(o: AgreementOptions):
-    from tunelab.data.annotate import agreement_file
 
     if o.out:
         _refuse_existing(o.out, "--out", force=o.force)
@@ -375,14 +379,12 @@ def _data_agreement(o: AgreementOptions):
 
 
 def _data_augment(o: AugmentOptions):
-    from tunelab.data.augment import augment_file
 
     _refuse_existing(o.out, "--out", force=o.force)
     return augment_file(o.input, o.out, o.settings(), format=o.format)
 
 
 def _data_weights(o: WeightsOptions):
-    from tunelab.data.weights import weights_file
 
     _refuse_existing(o.out, "--out", force=o.force)
     return weights_file(o.input, o.out, scheme=o.scheme, beta=o.beta, format=o.format)
@@ -409,13 +411,11 @@ def _compare(o: CompareOptions) -> None:
 
 
 def _runs(o: RunsOptions):
-    from tunelab.eval.runs import filter_runs, list_runs, sort_runs
 
     return sort_runs(filter_runs(list_runs(o.dir), o.filter), o.sort)
 
 
 def _show_runs(rows, o: RunsOptions) -> None:
-    from tunelab.eval.runs import print_runs
 
     if o.json_out:
         print(json.dumps(rows, indent=2, default=str))
@@ -424,13 +424,11 @@ def _show_runs(rows, o: RunsOptions) -> None:
 
 
 def _runs_show(o: RunsShowOptions) -> None:
-    from tunelab.eval.runs import show_run
 
     show_run(o.dir, o.name)
 
 
 def _runs_mlflow(o: RunsMlflowOptions) -> None:
-    from tunelab.eval.tracking import log_to_mlflow
 
     for name in o.names:
         run = pathlib.Path(name) if (pathlib.Path(name) / "config.yaml").is_file() else pathlib.Path(o.dir) / name
@@ -567,7 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tunelab.quiet import quiet_libraries
 
     quiet_libraries()
     parser = build_parser()

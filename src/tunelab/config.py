@@ -23,11 +23,15 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
+from tunelab.data.settings import MixSettings, PrepareSection
+from tunelab.data.workbench import data_problems
 from tunelab.errors import ConfigError, UserError
 from tunelab.eval.config import EvalSection
 from tunelab.fsutil import check_name
-from tunelab.methods import MethodConfig
-from tunelab.search.config import SweepSection
+from tunelab.methods import METHODS, MethodConfig
+from tunelab.methods import get as _method
+from tunelab.objectives.rules import keep_problems
+from tunelab.search.config import SweepSection, sweep_problems
 
 
 class _Strict(BaseModel):
@@ -92,7 +96,6 @@ class DatasetSpec(_Strict):
     task: str | None = Field(None, description="task: multitask: the name (a key of `tasks`) of the task this file belongs to.")
 
 
-from tunelab.data.settings import MixSettings, PrepareSection  # noqa: E402  (the data workbench's sections)
 
 
 class DataSection(_Strict):
@@ -368,7 +371,6 @@ class StageSpec(_Strict):
 
 
 def _default_method():
-    from tunelab.methods import METHODS
 
     return METHODS["lora"].Config()
 
@@ -468,7 +470,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _fields_at(loc: tuple) -> list[str]:
     """Field names valid at a location (for "did you mean" hints)."""
     model: Any = TuneConfig
-    from tunelab.methods import METHODS
 
     for part in loc:
         if isinstance(part, int) or model is None:
@@ -518,7 +519,6 @@ def _format_error(err: dict, method_names: list[str]) -> str:
     if kind == "extra_forbidden":
         raw_loc = err["loc"]
         if raw_loc[0] == "method" and len(raw_loc) > 2 and raw_loc[1] in method_names:
-            from tunelab.methods import METHODS
 
             options = [f for f in METHODS[raw_loc[1]].Config.model_fields if f != "name"]
             guess = difflib.get_close_matches(str(loc[-1]), options, n=1)
@@ -560,7 +560,6 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         p.append("train.compile needs data.packing: true (fixed-width rows give the static shapes it compiles for).")
     if t.schedule == "stlr" and (t.warmup_steps or t.warmup_ratio):
         p.append("train.schedule stlr has its own rise (train.stlr_cut_frac): remove train.warmup_steps / warmup_ratio.")
-    from tunelab.methods import get as _method
 
     if d.packing and getattr(_method(cfg.method.name), "VIRTUAL_TOKENS", False):
         p.append(f"data.packing is not supported with method {cfg.method.name}: its virtual tokens must precede every "
@@ -570,15 +569,11 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
                  "the attention cache, which recomputation replays). Set train.gradient_checkpointing: false")
     if d.eval and d.eval_ratio > 0:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
-    from tunelab.data.workbench import data_problems
 
     p += data_problems(d)
-    from tunelab.objectives.rules import keep_problems
 
     p += keep_problems(cfg)
     if cfg.sweep is not None:
-        from tunelab.methods import METHODS
-        from tunelab.search.config import sweep_problems
 
         p += sweep_problems(cfg.sweep, flatten(cfg.model_dump(mode="json", exclude={"sweep"})),
                             {n: set(m.Config.model_fields) for n, m in METHODS.items()})
@@ -624,7 +619,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         except (ValueError, TypeError, IndexError):
             raise UserError(f"--set {key}={value!r}: that path does not fit the config's structure") from None
 
-    from tunelab.methods import METHODS
 
     if isinstance(raw.get("method"), dict) and "name" not in raw["method"]:
         raw["method"] = {"name": "lora", **raw["method"]}  # the default method
@@ -660,7 +654,6 @@ def dump_config(cfg: TuneConfig, sources: dict[str, str] | None = None) -> str:
 
 def describe_schema(model: type[BaseModel] = TuneConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(path, type, default, description) for every field: the source of ``--help``."""
-    from tunelab.methods import METHODS
 
     rows: list[tuple[str, str, str, str]] = []
     for name, field in model.model_fields.items():

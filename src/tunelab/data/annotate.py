@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.formats import check_file, json_value, raw_rows
+from tunelab.data.stream import write_rows
 from tunelab.errors import UserError
 
 
@@ -131,8 +133,6 @@ def agreement(rows: Sequence[dict[str, Any]], *, column: str = "labels", annotat
 def agreement_file(path: str | Path, *, column: str = "labels", annotators: Sequence[str] | None = None,
                    out: str | Path | None = None) -> AgreementReport:
     """Read raw rows of a .jsonl/.json/.csv/.parquet file, report agreement, optionally write voted rows."""
-    from tunelab.data.formats import check_file, json_value, raw_rows
-    from tunelab.data.stream import write_rows
 
     p = Path(path)
     check_file(p)

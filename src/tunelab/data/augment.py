@@ -11,6 +11,7 @@ every original row), so ``tunelab data split`` keeps them out of validation and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 from tunelab.data.formats import open_source
 from tunelab.data.jsonread import BadLine
+from tunelab.data.records import Message
 from tunelab.data.settings import AugmentSettings
 from tunelab.data.stream import RowWriter
 from tunelab.errors import UserError, require
@@ -250,9 +252,7 @@ def _rewrite_fn(op: str, s: AugmentSettings, rng: random.Random, synonyms, rewri
 
 def augment_records(records, s: AugmentSettings):
     """Augmented copies of records (for the training config): ``(new records, counts per op)``."""
-    import dataclasses
 
-    from tunelab.data.records import Message
 
     rng = random.Random(s.seed)
     synonyms = load_synonyms(s.synonyms)

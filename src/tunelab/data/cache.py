@@ -23,6 +23,7 @@ import numpy as np
 
 from tunelab import __version__
 from tunelab.data.records import Record, Reject
+from tunelab.data.tokenize import Encoded, encode_records
 from tunelab.fsutil import atomic_folder
 
 FORMAT_VERSION = 1
@@ -60,7 +61,6 @@ def cache_dir() -> Path:
 
 def load(key: str):
     """(encoded, rejects) from the cache, or None when absent or unreadable."""
-    from tunelab.data.tokenize import Encoded
 
     folder = cache_dir() / key
     try:
@@ -108,7 +108,6 @@ def encode_records_cached(records: list[Record], tokenizer, *, use_cache: bool =
 
     Returns ``(encoded, rejects, hit)``.
     """
-    from tunelab.data.tokenize import encode_records
 
     if not use_cache or os.environ.get("TUNELAB_NO_DATA_CACHE"):
         return (*encode_records(records, tokenizer, **settings), False)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from tunelab.data.dedup import NearDupIndex, dedup_key, digest64, exact_duplicates
 from tunelab.data.formats import check_usable, open_source, parse
@@ -272,7 +273,6 @@ _DETAILS = {
 
 
 def _bar(enabled: bool):
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                     TextColumn("{task.completed:,} rows"), TimeElapsedColumn(), disable=not enabled, transient=True)

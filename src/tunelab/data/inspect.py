@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from array import array
 from collections import Counter
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
 from tunelab.data.formats import check_usable, open_source
 from tunelab.data.split import row_keys
 from tunelab.data.stream import answer_text, full_text
+from tunelab.fsutil import atomic_write_text
 from tunelab.report import plots
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -261,7 +264,6 @@ def inspect_target(target: str | Path, *, model: str | None = None, max_length: 
 
 
 def print_report(report: dict[str, Any], console) -> None:
-    from rich.table import Table
 
     t = Table(title=f"{report['path']} ({report['format']})", show_header=False)
     t.add_row("rows read / usable / rejected", f"{report['rows']:,} / {report['records']:,} / {report['rejected']:,}")
@@ -319,9 +321,7 @@ def _figure(data: dict[str, Lengths], title: str, xlabel: str, vline: float | No
 
 def write_html(reports: list[dict[str, Any]], path: str | Path) -> Path:
     """One HTML page: the tables and histograms of every report (images embedded)."""
-    import json
 
-    from tunelab.fsutil import atomic_write_text
 
     parts = ["<!doctype html><meta charset='utf-8'><title>tunelab data inspect</title>",
              "<style>body{font-family:sans-serif;max-width:980px;margin:auto}table{border-collapse:collapse}"

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from jinja2 import TemplateError
+from rich.progress import Progress
 
 from tunelab.data.records import Record, Reject
 from tunelab.data.templates import describe_template
@@ -365,7 +366,6 @@ class _Progress:
     def __enter__(self):
         if self.total <= _PROGRESS_ABOVE:
             return lambda n: None
-        from rich.progress import Progress
 
         self.bar = Progress(transient=True)
         self.bar.start()

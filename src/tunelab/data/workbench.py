@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import __version__
+from tunelab.data.augment import augment_records
+from tunelab.data.clean import clean_file
+from tunelab.data.formats import read_records
 from tunelab.data.records import Record, Reject
-from tunelab.fsutil import sha256_file
+from tunelab.data.sampling import mix, mix_counts
+from tunelab.data.split import assign, groups_of
+from tunelab.data.weights import balance
+from tunelab.fsutil import atomic_folder, atomic_write_text, sha256_file
 
 
 @dataclass
@@ -85,8 +91,6 @@ def fingerprint(path: Path, settings: dict[str, Any], extra: dict[str, Any]) -> 
 
 def cleaned_file(spec, settings, model_path: str, report: dict) -> Path:
     """The cleaned copy of one data file, from the cache or made now."""
-    from tunelab.data.clean import clean_file
-    from tunelab.fsutil import atomic_folder
     from tunelab.models.registry import cache_root
 
     src = Path(spec.path)
@@ -114,7 +118,6 @@ def cleaned_file(spec, settings, model_path: str, report: dict) -> Path:
 
 
 def _read(spec, prep, model_path: str, reports: list) -> tuple[Any, dict[str, Any]]:
-    from tunelab.data.formats import read_records
 
     path, limit = Path(spec.path), spec.limit
     if prep is not None and prep.clean is not None:
@@ -147,8 +150,6 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
     Over 100 lines on purpose: the steps (read, clean, split, mix, weights) run in the order the
     config gives and share one report, one rejects list and the fingerprints of the clean cache.
     """
-    from tunelab.data.sampling import mix, mix_counts
-    from tunelab.data.split import assign, groups_of
 
     d, prep = cfg.data, cfg.data.prepare
     report: dict[str, Any] = {}
@@ -202,7 +203,6 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
         if len(parts) == 3:
             report["split"]["test"] = len(parts[2])
             if run is not None and is_main:
-                from tunelab.fsutil import atomic_write_text
 
                 atomic_write_text(run.path / "test.jsonl", "".join(
                     json.dumps(record_row(r), ensure_ascii=False) + "\n" for r in parts[2]))
@@ -220,7 +220,6 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
 
     # --- augmentation (train only, after the split: never reaches validation)
     if prep is not None and prep.augment is not None:
-        from tunelab.data.augment import augment_records
 
         extra, aug_report = augment_records(train, prep.augment)
         for r in extra:
@@ -230,7 +229,6 @@ def prepare_records(cfg, run=None, console=None, is_main: bool = True) -> Prepar
 
     # --- class-balanced weights
     if prep is not None and prep.weights is not None:
-        from tunelab.data.weights import balance
 
         w = prep.weights
         key = (lambda r: r.label) if w.by == "label" else (lambda r: names[dataset_of[r.id]])

@@ -19,6 +19,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.config import load_config
+from tunelab.demo.policy import LABEL_ALIASES, LABELS, write_demo_data
+from tunelab.eval.metrics import classification_metrics, parse_label
 from tunelab.fsutil import atomic_write_text
 
 N_TRAIN, N_TEST = 1200, 120  # one pass over 1,200 distinct rows generalises better than 3 over 400
@@ -43,7 +46,6 @@ DEMO_CONFIG = {
 
 def score(loaded, rows: list[dict], labels: list[str], aliases) -> tuple[dict, list[str], list[str | None]]:
     """Greedy answers for the prompts of ``rows``, parsed to labels, with metrics."""
-    from tunelab.eval.metrics import classification_metrics, parse_label
     from tunelab.ship.inference import generate_batch
 
     prompts = [[m for m in r["messages"] if m["role"] != "assistant"] for r in rows]
@@ -54,8 +56,6 @@ def score(loaded, rows: list[dict], labels: list[str], aliases) -> tuple[dict, l
 
 
 def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: Console | None = None) -> dict:
-    from tunelab.config import load_config
-    from tunelab.demo.policy import LABEL_ALIASES, LABELS, write_demo_data
     from tunelab.ship.inference import load_for_inference
     from tunelab.train.recipe import fine_tune
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.eval.metrics import is_chinese, wilson_interval
+from tunelab.eval.progress import progress_bar
 
 __all__ = ["Benchmark", "Question", "load_benchmark", "score_benchmark", "subset"]
 
@@ -222,7 +223,6 @@ def score_benchmark(model, tokenizer, bench: Benchmark, *, k_shot: int = 0, limi
     until it fits; the number of prompts that lost shots is reported.
     """
     from tunelab.eval.generate import loglik_continuations
-    from tunelab.eval.progress import progress_bar
 
     split = _scorable_split(bench, split)
     questions = subset(bench.splits[split], limit, subjects)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from scipy.stats import binomtest
 
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
@@ -35,7 +36,6 @@ __all__ = ["compare", "paired_test"]
 def paired_test(a: list[float], b: list[float], *, binary: bool | None = None, n_resamples: int = 5000,
                 confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """Paired difference ``mean(b) - mean(a)`` with a bootstrap interval and a p-value (see the module docstring)."""
-    from scipy.stats import binomtest
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.size == 0:

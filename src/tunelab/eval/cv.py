@@ -26,16 +26,18 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab import metrics_log
+from tunelab.config import dump_config
+from tunelab.data.settings import SplitSettings
+from tunelab.data.split import split_file
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
+from tunelab.train.run import RunDir
 
 FOLD_FILE = "cv_fold.json"
 
 
 def _fold_files(cfg, cv_dir: Path, folds: int, group: str, seed: int, console: Console) -> list[dict[str, Any]]:
     """Split every data.train file into folds once (kept under ``<run>/folds/``); returns the split reports."""
-    from tunelab.data.settings import SplitSettings
-    from tunelab.data.split import split_file
 
     reports = []
     for k, spec in enumerate(cfg.data.train):
@@ -104,9 +106,7 @@ def aggregate(per_fold: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
 def cross_validate(cfg, sources: dict[str, str] | None = None, *, folds: int, group: str = "near",
                    console: Console | None = None) -> dict[str, Any]:
     """Train ``folds`` runs and write ``<run>/cv.json``; returns its content."""
-    from tunelab.config import dump_config
     from tunelab.train.recipe import fine_tune
-    from tunelab.train.run import RunDir
 
     console = console or Console()
     if folds < 2:

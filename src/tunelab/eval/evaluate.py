@@ -28,8 +28,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.data.formats import read_records, summarize_rejects
 from tunelab.errors import UserError
 from tunelab.eval import tasks as eval_kinds
+from tunelab.eval.choice import load_benchmark
 from tunelab.eval.generate import GenerationSettings
 from tunelab.eval.tasks import detect_task, label_set
 from tunelab.fsutil import atomic_write_text
@@ -153,7 +155,6 @@ def _run_dir(target: str | Path) -> Path | None:
 
 def _train_shots(run_dir: Path | None, k: int) -> list:
     """The first ``k`` training records of the run (the few-shot baseline's examples)."""
-    from tunelab.data.formats import read_records
 
     if run_dir is None or k <= 0:
         return []
@@ -164,7 +165,6 @@ def _train_shots(run_dir: Path | None, k: int) -> list:
 
 
 def _read(path: str, fmt: str, limit: int | None, console: Console):
-    from tunelab.data.formats import read_records, summarize_rejects
 
     res = read_records(path, format=fmt, limit=limit)
     if res.rejects:
@@ -269,7 +269,6 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
         labels = label_set(res.records, req.labels) if EVAL_KINDS[kind].labelled else []
         sources.append({"kind": "data", "name": slug(Path(path).stem), "path": path, "task": kind,
                         "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects)})
-    from tunelab.eval.choice import load_benchmark
 
     for b in req.benchmarks:
         bench = load_benchmark(b.path)

@@ -32,7 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab import tasks
+from tunelab.config import load_config
+from tunelab.data.formats import read_records
+from tunelab.data.templates import set_chat_template
+from tunelab.data.workbench import prepare_records
 from tunelab.errors import UserError
+from tunelab.eval.choice import load_benchmark, score_benchmark
+from tunelab.eval.metrics import wilson_interval
 from tunelab.fsutil import atomic_write_text
 from tunelab.rundocs import TRADEOFF_HEADERS, tradeoff_rows
 
@@ -91,8 +97,6 @@ def task_metric(cfg, model, tokenizer, *, limit: int | None = None, batch_size: 
     ``data.eval_ratio`` split, via ``prepare_records``); ``tokenizer`` must carry the chat
     template the run trained with.
     """
-    from tunelab.data.workbench import prepare_records
-    from tunelab.eval.metrics import wilson_interval
 
     console = console or Console(stderr=True)
     task = tasks.get(cfg.task)
@@ -140,8 +144,6 @@ def _loss_metric(model, tokenizer, records, *, max_length: int, batch_size: int,
 
 def general_scores(model, tokenizer, settings, *, confidence: float = 0.95, console: Console | None = None) -> dict:
     """``{measure name: score}`` of ``model`` on the benchmarks and general files of ``settings``."""
-    from tunelab.data.formats import read_records
-    from tunelab.eval.choice import load_benchmark, score_benchmark
 
     console = console or Console(stderr=True)
     model = _device_model(model)
@@ -190,7 +192,6 @@ def _score(cfg, model, tokenizer, settings, console) -> _Scored:
 
 
 def _base_scores(cfg, settings, dtype: str, cache_dir: Path, console) -> _Scored:
-    from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_model, load_tokenizer
 
     path = cache_dir / f"{_base_cache_key(cfg, settings, dtype)}.json"
@@ -230,7 +231,6 @@ def measure_forgetting(run_dir: str | Path, settings=None, *, checkpoint: str = 
     The run's own ``config.yaml`` gives the base model, task and validation data; ``settings``
     (an ``eval.forgetting`` section) defaults to the run's.
     """
-    from tunelab.config import load_config
     from tunelab.eval.evaluate import load_target
 
     console = console or Console()

@@ -9,8 +9,13 @@ the recall of the true class but is left out of every average over the labels.
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from typing import Any
+
+import numpy as np
+from scipy.stats import norm
 
 from tunelab.errors import UserError
 
@@ -205,7 +210,6 @@ def exact_match(prediction: str, references: list[str]) -> float:
 
 def token_f1(prediction: str, references: list[str]) -> float:
     """SQuAD token-overlap F1, the best over the references (CJK scored per character)."""
-    from collections import Counter
 
     pred = _answer_tokens(prediction)
     best = 0.0
@@ -286,7 +290,6 @@ def generation_metrics(
 
 def lm_metrics(loss_sum: float, n_tokens: int, n_correct: int) -> dict[str, float]:
     """Mean loss per target token, its perplexity (exp of the mean), and next-token accuracy."""
-    import math
 
     if n_tokens <= 0:
         raise UserError("metrics: no target tokens to score (got 0). Check that the data has assistant replies.")
@@ -300,9 +303,7 @@ def lm_metrics(loss_sum: float, n_tokens: int, n_correct: int) -> dict[str, floa
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a proportion k/n (scipy's normal quantile)."""
-    import math
 
-    from scipy.stats import norm
 
     if n == 0:
         return (0.0, 1.0)
@@ -317,7 +318,6 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 def bootstrap_ci(values: list[float], *, n_resamples: int = 2000, confidence: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (numpy, seeded)."""
-    import numpy as np
 
     x = np.asarray(values, dtype=float)
     if x.size == 0:

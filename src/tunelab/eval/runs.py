@@ -11,6 +11,7 @@ is listed with the reason in ``status``, never hidden.
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,6 @@ def filter_runs(rows: list[dict], filters: list[str]) -> list[dict]:
             num = float(value)
         except ValueError:
             raise UserError(f"--filter {f!r}: {op} needs a number (got {value!r})") from None
-        import operator
 
         cmp = {"<": operator.lt, ">": operator.gt, "<=": operator.le, ">=": operator.ge}[op]
         out = [r for r in out if isinstance(_value(r, key), int | float) and cmp(_value(r, key), num)]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tunelab.data.records import Record
+from tunelab.data.tokenize import encode_records
 from tunelab.errors import UserError
 from tunelab.eval.generate import GenerationSettings, encode_prompt, generate, loglik_continuations
 from tunelab.eval.metrics import classification_metrics, generation_metrics, lm_metrics, parse_label
@@ -115,7 +116,6 @@ def label_set(records: Sequence[Record], labels: Sequence[str] | None) -> list[s
 def eval_lm(model, tokenizer, records: Sequence[Record], *, batch_size: int = 8, max_length: int = 1024,
             console=None) -> dict[str, Any]:
     """Loss, perplexity and token accuracy over the target tokens (see the module docstring)."""
-    from tunelab.data.tokenize import encode_records
 
     encoded, rejects = encode_records(list(records), tokenizer, max_length=max_length)
     if not encoded:

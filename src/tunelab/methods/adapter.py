@@ -24,6 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
+
 MERGEABLE = False
 NOT_MERGEABLE = (
     "a bottleneck adapter has a non-linearity between its two projections, so it cannot be folded into the base "
@@ -49,7 +51,6 @@ class Config(BaseModel):
 
 
 def apply(model, cfg: Config):
-    from tunelab.errors import UserError
     from tunelab.methods.bottleneck import Bottleneck, output_hook, sublayers
     from tunelab.models.classifier import is_classifier  # lazy: torch; the config imports this module
 
@@ -101,7 +102,6 @@ def load_into(model, folder: Path):
     """Hook the adapters saved in ``folder`` into ``model`` (a base LM or a classifier) and load their weights."""
     from safetensors.torch import load_file
 
-    from tunelab.errors import UserError
 
     cfg = Config.model_validate(json.loads((folder / CONFIG_FILE).read_text()))
     model = apply(model, cfg)

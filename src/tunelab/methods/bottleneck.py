@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunelab.errors import UserError
+
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -42,7 +44,6 @@ def sublayers(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     attn = next((getattr(layer, n) for n in ("self_attn", "attn", "attention", "self_attention") if hasattr(layer, n)), None)
     ffn = next((getattr(layer, n) for n in ("mlp", "feed_forward", "ffn") if hasattr(layer, n)), None)
     if attn is None or ffn is None:
-        from tunelab.errors import UserError
 
         raise UserError(f"method adapter: cannot find the attention / feed-forward modules of {type(layer).__name__}. "
                         "Use lora for this architecture")

@@ -21,6 +21,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunelab.errors import UserError
+from tunelab.train.schedule import num_layers
+
 MERGEABLE = True  # already a plain model
 TRAINS_BASE = True
 
@@ -75,11 +78,9 @@ def _is_bitfit(model, name: str) -> bool:
 
 def selected(model, cfg: Config) -> set[str]:
     """Names of the parameters ``cfg`` trains (tied parameters appear under their first name)."""
-    from tunelab.train.schedule import num_layers
 
     n = num_layers(model)
     if cfg.layers is not None and abs(cfg.layers) > n:
-        from tunelab.errors import UserError
 
         raise UserError(f"method.layers: {cfg.layers} but this model has {n} layers. Use a value in 1..{n} or -{n}..-1")
     chosen_layers = set(range(n - cfg.layers, n) if (cfg.layers or 0) > 0 else range(-(cfg.layers or 0)))
@@ -99,7 +100,6 @@ def selected(model, cfg: Config) -> set[str]:
 def apply(model, cfg: Config):
     chosen = selected(model, cfg)
     if not chosen:
-        from tunelab.errors import UserError
 
         raise UserError(f"method (freeze): nothing matches layers={cfg.layers}, layer_modules={cfg.layer_modules}, "
                         f"patterns={cfg.patterns}, bitfit={cfg.bitfit}. Check the module names with `tunelab config show`")

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
+
 MERGEABLE = True  # PEFT merge_and_unload() multiplies the vectors into the weights
 
 
@@ -35,14 +37,12 @@ def apply(model, cfg: Config):
     from tunelab.models.classifier import peft_task_type
 
     if (cfg.target_modules is None) != (cfg.feedforward_modules is None):
-        from tunelab.errors import UserError
 
         raise UserError("method.target_modules and method.feedforward_modules: set both or neither")
     try:
         return get_peft_model(model, IA3Config(task_type=peft_task_type(model), target_modules=cfg.target_modules,
                                                feedforward_modules=cfg.feedforward_modules))
     except ValueError as err:
-        from tunelab.errors import UserError
 
         raise UserError(f"method (ia3): {err.args[0].splitlines()[0]}. Set method.target_modules and "
                         "method.feedforward_modules to module names of this model") from None

@@ -14,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
+from tunelab.train.schedule import num_layers
+
 FUSED_KERNELS = False  # the kernels assume no adaption prompts in the attention
 CLASSIFICATION = False  # a class head's backbone would not see them
 MERGEABLE = False
@@ -36,8 +39,6 @@ def apply(model, cfg: Config):
     from peft import AdaptionPromptConfig, get_peft_model
     from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
-    from tunelab.errors import UserError
-    from tunelab.train.schedule import num_layers
 
     model_type = getattr(model.config, "model_type", None)
     if model_type not in TRANSFORMERS_MODEL_CONFIG:

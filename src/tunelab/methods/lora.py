@@ -17,6 +17,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tunelab.errors import UserError
+from tunelab.train.schedule import num_layers
+
 MERGEABLE = True  # PEFT merge_and_unload() folds B·A (and DoRA's magnitudes) into the base weights
 
 
@@ -75,8 +78,6 @@ def resolve_targets(model, target_modules: str | list[str], layers: list[int] | 
     full names of the matching linear layers of those layers."""
     if layers is None:
         return target_modules
-    from tunelab.errors import UserError
-    from tunelab.train.schedule import num_layers
 
     n = num_layers(model)
     wanted = set()
@@ -127,7 +128,6 @@ def apply(model, cfg: Config):
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
-        from tunelab.errors import UserError
 
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise UserError(

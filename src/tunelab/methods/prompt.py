@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
 from tunelab.methods.virtual import (  # noqa: F401
     CLASSIFICATION,
     FUSED_KERNELS,
@@ -42,7 +43,6 @@ def text_init_ids(tokenizer, text: str, n: int) -> list[int]:
     """Token ids of ``text`` repeated or cut to exactly ``n`` (as PEFT's TEXT init does)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        from tunelab.errors import UserError
 
         raise UserError(f"method.init_text: {text!r} has no tokens. Use a non-empty text or null")
     return (ids * math.ceil(n / len(ids)))[:n]

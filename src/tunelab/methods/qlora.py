@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from tunelab.errors import UserError
 from tunelab.methods import lora
 
 MERGEABLE = True  # the adapter merges into the *unquantised* base weights (load the base in 16/32 bit)
@@ -56,7 +57,6 @@ def load_options(cfg: Config, dtype) -> dict:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from tunelab.errors import UserError
 
         raise UserError("method qlora needs bitsandbytes: pip install 'bitsandbytes>=0.48'") from None
     return {"quantization_config": quantization_config(cfg, dtype)}

@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,7 +39,6 @@ def wrap(model, peft_config):
     from peft import get_peft_model
 
     if getattr(model.config, "is_encoder_decoder", False):
-        from tunelab.errors import UserError
 
         raise UserError("method: virtual-token methods here support decoder-only models. Use lora instead")
     return get_peft_model(model, peft_config)

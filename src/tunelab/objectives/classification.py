@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tunelab.data.batching import IGNORE
+from tunelab.eval.metrics import classification_metrics, parse_label
 from tunelab.objectives.output import LossSum
 
 
@@ -34,7 +35,6 @@ def metrics_from_confusion(confusion: torch.Tensor, labels: list[str]) -> dict[s
     ``confusion[i, j]`` counts gold ``labels[i]`` predicted as ``labels[j]``; a last extra
     column counts unparseable predictions.
     """
-    from tunelab.eval.metrics import classification_metrics
 
     y_true: list[str] = []
     y_pred: list[str | None] = []
@@ -104,7 +104,6 @@ class GenerativeEval:
     @torch.no_grad()
     def run(self, accelerator=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(metrics, per-example answers of this process)."""
-        from tunelab.eval.metrics import parse_label
 
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         mine = self.prompts[rank::world]

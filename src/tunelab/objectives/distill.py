@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_bytes
 
 CACHE_FILE = "distill_topk.safetensors"
 
@@ -217,11 +219,9 @@ def build_topk_cache(loss_module, rows: list, *, path: Path, top_k: int, tempera
                      console=None, write: bool = True) -> TopKCache:
     """The teacher's top-k log-probabilities (at T) over every labelled position of ``rows``, written to
     ``path`` (safetensors, atomically) or read back from it when it matches these rows and settings."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from safetensors.torch import load_file, save
 
     from tunelab.data.batching import collate
-    from tunelab.fsutil import atomic_write_bytes
     from tunelab.objectives.causal_lm import causal_lm_parts
 
     model = loss_module.model

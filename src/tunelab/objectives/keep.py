@@ -48,9 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.fsutil import atomic_write_bytes
 
 FISHER_FILE = "fisher.safetensors"
 
@@ -341,7 +343,6 @@ def estimate_fisher(loss_module: nn.Module, rows: list, targets: list[Plain | Lo
     as it is; call it with the stock, not the fused, kernels). Rows are a seeded choice; with
     several processes each takes every ``world``-th one and ``reduce`` sums the result.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tunelab.data.batching import collate
 
@@ -415,7 +416,6 @@ def save_fisher(path: Path, fisher: dict[str, torch.Tensor], anchor: Anchor, met
     """``fisher/<key>``, ``theta0/<key>`` and JSON metadata in one safetensors file, atomically."""
     from safetensors.torch import save
 
-    from tunelab.fsutil import atomic_write_bytes
 
     tensors = {f"fisher/{k}": v.contiguous().cpu() for k, v in fisher.items()}
     tensors.update({f"theta0/{k}": v.contiguous().cpu() for k, v in anchor.theta0.items()})

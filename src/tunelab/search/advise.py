@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from rich.table import Table
 from tunelab import methods, tasks
 from tunelab.config import TuneConfig
 from tunelab.data.batching import IGNORE, Row, collate
+from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.kernels import training_kernels
 from tunelab.methods import METHODS
@@ -135,7 +137,6 @@ def probe_task(cfg: TuneConfig):
 
 def build_for_training(cfg: TuneConfig, precision: str):
     """(model, loss module, optimiser) as :func:`tunelab.train.build.build` builds them."""
-    from types import SimpleNamespace
 
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
     task = SimpleNamespace(labels=["0", "1"], label_counts={"0": 1, "1": 1}, eval_prompts=[])
@@ -407,7 +408,6 @@ def _bf16_ok(device: str) -> bool:
 
 def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Timed steps of the real model on real training rows; the base model's loss on them; the total time."""
-    from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_tokenizer
 
     set_threads(cfg.train.threads)  # timed as training will run

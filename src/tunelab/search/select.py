@@ -26,7 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.config import ClassificationSection, load_config
+from tunelab.data.formats import read_records
 from tunelab.data.records import Message, Record
+from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.eval.evaluate import EVAL_KINDS
 from tunelab.fsutil import atomic_write_text
@@ -58,8 +61,6 @@ class Candidate:
 def read_validation(path: str, shots: int, limit: int) -> tuple[list[Record], list[Record], str, list[str]]:
     """(shots, rows to score, evaluation kind, labels): chat rows as they are; text + label rows become chats that
     ask for the label (the prompt of ``task: generative_classification``)."""
-    from tunelab.config import ClassificationSection
-    from tunelab.data.formats import read_records
     from tunelab.eval.tasks import detect_task, gold_label, label_set
 
     res = read_records(path, limit=limit + shots)
@@ -121,7 +122,6 @@ def task_metric(model, tokenizer, kind: str, records: list[Record], shots: list[
 
 
 def _train_config(req: SelectRequest, model: str, method: str):
-    from tunelab.config import load_config
 
     return load_config(None, base={"model": {"path": model}, "method": {"name": method},
                                    "data": {"train": [{"path": req.data}], "max_length": req.max_length},
@@ -160,7 +160,6 @@ def memory(req: SelectRequest, model_path: str) -> dict[str, float]:
 
 def score_candidate(req: SelectRequest, name: str, shots: list[Record], rows: list[Record], task: str,
                     labels: list[str]) -> Candidate:
-    from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_model_and_tokenizer
 
     c = Candidate(name, task=task)

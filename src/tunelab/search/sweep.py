@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from rich.table import Table
 from tunelab.config import TuneConfig, dump_config, load_config, set_path
 from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
+from tunelab.methods import METHODS
 from tunelab.report import plots
 from tunelab.search.config import CategoricalParam, FloatParam, IntParam, SweepSection
 from tunelab.train.run import make_folder
@@ -83,7 +85,6 @@ def direction(s: SweepSection) -> str:
 
 def open_storage(url: str, s: SweepSection):
     """``RDBStorage`` with heartbeats: a trial whose worker died is failed, then retried with its params."""
-    import warnings
 
     require("optuna", extra="sweep")  # every way into a study comes here first
     import optuna
@@ -167,7 +168,6 @@ def open_study(cfg: TuneConfig):
 
 def suggest(trial, s: SweepSection, base_method: str) -> dict[str, Any]:
     """Draw every parameter (``method.name`` first; method fields only where the chosen method has them)."""
-    from tunelab.methods import METHODS
 
     order = sorted(s.params, key=lambda p: p != "method.name")
     values: dict[str, Any] = {}
@@ -192,7 +192,6 @@ def suggest(trial, s: SweepSection, base_method: str) -> dict[str, Any]:
 def apply_params(cfg: TuneConfig, params: dict[str, Any], *, name: str | None = None,
                  output_dir: str | None = None) -> TuneConfig:
     """A copy of ``cfg`` with ``params`` set at their dotted paths, validated; no ``sweep:`` section."""
-    from tunelab.methods import METHODS
 
     raw = cfg.model_dump(mode="json", exclude={"sweep"})
     new_method = params.get("method.name")
@@ -297,7 +296,6 @@ def _counts(study) -> tuple[int, int]:
 
 
 def _fail_stale(study) -> None:
-    import warnings
 
     import optuna
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab import methods
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, check_name, sha256_file
 from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
@@ -54,7 +55,6 @@ class ExportResult:
 
 def merge_policy(method: str) -> tuple[bool, str]:
     """(mergeable, reason-if-not) for a tunelab method name, read from its module."""
-    from tunelab import methods
 
     module = methods.METHODS.get(method)
     if module is None:

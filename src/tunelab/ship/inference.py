@@ -10,12 +10,16 @@ folder or a .gguf file. Adapters are attached to their base with PEFT. Classific
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from tunelab import methods
+from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 
 
@@ -108,7 +112,6 @@ def load_for_inference(target: str | Path, *, checkpoint: str = "final", dtype: 
 
     ``adapter_name`` names the PEFT adapter (the server loads several into one base by name).
     """
-    from tunelab.data.templates import set_chat_template
     from tunelab.models.load import load_model, load_tokenizer
 
     folder = weights_folder(target, checkpoint)
@@ -211,7 +214,6 @@ class _LogitsOutput(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
-        from types import SimpleNamespace
 
         return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask))
 
@@ -231,7 +233,6 @@ def _load_classifier(location: str, id2label: dict[int, str], dtype: torch.dtype
 
 def base_only(loaded: Loaded):
     """A context in which an adapter model answers as its base (PEFT ``disable_adapter``; no copy)."""
-    import contextlib
 
     if not loaded.is_adapter:
         raise UserError(
@@ -263,7 +264,6 @@ def classify(loaded: Loaded, texts: list[str], *, batch_size: int = 16, max_leng
 
 def _method_loader(name: str | None):
     """The ``load(folder, info, dtype)`` hook of a registered method, if it has one."""
-    from tunelab import methods
 
     module = methods.METHODS.get(name or "")
     return getattr(module, "load", None) if module is not None else None

@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from tunelab.data import formats
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 from tunelab.ship.inference import Loaded, classify, generate_batch, load_for_inference, select_task
@@ -98,7 +109,6 @@ def _text_from(row: dict) -> tuple[str, Any]:
 
 def read_items(path: Path, kind: str, system: str | None) -> tuple[list[Item], list[dict]]:
     """Every usable row as an :class:`Item`, and a reject (with its reason) for every other row."""
-    from tunelab.data import formats
 
     formats.check_file(path)
     items: list[Item] = []
@@ -146,14 +156,6 @@ def _resume(out: Path, items: list[Item]) -> int:
 
 
 def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     return Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                     TimeElapsedColumn(), TimeRemainingColumn())
@@ -164,7 +166,6 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
             seed: int | None = None, system: str | None = None, loaded: Loaded | None = None,
             show_progress: bool = True, task: str | None = None) -> PredictSummary:
     """Predict every row of ``data`` into ``out`` (JSON Lines), continuing after rows already there."""
-    import time
 
     import torch
 

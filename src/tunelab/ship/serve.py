@@ -53,6 +53,8 @@ try:
     from fastapi import Request  # a module-level name: FastAPI resolves the handlers' annotations here
 except ImportError:  # the [serve] extra is not installed: create_app says so in one line
     Request = None
+import socket
+
 from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
 from tunelab.ship.settings import ServeSettings, is_loopback  # noqa: F401  (re-exported)
 
@@ -832,7 +834,6 @@ class ThreadedServer:
     """uvicorn on a background thread (tests, benchmarks); ``with ThreadedServer(app) as srv: srv.url``."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
 
         import uvicorn
 

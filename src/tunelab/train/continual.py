@@ -50,10 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from tunelab import methods, tasks
+from tunelab.config import StageSpec, load_config
+from tunelab.data.templates import set_chat_template
+from tunelab.data.workbench import prepare_records, record_row
 from tunelab.errors import ConfigError, UserError
 from tunelab.fsutil import atomic_write_text, check_name
 from tunelab.train.run import make_folder
@@ -109,9 +113,7 @@ class ContinualPlan:
 
 def load_continual(path: str | Path | None, overrides: list[str] | None = None, *, raw: dict | None = None) -> ContinualPlan:
     """Read a ``stages:`` config and validate every stage's merged config (all problems at once)."""
-    from pydantic import ValidationError
 
-    from tunelab.config import StageSpec, load_config
 
     raw = copy.deepcopy(raw) if raw is not None else _read_yaml(Path(path))
     stages_raw = raw.pop("stages", None)
@@ -248,7 +250,6 @@ def _buffer_path(stage: StageRun, root: Path) -> Path:
 
 def write_buffer(stage: StageRun, size: int, root: Path) -> Path | None:
     """Keep ``size`` training samples of ``stage`` (seeded), as the stage trained on them, for replay."""
-    from tunelab.data.workbench import prepare_records, record_row
 
     if size <= 0:
         return None
@@ -291,7 +292,6 @@ def transfer_metrics(matrix: list[list[float | None]], base: list[float | None])
 
 def _score_all(stages, model, tokenizer, console) -> dict[str, dict[str, Any]]:
     """Every task's metric on one model: ``{task name: {metric, value (higher is better), raw...}}``."""
-    from tunelab.data.templates import set_chat_template
     from tunelab.eval.forgetting import task_metric
 
     out = {}

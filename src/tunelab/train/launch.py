@@ -111,7 +111,7 @@ def _send(procs, sig: int) -> None:
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
     try:
-        import ctypes
+        import ctypes  # lazy: only a launched child on Linux needs it
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,6 @@ def environment(device: str, precision: str, world_size: int) -> dict[str, Any]:
 
 def peak_memory_mib() -> dict[str, float]:
     """This process's peak resident memory (``VmHWM``) and, on a GPU, the peak torch allocation, in MiB."""
-    import resource
 
     import torch
 
