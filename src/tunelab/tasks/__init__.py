@@ -6,6 +6,7 @@ what a task decides and how to add one.
 
 from __future__ import annotations
 
+from tunelab.data.coverage import coverage_warning, unknown_tokens
 from tunelab.tasks.classification import Classification
 from tunelab.tasks.generative_classification import GenerativeClassification
 from tunelab.tasks.multitask import MultiTask
@@ -31,4 +32,14 @@ def problems(cfg) -> list[str]:
 
 def prepare_data(cfg, tokenizer, run, console, is_main: bool = True) -> PreparedData:
     """The rows of ``cfg.task`` from ``cfg.data``, its rejects and ``data.json`` written into ``run``."""
-    return get(cfg.task).rows(cfg, tokenizer, run, console, is_main)
+    data = get(cfg.task).rows(cfg, tokenizer, run, console, is_main)
+    # how much of the data the tokenizer reads: a vocabulary that maps it to [UNK] makes training noise
+    stats = unknown_tokens(tokenizer, (r.input_ids for r in data.train))
+    if stats is not None:
+        data.summary["unknown_tokens"] = stats
+        if run is not None and is_main:
+            run.write_json("data.json", data.summary)
+        warning = coverage_warning(stats, cfg.model.path)
+        if warning is not None and is_main:
+            console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    return data
