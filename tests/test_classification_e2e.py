@@ -205,3 +205,28 @@ def test_unknown_token_rate_warns_on_chinese_text_with_an_english_vocabulary(tmp
     en.write_text("".join(json.dumps({"text": "the cat is very good", "label_text": "pos"}) + "\n" for _ in range(4)))
     cli("data", "inspect", en, "--model", bert)
     assert "does not cover" not in capsys.readouterr().out
+
+
+def test_training_evaluation_and_generative_answers_show_progress(tmp_path, monkeypatch):
+    """The loop's evaluation pass and the generative evaluation's answers each run under a progress bar."""
+    from contextlib import contextmanager
+
+    import tunelab.objectives.classification as objective
+    import tunelab.train.loop as loop
+
+    bars: list[tuple[str, int, int]] = []
+
+    @contextmanager
+    def recording(label, total, console=None, *, enabled=True):
+        done = [0]
+        yield lambda n: done.__setitem__(0, done[0] + n)
+        bars.append((label, total, done[0]))
+
+    monkeypatch.setattr(loop, "progress_bar", recording)
+    monkeypatch.setattr(objective, "progress_bar", recording)
+    raw = config(tmp_path, "progress", "generative_classification", {"name": "lora", "r": 4, "alpha": 8}, 2)
+    raw["train"].update(max_steps=1, eval_every=1)
+    cfg = tmp_path / "progress.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cli("train", cfg)
+    assert ("eval", 4, 4) in bars and ("eval: generate", 4, 4) in bars  # 2 labels x 2 eval rows each

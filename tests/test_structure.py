@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Today's counts. Lower them when you fix some (the test fails if they grow, so new code adds none).
-MAX_FUNCTION_LEVEL_IMPORTS = 222
+MAX_FUNCTION_LEVEL_IMPORTS = 220
 MAX_PRIVATE_CROSS_MODULE = 23
 
 
