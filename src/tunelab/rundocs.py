@@ -6,6 +6,10 @@ imports the evaluation code:
 
 * :func:`run_row`: one registry row of a run (``config.yaml``, ``summary.json``,
   ``metrics.jsonl``, the headline metrics of ``eval/*.json``);
+* :func:`label_prompts`: the label sets and classification prompts a run trained with
+  (``config.yaml`` + ``data.json``), so that ``tunelab eval`` renders what training rendered;
+* :func:`trained_evaluations`: the run's own end-of-training classification metrics
+  (``summary.json``'s ``eval_metrics``, per task for a multi-task run), which the report shows;
 * :func:`tradeoff_rows` and :data:`TRADEOFF_HEADERS`: the trade-off table of a
   ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report.
 """
@@ -21,7 +25,8 @@ import yaml
 
 from tunelab import metrics_log
 
-__all__ = ["TRADEOFF_HEADERS", "eval_headlines", "fmt_change", "fmt_value", "read_json", "run_row", "tradeoff_rows"]
+__all__ = ["TRADEOFF_HEADERS", "eval_headlines", "fmt_change", "fmt_value", "label_prompts", "read_json", "run_row",
+           "trained_evaluations", "tradeoff_rows"]
 
 
 def read_json(path: Path) -> Any:
@@ -80,6 +85,51 @@ def run_row(run: Path) -> dict[str, Any]:
     )
     row["metrics"] = eval_headlines(run)
     return row
+
+
+# --------------------------------------------------------------------------- classification runs
+
+
+def label_prompts(run: Path) -> dict[str, dict[str, Any]]:
+    """``{task: {"labels", "prompt", "max_new_tokens"}}`` of every labelled task a run trained.
+
+    The labels are in the run's class order (``data.json`` keeps the label counts in it); the prompt
+    is ``classification.prompt`` (a multi-task task's own ``prompt`` first), with ``{labels}`` and
+    ``{text}`` as training filled them. Empty for a run without labels (sft, pretrain).
+    """
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    data = read_json(run / "data.json") or {}
+    cls = cfg.get("classification") or {}
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(data.get("labels"), dict) and data["labels"]:
+        out[str(cfg.get("task"))] = {"labels": list(data["labels"]), "prompt": cls.get("prompt"),
+                                     "max_new_tokens": cls.get("max_new_tokens")}
+    for name, t in (data.get("tasks") or {}).items():
+        if isinstance(t, dict) and isinstance(t.get("labels"), dict) and t["labels"]:
+            spec = (cfg.get("tasks") or {}).get(name) or {}
+            out[name] = {"labels": list(t["labels"]), "prompt": spec.get("prompt") or cls.get("prompt"),
+                         "max_new_tokens": cls.get("max_new_tokens")}
+    return out
+
+
+def trained_evaluations(run: Path) -> dict[str, dict[str, Any]]:
+    """``{name: metrics}`` of the run's last evaluation during training that scored classes (accuracy,
+    macro-F1, per class, confusion): the run itself (its task's name), or each task of a multi-task run."""
+    metrics = (read_json(run / "summary.json") or {}).get("eval_metrics") or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in (metrics.get("tasks") or {}).items():
+        if isinstance(m, dict) and m.get("accuracy") is not None:
+            out[name] = {"step": metrics.get("step"), **m}
+    if not out and metrics.get("accuracy") is not None:
+        try:
+            task = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("task")
+        except (OSError, yaml.YAMLError):
+            task = None
+        out[str(task or "eval")] = metrics
+    return out
 
 
 # --------------------------------------------------------------------------- forgetting.json

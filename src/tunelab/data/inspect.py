@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from tunelab.data.coverage import coverage_warning, unknown_tokens
 from tunelab.data.dedup import NearDupIndex, digest64, exact_duplicates
 from tunelab.data.formats import check_usable, open_source
 from tunelab.data.split import row_keys
@@ -145,6 +146,7 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
     short: list[dict[str, Any]] = []
     n_short = 0
     overhead = template_overhead(tokenizer) if tokenizer is not None else 0.0
+    unknown = [0, 0]  # unknown tokens, tokens (special tokens not counted)
     index = NearDupIndex(threshold=near_threshold)
     try:
         batch: list = []
@@ -186,7 +188,12 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
                     continue
                 chars[role].add([len(t) for t in texts[role]])
                 if tokenizer is not None:
-                    lens = [len(x) for x in tokenizer(texts[role], add_special_tokens=False)["input_ids"]]
+                    ids = tokenizer(texts[role], add_special_tokens=False)["input_ids"]
+                    lens = [len(x) for x in ids]
+                    seen = unknown_tokens(tokenizer, ids)
+                    if seen is not None:
+                        unknown[0] += seen["unknown"]
+                        unknown[1] += seen["tokens"]
                     tokens[role].add(lens)
                     np.add.at(row_tokens, owner[role], lens)
             if tokenizer is not None:
@@ -230,6 +237,9 @@ def inspect_file(path: str | Path, *, tokenizer=None, max_length: int | None = N
         report["tokens"] = {r: h.summary() for r, h in tokens.items() if len(h)}
         report["tokens_total"] = totals.summary()
         report["template_overhead_per_message"] = round(overhead, 2)
+        if getattr(tokenizer, "unk_token_id", None) is not None:  # byte-level tokenizers have no unknown token
+            report["unknown_tokens"] = {"unknown": unknown[0], "tokens": unknown[1],
+                                        "rate": round(unknown[0] / unknown[1], 4) if unknown[1] else 0.0}
         if max_length:
             report["max_length"] = max_length
             report["over_max_length"] = round(totals.share_over(max_length) if len(totals) else 0.0, 4)
@@ -256,8 +266,12 @@ def inspect_target(target: str | Path, *, model: str | None = None, max_length: 
     else:
         specs = [(str(p), kw.pop("format", "auto"), kw.pop("columns", None) or {})]
     tokenizer = load_tokenizer(model) if model else None
-    return [inspect_file(path, tokenizer=tokenizer, max_length=max_length, format=fmt, columns=cols or None, **kw)
-            for path, fmt, cols in specs]
+    reports = [inspect_file(path, tokenizer=tokenizer, max_length=max_length, format=fmt, columns=cols or None, **kw)
+               for path, fmt, cols in specs]
+    for r in reports:
+        if model:
+            r["model"] = str(model)
+    return reports
 
 
 # ----------------------------------------------------------------------------- output
@@ -284,7 +298,13 @@ def print_report(report: dict[str, Any], console) -> None:
     if "over_max_length" in report:
         t.add_row(f"rows over max_length {report['max_length']}", f"{report['over_max_length']:.2%} "
                   f"(template overhead {report['template_overhead_per_message']} tokens/message)")
+    if report.get("unknown_tokens") is not None:
+        u = report["unknown_tokens"]
+        t.add_row("unknown tokens ([UNK])", f"{u['rate']:.2%} ({u['unknown']:,} of {u['tokens']:,})")
     console.print(t)
+    warning = coverage_warning(report.get("unknown_tokens"), report.get("model", "the model"))
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     for kind in ("tokens", "chars"):
         if kind not in report:
             continue

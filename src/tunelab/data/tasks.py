@@ -128,14 +128,24 @@ def classification_rows(records: Sequence[Record], tokenizer: Any, label2id: dic
                 rejects.append(_reject(record, "too_long", f"{len(ids)} tokens > data.max_length={max_length}. "
                                        "Raise data.max_length or set data.truncation: truncate"))
                 continue
-            # keep the last token (eos / [SEP]) where the tokenizer added one
-            ids = ids[: max_length - 1] + ids[-1:] if ids[-1] in _specials(tokenizer) else ids[:max_length]
             truncated += 1
-        if len(ids) < 2:  # the class label sits on the last token; a row needs a token before it
-            ids = list(ids) + [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+        ids = class_input_ids(ids, tokenizer, max_length)
         labels = (IGNORE,) * (len(ids) - 1) + (label2id[record.label],)
         rows.append(Row(tuple(ids), labels, (len(ids),)))
     return rows, rejects, truncated
+
+
+def class_input_ids(ids: Sequence[int], tokenizer: Any, max_length: int) -> list[int]:
+    """A text's token ids (with the tokenizer's special tokens) as a classification row holds them: cut to
+    ``max_length`` keeping the closing special token (eos / [SEP]) where the tokenizer added one, and at
+    least two tokens (the class label sits on the last; a row needs a token before it). Training and
+    ``tunelab eval`` both build a head's input with it."""
+    ids = list(ids)
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:] if ids[-1] in _specials(tokenizer) else ids[:max_length]
+    if len(ids) < 2:
+        ids.append(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id)
+    return ids
 
 
 def _specials(tokenizer: Any) -> set[int]:

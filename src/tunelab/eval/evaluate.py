@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,17 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.data.formats import read_records, summarize_rejects
+from tunelab.data.tasks import generative_records
 from tunelab.errors import UserError
 from tunelab.eval import tasks as eval_kinds
 from tunelab.eval.choice import load_benchmark
 from tunelab.eval.generate import GenerationSettings
-from tunelab.eval.tasks import detect_task, label_set
+from tunelab.eval.tasks import detect_task, gold_label, label_set
 from tunelab.fsutil import atomic_write_text
+from tunelab.models.classifier import is_decoder
+from tunelab.objectives.classification import answer_budget
+from tunelab.rundocs import label_prompts
+from tunelab.ship.inference import base_model_folder, load_for_inference, select_task, weights_folder
 
 __all__ = ["BenchmarkRequest", "EvalRequest", "evaluate", "headline", "load_target"]
 
@@ -65,6 +70,7 @@ class EvalRequest:
     max_length: int = 1024
     modes: tuple[str, ...] = ("constrained", "generated")
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the scored models are loaded in
+    prompt: str | None = None  # classification: a template with {labels} and {text} (a run uses its own)
 
 
 @dataclass
@@ -77,71 +83,79 @@ class Target:
     description: str
     base_model: str | None = None
     id2label: dict[int, str] | None = None
+    max_length: int | None = None  # a run's data.max_length: its head saw texts cut to it
+    multitask: Any = None  # a multi-task run as loaded (its heads and shared LM): a view per data file, _view
 
 
 # --------------------------------------------------------------------------- loading
-
-
-HEAD_LOADERS: list = []
-"""Callables ``(weights_folder: Path) -> Target | None`` tried before the built-in head loader;
-the classification-head methods register theirs here."""
-
-
-def _head_target(folder: Path) -> Target | None:
-    """A weights folder holding a sequence-classification model (``id2label`` in its config)."""
-    for loader in HEAD_LOADERS:
-        found = loader(folder)
-        if found is not None:
-            return found
-    cfg_file = folder / "config.json"
-    info = json.loads((folder / "tunelab.json").read_text()) if (folder / "tunelab.json").is_file() else {}
-    if not cfg_file.is_file():
-        return None
-    cfg = json.loads(cfg_file.read_text())
-    archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs) and info.get("task") != "classification":
-        return None
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    return Target("tuned", model, tok, f"classification head on {info.get('base_model', '?')} ({folder})",
-                  info.get("base_model"), id2label)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "tuned", dtype: str = "float32") -> Target:
-    """A run directory, a weights folder, an alias, a HF folder or a .gguf file, ready to score."""
-    import torch
+    """A run directory, a weights folder, an alias, a HF folder or a .gguf file, ready to score.
 
-    from tunelab.ship.inference import load_for_inference, weights_folder
+    A classification run (any method: a head on an encoder, LoRA on a causal LM, ...) loads as
+    :func:`tunelab.ship.inference.load_for_inference` loads it for ``tunelab predict``, with its
+    labels; a multi-task run keeps its heads and shared LM, and :func:`_view` picks the one that
+    scores a data file.
+    """
+    import torch
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype: unknown dtype {dtype!r}. Choose one of {', '.join(DTYPES)}")
-
     folder = weights_folder(target, checkpoint)
-    if folder is not None:
-        head = _head_target(folder)
-        if head is not None:
-            head.name = name
-            return head
     loaded = load_for_inference(target, checkpoint=checkpoint, dtype=getattr(torch, dtype))
-    if loaded.tasks:  # a multi-task run: its shared LM (sft / generative tasks); heads: tunelab predict --task
+    label = name if folder is not None else "model"
+    run_dir = _run_dir(target)
+    max_length = _run_max_length(run_dir) if run_dir is not None else None
+    if loaded.tasks:  # a multi-task run: its shared LM (sft / generative tasks) unless a head's labels fit the data
         lm_task = next((t for t in loaded.tasks if t not in loaded.model.specs), None)
-        if lm_task is None:
-            raise UserError(f"{loaded.description}: every task of this multi-task run is a classification head. "
-                            f"Score a head with: tunelab predict {target} --task NAME --data FILE --out OUT")
-        from tunelab.ship.inference import select_task
+        lm = select_task(loaded, lm_task) if lm_task is not None else None
+        return Target(label, lm.model if lm else None, loaded.tokenizer, lm.description if lm else loaded.description,
+                      loaded.base_model, max_length=max_length, multitask=loaded)
+    id2label = loaded.id2label if loaded.kind == "classification" else None
+    return Target(label, loaded.model, loaded.tokenizer, loaded.description, loaded.base_model, id2label, max_length)
 
-        loaded = select_task(loaded, lm_task)
-    return Target(name if folder is not None else "model", loaded.model, loaded.tokenizer, loaded.description,
-                  loaded.base_model)
+
+def _run_max_length(run_dir: Path) -> int | None:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    return (cfg.get("data") or {}).get("max_length")
+
+
+def _view(t: Target, kind: str, labels: list[str]) -> Target:
+    """What scores a data file of ``kind``: the target itself, or for a multi-task run the head whose label
+    set holds the data's labels (classification), else its shared LM."""
+    loaded = t.multitask
+    if loaded is None:
+        return t
+    heads = loaded.model.specs
+    if EVAL_KINDS[kind].head_scores:
+        fits = [n for n in heads if set(labels) <= set(heads[n].labels)]
+        if len(fits) > 1:
+            raise UserError(f"eval: the labels of the data {labels} fit several heads of {loaded.description} "
+                            f"({', '.join(fits)}). Score one with: tunelab predict RUN --task NAME --data FILE --out OUT")
+        if fits:
+            head = select_task(loaded, fits[0])
+            return Target(t.name, head.model, head.tokenizer, head.description, t.base_model, head.id2label,
+                          t.max_length)
+    if t.model is None:
+        raise UserError(f"{loaded.description}: every task of this multi-task run is a classification head and none "
+                        f"has the labels of the data ({', '.join(labels) or 'no labels'}). Score a head with: "
+                        "tunelab predict RUN --task NAME --data FILE --out OUT")
+    return t
+
+
+def _generates(model_id: str) -> bool:
+    """Whether a base model can answer a prompt (a causal LM, not an encoder such as all-MiniLM)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base_model_folder(model_id))
+    except (OSError, ValueError):  # a .gguf or a layout AutoConfig does not read: loading it decides
+        return True
+    return is_decoder(config)
 
 
 def _run_dir(target: str | Path) -> Path | None:
@@ -153,15 +167,43 @@ def _run_dir(target: str | Path) -> Path | None:
     return None
 
 
-def _train_shots(run_dir: Path | None, k: int) -> list:
-    """The first ``k`` training records of the run (the few-shot baseline's examples)."""
+def _train_shots(run_dir: Path | None, k: int, task: str | None = None) -> list:
+    """The first ``k`` training records of the run (the few-shot baseline's examples); of a multi-task
+    run, those of ``task``'s training file."""
 
     if run_dir is None or k <= 0:
         return []
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    spec = cfg["data"]["train"][0]
+    specs = cfg["data"]["train"]
+    spec = next((s for s in specs if task is not None and s.get("task") == task), specs[0])
     return read_records(spec["path"], format=spec.get("format", "auto"), columns=spec.get("columns") or None,
                         limit=k).records[:k]
+
+
+def _prompt_for(run_dir: Path | None, req: EvalRequest, labels: list[str]) -> dict[str, Any] | None:
+    """The classification prompt a data file is asked with: the run's (``classification.prompt`` with the
+    run's labels, as training rendered it; of a multi-task run, the task whose labels hold the data's),
+    else ``--prompt`` with the data's labels; None: each row's text as it is."""
+    if req.prompt is not None:
+        for field_name in ("{labels}", "{text}"):
+            if field_name not in req.prompt:
+                raise UserError(f"--prompt: the template has no {field_name} (got {req.prompt!r}). Write e.g. "
+                                "'Classify into one of: {labels}.\n\nText: {text}\n\nAnswer with the label only.'")
+    specs = label_prompts(run_dir) if run_dir is not None else {}
+    fits = {n: s for n, s in specs.items() if set(labels) <= set(s["labels"])}
+    chosen = next(iter(fits.items()), None) or (next(iter(specs.items())) if len(specs) == 1 else None)
+    if chosen is not None:
+        name, spec = chosen
+        return {**spec, "task": name, "from_run": True, "prompt": req.prompt or spec["prompt"]}
+    if req.prompt is not None:
+        return {"task": None, "labels": list(labels), "prompt": req.prompt, "max_new_tokens": None, "from_run": False}
+    return None
+
+
+def _prompted(records: list, spec: dict[str, Any]) -> list:
+    """Records asked with ``spec``'s prompt: user = the prompt with {labels} and {text}, answer = the gold label."""
+    with_gold = [r if r.label is not None else replace(r, label=gold_label(r)) for r in records]
+    return generative_records(with_gold, spec["labels"], spec["prompt"])
 
 
 def _read(path: str, fmt: str, limit: int | None, console: Console):
@@ -243,6 +285,25 @@ def _score_data(t: Target, records, kind: str, req: EvalRequest, labels: list[st
     return how.score(t, records, req, labels, shots, console)
 
 
+def _score_source(t: Target, s: dict[str, Any], req: EvalRequest, k: int | None, run_dir: Path | None, shots: list,
+                  console) -> dict:
+    """Score one data source on one system. Classification data with a prompt (the run's, or ``--prompt``) is
+    asked as training asked it: the prompt with the labels and the text, the run's label order, and the
+    answer length of training's own evaluation; a classification head reads the plain text."""
+    view = _view(t, s["task"], s["labels"]) if k is None else t
+    records, labels, spec = s["records"], s["labels"], s["prompt"]
+    if spec is not None and view.id2label is None:
+        if k:
+            shots = _prompted(_train_shots(run_dir, k, spec["task"]), spec)
+        records = _prompted(records, spec)
+        labels = list(spec["labels"]) + [lab for lab in labels if lab not in spec["labels"]]
+        if spec["from_run"]:
+            budget = answer_budget(view.tokenizer, spec["labels"], spec["max_new_tokens"])
+            req = replace(req, generation=replace(req.generation, max_new_tokens=budget))
+    max_length = min(req.max_length, view.max_length) if view.max_length else req.max_length
+    return _score_data(view, records, s["task"], replace(req, max_length=max_length), labels, shots, console)
+
+
 def headline(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
     """The few numbers a table shows for a result: the primary figures of its kind."""
     return EVAL_KINDS.get(kind, EVAL_KINDS["generation"]).headline(metrics)
@@ -267,8 +328,10 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
         res = _read(path, req.format, req.limit, console)
         kind = asked.name if asked is not None else detect_task(res.records, req.labels)
         labels = label_set(res.records, req.labels) if EVAL_KINDS[kind].labelled else []
+        prompt = _prompt_for(run_dir, req, labels) if EVAL_KINDS[kind].labelled else None
         sources.append({"kind": "data", "name": slug(Path(path).stem), "path": path, "task": kind,
-                        "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects)})
+                        "records": res.records, "labels": labels, "rows": res.rows, "rejected": len(res.rejects),
+                        "prompt": prompt})
 
     for b in req.benchmarks:
         bench = load_benchmark(b.path)
@@ -295,7 +358,11 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                 base_id = tuned.base_model if tuned else None
                 if base_id is None:
                     raise UserError(f"--baselines: {target} does not name its base model (no tunelab.json)")
-                tuned.model = None  # free the tuned weights before loading the base
+                if not _generates(base_id):
+                    console.print(f"[yellow]--baselines: skipped[/]: the base model {base_id} is an encoder; it "
+                                  "cannot answer a prompt, so only the tuned model is scored")
+                    break
+                tuned.model = tuned.multitask = None  # free the tuned weights before loading the base
                 base_loaded = load_target(base_id, name="base", dtype=req.dtype)
             t = base_loaded
             sys_label = sys_name
@@ -316,7 +383,7 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                 res = {"metrics": r, "examples": [{**x, "score": float(x["correct"])} for x in rows]}
             else:
                 sys_key = sys_label
-                res = _score_data(t, s["records"], s["task"], req, s["labels"], shots, console)
+                res = _score_source(t, s, req, k, run_dir, shots, console)
             res["metrics"]["seconds"] = round(time.perf_counter() - t0, 2)
             results[s["name"]][sys_key] = {"description": t.description, "metrics": res["metrics"],
                                            "headline": headline(s["task"], res["metrics"])}
@@ -382,7 +449,7 @@ def request_from_config(section) -> EvalRequest:
         generation=GenerationSettings(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
                                       top_p=section.top_p, stop=tuple(section.stop), seed=section.seed,
                                       batch_size=section.batch_size),
-        max_length=section.max_length, dtype=section.dtype,
+        max_length=section.max_length, dtype=section.dtype, prompt=getattr(section, "prompt", None),
     )
 
 
@@ -396,5 +463,5 @@ def request_from_options(o) -> EvalRequest:
                                       top_p=o.top_p, stop=tuple(o.stop), seed=o.seed,
                                       batch_size=o.batch_size),
         max_length=o.max_length, dtype=o.dtype,
-        modes=("constrained", "generated") if o.mode == "both" else (o.mode,),
+        modes=("constrained", "generated") if o.mode == "both" else (o.mode,), prompt=o.prompt,
     )

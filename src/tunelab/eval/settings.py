@@ -53,6 +53,9 @@ class _EvalCommon(_Options):
     mode: Literal["both", "constrained", "generated"] = Field(
         "both", description="Generative classification: score the labels by log-likelihood (constrained), parse free "
         "generations (generated), or both side by side (generated is the primary figure).")
+    prompt: str | None = Field(
+        None, description="Classification on a model that is not a run: ask each row with this template ({labels}: "
+        "the data's labels, comma-separated; {text}: the row's text). A run asks with the prompt it trained with.")
     limit: int | None = Field(None, ge=1, description="Score at most N rows / benchmark questions.")
     benchmark: list[str] = Field(
         default_factory=list, description="A multiple-choice benchmark in the MMLU/CMMLU/C-Eval CSV layout.",

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from tunelab.data.batching import IGNORE, PAD_MULTIPLE, Row, collate
 from tunelab.data.records import Record
+from tunelab.data.tasks import class_input_ids, record_text
 from tunelab.data.tokenize import encode_records
 from tunelab.errors import UserError
 from tunelab.eval.generate import GenerationSettings, encode_prompt, generate, loglik_continuations
@@ -228,18 +230,28 @@ def eval_classification(model, tokenizer, records: Sequence[Record], labels: Seq
 @torch.no_grad()
 def classify_with_head(model, tokenizer, records: Sequence[Record], id2label: dict[int, str], *,
                        batch_size: int = 8, max_length: int = 512, console=None) -> dict[str, Any]:
-    """A classification head: the argmax of its logits for each record's text (the user turn)."""
+    """A classification head: the argmax of its logits for each record's text.
+
+    The text and its tokens are what training gave the head (:func:`tunelab.data.tasks.record_text`,
+    the tokenizer's special tokens, :func:`tunelab.data.tasks.class_input_ids` with the run's
+    ``max_length``), batched as the training loop's evaluation batches them; so on the rows of a
+    run's evaluation file the metrics are the run's own.
+    """
     device = next(model.parameters()).device
     labels = [id2label[i] for i in sorted(id2label)]
-    texts = [r.text if r.is_text else _last_user(split_reply(r)[0]) for r in records]
+    texts = [record_text(r) for r in records]
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    rows = [Row(tuple(ids), (IGNORE,) * len(ids), (len(ids),))
+            for ids in (class_input_ids(e, tokenizer, max_length) for e in encoded)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pred: list[str] = []
-    with progress_bar("classify", len(texts), console) as advance:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+    with progress_bar("classify", len(rows), console) as advance:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id=pad, packed=False, multiple_of=PAD_MULTIPLE)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
             pred += [labels[int(i)] for i in logits.argmax(-1)]
-            advance(len(enc["input_ids"]))
+            advance(len(rows[start : start + batch_size]))
     gold = [gold_label(r) for r in records]
     metrics = {"labels": labels, "head": classification_metrics(gold, pred, labels), "primary": "head"}
     examples = [{"id": r.id, "prompt": t, "reference": g, "head": p, "score": float(p == g)}

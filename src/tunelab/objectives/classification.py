@@ -27,6 +27,7 @@ from torch import nn
 from tunelab.data.batching import IGNORE
 from tunelab.eval.metrics import classification_metrics, parse_label
 from tunelab.objectives.output import LossSum
+from tunelab.progress import progress_bar
 
 
 def metrics_from_confusion(confusion: torch.Tensor, labels: list[str]) -> dict[str, Any]:
@@ -49,6 +50,11 @@ def metrics_from_confusion(confusion: torch.Tensor, labels: list[str]) -> dict[s
     keep = ("n", "accuracy", "macro_f1", "micro_f1", "weighted_f1", "n_unparsed")
     out = {k: full[k] for k in keep}
     out["per_class_f1"] = {lab: round(v["f1"], 4) for lab, v in full["per_class"].items()}
+    # what the report shows of a run's own evaluation: the per-class table and the confusion matrix
+    # (columns: labels, then <unparsed> and <other>, as classification_metrics counts them)
+    out["per_class"] = full["per_class"]
+    out["labels"] = full["labels"]
+    out["confusion"] = full["confusion"]
     return out
 
 
@@ -91,14 +97,19 @@ class ClassificationLoss(nn.Module):
         return metrics_from_confusion(total.cpu(), self.labels)
 
 
+def answer_budget(tokenizer: Any, labels: list[str], max_new_tokens: int | None = None) -> int:
+    """Tokens generated for a label answer: ``max_new_tokens``, else the longest label's tokens + 4."""
+    longest = max((len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=1)
+    return max_new_tokens or longest + 4
+
+
 class GenerativeEval:
     """Accuracy and macro-F1 of greedy answers to the evaluation prompts (one label each)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompts: list[tuple[list[int], str]], labels: list[str], *,
                  max_new_tokens: int | None = None, batch_size: int = 16):
         self.model, self.tokenizer, self.prompts, self.labels = model, tokenizer, prompts, list(labels)
-        longest = max((len(tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels), default=1)
-        self.max_new_tokens = max_new_tokens or longest + 4
+        self.max_new_tokens = answer_budget(tokenizer, labels, max_new_tokens)
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -115,24 +126,27 @@ class GenerativeEval:
         confusion = torch.zeros(len(self.labels), len(self.labels) + 1, dtype=torch.float64, device=device)
         index = {lab: i for i, lab in enumerate(self.labels)}
         answers = []
-        for start in range(0, len(mine), self.batch_size):
-            chunk = mine[start : start + self.batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (p, _) in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-            with ctx:
-                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None,
-                                          top_p=None, top_k=None, pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
-            for (_, gold), row in zip(chunk, out, strict=True):
-                text = tok.decode(row[width:], skip_special_tokens=True).strip()
-                pred = parse_label(text, self.labels)
-                confusion[index[gold], index[pred] if pred is not None else len(self.labels)] += 1
-                answers.append({"gold": gold, "answer": text, "parsed": pred})
+        with progress_bar("eval: generate", len(mine), enabled=rank == 0) as advance:
+            for start in range(0, len(mine), self.batch_size):
+                chunk = mine[start : start + self.batch_size]
+                width = max(len(ids) for ids, _ in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, (p, _) in enumerate(chunk):
+                    ids[i, width - len(p):] = torch.tensor(p)
+                    mask[i, width - len(p):] = 1
+                ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+                with ctx:
+                    out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                              max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None,
+                                              top_p=None, top_k=None, pad_token_id=pad_id,
+                                              eos_token_id=tok.eos_token_id)
+                for (_, gold), row in zip(chunk, out, strict=True):
+                    text = tok.decode(row[width:], skip_special_tokens=True).strip()
+                    pred = parse_label(text, self.labels)
+                    confusion[index[gold], index[pred] if pred is not None else len(self.labels)] += 1
+                    answers.append({"gold": gold, "answer": text, "parsed": pred})
+                advance(len(chunk))
         if was_training:
             self.model.train()
         total = accelerator.reduce(confusion, "sum") if accelerator is not None else confusion

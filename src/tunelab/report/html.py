@@ -7,7 +7,9 @@ demo's ``results.json`` and ``generations.jsonl`` two folders up):
    of every evaluation in ``eval/``, and the demo's base/tuned figures;
 2. the runs side by side when there are several;
 3. per run: config and data summary; train/validation loss and LR curves
-   (``metrics.jsonl``); confusion matrix and per-class F1 of classification evaluations;
+   (``metrics.jsonl``); training's own evaluation of a classification run (``summary.json``:
+   accuracy, macro-F1, per-class table, confusion matrix); confusion matrix and per-class F1 of
+   classification evaluations;
    the forgetting table (benchmarks scored on the base and the tuned model: overall and per
    category); A/B results (``eval/compare-*.json``); sample generations side by side.
 
@@ -32,7 +34,7 @@ from tunelab import metrics_log
 from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
 from tunelab.report import plots
-from tunelab.rundocs import TRADEOFF_HEADERS, fmt_change, run_row, tradeoff_rows
+from tunelab.rundocs import TRADEOFF_HEADERS, fmt_change, run_row, tradeoff_rows, trained_evaluations
 
 __all__ = ["build_report", "write_report"]
 
@@ -158,10 +160,40 @@ def _before_after(runs: list[Path]) -> Section:
             sec.blocks.append(Block("text", text=f"{run.name}: {doc['name']} ({doc['task']}, {doc.get('source', '')}, "
                                                  f"{doc.get('data', {}).get('evaluated') or doc['systems'][next(iter(doc['systems']))]['metrics'].get('n', '?')} examples)"))
             sec.blocks.append(Block("table", headers=["system", *keys], rows=rows))
+        for name, m in trained_evaluations(run).items():
+            sec.blocks.append(Block("text", text=f"{run.name}: training's own evaluation ({name}, step "
+                                                 f"{m.get('step', '?')}, {m.get('n', '?')} examples of the eval data)."))
+            sec.blocks.append(Block("table", headers=["system", "accuracy", "macro_f1"], rows=[
+                ["tuned (end of training)", fmt("accuracy", m.get("accuracy")), fmt("macro_f1", m.get("macro_f1"))]]))
     if not sec.blocks:
         sec.blocks.append(Block("note", text="No evaluation yet: run `tunelab eval RUN --data FILE --baselines` "
                                              "to add base-vs-tuned figures."))
     return sec
+
+
+def _trained_blocks(run: Path, name: str, m: dict) -> list[Block]:
+    """Training's own evaluation of a classification run (``summary.json``): accuracy, macro-F1, the
+    per-class table and the confusion matrix."""
+    out = [Block("table", headers=["accuracy", "macro_f1", "micro_f1", "weighted_f1", "unparsed", "examples"],
+                 rows=[[fmt("accuracy", m.get("accuracy")), fmt("f1", m.get("macro_f1")), fmt("f1", m.get("micro_f1")),
+                        fmt("f1", m.get("weighted_f1")), fmt("n", m.get("n_unparsed")), fmt("n", m.get("n"))]])]
+    per_class = m.get("per_class") or {lab: {"f1": f1} for lab, f1 in (m.get("per_class_f1") or {}).items()}
+    if per_class:
+        out.append(Block("table", headers=["class", "precision", "recall", "f1", "support"], rows=[
+            [label, fmt("f1", pc.get("precision")), fmt("f1", pc.get("recall")), fmt("f1", pc.get("f1")),
+             pc.get("support", "-")] for label, pc in per_class.items()]))
+    if m.get("confusion") and m.get("labels"):
+        labels = list(m["labels"])
+        cols = labels + ["<unparsed>", "<other>"]
+        keep = [j for j, _ in enumerate(cols) if j < len(labels) or any(row[j] for row in m["confusion"])]
+        out.append(Block("image", name=f"confusion-{run.name}-{name}", text="confusion matrix (training's evaluation)",
+                         png=plots.confusion([[row[j] for j in keep] for row in m["confusion"]], labels,
+                                             [cols[j] for j in keep], title=f"{run.name}: {name}, end of training")))
+    if per_class:
+        out.append(Block("image", name=f"f1-{run.name}-{name}", text="per-class F1 (training's evaluation)",
+                         png=plots.bars({"tuned": {lab: pc.get("f1", 0.0) for lab, pc in per_class.items()}},
+                                        title=f"{run.name}: {name}, per-class F1", ylabel="F1")))
+    return out
 
 
 def _ordered(systems: dict) -> list[tuple[str, dict]]:
@@ -382,6 +414,8 @@ def build_report(runs: list[str | Path]) -> tuple[str, list[Section]]:
         sections.append(Section(f"Run {run.name}", [Block("text", text=str(run))]))
         sections.append(Section("Config and data", _config_section(run), 3))
         sections.append(Section("Training curves", _curves(run), 3))
+        for name, m in trained_evaluations(run).items():
+            sections.append(Section(f"Classification: {name} (training's evaluation)", _trained_blocks(run, name, m), 3))
         evals, comps = _evaluations(run)
         for doc in evals:
             if doc["task"] == "classification":

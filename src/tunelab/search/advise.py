@@ -40,6 +40,7 @@ from rich.table import Table
 from tunelab import methods, tasks
 from tunelab.config import TuneConfig
 from tunelab.data.batching import IGNORE, Row, collate
+from tunelab.data.coverage import coverage_warning
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.kernels import training_kernels
@@ -135,11 +136,19 @@ def probe_task(cfg: TuneConfig):
     return task if task.builds_without_data else tasks.get("sft")
 
 
-def build_for_training(cfg: TuneConfig, precision: str):
-    """(model, loss module, optimiser) as :func:`tunelab.train.build.build` builds them."""
+def probe_labels(cfg: TuneConfig) -> list[str]:
+    """The label set the memory probes build a class head with: the configured labels, else two (the head's
+    size is negligible beside the backbone; the time probe uses the data's own label set)."""
+    return list(cfg.classification.labels or ["0", "1"])
+
+
+def build_for_training(cfg: TuneConfig, precision: str, labels: list[str] | None = None):
+    """(model, loss module, optimiser) as :func:`tunelab.train.build.build` builds them; a class head gets
+    ``labels`` (default :func:`probe_labels`), so that real rows' class ids are within it."""
 
     dtype = resolve_dtype(cfg.model.dtype, precision, cfg.method.name)
-    task = SimpleNamespace(labels=["0", "1"], label_counts={"0": 1, "1": 1}, eval_prompts=[])
+    labels = list(labels or probe_labels(cfg))
+    task = SimpleNamespace(labels=labels, label_counts=dict.fromkeys(labels, 1), eval_prompts=[])
     c = cfg.model_copy(update={"task": probe_task(cfg).name})
     torch.manual_seed(cfg.train.seed)
     model, loss, _ = build_model(c, SimpleNamespace(task=task), dtype, None)
@@ -418,7 +427,7 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     rows = sorted(data.train, key=len, reverse=True)[: cfg.train.batch_size]  # the longest: the slowest step
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = collate(rows, pad_id=pad, packed=cfg.data.packing or tasks.get(cfg.task).always_packed)
-    model, loss, optimizer = build_for_training(cfg, precision)
+    model, loss, optimizer = build_for_training(cfg, precision, getattr(data.task, "labels", None))
     with torch.no_grad():
         loss.eval()
         with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -434,7 +443,7 @@ def time_probe(cfg: TuneConfig, precision: str, steps: int) -> tuple[dict[str, A
     timing = {"seconds_per_step": per_step, "steps": total, "total_seconds": per_step * total,
               "tokens_per_s": tokens / per_step, "probe_steps": steps, "note": "longest rows; a loaded machine is slower"}
     info = {"train_rows": len(data.train), "target_tokens": data.summary.get("train_target_tokens"),
-            "base_loss": base_loss, "task": cfg.task}
+            "base_loss": base_loss, "task": cfg.task, "unknown_tokens": data.summary.get("unknown_tokens")}
     del model, loss, optimizer
     return timing, info
 
@@ -475,6 +484,9 @@ def recommend(cfg: TuneConfig, estimates: list[MethodEstimate], available: float
             choice = "lora"
             reasons.append("LoRA: a low-rank update of every linear layer learns the task while the base "
                            "weights stay intact")
+    warning = coverage_warning((data or {}).get("unknown_tokens"), cfg.model.path)
+    if warning is not None:  # no method helps while the tokenizer cannot read the text: say so first
+        reasons.insert(0, f"warning: {warning}")
     if choice not in fits:
         order = [m for m in ("lora", "qlora", "freeze", "prompt") if m in fits]
         need = next((e.memory.peak for e in estimates if e.method == choice and e.memory), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.data.coverage import coverage_warning, unknown_tokens
 from tunelab.errors import UserError, first_line
 from tunelab.tasks.classification import Classification
 from tunelab.tasks.generative_classification import GenerativeClassification
@@ -34,7 +35,18 @@ def problems(cfg) -> list[str]:
 
 def prepare_data(cfg, tokenizer, run, console, is_main: bool = True) -> PreparedData:
     """The rows of ``cfg.task`` from ``cfg.data``, its rejects and ``data.json`` written into ``run``."""
-    return get(cfg.task).rows(cfg, tokenizer, run, console, is_main)
+    data = get(cfg.task).rows(cfg, tokenizer, run, console, is_main)
+    # how much of the data the tokenizer reads: a vocabulary that maps it to [UNK] makes training noise
+    stats = unknown_tokens(tokenizer, (r.input_ids for r in data.train))
+    if stats is not None:
+        data.summary["unknown_tokens"] = stats
+        if run is not None and is_main:
+            run.write_json("data.json", data.summary)
+        warning = coverage_warning(stats, cfg.model.path)
+        if warning is not None and is_main:
+            console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    return data
+
 
 
 def build_rows(cfg, specs, tokenizer, run, console, is_main: bool, *, field: str, task: str | None = None,

@@ -34,6 +34,7 @@ from tunelab import metrics_log
 from tunelab.config import TrainSection
 from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
+from tunelab.progress import progress_bar
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import cpu_tuning as cpu_tuning_mod
 from tunelab.train import step as step_fn
@@ -133,11 +134,13 @@ def evaluate(s: LoopSetup) -> float | None:
     s.loss_model.eval()
     mine = s.eval_rows[acc.process_index :: acc.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    for start in range(0, max(len(mine), 1), s.cfg.batch_size):
-        batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
-                        multiple_of=PAD_MULTIPLE)
-        out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
-        total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
+    with progress_bar("eval", len(mine), s.console, enabled=acc.is_main_process) as advance:
+        for start in range(0, max(len(mine), 1), s.cfg.batch_size):
+            batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed,
+                            pad_to=s.pad_to, multiple_of=PAD_MULTIPLE)
+            out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
+            total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
+            advance(len(mine[start : start + s.cfg.batch_size]))
     total = acc.reduce(total, "sum")
     s.loss_model.train()
     return (total[0] / total[1].clamp(min=1)).item()
