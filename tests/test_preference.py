@@ -224,7 +224,7 @@ def test_conservative_dpo_and_sft_term_follow_the_papers(tokenizer):
                             reference=Reference("adapters_off"))
     batch = collate(pair_rows(pairs), pad_id=0, packed=True)
     out = module(**batch)
-    logp, ref, tag, length, _ = module._sequences(batch["input_ids"], batch["labels"], None, batch["position_ids"],
+    logp, ref, tag, length, _ = module.sequences(batch["input_ids"], batch["labels"], None, batch["position_ids"],
                                                   batch["tags"])
     c, r = tag == 0, tag == 1
     z = BETA * ((logp[c] - ref[c]) - (logp[r] - ref[r]))

@@ -226,7 +226,7 @@ class PreferenceLoss(CausalLMLoss):
         self.step_kl: float | None = None  # KTO: the step's KL estimate, set by use_step_statistics
         self._stats = {True: {}, False: {}}  # metrics summed since the last take, per mode (training or not)
 
-    def _sequences(self, input_ids, labels, attention_mask, position_ids, tags, grad: bool = True):
+    def sequences(self, input_ids, labels, attention_mask, position_ids, tags, grad: bool = True):
         """(per-sequence log-probs, reference log-probs or None, tag, length) of a batch's sequences."""
         if tags is None:  # the placeholder row of an empty slice (collate): no sequence
             tags = torch.full_like(input_ids, -1)
@@ -256,7 +256,7 @@ class PreferenceLoss(CausalLMLoss):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, tags=None, weights=None,
                 groups=None) -> LossSum:
-        logp, ref, tag, length, h = self._sequences(input_ids, labels, attention_mask, position_ids, tags)
+        logp, ref, tag, length, h = self.sequences(input_ids, labels, attention_mask, position_ids, tags)
         if self.loss == "kto":
             total, count = self._kto(logp, ref, tag)
         else:
@@ -326,7 +326,7 @@ class PreferenceLoss(CausalLMLoss):
         """(sum of the mismatched samples' log-ratios, their number) over this process's micro-batches."""
         out = torch.zeros(2, dtype=torch.float64)
         for b in batches:
-            logp, ref, tag, _, _ = self._sequences(b["input_ids"], b["labels"], b.get("attention_mask"),
+            logp, ref, tag, _, _ = self.sequences(b["input_ids"], b["labels"], b.get("attention_mask"),
                                                    b.get("position_ids"), b.get("tags"), grad=False)
             m = tag == MISMATCHED
             out += torch.stack([(logp - ref)[m].double().sum().cpu(), m.sum().double().cpu()])
