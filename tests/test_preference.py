@@ -8,22 +8,23 @@ compare the loss and the gradients of the trained parameters.
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import shared, tiny_config
-from tunelab.config import TuneConfig
+from conftest import shared, tiny_config
+from tunelab.config import load_config
 from tunelab.data.batching import IGNORE, collate
 from tunelab.data.formats import read_records
 from tunelab.data.preference import encode_pairs, kto_rows, pair_rows, unpaired
-from tunelab.errors import UserError
-from tunelab.objectives.preference import PreferenceLoss, Reference
+from tunelab.errors import ConfigError, UserError
+from tunelab.objectives.preference import PreferenceLoss, Reference, cached_reference
+from tunelab.train.recipe import fine_tune
 
 BETA = 0.1
 
@@ -231,3 +232,199 @@ def test_conservative_dpo_and_sft_term_follow_the_papers(tokenizer):
     expected = (-(1 - eps) * torch.nn.functional.logsigmoid(z) - eps * torch.nn.functional.logsigmoid(-z)
                 - alpha * logp[c] / length[c]).sum()
     assert abs(float(out.total) - float(expected)) < 1e-5
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_demo_files_read_as_pairs_and_kto_samples_and_truncation_keeps_prompt_tail_and_reply_heads(tokenizer):
+    for name, fmt, key in (("dpo_en_demo.json", "preference", "rejected"), ("dpo_zh_demo.json", "preference", "rejected"),
+                           ("kto_en_demo.json", "kto", "desirable")):
+        res = read_records(demo(name))
+        assert (res.format, len(res.records), res.rejects) == (fmt, 300, [])
+        assert all(key in r.meta and r.messages[-1].role == "assistant" for r in res.records)
+    records = read_records(demo("dpo_en_demo.json"), limit=8).records
+    full, _ = encode_pairs(records, tokenizer, max_length=1 << 20, truncation="truncate", max_prompt_length=None,
+                           use_cache=False)
+    cut, _ = encode_pairs(records, tokenizer, max_length=48, truncation="truncate", max_prompt_length=16,
+                          use_cache=False)
+    assert any(c.truncated for c in cut)
+    for f, c in zip(full, cut, strict=True):
+        assert len(c.prompt) + max(len(c.chosen), len(c.rejected)) <= 48
+        assert f.prompt[len(f.prompt) - len(c.prompt):] == c.prompt  # the prompt's tail
+        assert f.chosen[: len(c.chosen)] == c.chosen and f.rejected[: len(c.rejected)] == c.rejected  # heads
+        assert len(c.chosen) == min(len(f.chosen), 48 - len(c.prompt))  # one budget for both replies
+        assert len(c.rejected) == min(len(f.rejected), 48 - len(c.prompt))
+    row = pair_rows(cut[:1])[0]
+    batch = collate([row], pad_id=0, packed=True)
+    labelled = batch["labels"][0] != IGNORE  # loss only on the two replies' tokens
+    assert int(labelled.sum()) == len(cut[0].chosen) + len(cut[0].rejected)
+    assert batch["position_ids"][0, len(cut[0].prompt) + len(cut[0].chosen)] == 0  # rejected restarts: no cross-attention
+
+
+def test_each_reject_kind_is_reported_with_its_reason(tmp_path):
+    rows = [
+        {"instruction": "Say hi", "chosen": "Hi!", "rejected": "Go away."},
+        {"instruction": "Say hi", "chosen": "Hi!", "rejected": " Hi! "},
+        {"instruction": "Say hi", "chosen": "", "rejected": "No."},
+        {"instruction": "", "input": "", "chosen": "Hi!", "rejected": "No."},
+        {"chosen": "Hi!", "rejected": "No."},
+        {"messages": [{"role": "user", "content": "Hi"}], "chosen": {"role": "assistant", "content": "Hello"},
+         "rejected": [{"role": "assistant", "content": "Bye"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
+         "rejected": {"from": "human", "value": "Bye"}},
+    ]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(rows))
+    res = read_records(path)
+    assert res.format == "preference" and [r.id for r in res.records] == ["pairs.json:0", "pairs.json:5"]
+    reasons = {r.row: r.reason for r in res.rejects}
+    assert reasons == {1: "identical_pair", 2: "empty_response", 3: "missing_prompt", 4: "missing_prompt",
+                       6: "wrong_role"}
+    assert all("\n" not in r.detail and f"row {r.row}" in r.detail for r in res.rejects)
+
+
+def run(tmp_path, name, **sections):
+    cfg = tiny_config(tmp_path, demo("dpo_en_demo.json"), **sections)
+    cfg["run"]["name"] = name
+    cfg["data"] = {"train": [{"path": str(demo("dpo_en_demo.json")), "limit": 16}], "max_length": 64,
+                   **sections.get("data", {})}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config, sources = load_config(path)
+    return fine_tune(config, sources)
+
+
+def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_bad_input_gives_one_line_errors_and_rejects_file(tmp_path):
+    with pytest.raises(UserError) as err:  # a pair file given to task: sft
+        run(tmp_path, "sft", task="sft")
+    assert "holds preference pairs" in str(err.value) and "task: preference" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError) as err:  # KTO data given to DPO
+        run(tmp_path, "kto_as_dpo", task="preference", data={"train": [{"path": str(demo("kto_en_demo.json")),
+                                                                          "limit": 8}]})
+    assert "holds KTO samples" in str(err.value) and "preference.loss: kto" in str(err.value)
+    assert "\n" not in str(err.value)
+    for bad, needle in (({"method": {"name": "full"}, "preference": {"reference": "adapters_off"}}, "has no adapters"),
+                        ({"preference": {"loss": "orpo", "reference": "copy"}}, "uses no reference model"),
+                        ({"data": {"packing": True}}, "each row already packs")):
+        cfg = tiny_config(tmp_path, demo("dpo_en_demo.json"), task="preference", **bad)
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert needle in str(err.value)
+    rows = json.loads(demo("dpo_en_demo.json").read_text())[:8]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    rows[2]["chosen"] = {"from": "gpt", "value": " "}
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    out = run(tmp_path, "rejects", task="preference", train={"max_steps": 1},
+              data={"train": [{"path": str(path)}]})
+    rejected = [json.loads(x) for x in (out.run_dir / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["row"], r["reason"]) for r in rejected} == {(1, "identical_pair"), (2, "empty_response")}
+    assert out.summary["data"]["train_pairs"] == 6 and out.summary["data"]["rejected"] == 2
+
+
+# --------------------------------------------------------------------------- training invariants
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, loss):
+    data = {"train": [{"path": str(demo("kto_en_demo.json" if loss == "kto" else "dpo_en_demo.json")), "limit": 16}]}
+    outs = []
+    for name, b, a in (("b8", 8, 1), ("b2x4", 2, 4)):
+        outs.append(run(tmp_path, f"{loss}_{name}", task="preference", data=data,
+                        preference={"loss": loss, "beta": 0.5},
+                        train={"batch_size": b, "grad_accum": a, "max_steps": 2, "lr": 2e-2, "eval_every": 0}))
+    (one, two) = outs
+    losses = [[r["loss"] for r in metrics(o.run_dir)] for o in outs]
+    assert len(losses[0]) == 2 and abs(losses[0][1] - losses[0][0]) > 1e-4  # the step changed the model
+    assert max(abs(x - y) for x, y in zip(*losses, strict=True)) < 1e-5
+    if loss == "kto":  # the second step's KL estimate is over the whole step, whatever the micro-batches
+        kl = [metrics(o.run_dir)[1]["train_kl_estimate"] for o in outs]
+        assert abs(kl[0] - kl[1]) < 1e-6
+    for p, q in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)  # as test_train: Adam amplifies fp32 rounding
+
+
+def test_adapters_off_reference_equals_a_frozen_copy_exactly(tokenizer):
+    from tunelab.models.load import load_model
+
+    model = lora_model()
+    base = load_model("tiny-random-llama", dtype=torch.float32).requires_grad_(False).eval()
+    batch = collate(pair_rows(samples(tokenizer)), pad_id=0, packed=True)
+    module = PreferenceLoss(model, "dpo", reference=Reference("adapters_off"))
+    logp, off, *_ = module.sequences(batch["input_ids"], batch["labels"], None, batch["position_ids"], batch["tags"])
+    module.reference = Reference("copy", model=base)
+    _, frozen, *_ = module.sequences(batch["input_ids"], batch["labels"], None, batch["position_ids"], batch["tags"])
+    assert torch.equal(off, frozen)
+    assert not torch.allclose(logp, off)  # the adapters do change the policy
+
+
+def test_cached_reference_is_reused_by_a_second_run_and_invalidated_by_data_or_model(tmp_path, monkeypatch,
+                                                                                     tokenizer):
+    import tunelab.tasks.preference as task_module
+
+    monkeypatch.setattr(task_module, "cache_root", lambda: tmp_path / "cache")
+    forwards = []
+    real = Reference.sequence_logps
+
+    def counting(self, *args, **kwargs):
+        if self.kind != "cached":
+            forwards.append(self.kind)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reference, "sequence_logps", counting)
+    settings = dict(task="preference", method={"name": "full"}, train={"max_steps": 1, "lr": 1e-3, "eval_every": 0},
+                    preference={"reference": "cached"})
+    first = run(tmp_path, "first", **settings)
+    info1 = json.loads((first.run_dir / "reference.json").read_text())
+    assert info1["kind"] == "cached" and info1["sequences"] == 32 and forwards
+    forwards.clear()
+    second = run(tmp_path, "second", **settings)
+    info2 = json.loads((second.run_dir / "reference.json").read_text())
+    assert info2["from_cache"] and info2["key"] == info1["key"] and "computed" not in info2
+    assert forwards == []  # no reference forward at all: neither to fill the cache nor during training
+    assert metrics(first.run_dir)[0]["loss"] == metrics(second.run_dir)[0]["loss"]
+    other = run(tmp_path, "other_data", **{**settings, "data": {"train": [{"path": str(demo("dpo_en_demo.json")),
+                                                                            "limit": 12}]}})
+    info3 = json.loads((other.run_dir / "reference.json").read_text())
+    assert not info3["from_cache"] and info3["key"] != info1["key"]
+    model = lora_model()
+    rows = pair_rows(samples(tokenizer))
+    a = cached_reference(model, rows, pad_id=0, batch_size=4, folder=tmp_path / "c2", settings={})
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" not in n and p.ndim == 2).add_(1e-3)
+    b = cached_reference(model, rows, pad_id=0, batch_size=4, folder=tmp_path / "c2", settings={})
+    assert a.info["key"] != b.info["key"] and not b.info["from_cache"]
+
+
+def test_orpo_and_simpo_train_and_log_pair_metrics(tmp_path):
+    for loss in ("orpo", "simpo"):
+        out = run(tmp_path, loss, task="preference", preference={"loss": loss},
+                  data={"eval_ratio": 0.25}, train={"max_steps": 2, "eval_every": 1})
+        assert not (out.run_dir / "reference.json").exists()
+        ev = metrics(out.run_dir, "eval")[-1]
+        assert {"eval_loss", "pair_accuracy", "margin", "reward_chosen", "reward_rejected", "logp_chosen",
+                "logp_rejected"} <= set(ev)
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def test_reward_model_trains_and_tunelab_eval_reports_pair_accuracy(tmp_path):
+    from tunelab.eval.evaluate import EvalRequest, evaluate
+
+    out = run(tmp_path, "rm", task="reward", data={"eval_ratio": 0.25},
+              train={"max_steps": 3, "eval_every": 3, "lr": 5e-3})
+    ev = metrics(out.run_dir, "eval")[-1]
+    assert {"eval_loss", "pair_accuracy", "margin", "score_chosen", "score_rejected"} <= set(ev)
+    assert json.loads((out.run_dir / "final" / "tunelab.json").read_text())["task"] == "reward"
+    results = evaluate(out.run_dir, EvalRequest(data=[str(demo("dpo_en_demo.json"))], limit=8))
+    m = results[0]["systems"]["tuned"]["metrics"]
+    assert m["scored_by"] == "reward model" and 0.0 <= m["pair_accuracy"] <= 1.0 and m["n"] == 8

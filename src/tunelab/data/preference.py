@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.data.batching import IGNORE, Row
+from tunelab.data.cache import encode_records_cached
 from tunelab.data.records import Message, Record, Reject
 from tunelab.errors import UserError
 
@@ -101,8 +102,6 @@ def fit(prompt: tuple[int, ...], replies: list[tuple[int, ...]], max_length: int
 def encode_pairs(records: Sequence[Record], tokenizer: Any, *, max_length: int, truncation: str,
                  max_prompt_length: int | None, use_cache: bool = True) -> tuple[list[PairSample], list[Reject]]:
     """Tokenise pair and KTO records (see the module doc); returns ``(samples, rejects)``."""
-    from tunelab.data.cache import encode_records_cached  # below data.tokenize's heavy imports, kept lazy
-
     max_prompt = max_prompt_length or max_length // 2
     rejected = [dataclasses.replace(r, messages=(*r.messages[:-1], Message("assistant", r.meta["rejected"])))
                 for r in records if "rejected" in r.meta]

@@ -29,11 +29,15 @@ from typing import Any
 
 import torch
 
+from tunelab.data.batching import collate
+from tunelab.data.preference import CHOSEN, REJECTED, encode_pairs, pair_rows
 from tunelab.data.records import Record
 from tunelab.errors import UserError
 from tunelab.eval.generate import GenerationSettings, encode_prompt, generate, loglik_continuations
 from tunelab.eval.metrics import classification_metrics, generation_metrics, lm_metrics, parse_label
 from tunelab.eval.progress import progress_bar
+from tunelab.models.classifier import is_classifier
+from tunelab.objectives.preference import PreferenceLoss
 
 TASKS = ("auto", "lm", "generation", "classification", "preference")
 
@@ -253,11 +257,6 @@ def eval_pairs(model, tokenizer, records: Sequence[Record], *, batch_size: int =
                console=None) -> dict[str, Any]:
     """Preference pairs: is the chosen reply preferred? A reward model (a one-score classifier) by its
     scores; a causal LM by the log-probability of each reply given the prompt, summed and per token."""
-    from tunelab.data.batching import collate
-    from tunelab.data.preference import encode_pairs, pair_rows
-    from tunelab.models.classifier import is_classifier
-    from tunelab.objectives.preference import CHOSEN, REJECTED, PreferenceLoss
-
     pairs, rejects = encode_pairs(records, tokenizer, max_length=max_length, truncation="truncate",
                                   max_prompt_length=None, use_cache=False)
     if not pairs:

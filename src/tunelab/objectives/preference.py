@@ -38,6 +38,8 @@ from torch import nn
 
 from tunelab.data.batching import collate
 from tunelab.data.preference import CHOSEN, DESIRABLE, MISMATCHED, REJECTED, TAGS, UNDESIRABLE
+from tunelab.fsutil import atomic_write_bytes
+from tunelab.models.classifier import unwrap
 from tunelab.objectives.causal_lm import CausalLMLoss, causal_lm_parts, chunk_rows
 from tunelab.objectives.distill import adapters_disabled, has_adapters
 from tunelab.objectives.output import LossSum
@@ -171,8 +173,6 @@ def cached_reference(model: nn.Module, rows: list, *, pad_id: int, batch_size: i
     """The ``cached`` reference: read the file for these rows, weights and settings, or compute it with
     ``model`` as it is now (adapters disabled) and write it atomically."""
     from safetensors.torch import load, save
-
-    from tunelab.fsutil import atomic_write_bytes  # keeps this module's top light for config checks
 
     row_digest = hashlib.blake2b(digest_size=16)
     for r in rows:
@@ -385,8 +385,6 @@ class RewardLoss(nn.Module):
         self._stats = {True: {}, False: {}}
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, tags=None, **_) -> LossSum:
-        from tunelab.models.classifier import unwrap  # the model stack: loaded with the reward task
-
         seqs = []
         for b in range(input_ids.shape[0] if tags is not None else 0):
             for t in (CHOSEN, REJECTED):

@@ -21,7 +21,13 @@ from tunelab.fsutil import atomic_write_text
 from tunelab.models.classifier import build_classifier, unwrap, write_spec
 from tunelab.models.registry import cache_root
 from tunelab.objectives.distill import has_adapters
-from tunelab.objectives.preference import REFERENCE_FREE, PreferenceLoss, Reference, RewardLoss, cached_reference
+from tunelab.objectives.preference import (
+    REFERENCE_FREE,
+    PreferenceLoss,
+    Reference,
+    RewardLoss,
+    cached_reference,
+)
 from tunelab.tasks.common import refuse_empty, reject_counts, report
 from tunelab.tasks.lm import CausalLMTask, lm_with_method, no_multitask_sections
 from tunelab.tasks.protocol import PreparedData
