@@ -82,7 +82,7 @@ class DatasetSpec(_Strict):
     """One data file."""
 
     path: str = Field(..., description="A .json, .jsonl, .csv, .parquet or .txt file.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "classification"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "classification", "preference", "kto"] = Field(
         "auto", description="Row format; 'auto' detects it from the keys of the first row."
     )
     columns: dict[str, str] = Field(
@@ -370,6 +370,32 @@ class StageSpec(_Strict):
     eval: dict[str, Any] | None = Field(None, description="Overrides of the eval section.")
 
 
+class PreferenceSection(_Strict):
+    """Options of ``task: preference`` and ``task: reward`` (docs/preference.md has the formulas)."""
+
+    loss: Literal["dpo", "ipo", "hinge", "orpo", "simpo", "kto"] = Field(
+        "dpo", description="dpo: -log sigmoid(beta * margin of log-ratios); ipo: (length-normalised margin - "
+        "1/(2 beta))^2; hinge: relu(1 - beta * margin); orpo: SFT on the chosen reply + beta * odds-ratio term, "
+        "no reference; simpo: -log sigmoid(beta * length-normalised margin - gamma), no reference; kto: unpaired "
+        "samples (data with a boolean label, or pairs split into desirable / undesirable).")
+    beta: float = Field(0.1, gt=0, description="beta: the KL strength of dpo/ipo/hinge/kto, the scale of simpo, the "
+                        "odds-ratio weight (lambda) of orpo.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo and simpo: the share of pairs assumed "
+                                   "flipped (conservative DPO).")
+    gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable samples' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable samples' loss.")
+    sft_weight: float = Field(0.0, ge=0.0, description="Adds sft_weight x the chosen reply's mean NLL per token to "
+                              "each pair's loss (RPO). Pair losses only.")
+    reference: Literal["auto", "adapters_off", "copy", "cached"] = Field(
+        "auto", description="The reference model of dpo/ipo/hinge/kto: adapters_off (the same model with its "
+        "adapters switched off: no second copy), copy (a frozen copy in memory), cached (its log-probabilities "
+        "computed once before training and cached on disk by content). auto: adapters_off for adapter methods, "
+        "cached for full / freeze.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Truncation keeps at most this many prompt tokens "
+                                          "(its tail) when prompt + reply exceed data.max_length (default: half of it).")
+
+
 def _default_method():
 
     return METHODS["lora"].Config()
@@ -378,13 +404,16 @@ def _default_method():
 class TuneConfig(_Strict):
     """A fine-tuning run."""
 
-    task: Literal["sft", "pretrain", "classification", "generative_classification", "multitask"] = Field(
+    task: Literal["sft", "pretrain", "classification", "generative_classification", "multitask", "preference",
+                  "reward"] = Field(
         "sft",
         description="sft: chat/instruction tuning (loss on assistant tokens). pretrain: continued pre-training on "
         "raw text (documents joined with eos, cut into max_length rows, every token a target). classification: "
         "a class head on the model (labels from the data). generative_classification: the label is the "
         "assistant's answer; evaluation parses it and reports accuracy and macro-F1. multitask: the tasks of "
-        "`tasks` on one shared model (each data.train entry names its task).",
+        "`tasks` on one shared model (each data.train entry names its task). preference: DPO, IPO, hinge, ORPO, "
+        "SimPO or KTO on chosen / rejected replies (see `preference`). reward: a scalar head trained on pairs "
+        "(Bradley-Terry); evaluation reports pair accuracy.",
     )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -394,6 +423,8 @@ class TuneConfig(_Strict):
     classification: ClassificationSection = Field(
         default_factory=ClassificationSection, description="Options of the classification tasks."
     )
+    preference: PreferenceSection = Field(
+        default_factory=PreferenceSection, description="Options of task: preference and task: reward.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Evaluation after training, report, MLflow.")
     objectives: ObjectivesSection = Field(
         default_factory=ObjectivesSection, description="Keep what the model knew: L2-SP, EWC, distillation, replay."

@@ -39,13 +39,21 @@ class Row:
     segments: tuple[int, ...]
     weights: tuple[float, ...] | None = None  # per segment; None = all 1 (the fast path)
     groups: tuple[int, ...] | None = None  # dataset index per segment (per-dataset losses)
+    # what each segment is to a loss that is not per token (tunelab.data.preference: chosen, rejected,
+    # a KTO sample, a KTO mismatched sample); ``tags`` in the batch, per token, -1 on padding
+    tags: tuple[int, ...] | None = None
+    # the row's count in the step's divisor when the loss is not a mean over tokens (a preference pair,
+    # a KTO sample: 1); None = its target tokens
+    units: int | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def target_weight(self) -> float:
-        """Sum of the weights of the target tokens (the weighted loss's denominator)."""
+        """Sum of the weights of the target tokens (the weighted loss's denominator); ``units`` when set."""
+        if self.units is not None:
+            return float(self.units)
         if self.weights is None:
             return float(self.n_targets)
         total, start = 0.0, 0
@@ -154,6 +162,9 @@ def collate(rows: list[Row], *, pad_id: int, packed: bool, pad_to: int | None = 
     if any(r.groups is not None for r in rows):  # dataset index per token (per-dataset losses)
         batch["groups"] = torch.tensor([r.token_values(r.groups or (0,) * len(r.segments), width, 0)
                                         for r in rows], dtype=torch.long)
+    if any(r.tags is not None for r in rows):  # what each segment is to a preference loss, per token
+        batch["tags"] = torch.tensor([r.token_values(r.tags or (-1,) * len(r.segments), width, -1)
+                                      for r in rows], dtype=torch.long)
     if packed:
         pos = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(rows):

@@ -12,7 +12,12 @@ is ``list(items())`` with the whole-file checks. Files are parsed with the stand
 * ``sharegpt``: ``conversations`` (a list of ``{from, value}``), optional ``system``, ``tools``;
 * ``messages``: OpenAI style ``messages`` (a list of ``{role, content}``), optional ``tools``;
 * ``text``: a ``text`` field (or a ``.txt`` file, one document per non-empty line);
-* ``classification``: ``text`` plus ``label`` and/or ``label_text``.
+* ``classification``: ``text`` plus ``label`` and/or ``label_text``;
+* ``preference``: a prompt (``conversations``, ``messages``, ``instruction`` + ``input``, or
+  ``prompt``) plus a ``chosen`` and a ``rejected`` reply (a string, a turn, or a list of one turn);
+  the record's messages end with the chosen reply, ``meta["rejected"]`` holds the other;
+* ``kto``: a whole chat (``messages`` or ``conversations``) plus a boolean ``label`` (desirable or
+  not), in ``meta["desirable"]``.
 
 Two kinds of problems, two ways of reporting them:
 
@@ -40,7 +45,9 @@ from tunelab.data.records import ROLES, Message, Record, Reject
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
 
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "text", "classification")
+FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "text", "classification", "preference", "kto")
+#: The formats whose records are preference data (pairs, or KTO's unpaired judgements).
+PREFERENCE_FORMATS: tuple[str, ...] = ("preference", "kto")
 EXTENSIONS: tuple[str, ...] = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 #: Canonical field names a ``columns:`` mapping may rename. The first group are row keys,
@@ -57,6 +64,9 @@ ROW_FIELDS: tuple[str, ...] = (
     "text",
     "label",
     "label_text",
+    "prompt",
+    "chosen",
+    "rejected",
 )
 TURN_FIELDS: tuple[str, ...] = ("from", "value", "role", "content")
 
@@ -73,13 +83,15 @@ SHAREGPT_ROLES: dict[str, str] = {
     "tool": "tool",
 }
 
-#: Format detection: the first format whose rule holds for the keys of the file's first object row.
-DETECT: tuple[tuple[str, Callable[[set[str]], bool]], ...] = (
-    ("sharegpt", lambda keys: "conversations" in keys),
-    ("messages", lambda keys: "messages" in keys),
-    ("alpaca", lambda keys: "instruction" in keys),
-    ("classification", lambda keys: "text" in keys and bool(keys & {"label", "label_text"})),
-    ("text", lambda keys: "text" in keys),
+#: Format detection: the first format whose rule holds for the file's first object row (canonical keys).
+DETECT: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = (
+    ("preference", lambda row: {"chosen", "rejected"} <= row.keys()),
+    ("kto", lambda row: bool(row.keys() & {"messages", "conversations"}) and isinstance(row.get("label"), bool)),
+    ("sharegpt", lambda row: "conversations" in row),
+    ("messages", lambda row: "messages" in row),
+    ("alpaca", lambda row: "instruction" in row),
+    ("classification", lambda row: "text" in row and bool(row.keys() & {"label", "label_text"})),
+    ("text", lambda row: "text" in row),
 )
 
 _RAW_LIMIT = 500
@@ -518,9 +530,9 @@ def _detect_format(p: Path, rows: list[tuple[int, Any]], cols: dict[str, str]) -
         raise UserError(
             f"{p}: no row is a JSON object (got {_show(rows[0][1] if rows else None)}). {_FORMAT_HINT}."
         )
-    keys = set(_rename(first, cols))
+    row = _rename(first, cols)
     for fmt, has in DETECT:
-        if has(keys):
+        if has(row):
             return fmt
     _check_mapping(p, first, cols)
     raise UserError(
@@ -759,7 +771,8 @@ def _turn_list(row: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _sharegpt(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+def _sharegpt_turns(row: dict[str, Any], cols: dict[str, str]) -> list[Message]:
+    """The optional ``system`` and the ``conversations`` turns of a row, unchecked."""
     who, what = cols.get("from", "from"), cols.get("value", "value")
     messages: list[Message] = []
     system = _optional_str(row, "system")
@@ -794,15 +807,21 @@ def _sharegpt(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
                 f"Use one of {', '.join(SHAREGPT_ROLES)}",
             )
         messages.append(Message(role, _turn_text(turn, what, f"{where}.{what}")))  # type: ignore[arg-type]
+    return messages
+
+
+def _sharegpt(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    messages = _sharegpt_turns(row, cols)
     _check_turns(messages, "conversations")
     return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path))
 
 
-def _messages(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+def _message_turns(row: dict[str, Any], cols: dict[str, str], key: str = "messages") -> list[Message]:
+    """The OpenAI-style turns under ``key``, unchecked."""
     role_key, content_key = cols.get("role", "role"), cols.get("content", "content")
     messages: list[Message] = []
-    for index, turn in enumerate(_turn_list(row, "messages")):
-        where = f"messages[{index}]"
+    for index, turn in enumerate(_turn_list(row, key)):
+        where = f"{key}[{index}]"
         if not isinstance(turn, dict):
             raise _RowError(
                 "wrong_type",
@@ -829,6 +848,11 @@ def _messages(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
         else:
             content = _turn_text(turn, content_key, f"{where}.{content_key}")
         messages.append(Message(role, content))
+    return messages
+
+
+def _messages(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    messages = _message_turns(row, cols)
     _check_turns(messages, "messages")
     return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path))
 
@@ -902,6 +926,86 @@ def _classification(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Rec
     return Record(id=ctx.id, messages=(Message("user", text),), label=str(label), source=str(ctx.path))
 
 
+def _prompt_turns(row: dict[str, Any], cols: dict[str, str]) -> tuple[list[Message], str]:
+    """The prompt of a preference row and the field it came from: ``conversations`` (ShareGPT),
+    ``messages`` (OpenAI), ``instruction`` + ``input`` (alpaca) or ``prompt`` (text or turns)."""
+    if _get(row, "conversations") is not _MISSING:
+        return _sharegpt_turns(row, cols), "conversations"
+    if _get(row, "messages") is not _MISSING:
+        system = _optional_str(row, "system")
+        return [Message("system", system)] * bool(system) + _message_turns(row, cols), "messages"
+    system = _optional_str(row, "system")
+    head = [Message("system", system)] if system else []
+    if _get(row, "instruction") is not _MISSING:
+        text = "\n".join(p for p in (_required_str(row, "instruction"), _optional_str(row, "input")) if p)
+        return head + _history(row) + ([Message("user", text)] if text.strip() else []), "instruction"
+    prompt = json_value(_get(row, "prompt"))
+    if isinstance(prompt, list):
+        return head + _message_turns(row, cols, "prompt"), "prompt"
+    if isinstance(prompt, str):
+        return head + ([Message("user", prompt)] if prompt.strip() else []), "prompt"
+    raise _RowError("missing_prompt", "prompt", prompt, "the pair has no prompt (no conversations, messages, "
+                    "instruction or prompt field)", "Add the prompt, or map your column with columns: {prompt: <column>}")
+
+
+def _reply(row: dict[str, Any], key: str, cols: dict[str, str]) -> str:
+    """A reply of a preference row: text, a turn (``{from, value}`` / ``{role, content}``) or a list of one turn."""
+    value = json_value(_get(row, key))
+    if value is _MISSING:
+        raise _missing(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        role_key = next((k for k in (cols.get("from", "from"), cols.get("role", "role")) if k in value), None)
+        role = value.get(role_key) if role_key else "assistant"
+        if SHAREGPT_ROLES.get(role) != "assistant":
+            raise _RowError("wrong_role", f"{key}.{role_key}", role, f"the {key} reply is not an assistant turn",
+                            "Give the reply as the assistant's turn (or as plain text)")
+        text_key = next((k for k in (cols.get("value", "value"), cols.get("content", "content")) if k in value),
+                        cols.get("value", "value"))
+        value = _turn_text(value, text_key, f"{key}.{text_key}")
+    if not isinstance(value, str):
+        raise _RowError("wrong_type", key, value, f"{key!r} must be text, an assistant turn or a list of one turn",
+                        f"Write {key!r} as the reply's text")
+    if not value.strip():
+        raise _RowError("empty_response", key, value, f"the {key} reply is empty", "Fill in the reply or drop the pair")
+    return value
+
+
+def _preference(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    prompt, key = _prompt_turns(row, cols)
+    if not any(m.role == "user" and m.content.strip() for m in prompt):
+        raise _RowError("missing_prompt", key, _get(row, key), "the prompt has no user turn with text",
+                        "Fill in the prompt or drop the pair")
+    if prompt[-1].role == "assistant":
+        raise _RowError("bad_turn_order", key, [m.role for m in prompt], "the prompt ends with an assistant turn",
+                        "End the prompt with the user's turn; the replies are in chosen and rejected")
+    chosen, rejected = _reply(row, "chosen", cols), _reply(row, "rejected", cols)
+    if chosen.strip() == rejected.strip():
+        raise _RowError("identical_pair", "rejected", rejected, "chosen and rejected are the same reply",
+                        "Drop the pair: it carries no preference")
+    messages = [*prompt, Message("assistant", chosen)]
+    _check_turns(messages, key)
+    return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path),
+                  meta={"rejected": rejected})
+
+
+def _kto(row: dict[str, Any], ctx: _Ctx, cols: dict[str, str]) -> Record:
+    if _get(row, "conversations") is not _MISSING:
+        messages, key = _sharegpt_turns(row, cols), "conversations"
+    else:
+        messages, key = _message_turns(row, cols), "messages"
+    _check_turns(messages, key)
+    label = _get(row, "label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        label = label.strip().lower() == "true"
+    if label is _MISSING or not isinstance(label, (bool, int)) or label not in (0, 1):
+        raise _RowError("bad_label", "label", label, "'label' must be true (desirable) or false (undesirable)",
+                        "Write label as a boolean")
+    return Record(id=ctx.id, messages=tuple(messages), tools=_tools(row), source=str(ctx.path),
+                  meta={"desirable": bool(label)})
+
+
 #: Format name -> the parser of one row (a JSON object with canonical keys) into a :class:`Record`.
 PARSERS = {
     "alpaca": _alpaca,
@@ -909,6 +1013,8 @@ PARSERS = {
     "messages": _messages,
     "text": _text,
     "classification": _classification,
+    "preference": _preference,
+    "kto": _kto,
 }
 
 __all__ = [
@@ -918,6 +1024,7 @@ __all__ = [
     "BadLine",
     "DETECT",
     "Item",
+    "PREFERENCE_FORMATS",
     "ReadResult",
     "Source",
     "check_file",

@@ -43,10 +43,11 @@ class EvalSection(_Strict):
     """Evaluation at the end of training, reports and MLflow logging."""
 
     data: list[str] = Field(default_factory=list, description="Files to score the tuned model on after training (any data format).")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "classification"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "classification", "preference"] = Field(
         "auto", description="Row format of eval.data files.")
-    task: Literal["auto", "lm", "generation", "classification"] = Field(
-        "auto", description="auto: classification for labelled rows, lm for plain text, else generation.")
+    task: Literal["auto", "lm", "generation", "classification", "preference"] = Field(
+        "auto", description="auto: preference for chosen / rejected pairs (pair accuracy), classification for "
+        "labelled rows, lm for plain text, else generation.")
     metrics: list[str] | None = Field(None, description="Generation metrics to compute (default all): exact_match, f1, bleu, rouge1, rouge2, rougeL, chrf.")
     labels: list[str] | None = Field(None, description="Classification label set (default: the labels found in the data).")
     limit: int | None = Field(None, ge=1, description="Score at most this many rows of each eval.data file (first rows).")

@@ -250,6 +250,11 @@ def _score_classification(t: Target, records, req: EvalRequest, labels, shots, c
                                           modes=req.modes, console=console)
 
 
+def _score_pairs(t: Target, records, req: EvalRequest, labels, shots, console) -> dict:
+    return eval_kinds.eval_pairs(t.model, t.tokenizer, records, batch_size=req.generation.batch_size,
+                                 max_length=req.max_length, console=console)
+
+
 def _classification_headline(metrics: dict[str, Any]) -> dict[str, float]:
     m = metrics.get(metrics.get("primary", "generated"), {})
     out = {"accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1")}
@@ -263,6 +268,8 @@ EVAL_KINDS = {k.name: k for k in (
     EvalKind("generation", _score_generation,
              lambda m: {k: m[k] for k in ("exact_match", "f1", "bleu", "rougeL", "chrf") if k in m}),
     EvalKind("classification", _score_classification, _classification_headline, labelled=True, head_scores=True),
+    EvalKind("preference", _score_pairs, lambda m: {k: m[k] for k in ("pair_accuracy", "pair_accuracy_normalised",
+                                                                      "margin") if k in m}, prompted=False),
     EvalKind("benchmark", None, lambda m: {k: m[k] for k in ("accuracy", "ci_low", "ci_high")}),
 )}
 DATA_KINDS = tuple(k for k, v in EVAL_KINDS.items() if v.score is not None)  # what a data file can be scored as

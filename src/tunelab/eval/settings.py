@@ -47,7 +47,7 @@ class _EvalCommon(_Options):
     data: list[str] = field_of(EvalSection, "data", description="A data file to score (any format tunelab reads).",
                                json_schema_extra=_list("FILE"))
     format: str = Field("auto", description="Row format of --data files (default: detected).")
-    task: Literal["auto", "lm", "generation", "classification"] = field_of(EvalSection, "task")
+    task: Literal["auto", "lm", "generation", "classification", "preference"] = field_of(EvalSection, "task")
     metrics: list[str] | None = field_of(EvalSection, "metrics")
     labels: list[str] | None = field_of(EvalSection, "labels")
     mode: Literal["both", "constrained", "generated"] = Field(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tunelab.data.batching import IGNORE, PAD_MULTIPLE, Row, collate
+from tunelab.data.preference import CHOSEN, REJECTED, encode_pairs, pair_rows
 from tunelab.data.records import Record
 from tunelab.data.tasks import class_input_ids, record_text
 from tunelab.data.tokenize import encode_records
@@ -37,8 +38,10 @@ from tunelab.errors import UserError
 from tunelab.eval.generate import GenerationSettings, encode_prompt, generate, loglik_continuations
 from tunelab.eval.metrics import classification_metrics, generation_metrics, lm_metrics, parse_label
 from tunelab.eval.progress import progress_bar
+from tunelab.models.classifier import is_classifier
+from tunelab.objectives.preference import PreferenceLoss
 
-TASKS = ("auto", "lm", "generation", "classification")
+TASKS = ("auto", "lm", "generation", "classification", "preference")
 
 
 # --------------------------------------------------------------------------- records -> prompts
@@ -86,6 +89,8 @@ def detect_task(records: Sequence[Record], labels: Sequence[str] | None = None) 
     look like a small label set; ``lm`` for plain text; else ``generation``."""
     if not records:
         raise UserError("eval: no records to evaluate (got 0). Check --data and --limit")
+    if all("rejected" in r.meta for r in records):
+        return "preference"
     if labels or all(r.label is not None for r in records):
         return "classification"
     if all(r.is_text for r in records):
@@ -256,4 +261,55 @@ def classify_with_head(model, tokenizer, records: Sequence[Record], id2label: di
     metrics = {"labels": labels, "head": classification_metrics(gold, pred, labels), "primary": "head"}
     examples = [{"id": r.id, "prompt": t, "reference": g, "head": p, "score": float(p == g)}
                 for r, t, g, p in zip(records, texts, gold, pred, strict=True)]
+    return {"metrics": metrics, "examples": examples}
+
+
+def eval_pairs(model, tokenizer, records: Sequence[Record], *, batch_size: int = 8, max_length: int = 1024,
+               console=None) -> dict[str, Any]:
+    """Preference pairs: is the chosen reply preferred? A reward model (a one-score classifier) by its
+    scores; a causal LM by the log-probability of each reply given the prompt, summed and per token."""
+    pairs, rejects = encode_pairs(records, tokenizer, max_length=max_length, truncation="truncate",
+                                  max_prompt_length=None, use_cache=False)
+    if not pairs:
+        raise UserError(f"eval: no pair could be tokenised ({len(rejects)} rejected: {rejects[0].detail if rejects else ''})")
+    inner = getattr(model, "model", None)
+    reward = inner is not None and is_classifier(inner)
+    device = next(model.parameters()).device
+    chosen: list[float] = []
+    rejected: list[float] = []
+    norm: list[tuple[float, float]] = []
+    scorer = None if reward else PreferenceLoss(model, "simpo").eval()
+    with torch.no_grad(), progress_bar("pairs", len(pairs), console) as advance:
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start : start + batch_size]
+            if reward:
+                seqs = [s.prompt + r for s in part for r in (s.chosen, s.rejected)]
+                width = max(len(x) for x in seqs)
+                ids = torch.zeros((len(seqs), width), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, x in enumerate(seqs):
+                    ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+                scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()[:, 0].tolist()
+                chosen += scores[0::2]
+                rejected += scores[1::2]
+            else:
+                b = {k: v.to(device) for k, v in collate(pair_rows(part), pad_id=tokenizer.pad_token_id or 0,
+                                                          packed=True).items()}
+                logp, _, tag, length, _ = scorer.sequences(b["input_ids"], b["labels"], None, b["position_ids"],
+                                                           b["tags"], grad=False)
+                c, r = tag == CHOSEN, tag == REJECTED
+                chosen += logp[c].tolist()
+                rejected += logp[r].tolist()
+                norm += list(zip((logp[c] / length[c]).tolist(), (logp[r] / length[r]).tolist(), strict=True))
+            advance(len(part))
+    n = len(chosen)
+    metrics: dict[str, Any] = {"n": n, "rejected_rows": len(rejects),
+                               "pair_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
+                               "margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / n,
+                               "scored_by": "reward model" if reward else "log-probability of the reply"}
+    if norm:
+        metrics["pair_accuracy_normalised"] = sum(c > r for c, r in norm) / n
+        metrics["margin_normalised"] = sum(c - r for c, r in norm) / n
+    examples = [{"id": s.id, "chosen": c, "rejected": r, "score": float(c > r)}
+                for s, c, r in zip(pairs, chosen, rejected, strict=True)]
     return {"metrics": metrics, "examples": examples}

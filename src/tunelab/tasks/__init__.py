@@ -13,12 +13,13 @@ from tunelab.errors import UserError, first_line
 from tunelab.tasks.classification import Classification
 from tunelab.tasks.generative_classification import GenerativeClassification
 from tunelab.tasks.multitask import MultiTask
+from tunelab.tasks.preference import Preference, Reward
 from tunelab.tasks.pretrain import Pretrain
 from tunelab.tasks.protocol import PreparedData, Task
 from tunelab.tasks.sft import SFT
 
 TASKS: dict[str, Task] = {t.name: t for t in (SFT(), Pretrain(), Classification(), GenerativeClassification(),
-                                              MultiTask())}
+                                              MultiTask(), Preference(), Reward())}
 
 __all__ = ["TASKS", "PreparedData", "Task", "build_rows", "get", "prepare_data", "problems"]
 

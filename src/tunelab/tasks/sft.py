@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from tunelab.data.batching import rows_packed, rows_unpacked
 from tunelab.data.cache import encode_records_cached
+from tunelab.data.preference import pair_kind
 from tunelab.data.workbench import prepare_records
+from tunelab.errors import UserError
 from tunelab.tasks.common import refuse_empty, reject_counts, report
 from tunelab.tasks.lm import CausalLMTask
 from tunelab.tasks.protocol import PreparedData
@@ -16,6 +18,7 @@ class SFT(CausalLMTask):
     def rows(self, cfg, tokenizer, run, console, is_main: bool) -> PreparedData:
         d = cfg.data
         prep = prepare_records(cfg, run, console, is_main)  # read + data.prepare steps (clean, split, mix, weights)
+        refuse_preference_data(prep, cfg.task)
         rejects = prep.rejects
         encode = dict(train_on=d.train_on, max_length=d.max_length, truncation=d.truncation, use_cache=d.cache)
         train_enc, tok_rejects, hit = encode_records_cached(prep.train, tokenizer, **encode)
@@ -43,3 +46,14 @@ class SFT(CausalLMTask):
                + (" (tokenised data from the cache)" if hit else ""))
         strata = prep.strata(train_enc) if d.sampler != "random" else None
         return PreparedData(train_rows, eval_rows, summary, prep.datasets, strata)
+
+
+def refuse_preference_data(prep, task: str) -> None:
+    """Preference pairs or KTO samples given to a task that trains on one reply: a one-line error."""
+    for which, records, files in (("data.train", prep.train, prep.files), ("data.eval", prep.eval, prep.eval_files)):
+        kind = pair_kind(records)
+        if kind is not None:
+            what = "preference pairs (chosen / rejected)" if kind == "pairs" else "KTO samples (messages + label)"
+            raise UserError(f"{which}: {', '.join(f['path'] for f in files)} holds {what}, but task is {task}. Set "
+                            f"task: preference (preference.loss: {'dpo' if kind == 'pairs' else 'kto'}) or task: reward, "
+                            "or give chats with one reply")

@@ -68,11 +68,12 @@ def micro_batch_threads(t, *, threads: int, device: torch.device, processes: int
     trained = sum(p.numel() for p in params if p.requires_grad) / max(1, sum(p.numel() for p in params))
     return concurrent_micro_batches(t, threads=threads, device=device.type, processes=processes, trained=trained,
                                     dropout=_has_dropout(model), distill=getattr(loss_module, "distill", None) is not None,
-                                    kernels=bool(kernels))
+                                    kernels=bool(kernels),
+                                    adapters_off=getattr(getattr(loss_module, "reference", None), "kind", "") == "adapters_off")
 
 
 def concurrent_micro_batches(t, *, threads: int, device: str, processes: int, trained: float, dropout: bool,
-                             distill: bool, kernels: bool) -> int:
+                             distill: bool, kernels: bool, adapters_off: bool = False) -> int:
     """The rule behind ``train.micro_batch_threads`` (also used by the advisor's memory estimate).
 
     Threads help on CPU, where one process's Python work and small operators leave cores idle
@@ -85,6 +86,8 @@ def concurrent_micro_batches(t, *, threads: int, device: str, processes: int, tr
         ("gradient checkpointing", t.gradient_checkpointing),
         ("train.compile", t.compile),
         ("distillation", distill),
+        # switching PEFT's adapters off and on (a preference reference) changes the model for every thread
+        ("a reference model that is the same model with its adapters switched off", adapters_off),
         ("dropout (the threads would draw the masks in a varying order)", dropout),
     ) if on]
     if t.micro_batch_threads is not None:

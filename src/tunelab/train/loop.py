@@ -116,6 +116,8 @@ class LoopSetup:
     step_metrics: Callable[[], dict[str, float]] | None = None
     # micro-batches run at once in worker threads (one CPU process; tunelab.train.build.micro_batch_threads)
     micro_batch_threads: int = 1
+    # called with this process's micro-batches of a step before their forwards (KTO's KL estimate over the step)
+    before_step: Callable[[list[dict[str, torch.Tensor]]], None] | None = None
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -168,6 +170,8 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
     acc, cfg = s.accelerator, s.cfg
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     penalty_value = None
+    if s.before_step is not None:
+        s.before_step([_micro_batch(s, step, micro) for micro in range(cfg.grad_accum)])
 
     def add_groups(groups: dict | None) -> None:
         for g, (g_sum, g_n) in (groups.items() if groups and by_dataset is not None else ()):
@@ -252,8 +256,10 @@ def _start_state(s: LoopSetup) -> dict[str, Any]:
 
 
 def _step_divisor(step_rows: list[Row]) -> float:
-    """What the step's summed loss is divided by: its labelled tokens (the same on every process), or
-    the sum of their weights with sample weights (sum(w*ce)/sum(w))."""
+    """What the step's summed loss is divided by: its labelled tokens (the same on every process), the
+    sum of their weights with sample weights (sum(w*ce)/sum(w)), or its units (preference pairs)."""
+    if any(r.units is not None for r in step_rows):
+        return max(1, sum(r.units or 0 for r in step_rows))
     if any(r.weights is not None for r in step_rows):
         return max(1e-12, sum(r.target_weight for r in step_rows))
     return max(1, sum(r.n_targets for r in step_rows))
@@ -412,10 +418,11 @@ def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:
         s.run.log_metrics({"kind": "eval", "step": step, "eval_loss": eval_loss, "best": improved, **extra})
         if s.tensorboard is not None:
             s.tensorboard.add_scalar("eval/loss", eval_loss, step)
-            for key in ("accuracy", "macro_f1"):
+            for key in ("accuracy", "macro_f1", "pair_accuracy", "margin"):
                 if key in extra:
                     s.tensorboard.add_scalar(f"eval/{key}", extra[key], step)
-        shown = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "macro_f1") if k in extra)
+        shown = "".join(f", {k} {extra[k]:.4f}" for k in ("accuracy", "macro_f1", "pair_accuracy", "margin")
+                        if k in extra)
         s.console.print(f"step {step}: eval loss {eval_loss:.4f}{shown}" + (" (best)" if improved else ""))
     s.accelerator.wait_for_everyone()
     if s.on_eval is not None:

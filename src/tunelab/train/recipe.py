@@ -93,6 +93,7 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernel
             return eval_extra(c.accelerator)
 
     return LoopSetup(
+        before_step=_step_statistics(c), step_metrics=_step_metrics(c),
         accelerator=c.accelerator, micro_batch_threads=workers, loss_model=loss_model, model=c.model,
         optimizer=optimizer, scheduler=c.scheduler, rows=c.data.train, eval_rows=c.data.eval, plan=c.plan,
         total_steps=c.total_steps,
@@ -103,8 +104,31 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernel
         tensorboard=tensorboard, datasets=c.data.datasets,
         eval_extra=eval_stock if eval_extra else None,
         before_update=c.unfreezing.drop_frozen_grads if c.unfreezing else None, on_eval=on_eval,
-        penalty=c.keep.penalty if c.keep else None, step_metrics=c.keep.metrics if c.keep else None,
+        penalty=c.keep.penalty if c.keep else None,
     )
+
+
+def _step_statistics(c: Components):
+    """A loss that needs statistics of the whole step before its forwards (KTO's KL estimate over all
+    micro-batches and processes): computed, summed over processes and handed back to it."""
+    loss = c.loss_module
+    if not getattr(loss, "needs_step_statistics", False):
+        return None
+
+    def before_step(batches):
+        with c.accelerator.autocast():
+            local = loss.step_statistics(batches).to(c.accelerator.device)
+        loss.use_step_statistics(c.accelerator.reduce(local, "sum").cpu())
+
+    return before_step
+
+
+def _step_metrics(c: Components):
+    """Each train record's extra values: the objectives' terms and the loss's own (preference rewards)."""
+    parts = [f for f in (c.keep.metrics if c.keep else None, getattr(c.loss_module, "take_train_metrics", None)) if f]
+    if not parts:
+        return None
+    return lambda: {k: v for f in parts for k, v in f().items()}
 
 
 def peak_memory(accelerator) -> dict[str, list[float]]:
