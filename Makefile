@@ -46,10 +46,10 @@ demo: $(STAMP)
 	$(VENV)/bin/tunelab demo --workdir demo_run
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not real_model and not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal -m "not real_model and not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -14,6 +14,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each worker, and every
+# process it starts, gets its share of threads (tunelab.train.cpu_tuning.default_threads reads
+# OMP_NUM_THREADS), instead of every worker spinning on all cores at once.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 
 def shared(*parts: str) -> Path:
     """A file under ../shared/data, or skip the test when that folder is absent."""

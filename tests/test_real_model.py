@@ -16,8 +16,8 @@ def test_smollm2_lora_loss_drops_on_alpaca(tmp_path, alpaca_path):
     cfg = {
         "run": {"name": "smol", "output_dir": str(tmp_path / "runs")},
         "model": {"path": "smollm2-135m-instruct"},
-        # 4 records packed into one row of <= 1024 tokens: every step sees the same row
-        "data": {"train": [{"path": str(alpaca_path), "limit": 4}], "max_length": 1024, "packing": True},
+        # 2 records packed into one row of <= 512 tokens: every step sees the same row
+        "data": {"train": [{"path": str(alpaca_path), "limit": 2}], "max_length": 512, "packing": True},
         "method": {"name": "lora", "r": 8, "alpha": 16},
         "train": {"lr": 2e-3, "max_steps": 6, "batch_size": 1, "grad_accum": 1, "schedule": "constant", "seed": 0},
     }

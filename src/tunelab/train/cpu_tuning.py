@@ -41,7 +41,11 @@ _malloc_set = False
 
 
 def default_threads() -> int:
-    """The physical cores shared among this machine's processes."""
+    """``OMP_NUM_THREADS`` when it is set (a cap from the user, a launcher or a parallel test runner), else
+    the physical cores shared among this machine's processes."""
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        return int(cap)
     try:
         import psutil
 
