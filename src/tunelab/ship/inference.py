@@ -21,6 +21,7 @@ import torch
 from tunelab import methods
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
+from tunelab.progress import progress_bar
 
 
 @dataclass
@@ -333,15 +334,18 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def generate_batch(loaded: Loaded, conversations: list[list[dict]], *, max_new_tokens: int = 32,
                    batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Replies for many chats at once (left padding, KV cache); greedy unless ``temperature > 0``."""
+    """Replies for many chats at once (left padding, KV cache); greedy unless ``temperature > 0``. More than
+    one batch shows a progress bar (on stderr)."""
     tok = loaded.tokenizer
     kwargs = sampling_kwargs(tok, temperature=temperature, top_p=top_p)
     replies: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
-        encoded = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-                   for c in chunk]
-        ids, mask = left_pad(encoded, kwargs["pad_token_id"])
-        out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
-        replies += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    with progress_bar("generate", len(conversations), enabled=len(conversations) > batch_size) as advance:
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            encoded = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"] for c in chunk]
+            ids, mask = left_pad(encoded, kwargs["pad_token_id"])
+            out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+            replies += [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+            advance(len(chunk))
     return replies
