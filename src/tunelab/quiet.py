@@ -21,8 +21,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft\..*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
-    # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub (it has its own)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub (it has its own);
+    # where the `kernels` package is installed, it says offline that it skips a hub trust check
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
