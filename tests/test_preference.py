@@ -372,6 +372,14 @@ def test_batch_8_equals_2x4_accumulation_equals_2_processes_x_4(tmp_path, loss):
     if loss == "kto":  # the second step's KL estimate is over the whole step, whatever the micro-batches
         kl = [metrics(d)[1]["train_kl_estimate"] for d in runs]
         assert max(kl) - min(kl) < 1e-6, kl
+    # the train records' pair metrics are the step's, over every micro-batch and process
+    for key in ("train_reward_desirable", "train_reward_undesirable") if loss == "kto" else ("train_margin",
+                                                                                           "train_logp_chosen"):
+        values = [[r.get(key) for r in metrics(d)] for d in runs]
+        assert any(v is not None for v in values[0]), key
+        for other in values[1:]:
+            assert all(x is y is None or abs(x - y) <= 1e-5 * max(1.0, abs(x))
+                       for x, y in zip(values[0], other, strict=True)), (key, values)
     for p, q in zip(one.model.parameters(), accumulated.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)  # as test_train: Adam amplifies fp32 rounding
     w1 = load_file(str(one.run_dir / "final" / "adapter_model.safetensors"))
