@@ -470,3 +470,6 @@ def test_reward_model_trains_and_tunelab_eval_reports_pair_accuracy(tmp_path):
     results = evaluate(out.run_dir, EvalRequest(data=[str(demo("dpo_en_demo.json"))], limit=8))
     m = results[0]["systems"]["tuned"]["metrics"]
     assert m["scored_by"] == "reward model" and 0.0 <= m["pair_accuracy"] <= 1.0 and m["n"] == 8
+    with pytest.raises(UserError, match="reward model; it scores preference pairs only"):  # not a generator
+        evaluate(out.run_dir, EvalRequest(data=[str(shared("instruct", "llamafactory_demo", "alpaca_en_demo.json"))],
+                                          limit=2))
