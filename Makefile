@@ -57,10 +57,12 @@ lint: setup
 bench-memory: setup
 	$(PY) benchmarks/bench_memory.py --checkpointing
 
-# The standard workload against Trainer + PEFT, then the same-invocation A/B of train.micro_batch_threads.
+# The standard workload against Trainer + PEFT, the same-invocation A/B of train.micro_batch_threads, and
+# DPO LoRA against TRL's DPOTrainer.
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lora.py --out docs/benchmarks.md
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_micro_threads.py --records 256 --repeats 1 --out docs/benchmarks.md
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_preference.py --out docs/benchmarks.md
 
 clean-demo:
 	rm -rf demo_run

@@ -72,3 +72,38 @@ def test_bench_lora_ours_with_two_processes(tmp_path):
     assert ours["tokens_trained"] == ours["train_tokens"] and ours["optimiser_steps"] >= 1
     per = ours["peak_rss_mib_per_process"]
     assert len(per) == 2 and ours["peak_rss_mib"] >= sum(per) > 0
+
+
+def test_bench_preference_quick_end_to_end(tmp_path):
+    """`bench_preference.py --quick`: tunelab and TRL's DPOTrainer on the same tiny-random-llama pairs, each
+    in its own process; the result JSON and the docs section."""
+    pytest.importorskip("trl")
+    shared("preference", "llamafactory_demo", "dpo_en_demo.json")
+    results = tmp_path / "results"
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nbefore\n<!-- bench:preference:start -->\nold\n<!-- bench:preference:end -->\n"
+                    "after\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_preference.py"), "--quick", "--threads", "1",
+         "--results-dir", str(results), "--out", str(docs)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(next(results.glob("preference-*.json")).read_text())
+    assert result["workload"]["model"] == "tiny-random-llama"
+    sides = result["sides"]
+    assert set(sides) == {"ours", "trl"}
+    for name, side in sides.items():
+        assert side["tokens_per_s"] == pytest.approx(side["train_tokens"] / side["train_seconds"], rel=1e-2), name
+        assert side["peak_rss_mib"] > 0 and side["optimiser_steps"] == 2, name  # 16 pairs, 8 per step
+        assert side["eval_loss"] is not None and math.isfinite(side["eval_loss"]), name
+        assert side["train_pairs"] == 16 and side["eval_pairs"] == 8, name
+        assert side["tokens_trained"] == side["train_tokens"], name  # every pair once, no padding counted
+    assert result["comparison"]["same_tokens"] is True
+    # both start from the same model and the same reference: the held-out losses are close
+    assert abs(result["comparison"]["eval_loss_rel_diff"]) < 0.05
+    for when in ("matmul_before", "matmul_after"):
+        assert result[when]["bf16"] > 0 and result[when]["fp32"] > 0
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n") and "old" not in text
+    assert "held-out DPO loss" in text and "tiny-random-llama" in text and "GFLOP/s" in text

@@ -9,6 +9,9 @@ compare the loss and the gradients of the trained parameters.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import shared, tiny_config
 from tunelab.config import load_config
@@ -24,6 +28,7 @@ from tunelab.data.formats import read_records
 from tunelab.data.preference import encode_pairs, kto_rows, pair_rows, unpaired
 from tunelab.errors import ConfigError, UserError
 from tunelab.objectives.preference import PreferenceLoss, Reference, cached_reference
+from tunelab.rundocs import pair_history, run_row
 from tunelab.train.recipe import fine_tune
 
 BETA = 0.1
@@ -284,15 +289,29 @@ def test_each_reject_kind_is_reported_with_its_reason(tmp_path):
     assert all("\n" not in r.detail and f"row {r.row}" in r.detail for r in res.rejects)
 
 
-def run(tmp_path, name, **sections):
+def config_file(tmp_path, name, **sections) -> Path:
     cfg = tiny_config(tmp_path, demo("dpo_en_demo.json"), **sections)
     cfg["run"]["name"] = name
     cfg["data"] = {"train": [{"path": str(demo("dpo_en_demo.json")), "limit": 16}], "max_length": 64,
                    **sections.get("data", {})}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    config, sources = load_config(path)
+    return path
+
+
+def run(tmp_path, name, **sections):
+    config, sources = load_config(config_file(tmp_path, name, **sections))
     return fine_tune(config, sources)
+
+
+def run_two_processes(tmp_path, name, **sections) -> Path:
+    """``tunelab train`` with ``train.processes: 2`` (one thread each), through the CLI; the run folder."""
+    sections["train"] = {**sections.get("train", {}), "processes": 2, "threads": 1}
+    path = config_file(tmp_path, name, **sections)
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "runs" / name
 
 
 def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -334,22 +353,40 @@ def test_bad_input_gives_one_line_errors_and_rejects_file(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
-def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, loss):
+def test_batch_8_equals_2x4_accumulation_equals_2_processes_x_4(tmp_path, loss):
+    """One optimiser step of 8 pairs (KTO: samples) three ways: one micro-batch of 8, 4 micro-batches of
+    2, and 2 processes (DDP on CPU, gloo) with 4 each. KTO's KL estimate is the step's over every
+    micro-batch and process."""
     data = {"train": [{"path": str(demo("kto_en_demo.json" if loss == "kto" else "dpo_en_demo.json")), "limit": 16}]}
-    outs = []
-    for name, b, a in (("b8", 8, 1), ("b2x4", 2, 4)):
-        outs.append(run(tmp_path, f"{loss}_{name}", task="preference", data=data,
-                        preference={"loss": loss, "beta": 0.5},
-                        train={"batch_size": b, "grad_accum": a, "max_steps": 2, "lr": 2e-2, "eval_every": 0}))
-    (one, two) = outs
-    losses = [[r["loss"] for r in metrics(o.run_dir)] for o in outs]
+    common = dict(task="preference", data=data, preference={"loss": loss, "beta": 0.5})
+    train = {"max_steps": 2, "lr": 2e-2, "eval_every": 0}
+    one = run(tmp_path, f"{loss}_b8", **common, train={**train, "batch_size": 8, "grad_accum": 1})
+    accumulated = run(tmp_path, f"{loss}_b2x4", **common, train={**train, "batch_size": 2, "grad_accum": 4})
+    two = run_two_processes(tmp_path, f"{loss}_2px4", **common, train={**train, "batch_size": 4, "grad_accum": 1})
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    runs = (one.run_dir, accumulated.run_dir, two)
+    losses = [[r["loss"] for r in metrics(d)] for d in runs]
     assert len(losses[0]) == 2 and abs(losses[0][1] - losses[0][0]) > 1e-4  # the step changed the model
-    assert max(abs(x - y) for x, y in zip(*losses, strict=True)) < 1e-5
+    for other in losses[1:]:
+        assert max(abs(x - y) for x, y in zip(losses[0], other, strict=True)) < 1e-5, losses
     if loss == "kto":  # the second step's KL estimate is over the whole step, whatever the micro-batches
-        kl = [metrics(o.run_dir)[1]["train_kl_estimate"] for o in outs]
-        assert abs(kl[0] - kl[1]) < 1e-6
-    for p, q in zip(one.model.parameters(), two.model.parameters(), strict=True):
+        kl = [metrics(d)[1]["train_kl_estimate"] for d in runs]
+        assert max(kl) - min(kl) < 1e-6, kl
+    # the train records' pair metrics are the step's, over every micro-batch and process
+    for key in ("train_reward_desirable", "train_reward_undesirable") if loss == "kto" else ("train_margin",
+                                                                                           "train_logp_chosen"):
+        values = [[r.get(key) for r in metrics(d)] for d in runs]
+        assert any(v is not None for v in values[0]), key
+        for other in values[1:]:
+            assert all(x is y is None or abs(x - y) <= 1e-5 * max(1.0, abs(x))
+                       for x, y in zip(values[0], other, strict=True)), (key, values)
+    for p, q in zip(one.model.parameters(), accumulated.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)  # as test_train: Adam amplifies fp32 rounding
+    w1 = load_file(str(one.run_dir / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(two / "final" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
 
 
 def test_adapters_off_reference_equals_a_frozen_copy_exactly(tokenizer):
@@ -412,6 +449,10 @@ def test_orpo_and_simpo_train_and_log_pair_metrics(tmp_path):
         ev = metrics(out.run_dir, "eval")[-1]
         assert {"eval_loss", "pair_accuracy", "margin", "reward_chosen", "reward_rejected", "logp_chosen",
                 "logp_rejected"} <= set(ev)
+        # what the report plots and the registry lists: the logged names, read back from run JSON
+        history = pair_history(out.run_dir)
+        assert {"margin", "pair_accuracy"} <= set(history["train"]) & set(history["eval"])
+        assert run_row(out.run_dir)["pair_accuracy"] == ev["pair_accuracy"]
 
 
 # --------------------------------------------------------------------------- reward model
@@ -424,7 +465,11 @@ def test_reward_model_trains_and_tunelab_eval_reports_pair_accuracy(tmp_path):
               train={"max_steps": 3, "eval_every": 3, "lr": 5e-3})
     ev = metrics(out.run_dir, "eval")[-1]
     assert {"eval_loss", "pair_accuracy", "margin", "score_chosen", "score_rejected"} <= set(ev)
+    assert run_row(out.run_dir)["pair_accuracy"] == ev["pair_accuracy"]
     assert json.loads((out.run_dir / "final" / "tunelab.json").read_text())["task"] == "reward"
     results = evaluate(out.run_dir, EvalRequest(data=[str(demo("dpo_en_demo.json"))], limit=8))
     m = results[0]["systems"]["tuned"]["metrics"]
     assert m["scored_by"] == "reward model" and 0.0 <= m["pair_accuracy"] <= 1.0 and m["n"] == 8
+    with pytest.raises(UserError, match="reward model; it scores preference pairs only"):  # not a generator
+        evaluate(out.run_dir, EvalRequest(data=[str(shared("instruct", "llamafactory_demo", "alpaca_en_demo.json"))],
+                                          limit=2))

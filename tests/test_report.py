@@ -107,3 +107,56 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     ink = (pixels.mean(axis=-1) < 0.9).mean()
     assert pixels.std() > 0.05 and ink > 0.01, (pixels.std(), ink)  # not a blank page
+
+
+def _preference_run(tmp_path):
+    """A DPO run's files as `tunelab train` writes them: pair metrics in every train record (train_*)
+    and at every evaluation."""
+    run = write_run_files(tmp_path / "runs" / "dpo-lora", steps=4)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        k = rec["step"]
+        if rec["kind"] == "train":
+            rec.update(train_pair_accuracy=0.25 * k, train_margin=0.1 * k, train_reward_chosen=0.05 * k,
+                       train_reward_rejected=-0.05 * k, train_logp_chosen=-80.0, train_logp_rejected=-90.0)
+        else:
+            rec.update(pair_accuracy=0.5 if k < 4 else 0.875, margin=0.031 if k < 4 else 0.4567,
+                       reward_chosen=0.2, reward_rejected=-0.2567, logp_chosen=-81.5, logp_rejected=-95.25)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_report_and_registry_of_a_preference_run_show_margin_and_pair_accuracy(tmp_path, capsys):
+    from rich.console import Console
+
+    from tunelab.cli import main
+    from tunelab.eval.runs import print_runs
+    from tunelab.rundocs import run_row
+
+    run = _preference_run(tmp_path)
+    other = write_run_files(tmp_path / "runs" / "sft-lora")  # an SFT run: no pair metrics anywhere
+    assert main(["report", str(run), str(other), "--out", str(tmp_path / "r.html")]) == 0
+    page, md = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert page.count("<h3>Preference pairs</h3>") == 1 and "### Preference pairs" in md
+    section = page[page.index("<h3>Preference pairs</h3>"):]
+    section = section[: section.index("<h3>", 5)]
+    for alt in ("margin over steps", "pair_accuracy over steps"):
+        assert f'<img alt="{alt}" src="data:image/png;base64,' in section
+    # the final pair metrics: the last evaluation (step 4) and the last train record
+    assert "<td>validation</td><td>4</td><td>87.5%</td><td>0.457</td>" in section
+    assert "<td>train (last record)</td><td>4</td><td>100.0%</td><td>0.400</td>" in section
+    assert "-95.250" in section and "reward_chosen" in section and "score_chosen" not in section
+    # the runs table: pair accuracy beside the losses, "-" for the SFT run
+    runs_table = page[page.index("<h2>Runs</h2>"):]
+    runs_table = runs_table[: runs_table.index("<h2>", 5)]
+    assert "<th>pair_accuracy</th>" in runs_table and "87.5%" in runs_table
+
+    row, sft = run_row(run), run_row(other)
+    assert row["pair_accuracy"] == 0.875 and row["margin"] == 0.4567 and row["pair_metrics_from"] == "eval step 4"
+    assert "pair_accuracy" not in sft
+    capsys.readouterr()
+    print_runs([row, sft], Console(width=300))
+    out = capsys.readouterr().out
+    assert "pair_accuracy" in out and "0.875" in out
+    print_runs([sft], Console(width=300))
+    assert "pair_accuracy" not in capsys.readouterr().out

@@ -393,3 +393,116 @@ def test_admission_is_fifo_with_429_when_full_and_503_after_the_queue_timeout():
         assert adm.free == 1 and adm.running == 0
 
     asyncio.run(scenario())
+
+
+# ----------------------------------------------------------------------------- reward models: /v1/score
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A 3-step LoRA reward model (task: reward) on tiny-random-llama, trained on the DPO demo pairs."""
+    import yaml
+
+    from conftest import shared, tiny_config
+    from tunelab.config import load_config
+    from tunelab.train.recipe import fine_tune
+
+    pairs = shared("preference", "llamafactory_demo", "dpo_en_demo.json")
+    root = tmp_path_factory.mktemp("reward")
+    cfg = tiny_config(root, pairs, task="reward", train={"max_steps": 3, "lr": 5e-3, "batch_size": 2, "grad_accum": 1},
+                      data={"train": [{"path": str(pairs), "limit": 12}], "max_length": 256})
+    cfg["run"]["name"] = "rm"
+    (root / "rm.yaml").write_text(yaml.safe_dump(cfg))
+    return fine_tune(*load_config(root / "rm.yaml")).run_dir, pairs
+
+
+@pytest.fixture(scope="module")
+def reward_server(ship_runs, reward_run):  # noqa: F811
+    models = load_models([str(ship_runs["lora"]), str(reward_run[0])])
+    app = create_app(models, ServeSettings(max_body_bytes=100_000, max_prompt_tokens=2048, max_batch_inputs=4))
+    with ThreadedServer(app) as srv:
+        yield srv
+
+
+def _conversation(record, reply: str) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in record.messages[:-1]] + [
+        {"role": "assistant", "content": reply}]
+
+
+def test_score_endpoint_gives_the_reward_that_tunelab_eval_computes_for_chosen_and_rejected(reward_run,
+                                                                                           reward_server):
+    """The served score of prompt + reply is the reward model's scalar on the tokens training scored:
+    the same numbers `tunelab eval` (eval_pairs) gives each pair's chosen and rejected reply."""
+    from tunelab.data.formats import read_records
+    from tunelab.eval.tasks import eval_pairs
+
+    run, pairs = reward_run
+    models = httpx.get(reward_server.url + "/v1/models").json()["data"]
+    assert {m["id"]: m["task"] for m in models}["rm"] == "score"
+    records = read_records(pairs, limit=3).records
+    loaded = load_for_inference(run)
+    assert loaded.kind == "score"
+    expected = eval_pairs(loaded.model, loaded.tokenizer, records, max_length=4096)["examples"]
+    for record, want in zip(records, expected, strict=True):
+        one = _post(reward_server, "/v1/score", {"model": "rm", "messages": _conversation(
+            record, record.messages[-1].content)})
+        assert one.status_code == 200, one.text
+        body = one.json()
+        assert body["data"][0]["object"] == "score" and body["usage"]["prompt_tokens"] > 0
+        assert body["data"][0]["score"] == pytest.approx(want["chosen"], abs=1e-5)
+        both = _post(reward_server, "/v1/score", {"model": "rm", "input": [
+            _conversation(record, record.messages[-1].content), _conversation(record, record.meta["rejected"])]})
+        assert both.status_code == 200, both.text
+        got = [d["score"] for d in both.json()["data"]]
+        assert got == pytest.approx([want["chosen"], want["rejected"]], abs=1e-5)
+    metrics = httpx.get(reward_server.url + "/metrics").text
+    assert 'tunelab_requests_total{route="/v1/score",status="200"}' in metrics
+
+
+_REPLY = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+_SCORE_BAD = [
+    # (body, status, code, param)
+    ({"model": "rm"}, 400, "invalid_value", "messages"),
+    ({"model": "rm", "messages": _REPLY, "input": [_REPLY]}, 400, "invalid_value", "messages"),
+    ({"model": "rm", "messages": _REPLY[:1]}, 400, "invalid_messages", "messages"),
+    ({"model": "rm", "messages": _REPLY[1:]}, 400, "invalid_messages", "messages"),
+    ({"model": "rm", "messages": [_REPLY[0], {"role": "assistant", "content": "  "}]}, 400, "invalid_messages",
+     "messages"),
+    ({"model": "rm", "messages": [{"role": "user", "content": " "}, _REPLY[1]]}, 400, "invalid_messages", "messages"),
+    ({"model": "rm", "input": [_REPLY, _REPLY[:1]]}, 400, "invalid_messages", "input[1]"),
+    ({"model": "rm", "input": []}, 400, None, "input"),
+    ({"model": "rm", "input": [_REPLY] * 5}, 400, None, "input"),
+    ({"model": "rm", "messages": [{"role": "user", "content": "word " * 3000}, _REPLY[1]]}, 400,
+     "context_length_exceeded", "messages"),
+    ({"model": "rm", "messages": [{"role": "user", "content": "hi \ud800"}, _REPLY[1]]}, 400, "invalid_value", None),
+    ({"model": "rm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}, _REPLY[1]]}, 400,
+     "unsupported_content_type", "messages[0].content[0]"),
+    ({"model": "rm", "messages": "Blue."}, 400, "invalid_value", "messages"),
+    ({"model": "rm", "messages": _REPLY, "temperature": 0}, 400, "invalid_value", "temperature"),
+    ({"model": "lora", "messages": _REPLY}, 400, "wrong_endpoint", "model"),
+    ({"model": "gpt-4", "messages": _REPLY}, 404, "model_not_found", "model"),
+    (b'{"model": "rm", "messages": [', 400, "invalid_json", None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code", "param"), _SCORE_BAD,
+                         ids=[f"{i}-{c[2] or c[3]}" for i, c in enumerate(_SCORE_BAD)])
+def test_bad_score_requests_get_the_right_status_and_an_openai_error(reward_server, body, status, code, param):
+    r = _post(reward_server, "/v1/score", body)
+    assert r.status_code == status, (str(body)[:100], r.status_code, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "Traceback" not in r.text
+    if code:
+        assert error["code"] == code, error
+    if param:
+        assert (error["param"] or "").startswith(param), error
+
+
+def test_a_reward_model_refuses_chat_and_classify_naming_the_score_route(reward_server):
+    for path, body in (("/v1/chat/completions", {"model": "rm", "messages": _REPLY[:1], "max_tokens": 2}),
+                       ("/v1/completions", {"model": "rm", "prompt": "hi", "max_tokens": 2}),
+                       ("/v1/classify", {"model": "rm", "input": "hi"})):
+        r = _post(reward_server, path, body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint", (path, r.text)
+        assert "/v1/score" in r.json()["error"]["message"]

@@ -10,6 +10,9 @@ imports the evaluation code:
   (``config.yaml`` + ``data.json``), so that ``tunelab eval`` renders what training rendered;
 * :func:`trained_evaluations`: the run's own end-of-training classification metrics
   (``summary.json``'s ``eval_metrics``, per task for a multi-task run), which the report shows;
+* :func:`pair_history` and :func:`final_pair_metrics`: the pair metrics of a preference or reward
+  run over its steps (``metrics.jsonl``: margin, pair accuracy, rewards...), for the report's plots
+  and the registry's ``pair_accuracy``;
 * :func:`tradeoff_rows` and :data:`TRADEOFF_HEADERS`: the trade-off table of a
   ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report.
 """
@@ -25,8 +28,8 @@ import yaml
 
 from tunelab import metrics_log
 
-__all__ = ["TRADEOFF_HEADERS", "eval_headlines", "fmt_change", "fmt_value", "label_prompts", "read_json", "run_row",
-           "trained_evaluations", "tradeoff_rows"]
+__all__ = ["PAIR_METRICS", "TRADEOFF_HEADERS", "eval_headlines", "final_pair_metrics", "fmt_change", "fmt_value",
+           "label_prompts", "pair_history", "read_json", "run_row", "trained_evaluations", "tradeoff_rows"]
 
 
 def read_json(path: Path) -> Any:
@@ -62,6 +65,40 @@ def eval_headlines(run: Path) -> dict[str, float]:
     return out
 
 
+# What a preference / reward run's loss logs at every evaluation (``kind: eval``) and, prefixed with
+# ``train_``, in every train record (the means over the pairs since the previous record).
+PAIR_METRICS = ("pair_accuracy", "margin", "reward_chosen", "reward_rejected", "score_chosen", "score_rejected",
+                "logp_chosen", "logp_rejected", "reward_desirable", "reward_undesirable", "kl", "kl_estimate")
+
+
+def pair_history(run: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{"train": {metric: [(step, value), ...]}, "eval": {...}}`` of :data:`PAIR_METRICS` in
+    ``metrics.jsonl``; both empty for a run that logs none (every task but preference and reward)."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {"train": {}, "eval": {}}
+    for rec in metrics_log.read(run / "metrics.jsonl"):
+        kind, prefix = rec.get("kind"), "train_" if rec.get("kind") == "train" else ""
+        if kind not in out or not isinstance(rec.get("step"), int):
+            continue
+        for m in PAIR_METRICS:
+            v = rec.get(prefix + m)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[kind].setdefault(m, []).append((rec["step"], float(v)))
+    return out
+
+
+def final_pair_metrics(run: Path) -> dict[str, Any]:
+    """The last pair metrics of a run: its last evaluation's (``source: "eval"``), else its last train
+    record's (``source: "train"``: the pairs of the steps since the record before); ``{}`` for none."""
+    history = pair_history(run)
+    for source in ("eval", "train"):
+        series = history[source]
+        if series:
+            step = max(points[-1][0] for points in series.values())
+            return {"source": source, "step": step,
+                    **{m: points[-1][1] for m, points in series.items() if points[-1][0] == step}}
+    return {}
+
+
 def run_row(run: Path) -> dict[str, Any]:
     """One registry row for a run directory."""
     row: dict[str, Any] = {"name": run.name, "path": str(run)}
@@ -83,6 +120,10 @@ def run_row(run: Path) -> dict[str, Any]:
         tokens_per_s=summary.get("tokens_per_s"), eval_loss=summary.get("best_eval_loss"),
         train_loss=_last_train_loss(run / "metrics.jsonl"),
     )
+    pairs = final_pair_metrics(run)  # preference / reward runs: the last evaluation's pair accuracy
+    if "pair_accuracy" in pairs:
+        row.update(pair_accuracy=pairs["pair_accuracy"], margin=pairs.get("margin"),
+                   pair_metrics_from=f"{pairs['source']} step {pairs['step']}")
     row["metrics"] = eval_headlines(run)
     return row
 

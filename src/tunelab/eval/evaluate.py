@@ -39,7 +39,7 @@ from tunelab.fsutil import atomic_write_text
 from tunelab.models.classifier import is_decoder
 from tunelab.objectives.classification import answer_budget
 from tunelab.rundocs import label_prompts
-from tunelab.ship.inference import base_model_folder, load_for_inference, select_task, weights_folder
+from tunelab.ship.inference import SCORE, base_model_folder, load_for_inference, select_task, weights_folder
 
 __all__ = ["BenchmarkRequest", "EvalRequest", "evaluate", "headline", "load_target"]
 
@@ -85,6 +85,7 @@ class Target:
     id2label: dict[int, str] | None = None
     max_length: int | None = None  # a run's data.max_length: its head saw texts cut to it
     multitask: Any = None  # a multi-task run as loaded (its heads and shared LM): a view per data file, _view
+    reward: bool = False  # a reward model (one score per prompt + reply): it scores preference pairs only
 
 
 # --------------------------------------------------------------------------- loading
@@ -116,7 +117,8 @@ def load_target(target: str | Path, *, checkpoint: str = "final", name: str = "t
         return Target(label, lm.model if lm else None, loaded.tokenizer, lm.description if lm else loaded.description,
                       loaded.base_model, max_length=max_length, multitask=loaded)
     id2label = loaded.id2label if loaded.kind == "classification" else None
-    return Target(label, loaded.model, loaded.tokenizer, loaded.description, loaded.base_model, id2label, max_length)
+    return Target(label, loaded.model, loaded.tokenizer, loaded.description, loaded.base_model, id2label, max_length,
+                  reward=loaded.kind == SCORE)
 
 
 def _run_max_length(run_dir: Path) -> int | None:
@@ -286,6 +288,9 @@ def asked_kind(name: str) -> EvalKind | None:
 
 def _score_data(t: Target, records, kind: str, req: EvalRequest, labels: list[str], shots, console) -> dict:
     how = EVAL_KINDS[kind]
+    if t.reward and how.score is not _score_pairs:
+        raise UserError(f"eval: {t.description} is a reward model; it scores preference pairs only (got task "
+                        f"{kind!r}). Give a file of pairs (chosen / rejected replies), or --task preference")
     if t.id2label is not None and not how.head_scores:
         raise UserError(f"eval: {t.description} is a classification head; it can only score classification data "
                         f"(got task {kind!r}). Use --task classification")

@@ -2,8 +2,9 @@
 
 Nothing is stored besides the run directories themselves: :func:`list_runs` reads each
 folder's ``config.yaml`` (model, method, key hyperparameters), ``summary.json`` (steps, stop
-reason, best eval loss, speed), ``metrics.jsonl`` (the last train loss) and ``eval/*.json``
-(headline metrics of each evaluation), so a run copied from another machine shows up as it is.
+reason, best eval loss, speed), ``metrics.jsonl`` (the last train loss; for preference and reward
+runs the last pair accuracy and margin) and ``eval/*.json`` (headline metrics of each evaluation),
+so a run copied from another machine shows up as it is.
 A folder that is not a run (no ``config.yaml``) is skipped; a run whose files cannot be read
 is listed with the reason in ``status``, never hidden.
 """
@@ -25,6 +26,7 @@ from tunelab.rundocs import eval_headlines, read_json, run_row
 __all__ = ["eval_headlines", "list_runs", "run_row", "show_run", "filter_runs", "sort_runs"]
 
 COLUMNS = ("name", "date", "status", "model", "method", "lr", "steps", "batch", "train_loss", "eval_loss")
+PAIR_COLUMNS = ("pair_accuracy",)  # shown when a listed run has them (preference and reward runs)
 
 
 def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
@@ -91,11 +93,12 @@ def print_runs(rows: list[dict], console: Console | None = None, metrics: int = 
     for r in rows:
         metric_keys += [k for k in r.get("metrics", {}) if k not in metric_keys]
     metric_keys = metric_keys[:metrics]
+    columns = (*COLUMNS, *[c for c in PAIR_COLUMNS if any(r.get(c) is not None for r in rows)])
     table = Table(title=f"{len(rows)} run(s)")
-    for c in (*COLUMNS, *metric_keys):
+    for c in (*columns, *metric_keys):
         table.add_column(c, justify="right" if c not in ("name", "status", "model", "method", "date") else "left")
     for r in rows:
-        table.add_row(*[_cell(r.get(c)) for c in COLUMNS], *[_cell(r.get("metrics", {}).get(k)) for k in metric_keys])
+        table.add_row(*[_cell(r.get(c)) for c in columns], *[_cell(r.get("metrics", {}).get(k)) for k in metric_keys])
     console.print(table)
 
 
@@ -117,6 +120,9 @@ def show_run(root: str | Path, name: str, console: Console | None = None) -> dic
     for k in ("path", "date", "status", "model", "method", "lr", "epochs", "max_steps", "batch", "r", "seed", "steps",
               "train_seconds", "tokens_per_s", "train_loss", "eval_loss"):
         table.add_row(k, _cell(row.get(k)))
+    if row.get("pair_accuracy") is not None:
+        table.add_row("pair accuracy / margin", f"{_cell(row['pair_accuracy'])} / {_cell(row.get('margin'))} "
+                                                f"({row['pair_metrics_from']})")
     if info["data"]:
         d = info["data"]
         table.add_row("data", f"{d.get('train_samples')} train / {d.get('eval_samples')} eval samples, "

@@ -344,20 +344,28 @@ class PreferenceLoss(CausalLMLoss):
             stats[k] = stats.get(k, 0.0) + float(v)
 
     def take_metrics(self, accelerator=None, training: bool = False) -> dict[str, float]:
-        """Means of the metrics since the last call (evaluation: summed over processes); resets them."""
+        """Means of the metrics since the last call (with ``accelerator``: summed over processes, so every
+        process must call it at the same point); resets them."""
         stats, self._stats[training] = self._stats[training], {}
-        if not stats:
-            return {}
-        keys = sorted(stats)
-        if accelerator is not None and not training:
-            total = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64,
+        if accelerator is not None and accelerator.num_processes > 1:
+            # every process sends the same keys in the same order, whatever it saw (an empty slice: zeros)
+            keys = sorted(set(stats) | set(self.stat_keys()))
+            total = accelerator.reduce(torch.tensor([stats.get(k, 0.0) for k in keys], dtype=torch.float64,
                                                     device=accelerator.device), "sum")
-            stats = dict(zip(keys, total.tolist(), strict=True))
-        return pair_metrics(stats)
+            stats = {k: v for k, v in zip(keys, total.tolist(), strict=True) if k in stats or v}
+        return pair_metrics(stats) if stats else {}
 
-    def take_train_metrics(self) -> dict[str, float]:
-        """This process's training metrics since the last train record, named ``train_*``."""
-        return {f"train_{k}": v for k, v in self.take_metrics(None, training=True).items()}
+    def stat_keys(self) -> tuple[str, ...]:
+        """The sums :meth:`_add` keeps for this loss."""
+        if self.loss == "kto":
+            return ("reward_desirable", "n_desirable", "reward_undesirable", "n_undesirable", "kl_sum", "kl_n",
+                    "kl_z", "n")
+        return ("reward_chosen", "reward_rejected", "margin", "pair_accuracy", "logp_chosen", "logp_rejected", "n")
+
+    def take_train_metrics(self, accelerator=None) -> dict[str, float]:
+        """The training metrics since the last train record (with ``accelerator``: over every process),
+        named ``train_*``."""
+        return {f"train_{k}": v for k, v in self.take_metrics(accelerator, training=True).items()}
 
 
 def pair_metrics(stats: dict[str, float]) -> dict[str, float]:
@@ -411,3 +419,6 @@ class RewardLoss(nn.Module):
 
     take_metrics = PreferenceLoss.take_metrics
     take_train_metrics = PreferenceLoss.take_train_metrics
+
+    def stat_keys(self) -> tuple[str, ...]:
+        return ("score_chosen", "score_rejected", "margin", "pair_accuracy", "n")

@@ -8,8 +8,9 @@ demo's ``results.json`` and ``generations.jsonl`` two folders up):
 2. the runs side by side when there are several;
 3. per run: config and data summary; train/validation loss and LR curves
    (``metrics.jsonl``); training's own evaluation of a classification run (``summary.json``:
-   accuracy, macro-F1, per-class table, confusion matrix); confusion matrix and per-class F1 of
-   classification evaluations;
+   accuracy, macro-F1, per-class table, confusion matrix); a preference or reward run's pair metrics
+   (``metrics.jsonl``: margin and pair accuracy over the steps, train and validation, and the last
+   values of every pair metric); confusion matrix and per-class F1 of classification evaluations;
    the forgetting table (benchmarks scored on the base and the tuned model: overall and per
    category); A/B results (``eval/compare-*.json``); sample generations side by side.
 
@@ -34,7 +35,15 @@ from tunelab import metrics_log
 from tunelab.errors import UserError, require
 from tunelab.fsutil import atomic_write_bytes, atomic_write_text
 from tunelab.report import plots
-from tunelab.rundocs import TRADEOFF_HEADERS, fmt_change, run_row, tradeoff_rows, trained_evaluations
+from tunelab.rundocs import (
+    PAIR_METRICS,
+    TRADEOFF_HEADERS,
+    fmt_change,
+    pair_history,
+    run_row,
+    tradeoff_rows,
+    trained_evaluations,
+)
 
 __all__ = ["build_report", "write_report"]
 
@@ -120,7 +129,7 @@ def fmt(key: str, v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     if key in ("accuracy", "exact_match", "token_accuracy", "constrained_accuracy", "ci_low", "ci_high",
-               "unparsed_rate"):
+               "unparsed_rate", "pair_accuracy"):
         return f"{v:.1%}"
     if key in ("loss", "eval_loss", "train_loss"):
         return f"{v:.4f}"
@@ -215,6 +224,7 @@ def _runs_table(runs: list[Path]) -> Section:
     for r in rows:
         keys += [k for k in r.get("metrics", {}) if k not in keys]
     cols = ["name", "model", "method", "lr", "batch", "steps", "train_loss", "eval_loss"]
+    cols += [c for c in ("pair_accuracy", "margin") if any(r.get(c) is not None for r in rows)]
     return Section("Runs", [Block("table", headers=cols + keys, rows=[
         [fmt(c, r.get(c)) for c in cols] + [fmt(k.split("/")[-1], r["metrics"].get(k)) for k in keys] for r in rows])])
 
@@ -259,6 +269,35 @@ def _curves(run: Path) -> list[Block]:
     if lrs:
         out.append(Block("image", png=plots.curves({"lr": ([r["step"] for r in lrs], [r["lr"] for r in lrs])},
                                                    title="learning rate", ylabel="lr"), name="lr", text="learning rate"))
+    return out
+
+
+def _pair_blocks(run: Path) -> list[Block]:
+    """A preference or reward run's pair metrics (``metrics.jsonl``): margin and pair accuracy over the
+    steps (train records: the pairs since the previous record; validation: every evaluation), and the
+    last value of each pair metric. Empty for a run that logs none."""
+    history = pair_history(run)
+    if not any(history.values()):
+        return []
+    out: list[Block] = []
+    for metric, ylabel in (("margin", "mean reward margin (chosen - rejected)"),
+                           ("pair_accuracy", "pairs with chosen > rejected")):
+        series = {label: ([s for s, _ in points], [v for _, v in points])
+                  for label, points in (("train", history["train"].get(metric)),
+                                        ("validation", history["eval"].get(metric))) if points}
+        if series:
+            out.append(Block("image", name=f"{metric}-{run.name}", text=f"{metric} over steps",
+                             png=plots.curves(series, title=metric.replace("_", " "), ylabel=ylabel)))
+    rows = []
+    for source, label in (("eval", "validation"), ("train", "train (last record)")):
+        series = history[source]
+        if series:
+            step = max(points[-1][0] for points in series.values())
+            last = {m: points[-1][1] for m, points in series.items() if points[-1][0] == step}
+            rows.append([label, step, *[fmt(m, last.get(m)) for m in PAIR_METRICS]])
+    shown = [i for i, m in enumerate(PAIR_METRICS) if any(r[2 + i] != "-" for r in rows)]
+    out.insert(0, Block("table", headers=["final pair metrics", "step", *[PAIR_METRICS[i] for i in shown]],
+                        rows=[[r[0], r[1], *[r[2 + i] for i in shown]] for r in rows]))
     return out
 
 
@@ -414,6 +453,9 @@ def build_report(runs: list[str | Path]) -> tuple[str, list[Section]]:
         sections.append(Section(f"Run {run.name}", [Block("text", text=str(run))]))
         sections.append(Section("Config and data", _config_section(run), 3))
         sections.append(Section("Training curves", _curves(run), 3))
+        pairs = _pair_blocks(run)
+        if pairs:
+            sections.append(Section("Preference pairs", pairs, 3))
         for name, m in trained_evaluations(run).items():
             sections.append(Section(f"Classification: {name} (training's evaluation)", _trained_blocks(run, name, m), 3))
         evals, comps = _evaluations(run)

@@ -6,6 +6,8 @@ folder or a .gguf file. Adapters are attached to their base with PEFT. Classific
 (``tunelab.json`` says ``"task": "classification"``, or the folder holds a
 ``...ForSequenceClassification`` model or a ``SEQ_CLS`` adapter) load as
 ``AutoModelForSequenceClassification`` with the run's labels; :func:`classify` scores texts.
+Reward models (a classifier with one output, ``task: reward``) load with ``kind="score"``;
+:func:`reply_tokens` and :func:`score_replies` give the scalar reward of a prompt + reply.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from types import SimpleNamespace
 import torch
 
 from tunelab import methods
+from tunelab.data.preference import encode_pairs
+from tunelab.data.records import Message, Record
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.progress import progress_bar
+
+SCORE = "score"  # Loaded.kind of a reward model: one scalar per prompt + reply, no labels
 
 
 @dataclass
@@ -31,7 +37,8 @@ class Loaded:
     description: str
     base_model: str | None = None  # the base this was tuned from (for --compare-base)
     kind: str = "generation"  # what the model does: "generation" (a causal LM), "classification" (a class
-    # head) or "multitask" (pick one with select_task); not the training task (tunelab.tasks)
+    # head), "score" (a reward model's one scalar) or "multitask" (pick one with select_task); not the
+    # training task (tunelab.tasks)
     method: str | None = None  # the tunelab method that produced the weights, if a run
     folder: Path | None = None  # the weights folder, if a run
     id2label: dict[int, str] | None = None  # classification labels
@@ -65,6 +72,10 @@ def weights_folder(target: str | Path, checkpoint: str = "final") -> Path | None
 def read_info(folder: Path) -> dict:
     """``tunelab.json`` of a weights folder, with ``task`` and ``id2label`` filled in.
 
+    A tunelab classifier with a single output (``classifier.json`` names one label, as ``task:
+    reward`` saves it) is a reward model: ``task`` becomes ``"score"`` (the trained task is kept in
+    ``trained_task``).
+
     A folder is a classification run when ``tunelab.json`` says ``"task": "classification"``,
     or its ``config.json`` names a ``...ForSequenceClassification`` architecture, or its PEFT
     ``adapter_config.json`` has ``task_type: SEQ_CLS``. Labels come from ``tunelab.json``
@@ -74,6 +85,9 @@ def read_info(folder: Path) -> dict:
     config = _json_or_empty(folder / "config.json")
     adapter = _json_or_empty(folder / "adapter_config.json")
     spec = _json_or_empty(folder / "classifier.json")  # a tunelab SequenceClassifier (task: classification)
+    if len(spec.get("labels") or ()) == 1:  # one output: a scalar score (a reward model), not a class
+        info["trained_task"], info["task"] = info.get("task"), SCORE
+        return info
     if "task" not in info:
         archs = config.get("architectures") or []
         is_cls = any(a.endswith("ForSequenceClassification") for a in archs) or adapter.get("task_type") == "SEQ_CLS"
@@ -261,6 +275,42 @@ def classify(loaded: Loaded, texts: list[str], *, batch_size: int = 16, max_leng
             results.append({"label": loaded.id2label[ranked[0]], "score": row[ranked[0]],
                             "probs": {loaded.id2label[i]: row[i] for i in ranked}})
     return results
+
+
+def reply_tokens(tokenizer, conversations: list[list[dict]]) -> list[tuple[int, ...] | str]:
+    """For each conversation (prompt turns, then the assistant's reply last): the token ids a reward
+    model scores, exactly as training tokenised a pair's reply (:func:`tunelab.data.preference.encode_pairs`:
+    the chat template, prompt + reply with its end of turn, nothing cut), or a one-line reason it cannot."""
+    records = [Record(id=f"messages[{i}]", messages=tuple(Message(m["role"], m["content"]) for m in conv),
+                      meta={"desirable": True}) for i, conv in enumerate(conversations)]
+    try:
+        samples, rejects = encode_pairs(records, tokenizer, max_length=1 << 30, truncation="truncate",
+                                        max_prompt_length=None, use_cache=False)
+    except UserError as err:  # every conversation refused by the chat template
+        return [str(err)] * len(records)
+    by_id = {s.id: s.prompt + s.chosen for s in samples}
+    why = {r.detail.split(":", 1)[0]: r.detail for r in rejects}
+    return [by_id.get(r.id) or why.get(r.id, f"{r.id}: the reply has no token to score") for r in records]
+
+
+@torch.no_grad()
+def score_replies(loaded: Loaded, sequences: list[tuple[int, ...]], *, batch_size: int = 16) -> list[float]:
+    """A reward model's scalar for each token sequence from :func:`reply_tokens`, batched right-padded
+    with an attention mask, as training scored chosen and rejected replies (the head pools the last
+    real token)."""
+    if loaded.kind != SCORE:
+        raise UserError(f"{loaded.description}: not a reward model (task: reward). Use generation or classification")
+    device = next(loaded.model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        ids = torch.zeros((len(chunk), max(len(x) for x in chunk)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(chunk):
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        logits = loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out += logits.float()[:, 0].tolist()
+    return out
 
 
 def _method_loader(name: str | None):

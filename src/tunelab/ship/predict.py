@@ -36,7 +36,7 @@ from rich.progress import (
 from tunelab.data import formats
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
-from tunelab.ship.inference import Loaded, classify, generate_batch, load_for_inference, select_task
+from tunelab.ship.inference import SCORE, Loaded, classify, generate_batch, load_for_inference, select_task
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
@@ -173,6 +173,9 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
         raise UserError(f"--batch-size: must be at least 1 (got {batch_size}). Use e.g. 8")
     data, out = Path(data), Path(out)
     loaded = select_task(loaded or load_for_inference(target, checkpoint=checkpoint), task)  # multi-task: one head
+    if loaded.kind == SCORE:
+        raise UserError(f"{loaded.description}: a reward model scores replies; it neither generates nor classifies. "
+                        "Score pairs with: tunelab eval RUN --data PAIRS, or serve it (tunelab serve: POST /v1/score)")
     items, rejects = read_items(data, loaded.kind, system)
     rejects_file = out.with_name(out.name + ".rejects.jsonl") if rejects else None
     if rejects_file is not None:

@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``
 (streaming server-sent events or not), ``POST /v1/classify`` (classification runs),
-``GET /health`` and ``GET /metrics`` (Prometheus, ``prometheus-client``).
+``POST /v1/score`` (reward models: the scalar reward of OpenAI-style ``messages`` ending in the
+reply), ``GET /health`` and ``GET /metrics`` (Prometheus, ``prometheus-client``).
 
 Several adapter runs over the same base share one copy of the base weights: the first loads
 the base and its adapter (PEFT), the others are added with ``load_adapter`` and picked per
@@ -55,7 +56,17 @@ except ImportError:  # the [serve] extra is not installed: create_app says so in
     Request = None
 import socket
 
-from tunelab.ship.inference import Loaded, classify, left_pad, load_for_inference, read_info, weights_folder
+from tunelab.ship.inference import (
+    SCORE,
+    Loaded,
+    classify,
+    left_pad,
+    load_for_inference,
+    read_info,
+    reply_tokens,
+    score_replies,
+    weights_folder,
+)
 from tunelab.ship.settings import ServeSettings, is_loopback  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("tunelab.serve")
@@ -109,7 +120,8 @@ class Served:
 
     @property
     def context_length(self) -> int:
-        cfg = self.loaded.model.config
+        model = self.loaded.model  # a tunelab classifier is wrapped (ship.inference): its config is inside
+        cfg = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
         return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
 
 
@@ -230,6 +242,16 @@ class ClassifyRequest(BaseModel):
     input: Text | list[Text]
 
 
+class ScoreRequest(BaseModel):
+    """``messages``: one conversation whose last message is the assistant's reply to score; ``input``:
+    several such conversations. Exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Text
+    messages: list[ChatMessage] | None = None
+    input: list[list[ChatMessage]] | None = None
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -263,7 +285,7 @@ class Engine:
             raise ApiError(404, f"The model '{name}' does not exist. Models: {', '.join(self.models)}",
                            param="model", code="model_not_found")
         if served.kind != kind:
-            use = "/v1/classify" if served.kind == "classification" else "/v1/chat/completions or /v1/completions"
+            use = ENDPOINTS.get(served.kind, "/v1/chat/completions or /v1/completions")
             raise ApiError(400, f"The model '{name}' is a {served.kind} model; use {use}", param="model",
                            code="wrong_endpoint")
         return served
@@ -316,6 +338,13 @@ class Engine:
     def classify(self, served: Served, texts: list[str]) -> list[dict]:
         with served.active(), torch.inference_mode():
             return classify(served.loaded, texts, batch_size=16, max_length=self.settings.max_prompt_tokens)
+
+    def score(self, served: Served, sequences: list[tuple[int, ...]]) -> list[float]:
+        with served.active(), torch.inference_mode():
+            return score_replies(served.loaded, sequences, batch_size=16)
+
+
+ENDPOINTS = {"classification": "/v1/classify", SCORE: "/v1/score"}  # the route of each non-generating kind
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:
@@ -421,8 +450,9 @@ class Metrics:
 # ----------------------------------------------------------------------------- the ASGI guard
 
 
-_QUEUED = {"/v1/chat/completions", "/v1/completions", "/v1/classify"}
-_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/health", "/metrics"}
+_QUEUED = {"/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/score"}
+_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/score", "/health",
+           "/metrics"}
 
 
 class Guard:
@@ -649,6 +679,38 @@ def create_app(models: dict[str, Served], settings: ServeSettings):
         return {"object": "list", "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [{"object": "classification", "index": i, **s} for i, s in enumerate(scored)]}
 
+    @app.post("/v1/score", dependencies=auth)
+    async def score_replies_route(req: ScoreRequest):
+        served = engine.get(req.model, SCORE)
+        if (req.messages is None) == (req.input is None):
+            raise ApiError(400, "give either messages (one conversation ending in the reply to score) or input "
+                           "(a list of such conversations)", param="messages", code="invalid_value")
+        convs, param = ([req.messages], "messages") if req.messages is not None else (req.input, "input")
+        if not convs or len(convs) > settings.max_batch_inputs:
+            raise ApiError(400, f"input: give 1 to {settings.max_batch_inputs} conversations", param="input")
+        sequences = []
+        for i, tokens in enumerate(reply_tokens(served.loaded.tokenizer, _score_conversations(convs, param))):
+            where = param if req.messages is not None else f"input[{i}]"
+            if isinstance(tokens, str):
+                raise ApiError(400, f"{where}: {tokens.split(': ', 1)[-1]}", param=where, code="invalid_messages")
+            limit = min(settings.max_prompt_tokens, served.context_length)
+            if len(tokens) > limit:
+                raise ApiError(400, f"{where}: the conversation has {len(tokens)} tokens; this server scores at most "
+                               f"{limit}", param=where, code="context_length_exceeded")
+            sequences.append(tokens)
+        await admission.acquire()
+        try:
+            scores = await asyncio.wait_for(asyncio.to_thread(engine.score, served, sequences),
+                                            settings.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(503, "Scoring took too long", type="server_error", code="timeout") from None
+        finally:
+            admission.release()
+        tokens = sum(len(x) for x in sequences)
+        metrics.prompt_tokens.labels(served.name).inc(tokens)
+        return {"object": "list", "model": served.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "data": [{"object": "score", "index": i, "score": v} for i, v in enumerate(scores)]}
+
     async def _complete(served: Served, req: _Request, ids: list[int], max_tokens: int | None, *, chat: bool,
                         echo: str | None = None):
         if req.n > settings.max_n:
@@ -793,6 +855,24 @@ def _text(content, index: int) -> str:
             raise ApiError(400, f"{where}.text: {err}", param=where, code="invalid_value") from None
         texts.append(text)
     return "".join(texts)
+
+
+def _score_conversations(convs: list[list[ChatMessage]], param: str) -> list[list[dict]]:
+    """Each conversation as plain messages (``developer`` as ``system``), checked to be prompt turns
+    followed by one non-empty assistant reply: what a reward model was trained to score."""
+    out = []
+    for i, conv in enumerate(convs):
+        where = param if param == "messages" else f"input[{i}]"
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": _text(m.content, j)} for j, m in enumerate(conv)]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise ApiError(400, f"{where}: give the prompt's messages, then the assistant's reply to score as the "
+                           "last message (non-empty)", param=where, code="invalid_messages")
+        if not any(m["content"].strip() for m in messages[:-1] if m["role"] != "assistant"):
+            raise ApiError(400, f"{where}: the prompt is empty (no system, user or tool text before the reply)",
+                           param=where, code="invalid_messages")
+        out.append(messages)
+    return out
 
 
 # pydantic's names for the member of a union an error came from (``str``, ``list[...]``,

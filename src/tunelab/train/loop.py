@@ -112,7 +112,8 @@ class LoopSetup:
     # called after every evaluation with the step and the metrics (eval_loss, accuracy...): sweeps report
     # intermediate values there and may raise to prune the run
     on_eval: Callable[[int, dict[str, Any]], None] | None = None
-    # extra values for each train record (objectives: per-term penalties, the distillation KL)
+    # extra values for each train record (objectives: per-term penalties, the distillation KL; a loss's own, such
+    # as the preference pair metrics); called on every process at each train record, so it may all-reduce
     step_metrics: Callable[[], dict[str, float]] | None = None
     # micro-batches run at once in worker threads (one CPU process; tunelab.train.build.micro_batch_threads)
     micro_batch_threads: int = 1
@@ -339,13 +340,14 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- log --------------------------------------------------------------------
                 now = time.perf_counter()
                 tps = tokens_window / max(now - t_window, 1e-9)
-                if acc.is_main_process and (step % cfg.log_every == 0 or step == s.total_steps or not finite):
-                    record = {"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                              "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
-                              "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2),
-                              **_step_extras(s, by_dataset, penalty_value, finite)}
-                    _log_train(s, record)
-                    tokens_window, t_window = 0, now
+                if step % cfg.log_every == 0 or step == s.total_steps or not finite:  # the same on every process
+                    extras = _step_extras(s, by_dataset, penalty_value, finite)  # everywhere: it may all-reduce
+                    if acc.is_main_process:
+                        record = {"kind": "train", "step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                                  "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": step_tokens,
+                                  "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t_start, 2), **extras}
+                        _log_train(s, record)
+                        tokens_window, t_window = 0, now
                 progress.update(task, completed=step, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
                     stop_reason = "diverged"

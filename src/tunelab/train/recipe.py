@@ -124,8 +124,11 @@ def _step_statistics(c: Components):
 
 
 def _step_metrics(c: Components):
-    """Each train record's extra values: the objectives' terms and the loss's own (preference rewards)."""
-    parts = [f for f in (c.keep.metrics if c.keep else None, getattr(c.loss_module, "take_train_metrics", None)) if f]
+    """Each train record's extra values: the objectives' terms and the loss's own (preference rewards, summed
+    over the processes: the loop calls this on every process)."""
+    loss_metrics = getattr(c.loss_module, "take_train_metrics", None)
+    parts = [f for f in (c.keep.metrics if c.keep else None,
+                         (lambda: loss_metrics(c.accelerator)) if loss_metrics else None) if f]
     if not parts:
         return None
     return lambda: {k: v for f in parts for k, v in f().items()}
