@@ -11,7 +11,9 @@ imports the evaluation code:
 * :func:`trained_evaluations`: the run's own end-of-training classification metrics
   (``summary.json``'s ``eval_metrics``, per task for a multi-task run), which the report shows;
 * :func:`tradeoff_rows` and :data:`TRADEOFF_HEADERS`: the trade-off table of a
-  ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report.
+  ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report;
+* :func:`baseline_verdict`: the sentence saying whether a model beat the TF-IDF baseline of an
+  evaluation (``versus_baseline``), in the terminal and in the report.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 
 from tunelab import metrics_log
 
-__all__ = ["TRADEOFF_HEADERS", "eval_headlines", "fmt_change", "fmt_value", "label_prompts", "read_json", "run_row",
+__all__ = ["TRADEOFF_HEADERS", "baseline_verdict", "eval_headlines", "fmt_change", "fmt_value", "label_prompts", "read_json", "run_row",
            "trained_evaluations", "tradeoff_rows"]
 
 
@@ -169,3 +171,20 @@ def tradeoff_rows(doc: dict[str, Any]) -> list[list[str]]:
                     cell(r["metric"], r.get("base")), cell(r["metric"], r.get("tuned")), fmt_change(r["metric"], r.get("change"), r.get("change_ci")), verdict,
                     str((r.get("tuned") or r.get("base") or {}).get("n", "-"))])
     return out
+
+
+def baseline_verdict(versus: dict[str, Any]) -> str:
+    """One plain sentence from an evaluation's ``versus_baseline`` (``tunelab eval``, the report): does the scored
+    model beat the TF-IDF + logistic-regression baseline, by how many accuracy points, and is it significant."""
+    pts = versus["difference"] * 100
+    sig = "significant" if versus["significant"] else "not significant"
+    ci = f"{versus['confidence']:.0%} CI [{versus['ci_low'] * 100:+.1f}, {versus['ci_high'] * 100:+.1f}] points"
+    who = "The tuned model" if versus["system"] == "tuned" else f"The {versus['system']}"
+    if pts > 0:
+        head = f"{who} beats the TF-IDF + logistic-regression baseline by {pts:.1f} accuracy points"
+    elif pts == 0:
+        head = f"{who} does not beat the TF-IDF + logistic-regression baseline: the same accuracy"
+    else:
+        head = f"{who} does NOT beat the TF-IDF + logistic-regression baseline: {-pts:.1f} accuracy points below it"
+    return (f"{head} ({versus['mean_b']:.1%} vs {versus['mean_a']:.1%}, {ci}, McNemar p = {versus['p_value']:.3g}, "
+            f"{sig}).")
