@@ -159,8 +159,8 @@ def test_sklearn_logistic_regression_head(tmp_path, isolated_cache):
                            for ids in tok([r["text"] for r in rows])["input_ids"]]).double().numpy()
     y = [labels.index(r["label_text"]) for r in rows]
     ref = LogisticRegression(C=10.0, max_iter=1000).fit(feats, y)
-    with torch.no_grad():
-        probs = out.model.score(torch.tensor(feats, dtype=torch.float32)).softmax(-1).double().numpy()
+    with torch.no_grad():  # eval mode: the head's dropout off
+        probs = out.model.eval().score(torch.tensor(feats, dtype=torch.float32)).softmax(-1).double().numpy()
     assert (probs.argmax(1) == ref.predict(feats)).all()
     assert probs == pytest.approx(ref.predict_proba(feats), abs=1e-4)
 
