@@ -161,3 +161,23 @@ def test_a_run_whose_training_file_is_gone_skips_the_baseline_with_the_fix(tmp_p
     assert BASELINE not in doc["systems"] and "versus_baseline" not in doc
     out = capsys.readouterr().out
     assert f"{BASELINE} skipped" in out and "Pass --train FILE" in out
+
+
+def test_the_eval_section_after_training_scores_the_baseline_and_the_report_says_it(tmp_path):
+    """`eval: {baselines: true}` on a head run: after training, tfidf-lr on the eval file with the paired test,
+    fitted on the run's training split (data.eval_ratio held a fifth out), and the report's sentence."""
+    from test_classification import cls_config, run, tiny_bert, write_task
+    from tunelab.rundocs import baseline_verdict
+
+    cfg = cls_config(tmp_path, "head", {"name": "head", "dropout": 0.0}, model=str(tiny_bert(tmp_path / "bert")),
+                     train={"epochs": 2, "eval_every": 0}, n_train=60)
+    eval_file = str(write_task(tmp_path / "heldout.jsonl", 30, 5))
+    cfg["data"] = {**cfg["data"], "eval": [], "eval_ratio": 0.2}
+    cfg["eval"] = {"data": [eval_file], "baselines": True, "report": True}
+    out = run(tmp_path, cfg)
+    doc = json.loads((out.run_dir / "eval" / "heldout.json").read_text())
+    assert set(doc["systems"]) == {"tuned", BASELINE}  # an encoder base cannot be prompted: no base rows
+    assert doc["systems"][BASELINE]["metrics"]["baseline"]["train_rows"] == 48  # 60 rows, a fifth held out
+    assert doc["versus_baseline"]["n"] == doc["systems"]["tuned"]["metrics"]["head"]["n"]
+    page = (out.run_dir / "report.html").read_text(encoding="utf-8")
+    assert html.escape(baseline_verdict(doc["versus_baseline"]), quote=True) in page
