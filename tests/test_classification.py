@@ -176,6 +176,8 @@ def test_head_mlp_learns_only_head_changes_and_reloads(tmp_path):
     assert accs[-1] >= 0.9 and accs[-1] > accs[0] or accs[0] < 0.75 <= accs[-1], accs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_metrics"]["accuracy"] == accs[-1]
+    # a frozen backbone: its features were computed once and the head trained on them (method.cache_features)
+    assert json.loads((run_dir / "env.json").read_text())["features"]["rows"] > 0
 
     # the unknown eval label is a reject with its reason, not a silent drop
     rejects = [json.loads(line) for line in (run_dir / "rejects.jsonl").read_text().splitlines()]
@@ -283,6 +285,7 @@ def test_encoder_head_on_tiny_bert_mean_pooling(tmp_path):
                      train={"lr": 1e-2, "epochs": 5, "eval_every": 20}, n_train=64)
     out = run(tmp_path, cfg)
     assert out.model.spec.pooling == "mean"
+    assert "features" not in json.loads((out.run_dir / "env.json").read_text())  # a trained block: no feature cache
     blocks = out.model.backbone.encoder.layer
     assert all(p.requires_grad for p in blocks[1].parameters())
     assert not any(p.requires_grad for p in blocks[0].parameters())

@@ -141,8 +141,9 @@ def test_train_report_eval_dry_run_predict(tmp_path, case, capsys):
     cli("eval", run, "--data", eval_file, "--baselines")
     doc = json.loads((run / "eval" / "eval.json").read_text())
     systems = doc["systems"]
-    baselines = model.startswith("tiny-random")  # an encoder's base cannot answer a prompt: tuned only
-    assert set(systems) == ({"tuned", "base 0-shot", "base 3-shot"} if baselines else {"tuned"})
+    baselines = model.startswith("tiny-random")  # an encoder's base cannot answer a prompt: no base systems
+    assert set(systems) == ({"tuned", "base 0-shot", "base 3-shot", "tfidf-lr"} if baselines else {"tuned", "tfidf-lr"})
+    assert "versus_baseline" in doc
     for name, s in systems.items():
         assert {"accuracy", "macro_f1"} <= set(s["headline"]), name
     tuned = systems["tuned"]["headline"]
@@ -151,7 +152,8 @@ def test_train_report_eval_dry_run_predict(tmp_path, case, capsys):
     examples = [json.loads(x) for x in (run / "eval" / "eval.examples.jsonl").read_text().splitlines()]
     if task != "multitask" and baselines:  # every prompted system is asked with the prompt training rendered
         listed = ", ".join(sorted(class_names(n_labels)))  # the run's label order: sorted names
-        asked = [x for x in examples if x["system"] != "tuned" or task == "generative_classification"]
+        asked = [x for x in examples if x["system"] != "tfidf-lr"  # the classical baseline reads the plain text
+                 and (x["system"] != "tuned" or task == "generative_classification")]
         assert asked and all(x["prompt"].startswith(f"Pick one of {listed} for: ") for x in asked)
     cli("report", run)
     assert "Classification: eval" in (run / "report.html").read_text()

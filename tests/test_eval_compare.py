@@ -58,3 +58,8 @@ def test_compare_cli_on_two_runs(tmp_path, capsys):
     assert doc["n"] == 6 and doc["task"] == "classification" and doc["test"] == "mcnemar-exact"
     assert doc["n_disagree"] == len(doc["disagreements"])
     assert all(d["a"] != d["b"] for d in doc["disagreements"])
+    # the TF-IDF baseline, fitted on run A's training data, tested against each side on the same examples
+    base = doc["baseline"]
+    assert base["name"] == "tfidf-lr" and base["a"]["n"] == base["b"]["n"] == 6
+    assert base["a"]["mean_b"] == doc["mean_a"] and base["b"]["mean_b"] == doc["mean_b"]
+    assert "against tfidf-lr" in out

@@ -22,8 +22,11 @@ def test_generative_classification_with_baselines(tmp_path):
     req = EvalRequest(data=[str(data)], baselines=True, few_shot=2, generation=GenerationSettings(max_new_tokens=2))
     [doc] = evaluate(run, req)
     assert doc["task"] == "classification" and doc["data"]["labels"] == sorted(LABELS)
-    assert list(doc["systems"]) == ["tuned", "base 0-shot", "base 2-shot"]
-    for system in doc["systems"].values():
+    assert list(doc["systems"]) == ["tuned", "base 0-shot", "base 2-shot", "tfidf-lr"]
+    assert doc["systems"]["tfidf-lr"]["metrics"]["primary"] == "tfidf" and "versus_baseline" in doc
+    for name, system in doc["systems"].items():
+        if name == "tfidf-lr":  # the classical baseline (tests/test_eval_baseline.py)
+            continue
         m = system["metrics"]
         for mode in ("constrained", "generated"):  # side by side
             assert set(m[mode]["per_class"]) == set(LABELS) and m[mode]["n"] == 6
@@ -31,8 +34,8 @@ def test_generative_classification_with_baselines(tmp_path):
         assert m["constrained"]["n_unparsed"] == 0  # constrained scoring always names a label
         assert system["headline"]["accuracy"] == m["generated"]["accuracy"]
     rows = [json.loads(x) for x in (run / "eval" / "cls.examples.jsonl").read_text().splitlines()]
-    assert len(rows) == 18 and {r["system"] for r in rows} == set(doc["systems"])
-    assert all(r["constrained"] in LABELS and r["score"] in (0.0, 1.0) for r in rows)
+    assert len(rows) == 24 and {r["system"] for r in rows} == set(doc["systems"])
+    assert all(r["constrained"] in LABELS and r["score"] in (0.0, 1.0) for r in rows if r["system"] != "tfidf-lr")
     assert json.loads((run / "eval" / "cls.json").read_text())["settings"]["few_shot"] == 2
 
 

@@ -14,7 +14,9 @@ imports the evaluation code:
   run over its steps (``metrics.jsonl``: margin, pair accuracy, rewards...), for the report's plots
   and the registry's ``pair_accuracy``;
 * :func:`tradeoff_rows` and :data:`TRADEOFF_HEADERS`: the trade-off table of a
-  ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report.
+  ``forgetting.json`` (base vs tuned, with intervals), shown in the terminal and in the report;
+* :func:`baseline_verdict`: the sentence saying whether a model beat the TF-IDF baseline of an
+  evaluation (``versus_baseline``), in the terminal and in the report.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import yaml
 
 from tunelab import metrics_log
 
-__all__ = ["PAIR_METRICS", "TRADEOFF_HEADERS", "eval_headlines", "final_pair_metrics", "fmt_change", "fmt_value",
-           "label_prompts", "pair_history", "read_json", "run_row", "trained_evaluations", "tradeoff_rows"]
+__all__ = ["PAIR_METRICS", "TRADEOFF_HEADERS", "baseline_verdict", "eval_headlines", "final_pair_metrics", "fmt_change",
+           "fmt_value", "label_prompts", "pair_history", "read_json", "run_row", "trained_evaluations", "tradeoff_rows"]
 
 
 def read_json(path: Path) -> Any:
@@ -210,3 +212,20 @@ def tradeoff_rows(doc: dict[str, Any]) -> list[list[str]]:
                     cell(r["metric"], r.get("base")), cell(r["metric"], r.get("tuned")), fmt_change(r["metric"], r.get("change"), r.get("change_ci")), verdict,
                     str((r.get("tuned") or r.get("base") or {}).get("n", "-"))])
     return out
+
+
+def baseline_verdict(versus: dict[str, Any]) -> str:
+    """One plain sentence from an evaluation's ``versus_baseline`` (``tunelab eval``, the report): does the scored
+    model beat the TF-IDF + logistic-regression baseline, by how many accuracy points, and is it significant."""
+    pts = versus["difference"] * 100
+    sig = "significant" if versus["significant"] else "not significant"
+    ci = f"{versus['confidence']:.0%} CI [{versus['ci_low'] * 100:+.1f}, {versus['ci_high'] * 100:+.1f}] points"
+    who = "The tuned model" if versus["system"] == "tuned" else f"The {versus['system']}"
+    if pts > 0:
+        head = f"{who} beats the TF-IDF + logistic-regression baseline by {pts:.1f} accuracy points"
+    elif pts == 0:
+        head = f"{who} does not beat the TF-IDF + logistic-regression baseline: the same accuracy"
+    else:
+        head = f"{who} does NOT beat the TF-IDF + logistic-regression baseline: {-pts:.1f} accuracy points below it"
+    return (f"{head} ({versus['mean_b']:.1%} vs {versus['mean_a']:.1%}, {ci}, McNemar p = {versus['p_value']:.3g}, "
+            f"{sig}).")

@@ -9,7 +9,11 @@ per-example scores are paired by example id, and :func:`paired_test` reports
   questions; scipy's binomial test on the discordant pairs), else the paired bootstrap's
   two-sided p-value (the share of resampled differences of the centred data at least as
   extreme as the observed one);
-* the examples where the two disagree.
+* the examples where the two disagree;
+* on classification data, the TF-IDF + logistic-regression baseline
+  (:mod:`tunelab.eval.classical`, trained on run A's training split, else run B's, or on
+  ``--train FILE``) scored on the same examples, and each of A and B tested against it the same
+  way (``baseline`` in the result).
 
 The result is written to ``<run A>/eval/compare-<A>-vs-<B>-<source>.json``; ``tunelab
 report`` shows it.
@@ -19,54 +23,31 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
-from scipy.stats import binomtest
 
 from tunelab.errors import UserError
+from tunelab.eval.classical import BASELINE
+from tunelab.eval.metrics import paired_test
 from tunelab.fsutil import atomic_write_text
 
 __all__ = ["compare", "paired_test"]
 
 
-def paired_test(a: list[float], b: list[float], *, binary: bool | None = None, n_resamples: int = 5000,
-                confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Paired difference ``mean(b) - mean(a)`` with a bootstrap interval and a p-value (see the module docstring)."""
-
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape or x.size == 0:
-        raise UserError(f"compare: need the same, non-zero number of paired scores (got {x.size} and {y.size})")
-    if binary is None:
-        binary = bool(np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all())
-    d = y - x
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.size, size=(n_resamples, d.size))
-    boot = d[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    out: dict[str, Any] = {"n": int(d.size), "mean_a": float(x.mean()), "mean_b": float(y.mean()),
-                           "difference": float(d.mean()), "ci_low": float(np.quantile(boot, alpha)),
-                           "ci_high": float(np.quantile(boot, 1 - alpha)), "confidence": confidence}
-    if binary:
-        b_only = int(((x == 0) & (y == 1)).sum())  # B right, A wrong
-        a_only = int(((x == 1) & (y == 0)).sum())
-        p = 1.0 if a_only + b_only == 0 else float(binomtest(b_only, a_only + b_only, 0.5).pvalue)
-        out.update(test="mcnemar-exact", a_only_correct=a_only, b_only_correct=b_only, p_value=p)
-    else:
-        centred = (d - d.mean())[idx].mean(axis=1)
-        p = float((np.abs(centred) >= abs(d.mean()) - 1e-12).mean())
-        out.update(test="paired-bootstrap", p_value=max(p, 1.0 / n_resamples))
-    out["significant"] = out["p_value"] < 1 - confidence
-    return out
-
-
-def _examples(doc: dict[str, Any]) -> dict[str, dict]:
+def _examples(doc: dict[str, Any], system: str) -> dict[str, dict]:
+    """One system's rows of an evaluation's examples file, by example id."""
     path = Path(str(doc["path"])[: -len(".json")] + ".examples.jsonl")
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {r["id"]: r for r in rows}
+    return {r["id"]: r for r in rows if r.get("system", system) == system}
+
+
+def _is_run(target: str | Path) -> bool:
+    p = Path(target)
+    return (p / "config.yaml").is_file() or (p / "tunelab.json").is_file() and (p.parent / "config.yaml").is_file()
 
 
 def _disagree(ra: dict, rb: dict) -> bool:
@@ -89,11 +70,16 @@ def compare(target_a: str | Path, target_b: str | Path, req, *, checkpoint: str 
         name_b += "-b"
     scratch = Path(out) if out else (Path(target_a) / "eval" if (Path(target_a) / "config.yaml").is_file()
                                      else Path("eval_results"))
-    docs_a = evaluate(target_a, req, checkpoint=checkpoint, out_dir=scratch / f"compare-{name_a}", console=console)
-    docs_b = evaluate(target_b, req, checkpoint=checkpoint, out_dir=scratch / f"compare-{name_b}", console=console)
+    # the TF-IDF baseline is scored once, beside the target whose training data it can be fitted on
+    fit_on = "a" if req.train or _is_run(target_a) else "b" if _is_run(target_b) else None
+    docs_a = evaluate(target_a, replace(req, tfidf=fit_on == "a", train=req.train if fit_on == "a" else None),
+                      checkpoint=checkpoint, out_dir=scratch / f"compare-{name_a}", console=console)
+    docs_b = evaluate(target_b, replace(req, tfidf=fit_on == "b", train=req.train if fit_on == "b" else None),
+                      checkpoint=checkpoint, out_dir=scratch / f"compare-{name_b}", console=console)
     results = []
     for da, db in zip(docs_a, docs_b, strict=True):
-        ea, eb = _examples(da), _examples(db)
+        sys_a, sys_b = next(iter(da["systems"])), next(iter(db["systems"]))
+        ea, eb = _examples(da, sys_a), _examples(db, sys_b)
         ids = [i for i in ea if i in eb]
         test = paired_test([ea[i]["score"] for i in ids], [eb[i]["score"] for i in ids],
                            binary=da["task"] in ("classification", "benchmark"))
@@ -107,12 +93,31 @@ def compare(target_a: str | Path, target_b: str | Path, req, *, checkpoint: str 
                "b": {"target": str(target_b), "name": name_b, "headline": next(iter(db["systems"].values()))["headline"]},
                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **test,
                "n_disagree": len(disagreements), "disagreements": disagreements[:max_examples]}
+        baseline = _baseline(da if fit_on == "a" else db if fit_on == "b" else None, ea, eb, ids)
+        if baseline is not None:
+            doc["baseline"] = baseline
         path = scratch / f"compare-{name_a}-vs-{name_b}-{da['name']}.json"
         atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         doc["path"] = str(path)
         results.append(doc)
         _print(doc, console)
     return results
+
+
+def _baseline(doc: dict | None, ea: dict[str, dict], eb: dict[str, dict], ids: list[str]) -> dict[str, Any] | None:
+    """The TF-IDF baseline's figures on the paired examples and A's and B's paired tests against it (difference =
+    the system's accuracy - the baseline's)."""
+    if doc is None or BASELINE not in doc["systems"]:
+        return None
+    eo = _examples(doc, BASELINE)
+    both = [i for i in ids if i in eo]
+    if not both:
+        return None
+    base = [eo[i]["score"] for i in both]
+    return {"name": BASELINE, "description": doc["systems"][BASELINE]["description"],
+            "headline": doc["systems"][BASELINE]["headline"],
+            "a": paired_test(base, [ea[i]["score"] for i in both], binary=True),
+            "b": paired_test(base, [eb[i]["score"] for i in both], binary=True)}
 
 
 def _shown(row: dict) -> Any:
@@ -130,6 +135,16 @@ def _print(doc: dict, console: Console) -> None:
                   f"[{doc['ci_low']:+.4f}, {doc['ci_high']:+.4f}]", f"{doc['p_value']:.3g}", doc["test"],
                   str(doc["n_disagree"]))
     console.print(table)
+    if doc.get("baseline"):
+        b = doc["baseline"]
+        base_table = Table(title=f"against {b['name']}: {b['description']}")
+        for col in ("system", "accuracy", f"{b['name']}", "system - baseline", f"{doc['confidence']:.0%} CI", "p"):
+            base_table.add_column(col, justify="right")
+        for side in ("a", "b"):
+            t = b[side]
+            base_table.add_row(side.upper(), f"{t['mean_b']:.4f}", f"{t['mean_a']:.4f}", f"{t['difference']:+.4f}",
+                               f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]", f"{t['p_value']:.3g}")
+        console.print(base_table)
     verdict = "significant" if doc["significant"] else "not significant"
     console.print(f"A = {doc['a']['target']}, B = {doc['b']['target']}: the difference is [bold]{verdict}[/] "
                   f"at the {1 - doc['confidence']:.2f} level. Written: {doc['path']}")

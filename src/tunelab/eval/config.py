@@ -52,7 +52,9 @@ class EvalSection(_Strict):
     labels: list[str] | None = Field(None, description="Classification label set (default: the labels found in the data).")
     limit: int | None = Field(None, ge=1, description="Score at most this many rows of each eval.data file (first rows).")
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list, description="Multiple-choice benchmarks to score.")
-    baselines: bool = Field(False, description="Also score the base model zero-shot and few-shot (eval.few_shot training examples in the prompt).")
+    baselines: bool = Field(False, description="Also score the base model zero-shot and few-shot (eval.few_shot training "
+                            "examples in the prompt) and, on classification data, TF-IDF + logistic regression trained "
+                            "on the run's training split, with the paired test of the tuned model against it.")
     few_shot: int = Field(3, ge=1, le=32, description="Training examples in the prompt of the few-shot baseline.")
     checkpoint: Literal["final", "best"] = Field("final", description="Which weights of the run to score.")
     max_new_tokens: int = Field(64, ge=1, description="Generation length limit.")

@@ -6,7 +6,12 @@ multiple-choice benchmark) it scores each *system* and writes one result file:
 * ``tuned`` (or ``model`` for a plain model): the target itself;
 * with ``baselines``: ``base 0-shot`` (the base model the run was tuned from) and
   ``base k-shot`` (the base model with ``few_shot`` training examples of the run shown as
-  earlier turns of the conversation), so the table answers "did tuning beat prompting?".
+  earlier turns of the conversation), so the table answers "did tuning beat prompting?";
+  and on classification data ``tfidf-lr`` (:mod:`tunelab.eval.classical`: TF-IDF + logistic
+  regression trained on the run's own training split, or on ``train``), with the paired test
+  of the target against it (``versus_baseline`` in the result), so the table also answers
+  "did tuning beat a ten-second classical model?". A plain model (not a run) gets only
+  ``tfidf-lr``, and only with ``train``.
 
 Results go to ``<run>/eval/<source>.json`` (metrics per system, settings, data counts) and
 ``<run>/eval/<source>.examples.jsonl`` (one line per example and system: prompt, reference,
@@ -30,15 +35,17 @@ from rich.table import Table
 
 from tunelab.data.formats import read_records, summarize_rejects
 from tunelab.data.tasks import generative_records
-from tunelab.errors import UserError
+from tunelab.errors import UserError, first_line
 from tunelab.eval import tasks as eval_kinds
 from tunelab.eval.choice import load_benchmark
+from tunelab.eval.classical import BASELINE, describe, score_baseline, training_text
 from tunelab.eval.generate import GenerationSettings
+from tunelab.eval.metrics import paired_test
 from tunelab.eval.tasks import detect_task, gold_label, label_set
 from tunelab.fsutil import atomic_write_text
 from tunelab.models.classifier import is_decoder
 from tunelab.objectives.classification import answer_budget
-from tunelab.rundocs import label_prompts
+from tunelab.rundocs import baseline_verdict, label_prompts
 from tunelab.ship.inference import SCORE, base_model_folder, load_for_inference, select_task, weights_folder
 
 __all__ = ["BenchmarkRequest", "EvalRequest", "evaluate", "headline", "load_target"]
@@ -71,6 +78,8 @@ class EvalRequest:
     modes: tuple[str, ...] = ("constrained", "generated")
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the scored models are loaded in
     prompt: str | None = None  # classification: a template with {labels} and {text} (a run uses its own)
+    train: str | None = None  # the TF-IDF baseline's training file (default: the run's own training split)
+    tfidf: bool | None = None  # score the TF-IDF baseline on classification data (None: with ``baselines``)
 
 
 @dataclass
@@ -351,11 +360,19 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                         "task": "benchmark", "bench": bench, "request": b})
 
     systems = [("tuned", None)]
+    tfidf = req.baselines if req.tfidf is None else req.tfidf
+    if req.train is not None and not tfidf:
+        raise UserError(f"--train: {req.train} is the TF-IDF baseline's training data, which only --baselines "
+                        "scores. Add --baselines")
     if req.baselines:
-        if run_dir is None:
+        if run_dir is None and req.train is None:
             raise UserError(f"--baselines: {target} is not a run directory, so it has no base model or training "
-                            "data to prompt with. Pass a run directory")
-        systems += [("base 0-shot", 0), (f"base {req.few_shot}-shot", req.few_shot)]
+                            "data. Pass a run directory, or --train FILE for the TF-IDF baseline alone")
+        if run_dir is not None:
+            systems += [("base 0-shot", 0), (f"base {req.few_shot}-shot", req.few_shot)]
+        else:
+            console.print(f"[yellow]--baselines[/]: {target} is not a run, so it has no base model to prompt: "
+                          f"only the TF-IDF baseline is scored (trained on {req.train})")
     results: dict[str, dict[str, Any]] = {s["name"]: {} for s in sources}
     examples: dict[str, list[dict]] = {s["name"]: [] for s in sources}
     base_loaded: Target | None = None
@@ -372,7 +389,7 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                     raise UserError(f"--baselines: {target} does not name its base model (no tunelab.json)")
                 if not _generates(base_id):
                     console.print(f"[yellow]--baselines: skipped[/]: the base model {base_id} is an encoder; it "
-                                  "cannot answer a prompt, so only the tuned model is scored")
+                                  "cannot answer a prompt, so the base model is not scored")
                     break
                 tuned.model = tuned.multitask = None  # free the tuned weights before loading the base
                 base_loaded = load_target(base_id, name="base", dtype=req.dtype)
@@ -401,6 +418,11 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                                            "headline": headline(s["task"], res["metrics"])}
             examples[s["name"]] += [{"system": sys_key, **x} for x in res["examples"]]
 
+    if tfidf:
+        for s in sources:
+            if s["kind"] == "data" and s["task"] == "classification":
+                _score_tfidf(s, run_dir, req, results[s["name"]], examples[s["name"]], console)
+
     written = []
     for s in sources:
         doc = {
@@ -413,6 +435,9 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
                          **({"benchmark": asdict(s["request"])} if s["kind"] == "benchmark" else {})},
             "systems": results[s["name"]],
         }
+        versus = _versus_baseline(results[s["name"]], examples[s["name"]])
+        if versus is not None:
+            doc["versus_baseline"] = versus
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / f"{s['name']}.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out / f"{s['name']}.examples.jsonl",
@@ -421,6 +446,39 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
         written.append(doc)
         print_result(doc, console)
     return written
+
+
+def _score_tfidf(s: dict[str, Any], run_dir: Path | None, req: EvalRequest, results: dict[str, Any],
+                 examples: list[dict], console: Console) -> None:
+    """The TF-IDF + logistic-regression system on one classification source (skipped, with the reason, when
+    there is no training data to fit it on)."""
+    t0 = time.perf_counter()
+    try:
+        train = training_text(run_dir, s["labels"], req.train, req.format)
+        res = score_baseline(train, s["records"], s["labels"])
+    except UserError as err:
+        console.print(f"[yellow]{BASELINE} skipped[/] on {s['name']}: {first_line(err)}")
+        return
+    res["metrics"]["seconds"] = round(time.perf_counter() - t0, 2)
+    results[BASELINE] = {"description": describe(res["metrics"]["baseline"]), "metrics": res["metrics"],
+                         "headline": headline("classification", res["metrics"])}
+    examples += [{"system": BASELINE, **x} for x in res["examples"]]
+    console.print(f"[bold]{BASELINE}[/]: {results[BASELINE]['description']}")
+
+
+def _versus_baseline(systems: dict[str, Any], examples: list[dict]) -> dict[str, Any] | None:
+    """The scored target against the TF-IDF baseline on the same examples: the accuracy difference (target -
+    baseline) with its paired-bootstrap interval and McNemar's exact p-value; None without the baseline."""
+    target = next((k for k in ("tuned", "model") if k in systems), None)
+    if BASELINE not in systems or target is None:
+        return None
+    by = {name: {x["id"]: x["score"] for x in examples if x["system"] == name} for name in (target, BASELINE)}
+    ids = [i for i in by[target] if i in by[BASELINE]]
+    if not ids:
+        return None
+    test = paired_test([by[BASELINE][i] for i in ids], [by[target][i] for i in ids], binary=True)
+    return {"system": target, "baseline": BASELINE, "metric": "accuracy", **test,
+            "beats_baseline": test["difference"] > 0}
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -446,6 +504,8 @@ def print_result(doc: dict[str, Any], console: Console) -> None:
     for name, s in doc["systems"].items():
         table.add_row(name, *[_fmt(k, s["headline"].get(k, "")) for k in keys])
     console.print(table)
+    if doc.get("versus_baseline"):
+        console.print(baseline_verdict(doc["versus_baseline"]), soft_wrap=True, markup=False)
     console.print(f"[dim]written: {doc['path']}[/]")
 
 
@@ -476,4 +536,5 @@ def request_from_options(o) -> EvalRequest:
                                       batch_size=o.batch_size),
         max_length=o.max_length, dtype=o.dtype,
         modes=("constrained", "generated") if o.mode == "both" else (o.mode,), prompt=o.prompt,
+        train=getattr(o, "train", None),
     )

@@ -57,6 +57,10 @@ class _EvalCommon(_Options):
         None, description="Classification on a model that is not a run: ask each row with this template ({labels}: "
         "the data's labels, comma-separated; {text}: the row's text). A run asks with the prompt it trained with.")
     limit: int | None = Field(None, ge=1, description="Score at most N rows / benchmark questions.")
+    train: str | None = Field(
+        None, description="Classification: the training file of the TF-IDF + logistic-regression baseline (default: "
+        "the run's own training split). Lets a model that is not a run be compared with the baseline.",
+        json_schema_extra={"cli": {"metavar": "FILE"}})
     benchmark: list[str] = Field(
         default_factory=list, description="A multiple-choice benchmark in the MMLU/CMMLU/C-Eval CSV layout.",
         json_schema_extra=_list("ZIP_OR_FOLDER"))
@@ -80,7 +84,8 @@ class EvalOptions(_EvalCommon):
     target: str = Field(description="A run directory, a weights folder, an alias, a HF folder or a .gguf file.",
                         json_schema_extra=POSITIONAL)
     baselines: bool = Field(False, description="Also score the base model zero-shot and few-shot (a run directory "
-                            "only).")
+                            "only) and, on classification data, TF-IDF + logistic regression trained on the run's "
+                            "training split (or --train FILE).")
     few_shot: int = field_of(EvalSection, "few_shot")
     out: str | None = Field(None, description="Folder for the results (default <run>/eval or eval_results/<name>).")
 

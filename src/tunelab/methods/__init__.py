@@ -30,6 +30,11 @@ Optional hooks (absent means "nothing special"):
 * ``memory_linear_from(cfg) -> int``: the smallest decoder depth from which the method's training
   memory grows linearly with depth (1 by default; more when only the top layers train, so nothing
   below them holds gradients or saved activations); the advisor's memory probes start there;
+* ``caches_features(cfg) -> bool``: the method leaves the classifier's backbone frozen and wants its
+  pooled features computed once (:mod:`tunelab.models.features`; ``head`` with ``unfreeze_top: 0``);
+* ``fit(model, cfg, features, labels, n_classes=, class_weight=, sample_weight=) -> str | None``: fits the
+  trained parameters on those features without the training loop (``head``'s ``fit: sklearn``);
+  returns what it did, or None when the loop is to train as usual;
 * ``load(folder, info, dtype) -> model``: rebuilds the tuned model from ``save``'s folder when a
   plain PEFT or transformers load cannot (own modules, a quantised base);
   :func:`tunelab.ship.inference.load_for_inference` calls it.
@@ -81,6 +86,18 @@ def lr_multiplier(cfg):
     """The method's per-parameter LR factor function, or None."""
     hook = getattr(get(cfg.name), "lr_multiplier", None)
     return hook(cfg) if hook else None
+
+
+def caches_features(cfg) -> bool:
+    """Whether the method wants the frozen backbone's features computed once (``caches_features`` hook)."""
+    hook = getattr(get(cfg.name), "caches_features", None)
+    return bool(hook(cfg)) if hook else False
+
+
+def fit(cfg, model, features, labels: list[int], **kwargs) -> str | None:
+    """The method's ``fit`` hook on the cached features (see the module docstring), or None: the loop trains."""
+    hook = getattr(get(cfg.name), "fit", None)
+    return hook(model, cfg, features, labels, **kwargs) if hook else None
 
 
 FACTS = {"VIRTUAL_TOKENS": False, "FUSED_KERNELS": True, "CLASSIFICATION": True, "CLASS_HEAD": False,

@@ -120,6 +120,8 @@ class SequenceClassifier(nn.Module):
         self.config.id2label = dict(enumerate(spec.labels))
         self.config.label2id = spec.label2id
         self.score = self._new_head()
+        # pooled features of known rows (tunelab.models.features.FeatureTable), set when the backbone is frozen
+        self.features = None
 
     def _new_head(self) -> ClassificationHead:
         s = self.spec
@@ -132,17 +134,31 @@ class SequenceClassifier(nn.Module):
         device = next(self.backbone.parameters()).device
         self.score = self._new_head().to(device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled output ``(batch, hidden)``: what the head reads."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.decoder:
             # positions count real tokens only: left padding then gives the same logits as right padding
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
         hidden = self.backbone(**kwargs).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.spec.pooling)
+        return pool(hidden, attention_mask, self.spec.pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pooled = self.features.lookup(input_ids, attention_mask) if self.features is not None else None
+        if pooled is None:  # no table, or a row it does not hold
+            pooled = self.pooled(input_ids, attention_mask)
         return self.score(pooled.to(self.score.out.weight.dtype))
+
+    def train(self, mode: bool = True) -> SequenceClassifier:
+        """A frozen backbone (nothing in it trains) stays in inference mode: it is a feature extractor, so its
+        dropout is off, and its features are the same in every epoch (what makes the feature cache exact)."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
 
     # Hugging Face-like surface used by PEFT, the recipe and the checkpoint code
     def get_input_embeddings(self) -> nn.Module:

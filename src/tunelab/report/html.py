@@ -3,8 +3,10 @@
 Everything is read from the run directories (and, for a run made by ``tunelab demo``, the
 demo's ``results.json`` and ``generations.jsonl`` two folders up):
 
-1. before vs after: the headline metrics of every system (base 0-shot, base k-shot, tuned)
-   of every evaluation in ``eval/``, and the demo's base/tuned figures;
+1. before vs after: the headline metrics of every system (base 0-shot, base k-shot, the TF-IDF
+   + logistic-regression baseline ``tfidf-lr``, tuned) of every evaluation in ``eval/``, with one
+   plain sentence saying whether the tuned model beats the TF-IDF baseline and by how many
+   points (``versus_baseline``), and the demo's base/tuned figures;
 2. the runs side by side when there are several;
 3. per run: config and data summary; train/validation loss and LR curves
    (``metrics.jsonl``); training's own evaluation of a classification run (``summary.json``:
@@ -38,6 +40,7 @@ from tunelab.report import plots
 from tunelab.rundocs import (
     PAIR_METRICS,
     TRADEOFF_HEADERS,
+    baseline_verdict,
     fmt_change,
     pair_history,
     run_row,
@@ -169,6 +172,8 @@ def _before_after(runs: list[Path]) -> Section:
             sec.blocks.append(Block("text", text=f"{run.name}: {doc['name']} ({doc['task']}, {doc.get('source', '')}, "
                                                  f"{doc.get('data', {}).get('evaluated') or doc['systems'][next(iter(doc['systems']))]['metrics'].get('n', '?')} examples)"))
             sec.blocks.append(Block("table", headers=["system", *keys], rows=rows))
+            if doc.get("versus_baseline"):
+                sec.blocks.append(Block("text", text=baseline_verdict(doc["versus_baseline"])))
         for name, m in trained_evaluations(run).items():
             sec.blocks.append(Block("text", text=f"{run.name}: training's own evaluation ({name}, step "
                                                  f"{m.get('step', '?')}, {m.get('n', '?')} examples of the eval data)."))
@@ -206,7 +211,9 @@ def _trained_blocks(run: Path, name: str, m: dict) -> list[Block]:
 
 
 def _ordered(systems: dict) -> list[tuple[str, dict]]:
-    return sorted(systems.items(), key=lambda kv: (0 if kv[0].startswith("base") else 1, kv[0]))
+    """Baselines first (the base model's, then the TF-IDF baseline), then the scored model."""
+    return sorted(systems.items(), key=lambda kv: (0 if kv[0].startswith("base") else 1 if kv[0] == "tfidf-lr"
+                                                   else 2, kv[0]))
 
 
 def _delta(key: str, a: Any, b: Any) -> str:
@@ -306,7 +313,7 @@ def _classification_blocks(run: Path, doc: dict) -> list[Block]:
     f1s: dict[str, dict[str, float]] = {}
     for name, s in _ordered(doc["systems"]):
         m = s["metrics"]
-        modes = [k for k in ("head", "constrained", "generated") if k in m]
+        modes = [k for k in ("head", "constrained", "generated", "tfidf") if k in m]
         if modes and name in ("tuned", "model"):
             out.append(Block("table", headers=["mode", "accuracy", "macro_f1", "micro_f1", "weighted_f1", "unparsed"],
                              rows=[[mode, fmt("accuracy", m[mode]["accuracy"]), fmt("f1", m[mode]["macro_f1"]),
@@ -399,6 +406,16 @@ def _ab_blocks(comps: list[dict]) -> list[Block]:
                          rows=[[c["name"], c["a"]["name"], c["b"]["name"], f"{c['mean_a']:.4f}", f"{c['mean_b']:.4f}",
                                 f"{c['difference']:+.4f}", f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
                                 f"{c['p_value']:.3g}", c["test"], "significant" if c["significant"] else "not significant"]]))
+        if c.get("baseline"):
+            b = c["baseline"]
+            out.append(Block("text", text=f"Against {b['name']} ({b['description']}), on the same examples:"))
+            out.append(Block("table", headers=["system", "accuracy", b["name"], "system - baseline", "CI", "p",
+                                               "verdict"], rows=[
+                [c[side]["name"], f"{t['mean_b']:.4f}", f"{t['mean_a']:.4f}", f"{t['difference']:+.4f}",
+                 f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]", f"{t['p_value']:.3g}",
+                 ("beats it" if t["difference"] > 0 else "does not beat it")
+                 + (", significant" if t["significant"] else ", not significant")]
+                for side, t in ((side, b[side]) for side in ("a", "b"))]))
         if c.get("disagreements"):
             out.append(Block("table", headers=["id", "reference", "A", "B"], rows=[
                 [d["id"], _short(d.get("reference"), 60), _short(d["a"], 80), _short(d["b"], 80)]
@@ -433,7 +450,7 @@ def _samples(run: Path, evals: list[dict], demo_gens: list[dict], n: int = 8) ->
 
 def _prediction(row: dict) -> str:
     """What a system answered: its generation, else its constrained or head label."""
-    for key in ("prediction", "constrained", "head"):
+    for key in ("prediction", "constrained", "head", "pred"):
         if row.get(key) is not None:
             return str(row[key])
     return ""

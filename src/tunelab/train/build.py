@@ -28,9 +28,11 @@ from rich.console import Console
 from tunelab import methods, tasks
 from tunelab.config import TuneConfig, dump_config
 from tunelab.data.batching import Plan
+from tunelab.data.tasks import class_weights, row_class
 from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
+from tunelab.models import features as model_features
 from tunelab.models.load import describe_model, load_tokenizer
 from tunelab.objectives.causal_lm import causal_lm_parts
 from tunelab.tasks import PreparedData
@@ -123,6 +125,40 @@ def build_model(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, loss_module, eval_extra
+
+
+def cached_features(cfg: TuneConfig, model: torch.nn.Module, data: PreparedData, pad_id: int, accelerator,
+                    console: Console, is_main: bool) -> dict[str, Any] | None:
+    """A frozen backbone's pooled features of every training and validation row, computed once (or read from
+    the cache) and attached to the classifier (:mod:`tunelab.models.features`), when the method asks for them
+    (``caches_features``) and nothing below the head trains; what happened (for ``env.json``), else None."""
+    if not methods.caches_features(cfg.method) or cfg.train.unfreeze is not None or not model_features.applies(model):
+        return None
+    model.to(accelerator.device)
+    info = model_features.attach(
+        model, data.train + data.eval, pad_id=pad_id, batch_size=max(32, cfg.train.batch_size),
+        settings={"pooling": model.spec.pooling, "max_length": cfg.data.max_length,
+                  "precision": str(accelerator.mixed_precision)},
+        autocast=accelerator.autocast, main_first=accelerator.main_process_first, console=console, is_main=is_main)
+    if is_main:
+        how = "read from the cache" if info["from_cache"] else f"computed in {info['seconds']:.1f} s"
+        console.print(f"features: the frozen backbone's pooled features of {info['rows']:,} rows {how} "
+                      f"({info['folder']}); the head trains on them")
+    return info
+
+
+def fit_without_loop(cfg: TuneConfig, model: torch.nn.Module, data: PreparedData) -> str | None:
+    """The method's ``fit`` hook on the training rows' cached features (``head``'s ``fit: sklearn``), or None."""
+    table = getattr(model, "features", None)
+    if table is None:
+        return methods.fit(cfg.method, model, None, [], n_classes=0)
+    labels = data.task.labels
+    index = [table.index[r.input_ids] for r in data.train]
+    weights = [r.weights[0] if r.weights else 1.0 for r in data.train]
+    return methods.fit(cfg.method, model, table.values[torch.tensor(index, device=table.values.device)],
+                       [row_class(r) for r in data.train], n_classes=len(labels),
+                       class_weight=class_weights(cfg.classification.class_weights, labels, data.task.label_counts),
+                       sample_weight=weights if any(r.weights for r in data.train) else None)
 
 
 def build_optimizer(model: torch.nn.Module, cfg, lr_multiplier=None) -> torch.optim.Optimizer:
@@ -273,8 +309,18 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     if cfg.objectives.replay is not None:  # experience replay: exact replay rows in every step (data/replay.py)
         data, plan = with_replay(cfg, tokenizer, data, plan, run if is_main else None, console, is_main,
                                  task_facts=task)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cached = cached_features(cfg, model, data, pad_id, accelerator, console, is_main)
+    if cached is not None:
+        env["features"] = cached
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method))
     scheduler, total_steps = build_schedule(cfg, optimizer, plan)
+    fitted = fit_without_loop(cfg, model, data)
+    if fitted is not None:  # the method fitted the trained weights itself: the loop runs no step
+        env["fit"] = fitted
+        total_steps = 0
+        if is_main:
+            console.print(f"method.fit: {fitted}; the training loop runs no step")
     unfreezing = None
     if t.unfreeze is not None:
         u = t.unfreeze
