@@ -423,6 +423,13 @@ def evaluate(target: str | Path, req: EvalRequest, *, checkpoint: str = "final",
             if s["kind"] == "data" and s["task"] == "classification":
                 _score_tfidf(s, run_dir, req, results[s["name"]], examples[s["name"]], console)
 
+    return _write_results(target, sources, results, examples, req, checkpoint, out, console)
+
+
+def _write_results(target, sources: list[dict[str, Any]], results: dict[str, dict[str, Any]],
+                   examples: dict[str, list[dict]], req: EvalRequest, checkpoint: str, out: Path,
+                   console: Console) -> list[dict[str, Any]]:
+    """One ``<source>.json`` (every system's metrics) and ``<source>.examples.jsonl`` per data source, printed."""
     written = []
     for s in sources:
         doc = {
