@@ -165,6 +165,10 @@ def test_train_report_eval_dry_run_predict(tmp_path, case, capsys):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == len(Path(eval_file).read_text().splitlines())
     assert all(("label" in r) != (task == "generative_classification") for r in rows)
+    if task == "generative_classification":  # predict asks each text with the prompt training rendered
+        listed = ", ".join(sorted(class_names(n_labels)))
+        assert all(r["messages"][-1]["content"].startswith(f"Pick one of {listed} for: ") for r in rows)
+        assert all(r["reference"] in class_names(n_labels) for r in rows)
 
 
 def test_eval_of_a_bare_model_asks_with_the_prompt_and_the_data_labels(tmp_path):

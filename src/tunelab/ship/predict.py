@@ -36,6 +36,7 @@ from rich.progress import (
 from tunelab.data import formats
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_text
+from tunelab.rundocs import label_prompts
 from tunelab.ship.inference import SCORE, Loaded, classify, generate_batch, load_for_inference, select_task
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -107,8 +108,20 @@ def _text_from(row: dict) -> tuple[str, Any]:
     raise ValueError("no text to classify: expected a non-empty text (or input/prompt) field")
 
 
-def read_items(path: Path, kind: str, system: str | None) -> tuple[list[Item], list[dict]]:
-    """Every usable row as an :class:`Item`, and a reject (with its reason) for every other row."""
+def _asked(row: dict, spec: dict[str, Any]) -> tuple[list[dict], Any]:
+    """A text row asked as a ``generative_classification`` run was trained: its prompt with {labels} and
+    {text} (the row's text), the label as the reference."""
+    text, reference = _text_from(row)
+    user = spec["prompt"].format(labels=", ".join(spec["labels"]), text=text)
+    return [{"role": "user", "content": user}], reference
+
+
+def read_items(path: Path, kind: str, system: str | None,
+               label_prompt: dict[str, Any] | None = None) -> tuple[list[Item], list[dict]]:
+    """Every usable row as an :class:`Item`, and a reject (with its reason) for every other row.
+
+    ``label_prompt`` (``{"labels", "prompt"}`` of a run trained to answer with a label): rows that are a
+    bare text (no chat) are asked with that prompt, as training asked them."""
 
     formats.check_file(path)
     items: list[Item] = []
@@ -122,8 +135,14 @@ def read_items(path: Path, kind: str, system: str | None) -> tuple[list[Item], l
             rejects.append({"row": index, "id": rid, "reason": "wrong_type", "detail": "the row is not an object",
                             "raw": str(row)[:500]})
             continue
+        chat = any(isinstance(row.get(k), list) for k in ("messages", "conversations")) or "instruction" in row
         try:
-            value, reference = _text_from(row) if kind == "classification" else _messages_from(row, system)
+            if kind == "classification":
+                value, reference = _text_from(row)
+            elif label_prompt is not None and not chat:
+                value, reference = _asked(row, label_prompt)
+            else:
+                value, reference = _messages_from(row, system)
         except (ValueError, KeyError, TypeError, IndexError) as err:
             reason = "bad_row" if isinstance(err, ValueError) else "malformed_turns"
             rejects.append({"row": index, "id": rid, "reason": reason, "detail": str(err),
@@ -176,7 +195,7 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
     if loaded.kind == SCORE:
         raise UserError(f"{loaded.description}: a reward model scores replies; it neither generates nor classifies. "
                         "Score pairs with: tunelab eval RUN --data PAIRS, or serve it (tunelab serve: POST /v1/score)")
-    items, rejects = read_items(data, loaded.kind, system)
+    items, rejects = read_items(data, loaded.kind, system, _label_prompt(target, loaded, task))
     rejects_file = out.with_name(out.name + ".rejects.jsonl") if rejects else None
     if rejects_file is not None:
         atomic_write_text(rejects_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
@@ -199,6 +218,19 @@ def predict(target: str | Path, data: str | Path, out: str | Path, *, checkpoint
             bar.update(task, advance=len(rows), rate=f"{rate:.2f} rows/s")
     return PredictSummary(out, len(items), done, written, len(rejects), rejects_file,
                           dict(sorted(_count(r["reason"] for r in rejects).items())))
+
+
+def _label_prompt(target: str | Path, loaded: Loaded, task: str | None) -> dict[str, Any] | None:
+    """The prompt a run that answers with a label (``generative_classification``, a multi-task run's such
+    task) was trained with, read from the run directory; None for a head, a chat model or a bare model."""
+    if loaded.kind == "classification":
+        return None
+    path = Path(target)
+    run = next((p for p in (path, path.parent) if (p / "config.yaml").is_file()), None)
+    specs = {n: s for n, s in (label_prompts(run) if run is not None else {}).items() if s.get("prompt")}
+    if task is not None and task in specs:
+        return specs[task]
+    return next(iter(specs.values())) if len(specs) == 1 else None
 
 
 def _count(values) -> dict[str, int]:
