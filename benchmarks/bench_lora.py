@@ -481,18 +481,22 @@ HEADERS = ("figure", "tunelab (ours)", "Trainer + PEFT (baseline)", "ours / base
 
 
 def print_table(result: dict) -> None:
+    w = result["workload"]
+    print_figures(f"LoRA benchmark: {w['model']}, {w['train_records']} train / {w['eval_records']} eval "
+                  f"records, max length {w['max_length']}", HEADERS, table_rows(result))
+
+
+def print_figures(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The figures as a rich table (first and last columns left-aligned, PASS / MISS coloured); the
+    other benchmark scripts print theirs through it too."""
     from rich.console import Console
     from rich.table import Table
 
-    w = result["workload"]
-    table = Table(title=f"LoRA benchmark: {w['model']}, {w['train_records']} train / {w['eval_records']} eval "
-                        f"records, max length {w['max_length']}")
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h in ("figure", "target") else "right")
-    for row in table_rows(result):
-        styled = list(row)
-        styled[4] = styled[4].replace("PASS", "[green]PASS[/]").replace("MISS", "[red]MISS[/]")
-        table.add_row(*styled)
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h in (headers[0], headers[-1]) else "right")
+    for row in rows:
+        table.add_row(*row[:-1], row[-1].replace("PASS", "[green]PASS[/]").replace("MISS", "[red]MISS[/]"))
     console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough for one line per figure
         console = Console(width=max(console.width, 140))

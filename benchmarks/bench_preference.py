@@ -376,20 +376,9 @@ HEADERS = ("figure", "tunelab (ours)", "TRL DPOTrainer", "ours / TRL", "target")
 
 
 def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     w = result["workload"]
-    table = Table(title=f"DPO LoRA benchmark: {w['model']}, {w['train_pairs']} train / {w['eval_pairs']} held-out "
-                        f"pairs, max length {w['max_length']}")
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h in ("figure", "target") else "right")
-    for row in table_rows(result):
-        table.add_row(*row[:4], row[4].replace("PASS", "[green]PASS[/]").replace("MISS", "[red]MISS[/]"))
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: wide enough for one line per figure
-        console = Console(width=max(console.width, 140))
-    console.print(table)
+    bl.print_figures(f"DPO LoRA benchmark: {w['model']}, {w['train_pairs']} train / {w['eval_pairs']} held-out "
+                     f"pairs, max length {w['max_length']}", HEADERS, table_rows(result))
     b, a = result["matmul_before"], result["matmul_after"]
     print(f"host matmul ({result['matmul_n']} x {result['matmul_n']}): bf16 {b['bf16']:,.1f} / fp32 {b['fp32']:,.1f} "
           f"GFLOP/s before, bf16 {a['bf16']:,.1f} / fp32 {a['fp32']:,.1f} after", flush=True)
