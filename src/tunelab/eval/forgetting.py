@@ -100,9 +100,12 @@ def task_metric(cfg, model, tokenizer, *, limit: int | None = None, batch_size: 
 
     console = console or Console(stderr=True)
     task = tasks.get(cfg.task)
+    if task.pair_metric:
+        return _pair_metric(cfg, model, tokenizer, limit=limit, batch_size=batch_size, confidence=confidence,
+                            console=console)
     if not task.continual:
-        raise UserError(f"task {cfg.task} (a class head) has no task metric here yet: forgetting and continual "
-                        "runs support sft, pretrain and generative_classification")
+        raise UserError(f"task {cfg.task} (a class head) has no task metric here yet: forgetting supports sft, "
+                        "pretrain, generative_classification and preference; continual runs the first three")
     prep = prepare_records(cfg, None, Console(quiet=True), True)
     records = prep.eval[:limit] if limit else prep.eval
     if not records:
@@ -126,6 +129,25 @@ def task_metric(cfg, model, tokenizer, *, limit: int | None = None, batch_size: 
                 "per_example": {str(i): (float(c), 1.0) for i, c in enumerate(correct)}}
     return _loss_metric(model, tokenizer, records, max_length=cfg.data.max_length, batch_size=batch_size,
                         confidence=confidence, console=console)
+
+
+def _pair_metric(cfg, model, tokenizer, *, limit: int | None, batch_size: int, confidence: float,
+                 console) -> dict[str, Any] | None:
+    """Pair accuracy on the run's held-out pairs: the chosen reply's summed log-probability above the
+    rejected one's (:func:`tunelab.eval.tasks.eval_pairs`, as ``tunelab eval`` scores a tuned generator)."""
+    from tunelab.eval.tasks import eval_pairs
+
+    prep = prepare_records(cfg, None, Console(quiet=True), True)
+    records = prep.eval[:limit] if limit else prep.eval
+    if not records:
+        return None
+    res = eval_pairs(_device_model(model), tokenizer, records, batch_size=batch_size,
+                     max_length=cfg.data.max_length, console=console)
+    correct = [e["score"] for e in res["examples"]]
+    lo, hi = wilson_interval(int(sum(correct)), len(correct), confidence)
+    return {"metric": "pair accuracy", "higher_is_better": True, "value": res["metrics"]["pair_accuracy"],
+            "ci_low": lo, "ci_high": hi, "n": len(correct),
+            "per_example": {str(e["id"]): (c, 1.0) for e, c in zip(res["examples"], correct, strict=True)}}
 
 
 def _loss_metric(model, tokenizer, records, *, max_length: int, batch_size: int, confidence: float,

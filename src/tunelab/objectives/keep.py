@@ -251,7 +251,9 @@ def _sampled_nll(loss_module: nn.Module, batch: dict[str, torch.Tensor], generat
     from tunelab.objectives.causal_lm import CausalLMLoss, chunked_cross_entropy_sum, plain_cross_entropy_sum
 
     if isinstance(loss_module, CausalLMLoss):
-        h, _, _, head = loss_module.target_hidden(**{k: v for k, v in batch.items() if k not in ("weights", "groups")})
+        # a preference row's tags (chosen / rejected spans) do not matter here: y is sampled at every labelled token
+        h, _, _, head = loss_module.target_hidden(**{k: v for k, v in batch.items()
+                                                     if k not in ("weights", "groups", "tags")})
         if h.shape[0] == 0:
             return h.sum() * 0.0, 0
         with torch.no_grad():

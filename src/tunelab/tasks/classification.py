@@ -22,6 +22,7 @@ class Classification:
     class_head = True
     labelled = True
     continual = False  # a new class head per task: nothing for the next stage to start from
+    pair_metric = False
     unused_parameters = False
     builds_without_data = True
 

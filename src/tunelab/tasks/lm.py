@@ -25,6 +25,7 @@ class CausalLMTask:
     class_head = False
     labelled = False
     continual = True
+    pair_metric = False
     unused_parameters = False
     builds_without_data = True
 

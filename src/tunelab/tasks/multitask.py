@@ -241,6 +241,7 @@ class MultiTask:
     class_head = True
     labelled = True
     continual = False
+    pair_metric = False
     unused_parameters = True  # a step trains one task's head: the others get no gradient
     builds_without_data = False  # its heads come from the tasks' label sets
 

@@ -126,6 +126,7 @@ class Preference(CausalLMTask):
     name = "preference"
     always_packed = True  # a row packs one pair: chosen and rejected, position ids restarting
     continual = False
+    pair_metric = True  # forgetting scores held-out pairs by the log-probability of each reply
     builds_without_data = False  # the advisor probes it as sft (the same decoder, one sequence per row)
 
     def rules(self, cfg) -> list[str]:
@@ -162,6 +163,7 @@ class Reward:
     class_head = True
     labelled = False
     continual = False
+    pair_metric = False  # a scalar head: no general loss to compare, so no forgetting block
     unused_parameters = False
     builds_without_data = False
 

@@ -42,6 +42,7 @@ class Task(Protocol):
     class_head: bool  # trains a new classification head (the `head` method applies; no distillation)
     labelled: bool  # rows carry a label from a label set read from the data
     continual: bool  # can be a stage of a continual run and has a task metric for forgetting
+    pair_metric: bool  # its rows are preference pairs: forgetting's task metric is held-out pair accuracy
     unused_parameters: bool  # a step may leave parameters without a gradient (DDP must be told)
     builds_without_data: bool  # its model needs nothing from the rows but a label set (the advisor's probes)
 
