@@ -39,14 +39,16 @@ Then label noise: with probability ``noise`` the label is replaced by a uniforml
 Predicting the most clicked category alone (ties to the most recent) scores clearly less
 (about 62-65%), and always predicting the majority class about 20-25%.
 
-Prompts are short (about 100-180 tokens with SmolLM2's chat template: ~118 on average in
-English, ~142 in Chinese) because the demo trains on a CPU. Each click shows the notice's
-category in brackets (the portal knows it), so what the model must learn is the rule. Half the rows (``zh_ratio``)
+Prompts are short (about 110-210 tokens with SmolLM2's chat template: ~137 on average in
+English, ~166 in Chinese) because the demo trains on a CPU. Each click shows the notice's
+category in brackets (the portal knows it), and the prompt ends with the portal's tally per
+category (most clicked first, ties newest first), so what the model must learn is the rule. Half the rows (``zh_ratio``)
 are in Chinese; the answer is always the English category name, and the allowed answers
 are listed in every prompt. Example English prompt (answer ``Export``: clause 2, although Financing was clicked most)::
 
     Firm: retail, small (42 staff), Zhejiang
     Clicks, newest first: Microloan program [Financing]; Overseas warehouse [Export]; Credit line notice [Financing]
+    Clicks per category: Financing 2, Export 1
     Which policy category to push next? Answer with one of: Tax relief, R&D subsidy, Talent, Export, Green, Financing
 
 Example Chinese prompt (answer ``R&D subsidy``: clause 4, Talent and R&D are tied at two
@@ -54,6 +56,7 @@ clicks each and the software default breaks the tie; the most recent click was T
 
     企业：软件，中型350人，四川
     点击（新→旧）：人才公寓 [Talent]、专利 [R&D subsidy]、招聘会 [Talent]、退税 [Tax relief]、研发 [R&D subsidy]
+    各类点击次数：Talent 2, R&D subsidy 2, Tax relief 1
     推荐（选一）：Tax relief, R&D subsidy, Talent, Export, Green, Financing
 """
 
@@ -285,21 +288,26 @@ def most_clicked_baseline(clicks: list[str]) -> str:
     return _BY_KEY[next(c for c in counts if counts[c] == top)].name
 
 
-def make_prompt(industry: str, size: str, region: str, employees: int, titles: list[str], lang: str) -> str:
-    """The user turn for one example. ``titles`` are already in ``lang``, newest first."""
+def make_prompt(industry: str, size: str, region: str, employees: int, titles: list[str], lang: str,
+                counts: list[tuple[str, int]] | None = None) -> str:
+    """The user turn for one example. ``titles`` are already in ``lang``, newest first; ``counts``
+    (category name, clicks), when given, adds the portal's per-category tally."""
     ind_en, ind_zh, _ = INDUSTRIES[industry]
+    tally = ", ".join(f"{name} {n}" for name, n in counts) if counts else ""
     size_en, size_zh, _, _ = SIZES[size]
     reg_en, reg_zh, _ = REGIONS[region]
     if lang == "zh":
         return (
             f"企业：{ind_zh}，{size_zh}{employees}人，{reg_zh}\n"
             f"点击（新→旧）：{'、'.join(titles)}\n"
+            + (f"各类点击次数：{tally}\n" if tally else "") +
             f"推荐（选一）：{_ANSWER_LIST}"
         )
     if lang == "en":
         return (
             f"Firm: {ind_en}, {size_en} ({employees} staff), {reg_en}\n"
             f"Clicks, newest first: {'; '.join(titles)}\n"
+            + (f"Clicks per category: {tally}\n" if tally else "") +
             f"Which policy category to push next? Answer with one of: {_ANSWER_LIST}"
         )
     raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
@@ -349,7 +357,9 @@ def _one_row(rng: random.Random, noise: float, zh_ratio: float) -> dict[str, Any
     # the portal knows each notice's category, and shows it: the model has to learn the rule's
     # clauses, not to guess which category a notice title belongs to
     shown = [f"{t} [{_BY_KEY[c].name}]" for t, c in zip(titles, clicks, strict=True)]
-    prompt = make_prompt(industry, size, region, employees, shown, lang)
+    # and the tally per category, most clicked first, ties newest first (Counter keeps first-seen order)
+    tally = [(_BY_KEY[c].name, n) for c, n in Counter(clicks).most_common()]
+    prompt = make_prompt(industry, size, region, employees, shown, lang, tally)
     return {
         "messages": [
             {"role": "user", "content": prompt},

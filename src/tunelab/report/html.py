@@ -162,6 +162,8 @@ def _before_after(runs: list[Path]) -> Section:
                 ["base (before)", *[fmt(k, res["base"].get(k)) for k in keys]],
                 ["tuned (after)", *[fmt(k, res["tuned"].get(k)) for k in keys]],
                 ["change", *[_delta(k, res["base"].get(k), res["tuned"].get(k)) for k in keys]],
+                *[[label, *[fmt(k, res[key].get(k)) for k in keys]] for key, label in
+                  (("tfidf", "TF-IDF + LR (no model)"), ("heuristic", "heuristic: most clicked")) if key in res],
             ]))
         evals, _ = _evaluations(run)
         for doc in evals:
