@@ -26,6 +26,7 @@ class CausalLMTask:
     labelled = False
     continual = True
     unused_parameters = False
+    shards = True
     builds_without_data = True
 
     def rules(self, cfg) -> list[str]:

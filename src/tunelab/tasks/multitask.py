@@ -241,6 +241,7 @@ class MultiTask:
     class_head = True
     labelled = True
     continual = False
+    shards = False  # several heads, steps training one of them: not tested under FSDP / ZeRO
     unused_parameters = True  # a step trains one task's head: the others get no gradient
     builds_without_data = False  # its heads come from the tasks' label sets
 

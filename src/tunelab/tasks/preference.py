@@ -126,6 +126,7 @@ class Preference(CausalLMTask):
     name = "preference"
     always_packed = True  # a row packs one pair: chosen and rejected, position ids restarting
     continual = False
+    shards = False  # a reference model (a copy, or the adapters switched off): not tested under FSDP / ZeRO
     builds_without_data = False  # the advisor probes it as sft (the same decoder, one sequence per row)
 
     def rules(self, cfg) -> list[str]:
@@ -163,6 +164,7 @@ class Reward:
     labelled = False
     continual = False
     unused_parameters = False
+    shards = False  # a reward model is a class head; not tested under FSDP / ZeRO yet
     builds_without_data = False
 
     def rules(self, cfg) -> list[str]:
