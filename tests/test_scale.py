@@ -258,3 +258,103 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
     with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu is 8 in .*ds.json, but train.batch_size "
                                         r"gives 2"):
         deepspeed_config(cfg, world=2, precision="fp32")
+
+
+# ---------------------------------------------------------------------------- memory per rank (tunelab advise)
+
+
+def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> None:
+    """One rank of a 2-rank FSDP2 run of two full fine-tuning steps; its peak of live tensor bytes (the
+    advisor's measure: TensorMemory counts a DTensor as its local shard) written to ``out/<rank>``."""
+    import torch.distributed as dist
+
+    from tunelab.search.advise import build_for_training, synthetic_batch
+    from tunelab.search.memory import TensorMemory, model_tensors
+    from tunelab.train.build import build_optimizer
+    from tunelab.train.engines import FSDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = _advise_cfg(model)
+    model_, loss, _ = build_for_training(cfg, "fp32")
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0)
+    FSDP(cfg, acc, "fp32").shard(loss)
+    optimizer = build_optimizer(model_, cfg.train)
+    batch = synthetic_batch(cfg, 2048)
+    tracker = TensorMemory()
+    tracker.track(model_tensors(model_, optimizer))
+    with tracker:
+        for _ in range(2):
+            out_ = loss(**batch)
+            (out_.total / out_.count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    Path(out, str(rank)).write_text(str(tracker.peak))
+    dist.destroy_process_group()
+
+
+def _advise_cfg(model: str):
+    from tunelab.config import load_config
+
+    return load_config(None, base={
+        "model": {"path": model}, "method": {"name": "full"}, "data": {"train": [{"path": "unused.jsonl"}],
+                                                                       "max_length": 64},
+        "train": {"batch_size": 2, "precision": "fp32", "max_grad_norm": None, "distributed": "fsdp",
+                  "processes": 2}})[0]
+
+
+@pytest.mark.slow
+def test_fsdp_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
+    """`tunelab advise`'s per-rank memory for FSDP with 2 processes, from its 1-process probes, against two real
+    FSDP2 ranks' peak of live tensors (a 6-layer Llama whose layers hold most of the weights)."""
+    import torch.multiprocessing as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.search.advise import Probes, estimate_with_layer, per_rank
+    from tunelab.train.launch import free_port
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                     ).save_pretrained(folder)
+    cfg = _advise_cfg(str(folder))
+    probes = Probes(str(folder))
+    try:
+        single, _, _, layer = estimate_with_layer(cfg, "full", probes, precision="fp32", checkpointing=False)
+    finally:
+        probes.close()
+    predicted = {e: per_rank(single, layer, 6, e, 2, "cpu").peak for e in ("ddp", "fsdp")}
+    mp.spawn(_fsdp_rank_peak, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
+    measured = max(int((tmp_path / str(r)).read_text()) for r in (0, 1))
+    assert abs(predicted["fsdp"] / measured - 1) < 0.20, (predicted, measured)
+    assert measured < 0.8 * predicted["ddp"]  # sharding measurably lowers the rank's peak
+
+
+def test_a_failing_rank_on_another_node_is_named_with_its_host(tmp_path, monkeypatch, capsys):
+    """Node 1 of 2 (one rank: global rank 1) fails: its launcher stops and names the rank and this host."""
+    import socket
+
+    from tunelab.train import launch
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$RANK" = 1 ] && [ "$WORLD_SIZE" = 2 ] && [ "$MASTER_PORT" = 29999 ]; then exit 3; fi\n'
+                    'sleep 120\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    nodes = launch.Nodes(nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=29999)
+    assert launch.run_processes(["train", "x.yaml"], 1, nodes=nodes) == 3
+    err = capsys.readouterr().err
+    assert f"process 1 of 2 on host {socket.gethostname()} (node 1) stopped with exit code 3" in err
+
+
+@pytest.mark.parametrize("nodes,expected", [
+    ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank 2 with --nnodes 2"),
+    ({"nnodes": 2, "node_rank": 0}, "--nnodes 2 needs --master-port"),
+])
+def test_bad_node_flags_are_one_line(nodes, expected):
+    from tunelab.errors import UserError
+    from tunelab.train import launch
+
+    with pytest.raises(UserError, match=expected):
+        launch.run_processes(["train", "x.yaml"], 1, nodes=launch.Nodes(**nodes))

@@ -36,6 +36,8 @@ class TensorMemory(TorchDispatchMode):
     def _count(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type != self.device or t.is_meta:
             return
+        if hasattr(t, "to_local") and hasattr(t, "device_mesh"):  # a sharded DTensor (FSDP2): this rank's shard
+            t = t.to_local()
         try:
             storage = t.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a storage

@@ -164,8 +164,10 @@ class FSDP(DDP):
         model_sd, optim_sd = get_state_dict(loss_model, optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder))
+        # strict=False: the state holds the trained parameters only (the frozen ones come from the base model);
+        # dcp.load has already failed if any of them was missing from the checkpoint
         set_state_dict(loss_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self._options())
+                       options=self._options(strict=False))
 
     def full_state_dict(self, loss_model, model) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -266,8 +268,16 @@ class DeepSpeed(DDP):
         import deepspeed
 
         ensure_process_group(self.accelerator.device)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=self.config,
-                                                          dist_init_required=False)
+        # DeepSpeed insists on a launcher's LOCAL_RANK, which one process started without one lacks
+        alone = "LOCAL_RANK" not in os.environ
+        if alone:
+            os.environ["LOCAL_RANK"] = "0"
+        try:
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer,
+                                                              config=self.config, dist_init_required=False)
+        finally:
+            if alone:  # a later run in this Python process must not look launched (launch.launched)
+                os.environ.pop("LOCAL_RANK", None)
         if self.stage == 3:
             # the loss reads the head's weight directly (the chunked cross-entropy), outside the head's forward
             # where ZeRO-3 would gather it: gather it with the loss module's forward instead
