@@ -265,7 +265,8 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
 
 def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> None:
     """One rank of a 2-rank FSDP2 run of two full fine-tuning steps; its peak of live tensor bytes (the
-    advisor's measure: TensorMemory counts a DTensor as its local shard) written to ``out/<rank>``."""
+    advisor's measure; TensorMemory counts a DTensor as its local shard and, ``resizable``, a storage FSDP2
+    resized to 0 as freed) written to ``out/<rank>``."""
     import torch.distributed as dist
 
     from tunelab.search.advise import build_for_training, synthetic_batch
@@ -281,7 +282,7 @@ def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> N
     FSDP(cfg, acc, "fp32").shard(loss)
     optimizer = build_optimizer(model_, cfg.train)
     batch = synthetic_batch(cfg, 2048)
-    tracker = TensorMemory()
+    tracker = TensorMemory(resizable=True)  # FSDP2 frees gathered parameters by resizing their storage
     tracker.track(model_tensors(model_, optimizer))
     with tracker:
         for _ in range(2):
