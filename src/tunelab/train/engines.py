@@ -24,8 +24,10 @@ DeepSpeed JSON merged with the run's batch and precision settings, and the per-s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -328,9 +330,6 @@ class DeepSpeed(DDP):
 
 def quiet_deepspeed() -> None:
     """DeepSpeed logs its config and every step at INFO, and torch warns about the collectives it calls."""
-    import logging
-    import warnings
-
     if not os.environ.get("TUNELAB_VERBOSE"):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
