@@ -115,9 +115,10 @@ def _train(o: TrainOptions) -> int | None:
         return _advise(AdviseOptions(config=o.config, set=o.set), dry_run=True)
     if o.resume:
         _check_resume_config(cfg)
-    if cfg.train.processes > 1 and not launch.launched():
+    nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
+    if (cfg.train.processes > 1 or o.nnodes > 1) and not launch.launched():
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
-        return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes)
+        return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes)
     fine_tune(cfg, sources, resume=o.resume)
     return None
 
@@ -582,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         status = verb.show(result, options) if verb.show else result
         return status if isinstance(status, int) else 0
     except UserError as err:
-        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):  # rank 0 says it once
+        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.local_rank() != 0):  # the first process of each machine says it once
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return 2
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         # file...): still one line naming the path, not a traceback. Without a path it is a bug: re-raise.
         if err.filename is None:
             raise
-        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.rank() != 0):
+        if not (os.environ.get(launch.LAUNCHED_ENV) and launch.local_rank() != 0):
             err_console.print(f"[bold red]error:[/] {err.filename}: {err.strerror or type(err).__name__} "
                               f"(got {type(err).__name__}). Check the path and its permissions",
                               highlight=False, soft_wrap=True)

@@ -195,6 +195,43 @@ class ObjectivesSection(_Strict):
     replay: ReplaySettings | None = Field(None, description="Experience replay of general or earlier data.")
 
 
+class FsdpSection(_Strict):
+    """``train.fsdp``: PyTorch FSDP2 (``fully_shard``) when ``train.distributed: fsdp``."""
+
+    reshard_after_forward: bool = Field(
+        True, description="Free each wrapped module's gathered parameters after its forward and gather them again "
+        "for the backward (ZeRO-3-like, least memory); false keeps them until the backward (ZeRO-2-like, less "
+        "communication).")
+    wrap: list[str] | None = Field(
+        None, description="Class names of the modules sharded as units, e.g. [LlamaDecoderLayer] (default: the "
+        "model's decoder layers, transformers' _no_split_modules). The rest (embeddings, final norm, head) form "
+        "one more unit.")
+    mixed_precision: bool = Field(
+        True, description="Under bf16/fp16 precision, gather parameters and compute in that dtype, reduce "
+        "gradients in fp32 (FSDP2's MixedPrecisionPolicy); the optimiser keeps fp32 masters. false: fp32 "
+        "parameters under autocast, as DDP runs. No effect under fp32.")
+    offload_params: bool = Field(
+        False, description="Keep the sharded parameters, gradients and optimiser state in CPU memory between uses "
+        "(FSDP2's CPUOffloadPolicy; the optimiser steps on the CPU). For GPUs; on a CPU run there is nothing to "
+        "offload to.")
+
+
+class DeepSpeedSection(_Strict):
+    """``train.deepspeed``: DeepSpeed ZeRO when ``train.distributed: deepspeed``."""
+
+    stage: Literal[1, 2, 3] | None = Field(
+        None, description="ZeRO stage: 1 shards the optimiser state, 2 also the gradients, 3 also the parameters "
+        "(default: the stage in train.deepspeed.config, else 2).")
+    offload_optimizer: Literal["cpu", "none"] = Field(
+        "none", description="cpu: the optimiser state and step live in CPU memory (ZeRO-Offload; stages 1-3).")
+    offload_params: Literal["cpu", "none"] = Field(
+        "none", description="cpu: parameters live in CPU memory between uses (ZeRO-Infinity; stage 3 only).")
+    config: str | None = Field(
+        None, description="Path to your own DeepSpeed JSON. tunelab reads it and sets the batch sizes, gradient "
+        "accumulation, clipping and precision from this config; a value of yours that differs from those is "
+        "an error naming both ('auto' is filled in).")
+
+
 class UnfreezeSection(_Strict):
     """Gradual unfreezing (ULMFiT): train the top group first, then add one group below every ``every`` units."""
 
@@ -257,6 +294,13 @@ class TrainSection(_Strict):
         "each). Each takes batch_size rows per micro-batch. On CPU, several one-thread processes can be faster "
         "than one multi-thread process, at one model copy per process. Under accelerate launch / torchrun the launcher decides.",
     )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes share the work: ddp (every rank holds the whole model), fsdp "
+        "(PyTorch FSDP2: parameters, gradients and optimiser state sharded; train.fsdp) or deepspeed (ZeRO "
+        "stage 1/2/3, optional CPU offload; train.deepspeed; pip install 'tunelab[deepspeed]'). One process "
+        "with fsdp or deepspeed runs the same engine with one shard. See docs/scaling.md.")
+    fsdp: FsdpSection | None = Field(None, description="FSDP2 settings (train.distributed: fsdp).")
+    deepspeed: DeepSpeedSection | None = Field(None, description="DeepSpeed ZeRO settings (train.distributed: deepspeed).")
     micro_batch_threads: int | None = Field(
         None, ge=1,
         description="Run this many micro-batches of an optimiser step at once, each in its own thread with "
@@ -574,6 +618,44 @@ def _format_error(err: dict, method_names: list[str]) -> str:
     return f"{path}: {err['msg']} (got {shown}). Fix the value in the config or with --set {path}=..."
 
 
+def _distributed_problems(cfg: TuneConfig) -> list[str]:
+    """``train.distributed`` with its sections, the method and the task (docs/scaling.md)."""
+    t, p = cfg.train, []
+    engine = t.distributed
+    for key, needs in (("fsdp", "fsdp"), ("deepspeed", "deepspeed")):
+        if getattr(t, key) is not None and engine != needs:
+            p.append(f"train.{key} is set, but train.distributed is {engine}: its settings (offload among them) "
+                     f"apply only to that engine. Set train.distributed: {needs}, or remove train.{key}")
+    ds = t.deepspeed
+    if engine == "deepspeed" and ds is not None and ds.offload_params == "cpu" and ds.stage in (1, 2):
+        p.append(f"train.deepspeed.offload_params: cpu needs ZeRO stage 3 (got train.deepspeed.stage: {ds.stage}): "
+                 "only stage 3 shards the parameters. Set train.deepspeed.stage: 3, or offload_params: none")
+    if engine == "ddp":
+        return p
+    what = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO"
+    if not getattr(_method(cfg.method.name), "SHARDS", False):
+        p.append(f"method.name={cfg.method.name} with train.distributed: {engine} is not supported: {what} is tested "
+                 "with the full, freeze and lora methods. Use one of them, or train.distributed: ddp")
+    elif getattr(cfg.method, "dora", False) and engine == "deepspeed" and ds is not None and ds.stage == 3:
+        p.append("method.dora: true with train.deepspeed.stage: 3 is not supported: DoRA reads the whole base "
+                 "weight outside the layer's forward, where ZeRO-3 has not gathered it. Use stage 1 or 2, "
+                 "train.distributed: fsdp, or method.dora: false")
+    objectives = [k for k in ("l2sp", "ewc", "distill", "replay") if getattr(cfg.objectives, k) is not None]
+    if objectives:
+        p.append(f"objectives.{objectives[0]} with train.distributed: {engine} is not supported: it needs a second, "
+                 f"whole view of the weights (an anchor, the Fisher, a teacher with the adapters off) that {what} "
+                 "shards away. Use train.distributed: ddp, or remove the objective")
+    if t.micro_batch_threads is not None and t.micro_batch_threads > 1:
+        p.append(f"train.micro_batch_threads: {t.micro_batch_threads} with train.distributed: {engine}: the engine "
+                 "reduces gradients in its own hooks, one micro-batch at a time. Set train.micro_batch_threads: 1")
+    if t.unfreeze is not None:
+        p.append(f"train.unfreeze with train.distributed: {engine} is not supported: the engine fixes which "
+                 "parameters it shards and steps when it starts. Use train.distributed: ddp, or remove train.unfreeze")
+    if t.compile:
+        p.append(f"train.compile with train.distributed: {engine} is not supported yet. Set train.compile: false")
+    return p
+
+
 def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     """Rules that involve several fields; worded with the field paths."""
     p: list[str] = []
@@ -602,6 +684,7 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
         p.append("data.eval and data.eval_ratio are both set. Choose one source of validation data.")
 
     p += data_problems(d)
+    p += _distributed_problems(cfg)
 
     p += keep_problems(cfg)
     if cfg.sweep is not None:
@@ -614,6 +697,9 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     from tunelab import tasks  # noqa: PLC0415
 
     p += tasks.problems(cfg)
+    if cfg.train.distributed != "ddp" and not tasks.get(cfg.task).shards:
+        p.append(f"task: {cfg.task} with train.distributed: {cfg.train.distributed} is not supported (its loss "
+                 "needs a second view of the model, or several heads). Use train.distributed: ddp")
     return p
 
 

@@ -27,6 +27,7 @@ Optional hooks (absent means "nothing special"):
   [False]: the method trains a class head only (``head``), so it needs a task with one;
   ``TRAINS_BASE`` [False]: the method trains the base weights themselves (``full``, ``freeze``), so
   they are fp32 masters, the saved folder is a plain model, and there is no adapter to switch off;
+  ``SHARDS`` [False]: the method trains under ``train.distributed: fsdp`` / ``deepspeed`` (tested there);
 * ``memory_linear_from(cfg) -> int``: the smallest decoder depth from which the method's training
   memory grows linearly with depth (1 by default; more when only the top layers train, so nothing
   below them holds gradients or saved activations); the advisor's memory probes start there;
@@ -101,7 +102,7 @@ def fit(cfg, model, features, labels: list[int], **kwargs) -> str | None:
 
 
 FACTS = {"VIRTUAL_TOKENS": False, "FUSED_KERNELS": True, "CLASSIFICATION": True, "CLASS_HEAD": False,
-         "TRAINS_BASE": False}
+         "TRAINS_BASE": False, "SHARDS": False}
 
 
 def fact(name: str, key: str) -> bool:

@@ -26,6 +26,7 @@ from tunelab.train.schedule import num_layers
 
 MERGEABLE = True  # already a plain model
 TRAINS_BASE = True
+SHARDS = True  # FSDP / ZeRO tested (tests/test_scale.py)
 
 
 class Config(BaseModel):

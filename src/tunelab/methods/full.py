@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 MERGEABLE = True  # already a plain model
 TRAINS_BASE = True
+SHARDS = True  # FSDP / ZeRO tested (tests/test_scale.py)
 
 
 class Config(BaseModel):

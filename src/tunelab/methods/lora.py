@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tunelab.errors import UserError
 from tunelab.train.schedule import num_layers
 
+SHARDS = True  # FSDP / ZeRO tested (tests/test_scale.py); DoRA not under ZeRO-3
 MERGEABLE = True  # PEFT merge_and_unload() folds B·A (and DoRA's magnitudes) into the base weights
 
 

@@ -95,6 +95,7 @@ class MethodEstimate:
     memory_checkpointing: Memory | None = None
     by_precision: dict[str, Memory] = field(default_factory=dict)
     error: str | None = None
+    per_rank: dict[str, Memory] = field(default_factory=dict)  # train.distributed engines, train.processes ranks
     micro_batches: int = 1  # micro-batches in flight at once (train.micro_batch_threads); memory includes them
 
 
@@ -111,6 +112,7 @@ class Advice:
     data: dict[str, Any] | None
     recommendation: str
     reasons: list[str]
+    processes: int = 1
 
 
 # --------------------------------------------------------------------------- one training step, measured
@@ -313,13 +315,46 @@ class Probes:
 
 def estimate_method(cfg: TuneConfig, method: str, probes: Probes, *, precision: str, checkpointing: bool) -> tuple[Memory, int, int]:
     """Peak memory of ``method`` on the full model, extrapolated from probes with ``a`` and ``a + 1`` layers."""
+    return estimate_with_layer(cfg, method, probes, precision=precision, checkpointing=checkpointing)[:3]
+
+
+def estimate_with_layer(cfg: TuneConfig, method: str, probes: Probes, *, precision: str,
+                        checkpointing: bool) -> tuple[Memory, int, int, Memory]:
+    """:func:`estimate_method`, and what one more decoder layer adds (the sharded engines' unit)."""
     a = methods.memory_linear_from(_method_cfg(cfg, method), probes.layers)
     m1, t1, n1 = measure_step_memory(_probe_config(cfg, method, checkpointing=checkpointing, precision=precision,
                                                    model_path=probes.folder(a)), precision)
     m2, t2, n2 = measure_step_memory(_probe_config(cfg, method, checkpointing=checkpointing, precision=precision,
                                                    model_path=probes.folder(a + 1)), precision)
     k = probes.layers - a
-    return m1.scaled(m2, k), round(t1 + k * (t2 - t1)), round(n1 + k * (n2 - n1))
+    layer = Memory(*(b - x for x, b in zip(astuple(m1), astuple(m2), strict=True)))
+    return m1.scaled(m2, k), round(t1 + k * (t2 - t1)), round(n1 + k * (n2 - n1)), layer
+
+
+# train.distributed: what each rank holds of the measured single-process step (docs/scaling.md)
+ENGINE_ROWS = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3+offload")
+
+
+def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, device: str) -> Memory:
+    """Peak memory of one rank of ``ranks`` under ``engine``, from the single-process step ``m``: DDP holds it
+    all; ZeRO-1 shards the optimiser state, ZeRO-2 the gradients too; ZeRO-3 and FSDP shard the weights as
+    well, plus one decoder layer (``layer``) and the rest of the model (embeddings, head: the root unit,
+    which FSDP2 keeps gathered through the step) whole while they run, with their whole gradients until the
+    reduce-scatter. Offload (``zero3+offload``: optimiser state and step on the CPU) frees device memory
+    only: on a CPU the state stays in the same memory. Activations are per rank whatever the engine."""
+    n = max(1, ranks)
+    w, g, o, a = m.weights, m.gradients, m.optimizer, m.activations
+    if engine == "zero1":
+        w, g, o = w, g, o / n
+    elif engine == "zero2":
+        w, g, o = w, g / n, o / n
+    elif engine in ("fsdp", "zero3", "zero3+offload"):
+        root_w = max(0.0, w - layers * layer.weights)
+        root_g = max(0.0, g - layers * layer.gradients)
+        w = w / n + (root_w + layer.weights) * (1 - 1 / n)
+        g = g / n + (root_g + layer.gradients) * (1 - 1 / n)
+        o = 0.0 if engine == "zero3+offload" and device != "cpu" else o / n
+    return Memory(w, g, o, a, w + g + o + a)
 
 
 def micro_batches(cfg: TuneConfig, method: str, trained: float, device: str) -> int:
@@ -380,8 +415,11 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
         for name in names:
             est = MethodEstimate(name)
             try:
-                est.memory, est.trainable, est.parameters = estimate_method(cfg, name, probes, precision=precision,
-                                                                            checkpointing=False)
+                est.memory, est.trainable, est.parameters, layer = estimate_with_layer(
+                    cfg, name, probes, precision=precision, checkpointing=False)
+                if name == cfg.method.name:
+                    ranks = max(2, cfg.train.processes)
+                    est.per_rank = {e: per_rank(est.memory, layer, probes.layers, e, ranks, device) for e in ENGINE_ROWS}
                 est.micro_batches = micro_batches(cfg, name, est.trainable / max(1, est.parameters), device)
                 est.memory = est.memory.concurrent(est.micro_batches)
                 if getattr(get_method(name), "GRADIENT_CHECKPOINTING", True) and (
@@ -406,7 +444,7 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
     available = available_memory(device)
     rec, reasons = recommend(cfg, estimates, available, data, device)
     return Advice(cfg.model.path, probes.layers, precision, cfg.train.batch_size * cfg.data.max_length, estimates,
-                  available, device, timing, data, rec, reasons)
+                  available, device, timing, data, rec, reasons, cfg.train.processes)
 
 
 def _bf16_ok(device: str) -> bool:
@@ -530,6 +568,9 @@ def print_advice(a: Advice, console: Console) -> None:
             console.print(f"{e.method} by precision: " + "; ".join(
                 f"{p}: weights {mib(m.weights):,.1f}, activations {mib(m.activations):,.1f}, peak {mib(m.peak):,.1f} MiB"
                 for p, m in e.by_precision.items()))
+    for e in a.estimates:
+        if e.per_rank:
+            _print_per_rank(e, a, console)
     console.print(f"available memory on this {a.device}: {mib(a.available_bytes):,.0f} MiB (80% of it is the budget)")
     if a.time:
         t = a.time
@@ -538,6 +579,17 @@ def print_advice(a: Advice, console: Console) -> None:
     console.print(f"[bold]recommendation: {a.recommendation}[/]")
     for r in a.reasons:
         console.print(f"  - {r}")
+
+
+def _print_per_rank(e: MethodEstimate, a: Advice, console: Console) -> None:
+    """The configured method per rank under each train.distributed engine (docs/scaling.md)."""
+    ranks = max(2, a.processes)
+    table = Table(title=f"{e.method} per rank with {ranks} processes (train.distributed), MiB")
+    for col in ("engine", "weights", "gradients", "optimiser", "activations", "peak per rank"):
+        table.add_column(col, justify="right" if col != "engine" else "left")
+    for engine, m in e.per_rank.items():
+        table.add_row(engine, *(f"{mib(x):,.1f}" for x in astuple(m)))
+    console.print(table)
 
 
 def _duration(seconds: float) -> str:

@@ -23,12 +23,16 @@ from torch.utils._pytree import tree_flatten
 class TensorMemory(TorchDispatchMode):
     """Live and peak bytes of tensor storages created under the mode (plus those ``track``ed)."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", resizable: bool = False):
+        """``resizable``: recount every live storage's size after each operator, for code that frees memory by
+        resizing a storage to 0 bytes, which no operator reports (FSDP2's gathered parameters); slower."""
         super().__init__()
         self.device = torch.device(device).type
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.resizable = resizable
+        self.storages: dict[int, weakref.ref] = {}
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
@@ -36,6 +40,8 @@ class TensorMemory(TorchDispatchMode):
     def _count(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type != self.device or t.is_meta:
             return
+        if hasattr(t, "to_local") and hasattr(t, "device_mesh"):  # a sharded DTensor (FSDP2): this rank's shard
+            t = t.to_local()
         try:
             storage = t.untyped_storage()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without a storage
@@ -46,7 +52,22 @@ class TensorMemory(TorchDispatchMode):
         self.live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
+        if self.resizable:  # keyed by the storage itself: a resize moves its data
+            self.storages[key] = weakref.ref(storage)
+        else:
+            weakref.finalize(storage, self._free, key)
+
+    def _recount(self) -> None:
+        """Re-read every live storage's size (and address: a storage resized to 0 bytes frees its address)."""
+        live, storages = {}, {}
+        for ref in self.storages.values():
+            storage = ref()
+            if storage is not None:
+                key = storage.data_ptr() or -id(storage)  # an emptied storage keeps its place, at no address
+                live[key], storages[key] = storage.nbytes(), ref
+        self.live, self.storages = live, storages
+        self.current = sum(live.values())
+        self.peak = max(self.peak, self.current)
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors that already exist (weights, buffers, optimiser states)."""
@@ -57,6 +78,8 @@ class TensorMemory(TorchDispatchMode):
         self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.resizable:  # what was resized or freed since the last operator
+            self._recount()
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self._count(t)

@@ -24,6 +24,7 @@ class Classification:
     continual = False  # a new class head per task: nothing for the next stage to start from
     pair_metric = False
     unused_parameters = False
+    shards = False  # not tested under FSDP / ZeRO yet
     builds_without_data = True
 
     def rules(self, cfg) -> list[str]:

@@ -27,6 +27,7 @@ class CausalLMTask:
     continual = True
     pair_metric = False
     unused_parameters = False
+    shards = True
     builds_without_data = True
 
     def rules(self, cfg) -> list[str]:

@@ -127,6 +127,7 @@ class Preference(CausalLMTask):
     always_packed = True  # a row packs one pair: chosen and rejected, position ids restarting
     continual = False
     pair_metric = True  # forgetting scores held-out pairs by the log-probability of each reply
+    shards = False  # a reference model (a copy, or the adapters switched off): not tested under FSDP / ZeRO
     builds_without_data = False  # the advisor probes it as sft (the same decoder, one sequence per row)
 
     def rules(self, cfg) -> list[str]:
@@ -165,6 +166,7 @@ class Reward:
     continual = False
     pair_metric = False  # a scalar head: no general loss to compare, so no forgetting block
     unused_parameters = False
+    shards = False  # a reward model is a class head; not tested under FSDP / ZeRO yet
     builds_without_data = False
 
     def rules(self, cfg) -> list[str]:

@@ -44,6 +44,7 @@ class Task(Protocol):
     continual: bool  # can be a stage of a continual run and has a task metric for forgetting
     pair_metric: bool  # its rows are preference pairs: forgetting's task metric is held-out pair accuracy
     unused_parameters: bool  # a step may leave parameters without a gradient (DDP must be told)
+    shards: bool  # trains under train.distributed: fsdp / deepspeed (one model, one loss: no second view)
     builds_without_data: bool  # its model needs nothing from the rows but a label set (the advisor's probes)
 
     def rules(self, cfg) -> list[str]:

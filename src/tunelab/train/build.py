@@ -37,8 +37,8 @@ from tunelab.models.load import describe_model, load_tokenizer
 from tunelab.objectives.causal_lm import causal_lm_parts
 from tunelab.tasks import PreparedData
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import engines, launch
 from tunelab.train import keep as keep_objectives
-from tunelab.train import launch
 from tunelab.train.cpu_tuning import apply_cpu_tuning, default_threads, set_threads  # noqa: F401 (re-exported)
 from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
 from tunelab.train.replay import with_replay
@@ -110,8 +110,10 @@ def _has_dropout(model: torch.nn.Module) -> bool:
 def kernels_apply(cfg: TuneConfig) -> bool:
     """Our training kernels (``train.fused_kernels``) assume causal-LM rows (right-padded or packed) and a
     method without virtual tokens or adaption prompts: facts of the task and of the method."""
+    # a sharded engine gathers a module's parameters in that module's own forward hooks, which a fused layer
+    # (reading its projections' weights directly) would bypass under ZeRO-3
     return (cfg.train.fused_kernels and tasks.get(cfg.task).causal_lm_rows
-            and methods.fact(cfg.method.name, "FUSED_KERNELS"))
+            and methods.fact(cfg.method.name, "FUSED_KERNELS") and not engines.ENGINES[cfg.train.distributed].sharded)
 
 
 def build_model(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):
@@ -243,6 +245,7 @@ class Components:
     kernels: bool  # whether the training kernels apply; the loop switches them on (``kernels.training_kernels``)
     env: dict[str, Any]  # for env.json, written once the kernels' state is known
     resume_from: Path | None
+    engine: Any = None  # train.distributed's engine (train/engines.py)
     eval_extra: Callable | None = None
     unfreezing: GradualUnfreezing | None = None
     keep: Any = None
@@ -276,12 +279,13 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
                         "point (the Python API, sweep, cv, continual) trains in one process. Run `tunelab train`, "
                         "or set train.processes: 1")
     if os.environ.get(launch.LAUNCHED_ENV):
-        launch.check_devices(int(os.environ["WORLD_SIZE"]))
+        launch.check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tuning = apply_cpu_tuning(t, device.type)  # threads, malloc (train.cpu_tuning); recorded in env.json
     threads = tuning["threads"]
     precision = resolve_precision(t.precision, device)
     accelerator = make_accelerator(cfg, precision, device)
+    engine = engines.make_engine(cfg, accelerator, precision)
     is_main = accelerator.is_main_process
     run, resume_from = open_run(cfg, sources, resume, accelerator, console)
 
@@ -300,7 +304,8 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
             f"{info['parameters']:,} parameters trained ({info['trainable_percent']:.2f}%); precision {precision}, "
             f"{accelerator.num_processes} process(es) on {device.type}, {threads} threads")
     env = {**environment(device.type, precision, accelerator.num_processes),
-           "template": template, "dtype": dtype, "cpu_tuning": tuning, "model": info}
+           "template": template, "dtype": dtype, "cpu_tuning": tuning, "model": info,
+           "distributed": engine.describe()}
 
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
     plan = task.plan(cfg, data, accelerator.num_processes,
@@ -313,6 +318,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     cached = cached_features(cfg, model, data, pad_id, accelerator, console, is_main)
     if cached is not None:
         env["features"] = cached
+    engine.shard(loss_module)  # FSDP2 replaces the parameters: the optimiser is built on the sharded ones
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method))
     scheduler, total_steps = build_schedule(cfg, optimizer, plan)
     fitted = fit_without_loop(cfg, model, data)
@@ -334,4 +340,4 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
                                  accelerator=accelerator, console=console, scheduler=scheduler,
                                  resumed=resume_from is not None, precision=precision)
     return Components(accelerator, run, tokenizer, data, model, loss_module, optimizer, scheduler, plan, total_steps,
-                      precision, threads, kernels_apply(cfg), env, resume_from, eval_extra, unfreezing, keep)
+                      precision, threads, kernels_apply(cfg), env, resume_from, engine, eval_extra, unfreezing, keep)

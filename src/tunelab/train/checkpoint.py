@@ -12,6 +12,11 @@ A checkpoint is ``<run>/checkpoints/step-000123/`` with
   do not match it (a truncated copy, a disk error) is refused by name, and ``--resume`` falls
   back to the newest one that verifies.
 
+With a sharded engine (``train.distributed: fsdp`` / ``deepspeed``) the weights and optimiser are in
+``shards/`` instead, each rank writing its own part (``torch.distributed.checkpoint`` files, or
+DeepSpeed's per-rank ZeRO files), into the same temp folder; ``state.json`` records the engine and
+the number of processes, and resuming with another of either is refused in one line.
+
 It is written into ``.tmp-step-000123`` and renamed when complete, so a kill at any moment
 leaves either the previous checkpoints or a complete new one; stale temp folders are
 removed on the next save. Only the newest ``limit`` checkpoints are kept. A write that fails (a full disk) stops the run
@@ -24,6 +29,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +37,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, first_line
 from tunelab.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # a sharded engine's folder in a checkpoint
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,8 +90,10 @@ def save_checkpoint(
     is_main: bool,
     barrier,
     limit: int,
+    shards: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (all processes call this; ``barrier`` syncs them)."""
+    """Write checkpoint ``step`` atomically (all processes call this; ``barrier`` syncs them). ``shards(folder)``:
+    every rank writes its part of a sharded model and optimiser there (instead of the whole trainable tensors)."""
     final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".tmp-step-{step:06d}"
 
@@ -109,15 +118,17 @@ def save_checkpoint(
         tmp.mkdir()
 
     def fill_and_rename() -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if shards is None:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        files = sorted(f.name for f in tmp.iterdir())
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         (tmp / MANIFEST).write_text(json.dumps({n: sha256_file(tmp / n) for n in files}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -128,6 +139,8 @@ def save_checkpoint(
         write(start)
     barrier()
     write(lambda: torch.save(rng_state(), tmp / f"rng-{rank}.pt"))
+    if shards is not None:  # collective: every rank writes its part (the engine synchronises them itself)
+        shards(tmp / SHARDS)
     barrier()
     if is_main:
         write(fill_and_rename)
@@ -190,10 +203,24 @@ def newest_valid(ckpt_root: Path, warn) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int,
+                    shards: Callable[[Path], None] | None = None, layout: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore weights, optimiser, scheduler and this process's RNG; return ``state.json``.
 
-    ``path`` comes from :func:`newest_valid`, which has checked the files against the manifest."""
+    ``path`` comes from :func:`newest_valid`, which has checked the files against the manifest. With a sharded
+    engine, ``shards(folder)`` reads every rank's part and ``layout`` ({processes, distributed}) must be the
+    checkpoint's."""
+    if shards is not None:
+        _check_layout(path, layout or {})
+        try:
+            shards(path / SHARDS)
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{path}: the sharded checkpoint is unreadable ({type(err).__name__}: "
+                            f"{first_line(err)}). Move this folder away and run with --resume again to continue from "
+                            "the previous checkpoint") from None
+        return _load_rest(path, scheduler=scheduler, rank=rank)
     try:
         return _load(path, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
     except UserError:
@@ -218,6 +245,21 @@ def _load(path: Path, *, model: torch.nn.Module, optimizer, scheduler, rank: int
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    return _load_rest(path, scheduler=scheduler, rank=rank)
+
+
+def _check_layout(path: Path, layout: dict[str, Any]) -> None:
+    """A sharded checkpoint resumes only with the engine and the number of processes that wrote it."""
+    saved = json.loads((path / "state.json").read_text())
+    for key, what in (("distributed", "train.distributed"), ("processes", "the number of processes")):
+        if saved.get(key, "ddp" if key == "distributed" else None) != layout.get(key):
+            raise UserError(f"{path}: this checkpoint was written with {what} = {saved.get(key)}, and this run has "
+                            f"{layout.get(key)}; a sharded checkpoint (each rank's part of the weights and "
+                            f"optimiser, and the data split) resumes only as it was written. Resume with {what} = "
+                            f"{saved.get(key)}")
+
+
+def _load_rest(path: Path, *, scheduler, rank: int) -> dict[str, Any]:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng-{rank}.pt"
     if not rng_file.exists():

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from tunelab.errors import UserError
 
@@ -42,7 +43,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _free_port() -> int:
+def local_rank() -> int:
+    """This process's number on its machine (the first on each machine prints the run's user errors)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +64,28 @@ def check_devices(processes: int) -> None:
                         f"Set train.processes to at most {torch.cuda.device_count()}")
 
 
-def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> int:
+@dataclass(frozen=True)
+class Nodes:
+    """Several machines (``tunelab train CONFIG --nnodes N --node-rank R --master-addr HOST --master-port P``):
+    each runs ``tunelab train`` with the same config and flags but its own ``--node-rank``; node R's processes
+    are the global ranks R x processes .. R x processes + processes - 1, and all of them meet at
+    HOST:P, which node 0 listens on (torchrun's static rendezvous, by the same environment variables)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+
+    def check(self) -> None:
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank} with --nnodes {self.nnodes}: the node ranks are 0 to "
+                            f"{self.nnodes - 1}. Give each machine its own --node-rank")
+        if self.nnodes > 1 and self.master_port is None:
+            raise UserError(f"--nnodes {self.nnodes} needs --master-port (and --master-addr, node 0's address): "
+                            "every node must name the same one, e.g. --master-addr node0 --master-port 29500")
+
+
+def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nodes: Nodes | None = None) -> int:
     """Run ``tunelab <argv>`` as ``processes`` ranks; the exit code is the first failing rank's (else 0).
 
     A rank that fails stops the others. The ranks run in their own session, so Ctrl-C (or a
@@ -67,13 +94,16 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> 
     Ctrl-C makes them abort. On Linux a rank also dies with its launcher (``PR_SET_PDEATHSIG``), so
     a killed launcher leaves no rank waiting at a collective.
     """
-    port = _free_port()
+    nodes = nodes or Nodes()
+    nodes.check()
+    port = nodes.master_port or free_port()
+    first, world = nodes.node_rank * processes, nodes.nnodes * processes
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     procs = []
     for r in range(processes):
-        env = {**base, "RANK": str(r), "WORLD_SIZE": str(processes), "LOCAL_RANK": str(r),
-               "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               LAUNCHED_ENV: "1"}
+        env = {**base, "RANK": str(first + r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+               "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": str(nodes.node_rank), "NODE_RANK": str(nodes.node_rank),
+               "MASTER_ADDR": nodes.master_addr, "MASTER_PORT": str(port), LAUNCHED_ENV: "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], env=env,
                                       start_new_session=True, preexec_fn=_die_with_parent))
     try:
@@ -85,9 +115,10 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0) -> 
                 codes = [p.poll() for p in procs]
                 r, code = next((r, c) for r, c in enumerate(codes) if c not in (None, 0))
                 _stop(procs)
-                if r != 0:
-                    print(f"error: process {r} of {processes} stopped with exit code {code}; its messages are above",
-                          file=sys.stderr)
+                if first + r != 0:  # rank 0 printed its own one-line error
+                    where = f" on host {socket.gethostname()} (node {nodes.node_rank})" if nodes.nnodes > 1 else ""
+                    print(f"error: process {first + r} of {world}{where} stopped with exit code {code}; its messages "
+                          "are above", file=sys.stderr)
                 return code
             if all(c == 0 for c in codes):
                 return 0

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,7 @@ class LoopSetup:
     pad_to: int | None  # fixed row width (static shapes for torch.compile), or None
     cfg: TrainSection
     run: RunDir
-    save_weights: Callable[[Path], None]  # writes the tuned model/adapter + tokenizer to a folder
+    save_weights: Callable[[Path], None]  # writes the tuned model/adapter + tokenizer to a folder (called by every process)
     resume_from: Path | None = None
     console: Console = field(default_factory=Console)
     tensorboard: Any = None
@@ -119,6 +118,8 @@ class LoopSetup:
     micro_batch_threads: int = 1
     # called with this process's micro-batches of a step before their forwards (KTO's KL estimate over the step)
     before_step: Callable[[list[dict[str, torch.Tensor]]], None] | None = None
+    # train.distributed's engine (train/engines.py): gradient sync, backward, update, sharded checkpoints
+    engine: Any = None
 
 
 def _micro_batch(s: LoopSetup, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -151,10 +152,12 @@ def evaluate(s: LoopSetup) -> float | None:
 
 def _save_checkpoint(s: LoopSetup, step: int, state: dict) -> None:
     acc = s.accelerator
+    sharded = s.engine.sharded
     ckpt.save_checkpoint(
         s.run.checkpoints, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
-        state=state, rank=acc.process_index, is_main=acc.is_main_process,
-        barrier=acc.wait_for_everyone, limit=s.cfg.save_total_limit,
+        state={**state, "processes": acc.num_processes, "distributed": s.engine.name}, rank=acc.process_index,
+        is_main=acc.is_main_process, barrier=acc.wait_for_everyone, limit=s.cfg.save_total_limit,
+        shards=(lambda folder: s.engine.save_shards(folder, s.loss_model, s.optimizer)) if sharded else None,
     )
 
 
@@ -182,9 +185,11 @@ def _forward_backward(s: LoopSetup, step: int, scale: float, by_dataset: torch.T
     if pool is None:
         # DDP averages gradients over processes: `scale` holds the factor `world`, and the penalty is the
         # same on every process, so DDP's mean keeps it
+        # (FSDP and ZeRO average too); the engine syncs the gradients after the last micro-batch (DDP: no_sync
+        # for the others), or after each one (FSDP: no rank ever holds the whole gradient)
         return step_fn.accumulate(
             s.loss_model, lambda micro: _micro_batch(s, step, micro), cfg.grad_accum, scale=scale,
-            backward=acc.backward, context=lambda last: nullcontext() if last else acc.no_sync(s.loss_model),
+            backward=s.engine.backward, context=lambda last: s.engine.context(s.loss_model, last),
             penalty=s.penalty, on_groups=add_groups)
 
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -246,8 +251,13 @@ def _start_state(s: LoopSetup) -> dict[str, Any]:
     state = {"step": 0, "best_eval_loss": None, "evals_without_improvement": 0, "skipped_steps": 0,
              "nonfinite_in_a_row": 0, "tokens_seen": 0}
     if s.resume_from is not None:
-        state.update(ckpt.load_checkpoint(s.resume_from, model=s.model, optimizer=s.optimizer,
-                                          scheduler=s.scheduler, rank=acc.process_index))
+        sharded = s.engine.sharded
+        state.update(ckpt.load_checkpoint(
+            s.resume_from, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, rank=acc.process_index,
+            shards=(lambda folder: s.engine.load_shards(folder, s.loss_model, s.optimizer)) if sharded else None,
+            layout={"processes": acc.num_processes, "distributed": s.engine.name} if sharded else None))
+        state.pop("processes", None)
+        state.pop("distributed", None)
     if acc.is_main_process:  # the steps after the checkpoint are run again: their old records go
         metrics_log.truncate_after(s.run.metrics_file, state["step"])
         if s.resume_from is not None:
@@ -327,8 +337,8 @@ def train_loop(s: LoopSetup) -> dict[str, Any]:
                 # --- clip, check, update ------------------------------------------------
                 if s.before_update is not None:
                     s.before_update(step)
-                grad_norm, finite = step_fn.update(s.optimizer, trainable, loss=step_loss,
-                                                   max_grad_norm=cfg.max_grad_norm, clip=acc.clip_grad_norm_)
+                grad_norm, finite = s.engine.update(s.optimizer, trainable, loss=step_loss,
+                                                    max_grad_norm=cfg.max_grad_norm)
                 state["nonfinite_in_a_row"] = 0 if finite else state["nonfinite_in_a_row"] + 1
                 state["skipped_steps"] += 0 if finite else 1
                 lr = s.scheduler.get_last_lr()[0]
@@ -408,8 +418,8 @@ def _eval_and_track(s: LoopSetup, state: dict, step: int) -> str | None:
     improved = best is None or eval_loss < best
     if improved:
         state["best_eval_loss"], state["evals_without_improvement"] = eval_loss, 0
+        s.save_weights(s.run.best)  # on every process: a sharded model is gathered first (rank 0 writes)
         if s.accelerator.is_main_process:
-            s.save_weights(s.run.best)
             s.run.write_json("best.json", {"step": step, "eval_loss": eval_loss})
     else:
         state["evals_without_improvement"] += 1

@@ -7,6 +7,7 @@ and the evaluations the config asks for close the run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tunelab.config import TuneConfig
 from tunelab.errors import UserError
 from tunelab.eval.after import after_training
 from tunelab.kernels import TrainingKernels, training_kernels
-from tunelab.train.build import Components, build, micro_batch_threads, weights_saver
+from tunelab.train.build import Components, build, build_model, micro_batch_threads, weights_saver
 from tunelab.train.build import build_optimizer as build_optimizer  # noqa: PLC0414 - the public API's name
 from tunelab.train.loop import LoopSetup, train_loop
 from tunelab.train.run import RunDir, peak_memory_mib
@@ -54,8 +55,8 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         result = train_loop(setup)
     result.update(peak_memory(c.accelerator))
     summary = dict(result)
+    model = save_weights(cfg, c, setup.loss_model)(c.run.final)  # every process: a sharded model is gathered
     if is_main:
-        weights_saver(c.model, c.tokenizer, cfg)(c.run.final)
         summary = {**result, "run_dir": str(c.run.path), "total_steps": c.total_steps, "precision": c.precision,
                    "processes": c.accelerator.num_processes, "micro_batch_threads": setup.micro_batch_threads,
                    "data": c.data.summary}
@@ -65,7 +66,29 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
         _print_summary(console, summary, c.run)
         after_training(cfg.eval, c.run.path, console)
     c.accelerator.wait_for_everyone()
-    return TrainOutcome(summary, c.model, c.tokenizer, c.run.path)
+    return TrainOutcome(summary, model, c.tokenizer, c.run.path)
+
+
+def save_weights(cfg: TuneConfig, c: Components, loss_model, stock=None) -> Callable[[Path], torch.nn.Module]:
+    """A function every process calls to write the tuned weights to a folder (rank 0 writes): the model as it is,
+    or, under a sharded engine, its whole state gathered into an unsharded copy of the model (built once, on rank
+    0), so ``final/`` and ``best/`` are the ordinary HF / PEFT layout. It returns the model written."""
+    copy: list[torch.nn.Module] = []
+
+    def save(folder: Path) -> torch.nn.Module:
+        state = c.engine.full_state_dict(loss_model, c.model)  # collective under FSDP / ZeRO-3, else None
+        model = c.model
+        if c.accelerator.is_main_process:
+            if state is not None:
+                if not copy:
+                    copy.append(build_model(cfg, c.data, c.env["dtype"], c.tokenizer)[0])
+                copy[0].load_state_dict(state)
+                model = copy[0]
+            weights_saver(model, c.tokenizer, cfg, **({"stock": stock} if stock else {}))(folder)
+        c.accelerator.wait_for_everyone()
+        return model
+
+    return save
 
 
 def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernels: TrainingKernels) -> LoopSetup:
@@ -78,7 +101,7 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernel
     if c.accelerator.is_main_process and workers > 1:
         console.print(f"{workers} micro-batches at a time, {max(1, c.threads // workers)} thread(s) each "
                       f"(train.micro_batch_threads)")
-    loss_model, optimizer = c.accelerator.prepare(c.loss_module, c.optimizer)
+    loss_model, optimizer = c.engine.prepare(c.loss_module, c.optimizer)
     tensorboard = None
     if t.tensorboard and c.accelerator.is_main_process:
         try:
@@ -100,7 +123,8 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernel
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         packed=cfg.data.packing or tasks.get(cfg.task).always_packed,
         pad_to=cfg.data.max_length if (t.compile and cfg.data.packing) else None, cfg=t, run=c.run,
-        save_weights=weights_saver(c.model, tokenizer, cfg, stock=kernels.stock), resume_from=c.resume_from, console=console,
+        save_weights=save_weights(cfg, c, loss_model, kernels.stock), resume_from=c.resume_from, console=console,
+        engine=c.engine,
         tensorboard=tensorboard, datasets=c.data.datasets,
         eval_extra=eval_stock if eval_extra else None,
         before_update=c.unfreezing.drop_frozen_grads if c.unfreezing else None, on_eval=on_eval,

@@ -29,6 +29,12 @@ class TrainOptions(ConfigOptions):
     resume: bool = Field(False, description="Continue the run from its latest checkpoint (same config required).")
     dry_run: bool = Field(False, description="Print the memory / time estimate and recommendation (tunelab advise) "
                           "and exit.")
+    nnodes: int = Field(1, ge=1, description="Machines in the run; start `tunelab train` on each with the same config "
+                        "and flags but its own --node-rank (docs/scaling.md). Each runs train.processes ranks.")
+    node_rank: int = Field(0, ge=0, description="This machine's number, 0 to nnodes - 1 (node 0 hosts the rendezvous).")
+    master_addr: str = Field("127.0.0.1", description="Node 0's address, the same on every node.")
+    master_port: int | None = Field(None, ge=1, le=65535, description="A free TCP port on node 0, the same on every "
+                                    "node (required with --nnodes > 1).")
 
 
 class ConfigShowOptions(ConfigOptions):

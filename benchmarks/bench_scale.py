@@ -1,0 +1,163 @@
+"""Per-rank memory, speed and loss of the engines of ``train.distributed`` (issue #24).
+
+Workload: full fine-tuning of a random-initialised Llama with SmolLM2-360M's shapes (hidden 960,
+intermediate 2560, 32 layers, 15 heads / 5 KV heads, vocabulary 49,152, tied embeddings;
+``--layers`` keeps fewer layers), bf16 autocast with fp32 master weights, AdamW, ``--processes``
+processes of ``tunelab train`` on this machine, ``--steps`` optimiser steps of
+``--batch-size`` x ``--grad-accum`` rows per process of ``--max-length`` packed tokens from
+``../shared/data/instruct/llamafactory_demo/alpaca_en_demo.json``. Each engine runs the same
+config but ``train.distributed`` (and ``train.deepspeed``):
+
+* ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``zero2``, ``zero3`` and
+  ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU).
+
+Figures per engine, read from each run's ``summary.json`` / ``metrics.jsonl``: the peak RSS of each
+rank (``VmHWM``: loading the model included), training tokens/s (first to last step), the loss of
+the last step. Targets: ZeRO-3's and FSDP's per-rank peak <= 0.6 x DDP's, tokens/s >= 0.7 x DDP's.
+
+Usage::
+
+    python benchmarks/bench_scale.py                           # the full workload (about 6 GB per DDP rank)
+    python benchmarks/bench_scale.py --layers 4 --steps 4 --max-length 256 --out docs/scaling.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lora import print_figures  # noqa: E402 - benchmarks/, beside this script
+from docs_section import write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_FILE = REPO.parent / "shared" / "data" / "instruct" / "llamafactory_demo" / "alpaca_en_demo.json"
+RESULTS_DIR = REPO / "benchmarks" / "results"
+MARK_START, MARK_END = "<!-- bench:scale:start -->", "<!-- bench:scale:end -->"
+TARGET_PEAK, TARGET_TPS = 0.6, 0.7
+
+ENGINES = {
+    "ddp": {"distributed": "ddp"},
+    "fsdp": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
+    "zero2": {"distributed": "deepspeed", "deepspeed": {"stage": 2}},
+    "zero3": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
+    "zero3-offload": {"distributed": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
+}
+
+
+def build_model(folder: Path, layers: int) -> int:
+    """A random SmolLM2-360M-shaped Llama (``layers`` decoder layers) with the SmolLM2 tokenizer; its parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models.registry import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=960, intermediate_size=2560, num_hidden_layers=layers,
+                         num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dict:
+    records = a.batch_size * a.grad_accum * a.processes * a.steps * 4  # plenty of packed rows
+    cfg = {
+        "run": {"name": name, "output_dir": str(work / "runs")},
+        "model": {"path": str(model)},
+        "data": {"train": [{"path": str(DATA_FILE), "limit": records}], "max_length": a.max_length, "packing": True},
+        "method": {"name": "full"},
+        "train": {"lr": 1e-4, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "max_steps": a.steps,
+                  "precision": "bf16", "schedule": "constant", "processes": a.processes, "seed": 0,
+                  **ENGINES[name]},
+    }
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        return {"engine": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    run = work / "runs" / name
+    summary = json.loads((run / "summary.json").read_text())
+    losses = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in losses if r["kind"] == "train"]
+    return {"engine": name, "peak_rss_mib": summary["peak_rss_mib"], "tokens_per_s": summary["tokens_per_s"],
+            "final_loss": losses[-1], "losses": losses, "train_seconds": summary["train_seconds"]}
+
+
+def rows(results: list[dict]) -> list[tuple[str, ...]]:
+    ddp = next((r for r in results if r["engine"] == "ddp" and "error" not in r), None)
+    out = []
+    for r in results:
+        if "error" in r:
+            out.append((r["engine"], "-", "-", "-", "-", f"failed: {r['error'][:80]}"))
+            continue
+        peak = max(r["peak_rss_mib"])
+        verdict = ""
+        if ddp is not None and r["engine"] in ("fsdp", "zero3"):
+            p, t = peak / max(ddp["peak_rss_mib"]), r["tokens_per_s"] / ddp["tokens_per_s"]
+            verdict = (f"peak {p:.2f}x DDP ({'PASS' if p <= TARGET_PEAK else 'MISS'} <= {TARGET_PEAK}), "
+                       f"tokens/s {t:.2f}x ({'PASS' if t >= TARGET_TPS else 'MISS'} >= {TARGET_TPS})")
+        out.append((r["engine"], " + ".join(f"{x:,.0f}" for x in r["peak_rss_mib"]), f"{peak:,.0f}",
+                    f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", verdict))
+    return out
+
+
+HEADERS = ("engine", "peak RSS per rank (MiB)", "max rank (MiB)", "tokens/s", "last-step loss", "vs DDP")
+
+
+def markdown(result: dict) -> str:
+    w = result["workload"]
+    lines = ["", f"Measured {result['timestamp']} on {result['machine']} with "
+             f"`python benchmarks/bench_scale.py {' '.join(result['argv'])}`.", "",
+             f"Workload: full fine-tuning of a random Llama with SmolLM2-360M's shapes and {w['layers']} decoder "
+             f"layers ({w['parameters'] / 1e6:,.0f}M parameters), bf16 autocast, fp32 masters, AdamW; {w['processes']} "
+             f"processes, {w['steps']} steps of {w['batch_size']} x {w['grad_accum']} packed rows of "
+             f"{w['max_length']} tokens per process.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(result["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--out", type=Path, help="write the table into this markdown file (between the bench:scale markers)")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        work = Path(tmp)
+        parameters = build_model(work / "model", a.layers)
+        results = [run_engine(name, work / "model", work, a) for name in a.engines.split(",")]
+    result = {"timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "argv": sys.argv[1:], "results": results,
+              "workload": {"layers": a.layers, "parameters": parameters, "processes": a.processes, "steps": a.steps,
+                           "batch_size": a.batch_size, "grad_accum": a.grad_accum, "max_length": a.max_length}}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS_DIR / f"scale-{stamp}.json").write_text(json.dumps(result, indent=2))
+    print_figures("train.distributed", HEADERS, rows(results))
+    if a.out is not None:
+        write_section(a.out, MARK_START, MARK_END, markdown(result), append=True)
+
+
+if __name__ == "__main__":
+    main()

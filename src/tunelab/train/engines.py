@@ -1,0 +1,354 @@
+"""``train.distributed``: how the processes of a run share a training step (DDP, FSDP2, DeepSpeed ZeRO).
+
+``ENGINES`` is the registry: name -> engine class. An engine does the few things that differ
+between them, and the loop (:mod:`tunelab.train.loop`) calls only these:
+
+* ``shard(loss_module)`` before the optimiser is built (FSDP2 replaces the parameters with
+  sharded ``DTensor``\\ s, so the optimiser must be built on the new ones);
+* ``prepare(loss_module, optimizer)`` -> (the module the loop calls, the optimiser);
+* ``context(loss_model, last)`` around each micro-batch's forward and backward, ``backward``;
+* ``update(...)``: clip, check, step, clear (:func:`tunelab.train.step.update` or the engine's);
+* ``save_shards`` / ``load_shards`` (every rank writes and reads its own part of a checkpoint) and
+  ``full_state_dict`` (the whole model gathered on rank 0, for ``final/`` and ``best/``).
+
+The engines are the libraries': DDP through accelerate; FSDP2 is PyTorch's ``fully_shard`` with
+``torch.distributed.checkpoint`` for the sharded checkpoints; ZeRO is DeepSpeed's engine
+(``deepspeed.initialize``, ``save_checkpoint`` / ``load_checkpoint``). accelerate's FSDP and
+DeepSpeed plugins are not used: accelerate 1.15 switches both off on CPU (``Accelerator(cpu=True)``
+runs plain multi-CPU DDP), and its DeepSpeed ``backward`` steps the engine inside the backward of
+the last micro-batch, before the loop has all-reduced the step's loss; one code path for CPU and
+GPU calls the engines directly. Our code only wires them: which modules are sharding units, the
+DeepSpeed JSON merged with the run's batch and precision settings, and the per-step calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import UserError, require
+from tunelab.train import step as step_fn
+from tunelab.train.launch import free_port
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A sharded engine needs a process group even in one process (a group of one: same code, one shard);
+    with several processes accelerate has made it already."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)
+
+
+class DDP:
+    """Every rank holds the whole model; gradients all-reduced by DDP (accelerate's ``prepare``)."""
+
+    name = "ddp"
+    sharded = False
+
+    def __init__(self, cfg, accelerator, precision: str):
+        self.cfg, self.accelerator, self.precision = cfg, accelerator, precision
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name}
+
+    def shard(self, loss_module: torch.nn.Module) -> None:
+        return None
+
+    def prepare(self, loss_module, optimizer):
+        return self.accelerator.prepare(loss_module, optimizer)
+
+    def context(self, loss_model, last: bool):
+        return nullcontext() if last else self.accelerator.no_sync(loss_model)
+
+    def backward(self, objective: torch.Tensor) -> None:
+        self.accelerator.backward(objective)
+
+    def update(self, optimizer, trainable, *, loss: float, max_grad_norm: float | None) -> tuple[float, bool]:
+        return step_fn.update(optimizer, trainable, loss=loss, max_grad_norm=max_grad_norm,
+                              clip=self.accelerator.clip_grad_norm_)
+
+    def save_shards(self, folder: Path, loss_model, optimizer) -> None:
+        return None
+
+    def load_shards(self, folder: Path, loss_model, optimizer) -> None:
+        return None
+
+    def full_state_dict(self, loss_model, model) -> dict[str, torch.Tensor] | None:
+        return None
+
+
+def _sharding_units(module: torch.nn.Module, names: list[str] | None) -> list[torch.nn.Module]:
+    """The modules sharded as units: the classes named in ``train.fsdp.wrap``, or the model's decoder layers
+    (transformers' ``_no_split_modules``)."""
+    if names is None:
+        names = []
+        for m in module.modules():
+            names += list(getattr(m, "_no_split_modules", None) or [])
+    units = [m for m in module.modules() if type(m).__name__ in set(names)]
+    if not units:
+        raise UserError(f"train.fsdp.wrap: no module of class {', '.join(names) or '(none given)'} in this model. "
+                        "Name its decoder layer class, e.g. [LlamaDecoderLayer]")
+    return units
+
+
+class FSDP(DDP):
+    """PyTorch FSDP2: ``fully_shard`` on each decoder layer, then on the whole loss module (the embeddings, final
+    norm and head form the root unit). Gradients are reduce-scattered (averaged) after every micro-batch's
+    backward, so no rank ever holds the whole gradient."""
+
+    name = "fsdp"
+    sharded = True
+
+    def describe(self) -> dict[str, Any]:
+        f = self.cfg.train.fsdp
+        return {"engine": self.name, **(f.model_dump(mode="json") if f is not None else {})}
+
+    def shard(self, loss_module: torch.nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        settings = self.cfg.train.fsdp
+        ensure_process_group(self.accelerator.device)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        mixed = settings.mixed_precision if settings is not None else True
+        kwargs = {
+            "reshard_after_forward": settings.reshard_after_forward if settings is not None else True,
+            "mp_policy": (MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low and mixed
+                          else MixedPrecisionPolicy()),
+            "offload_policy": CPUOffloadPolicy() if settings is not None and settings.offload_params else OffloadPolicy(),
+        }
+        for unit in _sharding_units(loss_module, settings.wrap if settings is not None else None):
+            fully_shard(unit, **kwargs)
+        fully_shard(loss_module, **kwargs)
+
+    def prepare(self, loss_module, optimizer):
+        return loss_module, optimizer
+
+    def context(self, loss_model, last: bool):
+        return self.accelerator.autocast()
+
+    def backward(self, objective: torch.Tensor) -> None:
+        objective.backward()
+
+    def update(self, optimizer, trainable, *, loss: float, max_grad_norm: float | None) -> tuple[float, bool]:
+        def clip(params, max_norm):  # the norm of sharded gradients is a DTensor: its full value
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+        return step_fn.update(optimizer, trainable, loss=loss, max_grad_norm=max_grad_norm, clip=clip)
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, **kw)
+
+    def save_shards(self, folder: Path, loss_model, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(loss_model, optimizer, options=self._options())
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+    def load_shards(self, folder: Path, loss_model, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(loss_model, optimizer, options=self._options())
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder))
+        # strict=False: the state holds the trained parameters only (the frozen ones come from the base model);
+        # dcp.load has already failed if any of them was missing from the checkpoint
+        set_state_dict(loss_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._options(strict=False))
+
+    def full_state_dict(self, loss_model, model) -> dict[str, torch.Tensor] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(loss_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _under(full, loss_model, model) if self.accelerator.is_main_process else None
+
+
+def _under(state: dict[str, torch.Tensor], root: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``root``'s state dict that belong to its submodule ``model``, named as in ``model``."""
+    prefix = next((n + "." for n, m in root.named_modules() if m is model), "")
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# the DeepSpeed settings tunelab decides (the run's batch, accumulation, clipping, precision): a user's JSON
+# may leave them out or say "auto"; another value is an error naming both
+def deepspeed_config(cfg, world: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of this run: the user's JSON (``train.deepspeed.config``) merged with ours."""
+    t, ds = cfg.train, cfg.train.deepspeed
+    user: dict[str, Any] = {}
+    if ds is not None and ds.config:
+        path = Path(ds.config)
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"train.deepspeed.config: {path} not found. Check the path") from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"train.deepspeed.config: {path} is not a readable JSON file ({err}). Fix it") from None
+        if not isinstance(user, dict):
+            raise UserError(f"train.deepspeed.config: {path} must hold a JSON object. Fix it")
+    zero = dict(user.get("zero_optimization") or {})
+    stage = ds.stage if ds is not None and ds.stage is not None else zero.get("stage", 2)
+    ours = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        "zero_optimization.stage": stage,
+    }
+    where = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+             "train_batch_size": "train.batch_size x grad_accum x processes", "gradient_clipping": "train.max_grad_norm",
+             "bf16.enabled": "train.precision", "fp16.enabled": "train.precision",
+             "zero_optimization.stage": "train.deepspeed.stage"}
+    merged = json.loads(json.dumps(user))
+    for key, value in ours.items():
+        head, _, leaf = key.rpartition(".")
+        section = merged.setdefault(head, {}) if head else merged
+        theirs = section.get(leaf, "auto")
+        if theirs != "auto" and theirs != value and not (isinstance(value, bool) and theirs == value):
+            raise UserError(f"train.deepspeed.config: {key} is {theirs!r} in {ds.config}, but {where[key]} gives "
+                            f"{value!r}. Remove it from the JSON (or write \"auto\"), or change {where[key]}")
+        section[leaf] = value
+    offload = {"optimizer": ds.offload_optimizer if ds else "none", "param": ds.offload_params if ds else "none"}
+    zsec = merged["zero_optimization"]
+    for part, device in offload.items():
+        if device == "cpu":
+            zsec[f"offload_{part}"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage not in (1, 2, 3):
+        raise UserError(f"train.deepspeed.config: zero_optimization.stage is {stage!r} in {ds.config}; ZeRO has "
+                        "stages 1, 2 and 3. Fix the JSON or set train.deepspeed.stage")
+    if "offload_param" in zsec and zsec["offload_param"].get("device", "none") != "none" and stage != 3:
+        raise UserError(f"train.deepspeed: parameter offload (offload_param) needs ZeRO stage 3 (got stage "
+                        f"{stage}). Set train.deepspeed.stage: 3, or remove the parameter offload")
+    # our optimiser (AdamW / SGD, its parameter groups) stays the one that steps, offloaded or not
+    merged.setdefault("zero_allow_untested_optimizer", True)
+    merged.setdefault("zero_force_ds_cpu_optimizer", False)
+    merged.setdefault("steps_per_print", 2**31 - 1)
+    return merged
+
+
+class DeepSpeed(DDP):
+    """DeepSpeed ZeRO (stage 1, 2 or 3, optional CPU offload) on our optimiser, scheduler and loop: our loop
+    marks the accumulation boundary, runs ``engine.backward`` unscaled (it already divides by the step's
+    labelled tokens) and calls ``engine.step`` (clipping, the update, or the skip of a non-finite step)."""
+
+    name = "deepspeed"
+    sharded = True
+
+    def __init__(self, cfg, accelerator, precision: str):
+        super().__init__(cfg, accelerator, precision)
+        if accelerator.device.type == "cpu":  # said, not detected: DeepSpeed warns when it falls back to the CPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        require("deepspeed", extra="deepspeed", verb="train.distributed: deepspeed")
+        quiet_deepspeed()
+        self.config = deepspeed_config(cfg, accelerator.num_processes, precision)
+        self.stage = self.config["zero_optimization"]["stage"]
+        self.engine = None
+
+    def describe(self) -> dict[str, Any]:
+        z = self.config["zero_optimization"]
+        return {"engine": self.name, "stage": self.stage,
+                "offload_optimizer": (z.get("offload_optimizer") or {}).get("device", "none"),
+                "offload_params": (z.get("offload_param") or {}).get("device", "none")}
+
+    def prepare(self, loss_module, optimizer):
+        import deepspeed
+
+        ensure_process_group(self.accelerator.device)
+        # DeepSpeed insists on a launcher's LOCAL_RANK, which one process started without one lacks
+        alone = "LOCAL_RANK" not in os.environ
+        if alone:
+            os.environ["LOCAL_RANK"] = "0"
+        try:
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=loss_module, optimizer=optimizer,
+                                                              config=self.config, dist_init_required=False)
+        finally:
+            if alone:  # a later run in this Python process must not look launched (launch.launched)
+                os.environ.pop("LOCAL_RANK", None)
+        if self.stage == 3:
+            # the loss reads the head's weight directly (the chunked cross-entropy), outside the head's forward
+            # where ZeRO-3 would gather it: gather it with the loss module's forward instead
+            head = _output_weight(loss_module)
+            if head is not None:
+                deepspeed.zero.register_external_parameter(loss_module, head)
+        self.engine = engine
+        return engine, ds_optimizer
+
+    def context(self, loss_model, last: bool):
+        loss_model.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+
+    def backward(self, objective: torch.Tensor) -> None:
+        self.engine.backward(objective, scale_wrt_gas=False)
+
+    def update(self, optimizer, trainable, *, loss: float, max_grad_norm: float | None) -> tuple[float, bool]:
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        applied = self.engine.skipped_steps == skipped_before
+        return norm, applied and math.isfinite(loss) and (math.isfinite(norm) or max_grad_norm is None)
+
+    def save_shards(self, folder: Path, loss_model, optimizer) -> None:
+        self.engine.save_checkpoint(str(folder), tag="zero", save_latest=False, exclude_frozen_parameters=True)
+
+    def load_shards(self, folder: Path, loss_model, optimizer) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="zero", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=False)
+        if path is None:
+            raise UserError(f"{folder}: the DeepSpeed shards could not be read. Move this checkpoint away and run "
+                            "with --resume again to continue from the previous one")
+
+    def full_state_dict(self, loss_model, model) -> dict[str, torch.Tensor] | None:
+        if self.stage != 3:  # ZeRO-1/2 keep the whole model on every rank
+            return None
+        import deepspeed
+
+        main = self.accelerator.is_main_process
+        out: dict[str, torch.Tensor] = {}
+        params = list(loss_model.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if main:
+                out = {k: v.detach().cpu().clone() for k, v in loss_model.module.state_dict().items()}
+        return _under(out, loss_model.module, model) if main else None
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs its config and every step at INFO, and torch warns about the collectives it calls."""
+    if not os.environ.get("TUNELAB_VERBOSE"):
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+
+
+def _output_weight(loss_module: torch.nn.Module) -> torch.nn.Parameter | None:
+    model = getattr(loss_module, "model", None)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return getattr(head, "weight", None)
+
+
+ENGINES: dict[str, type[DDP]] = {"ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed}
+
+
+def make_engine(cfg, accelerator, precision: str) -> DDP:
+    """The engine ``train.distributed`` names (the registry above)."""
+    return ENGINES[cfg.train.distributed](cfg, accelerator, precision)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

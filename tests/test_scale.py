@@ -1,0 +1,361 @@
+"""train.distributed: FSDP2 and DeepSpeed ZeRO over 2 processes (gloo, CPU) equal 1 process; sharded
+checkpoints resume exactly; final/ is the ordinary HF / PEFT layout; two "nodes" on loopback; bad input.
+
+The 2-process runs take ~15-30 s each on the 2-core machine (the first DeepSpeed run of a machine also
+builds DeepSpeed's shared-memory collective op, ~90 s, cached in ~/.cache/torch_extensions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import shared, tiny_config
+from faults import Fault, subprocess_env
+
+COMMON = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
+METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "full": {"name": "full"}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _cfg(root: Path, alpaca_path: Path, name: str, *, method: str, packing: bool, engine: str | None = None,
+         **train) -> dict:
+    """A tiny run: 1 process x batch 4, or 2 processes x batch 2 with ``engine`` (``fsdp``, ``ds2``, ``ds3``);
+    the same global batch, 2 micro-batches per step."""
+    t = {**COMMON, "batch_size": 4, **train}
+    if engine is not None:
+        t.update(batch_size=2, processes=2, distributed="fsdp" if engine == "fsdp" else "deepspeed")
+        if engine.startswith("ds"):
+            t["deepspeed"] = {"stage": int(engine[2])}
+    data = {"train": [{"path": str(alpaca_path), "limit": 96 if packing else 48}], "max_length": 128,
+            "packing": packing}
+    return tiny_config(root, alpaca_path, run={"name": name, "output_dir": str(root / "runs")}, data=data,
+                       method=METHODS[method], train=t)
+
+
+def _train(root: Path, cfg: dict, *extra: str, env: dict | None = None, check: bool = True):
+    path = root / f"{cfg['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path), *extra], capture_output=True,
+                          text=True, env=env or ENV, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(final / name))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process reference runs, trained once per (method, packing) the tests ask for."""
+    root, runs = tmp_path_factory.mktemp("one"), {}
+    alpaca_path = shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
+
+    def get(method: str, packing: bool) -> Path:
+        key = (method, packing)
+        if key not in runs:
+            cfg = _cfg(root, alpaca_path, f"one-{method}-{packing}", method=method, packing=packing)
+            _train(root, cfg)
+            runs[key] = root / "runs" / cfg["run"]["name"]
+        return runs[key]
+
+    return get
+
+
+def _from_shards(shards: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors as the ranks wrote them (torch.distributed.checkpoint files, or DeepSpeed's ZeRO
+    files read by its own zero_to_fp32), named as in final/ (no loss-module prefix, no PEFT adapter name)."""
+    if (shards / "zero").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state, prefix = get_fp32_state_dict_from_zero_checkpoint(str(shards), tag="zero"), "model."
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+        state = {k: torch.zeros(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model.")}
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+        prefix = "model.model."
+    return {k.removeprefix(prefix).replace(".default.", "."): v for k, v in state.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,method,packing", [
+    ("fsdp", "lora", False), ("fsdp", "full", True), ("ds2", "full", False), ("ds3", "lora", True),
+], ids=["fsdp-lora-padded", "fsdp-full-packed", "zero2-full-padded", "zero3-lora-packed"])
+def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_process, engine, method, packing):
+    """Same global batch (1 x 4 x accumulation 2 = 2 x 2 x 2), fp32: per-step losses within 1e-5. final/ holds
+    exactly the weights of the ranks' shards in the ordinary layout (plain transformers / PEFT file names; a
+    full model's logits from AutoModelForCausalLM equal those of the shards' weights within 1e-5), and they
+    are the 1-process run's within 1e-4 (Adam divides by sqrt(v): a near-zero gradient that differs in its
+    7th digit moves a weight by up to ~lr x that difference's relative size)."""
+    ref = one_process(method, packing)
+    _train(tmp_path, _cfg(tmp_path, alpaca_path, "two", method=method, packing=packing, engine=engine))
+    run = tmp_path / "runs" / "two"
+    env = json.loads((run / "env.json").read_text())
+    assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
+    l1, l2 = _losses(ref), _losses(run)
+    assert len(l1) == len(l2) == 3
+    assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
+    shards = run / "checkpoints" / "step-000003" / "shards"
+    assert shards.is_dir() and not (shards.parent / "trainable.safetensors").exists()
+    w1, w2, from_shards = _weights(ref), _weights(run), _from_shards(shards)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+        if method == "lora" or k in from_shards:  # tied head: one of its two names is in the shards
+            assert torch.equal(w2[k], from_shards[k]), k
+    if method == "full":  # consolidated final/: plain transformers loads it, with the shards' logits
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[1, 200, 300, 400, 500, 600, 700, 2]])
+        plain = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+        with torch.no_grad():
+            a = plain(ids).logits
+            plain.load_state_dict(from_shards, strict=False)
+            b = plain(ids).logits
+        assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", "ds3"])
+def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path, alpaca_path, engine):
+    """Rank 1 is killed after its 5th update (checkpoints at steps 2 and 4); --resume reads every rank's
+    shards back, and the run ends with the uninterrupted run's losses and weights, bit for bit. Resuming
+    on another number of processes is refused in one line."""
+    kw = {"max_steps": 6, "save_every": 2, "save_total_limit": 3}
+    straight = _cfg(tmp_path, alpaca_path, "straight", method="lora", packing=False, engine=engine, **kw)
+    killed = _cfg(tmp_path, alpaca_path, "killed", method="lora", packing=False, engine=engine, **kw)
+    _train(tmp_path, straight)
+    out = _train(tmp_path, killed, env={**subprocess_env(Fault("after_update", 5, "sigkill", rank=1)),
+                                        "OMP_NUM_THREADS": "1"}, check=False)
+    assert out.returncode != 0
+    run = tmp_path / "runs" / "killed"
+    assert not (run / "final").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    other = _train(tmp_path, killed, "--resume", "--set", "train.processes=1", check=False)
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert other.returncode == 2 and len(errors) == 1 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "the number of processes = 2" in errors[0] and "this run has 1" in errors[0]
+    _train(tmp_path, killed, "--resume")
+    assert _losses(tmp_path / "runs" / "straight") == _losses(run)
+    a, b = _weights(tmp_path / "runs" / "straight"), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
+    """Two launchers with --nnodes 2 (one rank each, FSDP) meet at 127.0.0.1 and train as the single-node
+    2-process run does."""
+    from tunelab.train.launch import free_port
+
+    one_node = _cfg(tmp_path, alpaca_path, "node", method="lora", packing=False, engine="fsdp")
+    _train(tmp_path, one_node)
+    two = _cfg(tmp_path, alpaca_path, "nodes", method="lora", packing=False, engine="fsdp")
+    two["train"]["processes"] = 1
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump(two))
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(path), "--nnodes", "2",
+                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    nodes = tmp_path / "runs" / "nodes"
+    assert json.loads((nodes / "env.json").read_text())["processes"] == 2
+    assert _losses(nodes) == pytest.approx(_losses(tmp_path / "runs" / "node"), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input: one line each
+
+
+def _problems(tmp_path, alpaca_path, **sections) -> str:
+    from tunelab.config import load_config
+    from tunelab.errors import ConfigError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, alpaca_path, **sections)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("train,method,expected", [
+    ({"distributed": "deepspeed", "deepspeed": {"stage": 4}}, None, "train.deepspeed.stage"),
+    ({"deepspeed": {"offload_optimizer": "cpu"}}, None, "train.deepspeed is set, but train.distributed is ddp"),
+    ({"fsdp": {"offload_params": True}}, None, "train.fsdp is set, but train.distributed is ddp"),
+    ({"distributed": "deepspeed", "deepspeed": {"stage": 2, "offload_params": "cpu"}}, None,
+     "offload_params: cpu needs ZeRO stage 3 (got train.deepspeed.stage: 2)"),
+    ({"distributed": "deepspeed", "deepspeed": {"stage": 3}}, {"name": "prefix"},
+     "method.name=prefix with train.distributed: deepspeed is not supported"),
+    ({"distributed": "deepspeed", "deepspeed": {"stage": 3}}, {"name": "lora", "dora": True},
+     "method.dora: true with train.deepspeed.stage: 3"),
+    ({"distributed": "fsdp"}, {"name": "qlora"}, "method.name=qlora with train.distributed: fsdp"),
+], ids=["unknown-stage", "ds-offload-under-ddp", "fsdp-offload-under-ddp", "param-offload-stage-2",
+        "zero3-prefix", "zero3-dora", "fsdp-qlora"])
+def test_bad_combinations_are_one_line_naming_the_fields(tmp_path, alpaca_path, train, method, expected):
+    sections = {"train": train, **({"method": method} if method else {})}
+    text = _problems(tmp_path, alpaca_path, **sections)
+    assert expected in text, text
+    line = next(x for x in text.splitlines() if expected in x)
+    assert len(line) < 400
+
+
+def test_objectives_needing_a_second_view_are_refused_under_sharding(tmp_path, alpaca_path):
+    text = _problems(tmp_path, alpaca_path, train={"distributed": "fsdp"}, objectives={"l2sp": {"weight": 0.01}})
+    assert "objectives.l2sp with train.distributed: fsdp is not supported" in text
+
+
+def test_deepspeed_missing_is_one_line(monkeypatch, tmp_path, alpaca_path):
+    from tunelab.config import load_config
+    from tunelab.errors import UserError
+    from tunelab.train import engines
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, alpaca_path, train={"distributed": "deepspeed"})))
+    cfg, _ = load_config(path)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # an import of it fails as if not installed
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2)
+    with pytest.raises(UserError, match=r"train.distributed: deepspeed needs deepspeed: pip install "
+                                        r"'tunelab\[deepspeed\]'"):
+        engines.make_engine(cfg, acc, "fp32")
+
+
+def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_path, alpaca_path):
+    from tunelab.config import load_config
+    from tunelab.errors import UserError
+    from tunelab.train.engines import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                                "zero_optimization": {"stage": 3, "overlap_comm": False}, "bf16": {"enabled": "auto"}}))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, alpaca_path, train={
+        "distributed": "deepspeed", "batch_size": 2, "grad_accum": 4, "deepspeed": {"config": str(user)}})))
+    cfg, _ = load_config(path)
+    merged = deepspeed_config(cfg, world=2, precision="fp32")
+    assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["train_batch_size"] == 16
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # the user's stage and settings kept
+    assert merged["bf16"] == {"enabled": False} and merged["gradient_clipping"] == 1.0
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu is 8 in .*ds.json, but train.batch_size "
+                                        r"gives 2"):
+        deepspeed_config(cfg, world=2, precision="fp32")
+
+
+# ---------------------------------------------------------------------------- memory per rank (tunelab advise)
+
+
+def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> None:
+    """One rank of a 2-rank FSDP2 run of two full fine-tuning steps; its peak of live tensor bytes (the
+    advisor's measure; TensorMemory counts a DTensor as its local shard and, ``resizable``, a storage FSDP2
+    resized to 0 as freed) written to ``out/<rank>``."""
+    import torch.distributed as dist
+
+    from tunelab.search.advise import build_for_training, synthetic_batch
+    from tunelab.search.memory import TensorMemory, model_tensors
+    from tunelab.train.build import build_optimizer
+    from tunelab.train.engines import FSDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = _advise_cfg(model)
+    model_, loss, _ = build_for_training(cfg, "fp32")
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0)
+    FSDP(cfg, acc, "fp32").shard(loss)
+    optimizer = build_optimizer(model_, cfg.train)
+    batch = synthetic_batch(cfg, 2048)
+    tracker = TensorMemory(resizable=True)  # FSDP2 frees gathered parameters by resizing their storage
+    tracker.track(model_tensors(model_, optimizer))
+    with tracker:
+        for _ in range(2):
+            out_ = loss(**batch)
+            (out_.total / out_.count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    Path(out, str(rank)).write_text(str(tracker.peak))
+    dist.destroy_process_group()
+
+
+def _advise_cfg(model: str):
+    from tunelab.config import load_config
+
+    return load_config(None, base={
+        "model": {"path": model}, "method": {"name": "full"}, "data": {"train": [{"path": "unused.jsonl"}],
+                                                                       "max_length": 64},
+        "train": {"batch_size": 2, "precision": "fp32", "max_grad_norm": None, "distributed": "fsdp",
+                  "processes": 2}})[0]
+
+
+@pytest.mark.slow
+def test_fsdp_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
+    """`tunelab advise`'s per-rank memory for FSDP with 2 processes, from its 1-process probes, against two real
+    FSDP2 ranks' peak of live tensors (a 6-layer Llama whose layers hold most of the weights)."""
+    import torch.multiprocessing as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.search.advise import Probes, estimate_with_layer, per_rank
+    from tunelab.train.launch import free_port
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                     ).save_pretrained(folder)
+    cfg = _advise_cfg(str(folder))
+    probes = Probes(str(folder))
+    try:
+        single, _, _, layer = estimate_with_layer(cfg, "full", probes, precision="fp32", checkpointing=False)
+    finally:
+        probes.close()
+    predicted = {e: per_rank(single, layer, 6, e, 2, "cpu").peak for e in ("ddp", "fsdp")}
+    mp.spawn(_fsdp_rank_peak, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
+    measured = max(int((tmp_path / str(r)).read_text()) for r in (0, 1))
+    assert abs(predicted["fsdp"] / measured - 1) < 0.20, (predicted, measured)
+    assert measured < 0.8 * predicted["ddp"]  # sharding measurably lowers the rank's peak
+
+
+def test_a_failing_rank_on_another_node_is_named_with_its_host(tmp_path, monkeypatch, capsys):
+    """Node 1 of 2 (one rank: global rank 1) fails: its launcher stops and names the rank and this host."""
+    import socket
+
+    from tunelab.train import launch
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nif [ "$RANK" = 1 ] && [ "$WORLD_SIZE" = 2 ] && [ "$MASTER_PORT" = 29999 ]; then exit 3; fi\n'
+                    'sleep 120\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    nodes = launch.Nodes(nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=29999)
+    assert launch.run_processes(["train", "x.yaml"], 1, nodes=nodes) == 3
+    err = capsys.readouterr().err
+    assert f"process 1 of 2 on host {socket.gethostname()} (node 1) stopped with exit code 3" in err
+
+
+@pytest.mark.parametrize("nodes,expected", [
+    ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank 2 with --nnodes 2"),
+    ({"nnodes": 2, "node_rank": 0}, "--nnodes 2 needs --master-port"),
+])
+def test_bad_node_flags_are_one_line(nodes, expected):
+    from tunelab.errors import UserError
+    from tunelab.train import launch
+
+    with pytest.raises(UserError, match=expected):
+        launch.run_processes(["train", "x.yaml"], 1, nodes=launch.Nodes(**nodes))
