@@ -41,12 +41,15 @@ from tunelab import methods, tasks
 from tunelab.config import TuneConfig
 from tunelab.data.batching import IGNORE, Row, collate
 from tunelab.data.coverage import coverage_warning
+from tunelab.data.tasks import record_text
 from tunelab.data.templates import set_chat_template
+from tunelab.data.workbench import prepare_records
 from tunelab.errors import UserError
 from tunelab.kernels import training_kernels
 from tunelab.methods import METHODS
 from tunelab.methods import get as get_method
 from tunelab.search.memory import TensorMemory, mib, model_tensors
+from tunelab.search.recipes import recipe_for, recipe_sections, shape_of
 from tunelab.train import step as step_fn
 from tunelab.train.build import (
     build_model,
@@ -113,6 +116,7 @@ class Advice:
     recommendation: str
     reasons: list[str]
     processes: int = 1
+    recipe: dict[str, Any] | None = None  # the measured recipe for classification data of this shape
 
 
 # --------------------------------------------------------------------------- one training step, measured
@@ -444,7 +448,20 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
     available = available_memory(device)
     rec, reasons = recommend(cfg, estimates, available, data, device)
     return Advice(cfg.model.path, probes.layers, precision, cfg.train.batch_size * cfg.data.max_length, estimates,
-                  available, device, timing, data, rec, reasons, cfg.train.processes)
+                  available, device, timing, data, rec, reasons, cfg.train.processes, data_recipe(cfg))
+
+
+def data_recipe(cfg: TuneConfig) -> dict[str, Any] | None:
+    """The measured recipe (:mod:`tunelab.search.recipes`) for the shape of a labelled task's training rows."""
+    if not tasks.get(cfg.task).labelled:
+        return None
+    records = prepare_records(cfg, None, Console(file=io.StringIO()), True).train
+    shape = shape_of([record_text(r) for r in records], [str(r.label) for r in records])
+    recipe = recipe_for(shape)
+    if recipe is None:
+        return {"shape": shape.describe(), "name": None}
+    return {"shape": shape.describe(), "name": recipe.name, "when": recipe.when, "settings": recipe.summary(),
+            "sections": recipe_sections(recipe), "evidence": recipe.evidence()}
 
 
 def _bf16_ok(device: str) -> bool:
@@ -579,6 +596,16 @@ def print_advice(a: Advice, console: Console) -> None:
     console.print(f"[bold]recommendation: {a.recommendation}[/]")
     for r in a.reasons:
         console.print(f"  - {r}")
+    if a.recipe is not None:
+        r = a.recipe
+        if r["name"] is None:
+            console.print(f"classification recipe: none measured for data like yours ({r['shape']}); compare with the "
+                          "TF-IDF baseline (tunelab eval RUN --baselines)")
+        else:
+            console.print(f"[bold]classification recipe for data like yours[/] ({r['shape']}; recipe '{r['name']}': "
+                          f"{r['when']}): {r['settings']}")
+            if r["evidence"]:
+                console.print(f"  - {r['evidence']}")
 
 
 def _print_per_rank(e: MethodEstimate, a: Advice, console: Console) -> None:
