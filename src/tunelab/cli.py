@@ -267,7 +267,7 @@ def _export(o: ExportOptions):
     from tunelab.ship.export import export
 
     return export(o.target, o.out, merge=o.merge, dtype=o.dtype, gguf=o.gguf, force=o.force,
-                  checkpoint=o.checkpoint, verify=o.verify, quant=o.quant)
+                  checkpoint=o.checkpoint, verify=o.verify, quant=o.quant, ollama=o.ollama)
 
 
 def _show_export(result, o: ExportOptions) -> None:

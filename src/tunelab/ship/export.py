@@ -78,17 +78,17 @@ def check_out(out: Path, force: bool) -> None:
 
 def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: str | None = None,
            gguf: bool = False, force: bool = False, checkpoint: str = "final", verify: bool = True,
-           quant=None) -> ExportResult:
+           quant=None, ollama: bool = False) -> ExportResult:
     """Export a run (or a model) to ``out``; see the module docstring for the shapes.
 
     ``quant``: GGUF types (names, or comma-separated names, of :data:`tunelab.ship.gguf_types.QUANTS`);
-    giving any implies ``gguf``.
+    giving any implies ``gguf``. ``ollama``: also an Ollama ``Modelfile`` for the first GGUF type (implies ``gguf``).
     """
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype: unknown dtype (got {dtype!r}). Use one of {', '.join(DTYPES)}")
     quants = parse_quants(quant)
-    gguf = gguf or bool(quants)
+    gguf = gguf or bool(quants) or ollama
     if any(needs_llama_cpp(q) for q in quants):
         llamacpp.llama_cpp(f"--quant {next(q for q in quants if needs_llama_cpp(q))}")  # before any work
     check_out(out, force)
@@ -116,7 +116,8 @@ def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: s
         kind = "merged" if is_adapter else ("full" if folder is not None else "model")
         result = ExportResult(out, kind, dtype, notes=notes)
         ggufs = quants if gguf else []
-        atomic_folder(out, lambda tmp: _fill_model(tmp, target, checkpoint, info, result, ggufs, gguf, verify))
+        atomic_folder(out, lambda tmp: _fill_model(tmp, target, checkpoint, info, result, ggufs, gguf, verify,
+                                                   ollama))
     for file in result.ggufs:
         file.path = out / file.path.name
     result.gguf = result.ggufs[0].path if result.ggufs else None
@@ -153,7 +154,7 @@ def _copy_generation_config(info: dict, tmp: Path) -> None:
 
 
 def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportResult, quants: list[str],
-                gguf: bool, verify: bool) -> None:
+                gguf: bool, verify: bool, ollama: bool = False) -> None:
     """Merged / full / plain model: ``save_pretrained`` (safetensors) + tokenizer (+ GGUF)."""
     loaded = load_for_inference(target, checkpoint=checkpoint, dtype=torch.float32)
     model = loaded.model
@@ -190,6 +191,13 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
         except UserError:
             name = "model"
         result.ggufs = write_ggufs(model, tok, tmp, name, quants or [DEFAULT_FOR_DTYPE[dtype]], verify)
+        if ollama:
+            from tunelab.ship.ollama import modelfile
+
+            others = "".join(f"# also here: {f.path.name} (change FROM to use it)\n" for f in result.ggufs[1:])
+            text = modelfile(result.ggufs[0].path.name, tok, getattr(model, "generation_config", None))
+            (tmp / "Modelfile").write_text(others + text)
+            result.notes.append(f"Ollama: cd {result.out} && ollama create {name} -f Modelfile && ollama run {name}")
     result.files = _write_manifest(tmp)
 
 

@@ -79,6 +79,8 @@ class ExportOptions(_Options):
     quant: tuple[str, ...] = Field((), description="GGUF types to write (implies --gguf): f32, f16, bf16, q8_0, "
                                    "q6_k, q5_k_m, q5_1, q5_0, q4_k_m, q4_1, q4_0; K-quants need "
                                    "pip install 'tunelab[gguf]' (default: the --dtype's float type).")
+    ollama: bool = Field(False, description="Also write an Ollama Modelfile (chat template, stop tokens, sampling "
+                         "defaults) for the first GGUF type (implies --gguf).")
     verify: bool = Field(True, description="Run each GGUF file (llama.cpp; transformers without it) and check "
                          "greedy tokens / perplexity.")
     force: bool = Field(False, description="Replace a non-empty --out.")
