@@ -67,7 +67,7 @@ def write_ggufs(model, tokenizer, folder: Path, name: str, kinds: list[str], ver
 def _check_ppl(file: GGUFFile, ppl: float, f16_ppl: float) -> None:
     bound = QUANTS[file.kind].ppl_bound
     rise = ppl / f16_ppl - 1
-    file.figures.update(perplexity=ppl, f16_perplexity=f16_ppl, perplexity_rise=rise)
+    file.figures.update(perplexity=ppl, f16_perplexity=f16_ppl, perplexity_rise=rise, bound=bound)
     if rise > bound:
         raise UserError(f"--quant {file.kind}: perplexity check failed: {ppl:.3f} on the held-out text is "
                         f"{rise:+.1%} over F16's {f16_ppl:.3f} (bound {bound:.0%}). Choose a type with more bits")

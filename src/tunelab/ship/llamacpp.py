@@ -25,6 +25,7 @@ from tunelab.errors import UserError, require
 from tunelab.ship.gguf_types import GREEDY_LOGIT_TOLERANCE, QUANTS
 
 GREEDY_TOKENS = 32
+HELD_OUT_TOKENS = 512  # at most (a small vocabulary spells HELD_OUT in many more tokens than a real one)
 #: Fixed probe prompts: plain text, digits and Chinese (byte-level merges), and a chat turn (special tokens).
 PROMPTS = (
     "The three primary colours are",
@@ -154,7 +155,7 @@ def hf_reference(model, tokenizer) -> Reference:
                 seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
             sequences.append(seq)
             logits.append(model(input_ids=torch.tensor([seq])).logits[0].numpy())
-        held = tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"]
+        held = tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"][:HELD_OUT_TOKENS]
         held_ppl = perplexity(model(input_ids=torch.tensor([held])).logits[0].numpy(), held)
     return Reference(texts, prompts, sequences, logits, held, held_ppl)
 
