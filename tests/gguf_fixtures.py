@@ -64,3 +64,27 @@ def tiny_causal_lm(folder, family: str = "llama", *, chat_template: bool = False
 def small_vocab_llama(folder):
     """A random 2-layer Llama (GQA, untied head) with the 300-token tokenizer (no chat template)."""
     return tiny_causal_lm(folder, "llama", hidden_size=32, intermediate_size=64)
+
+
+def tiny_lora_run(folder, family: str = "llama"):
+    """A LoRA weights folder (PEFT adapter + tokenizer + tunelab.json) on a tiny ``family`` model, with
+    random B so the adapter changes the outputs; q/k included (their rows carry llama.cpp's rotary order)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_causal_lm(folder / "base", family, chat_template=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]))
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+    final = folder / "run" / "final"
+    peft.save_pretrained(final)
+    AutoTokenizer.from_pretrained(base).save_pretrained(final)
+    (final / "tunelab.json").write_text(json.dumps({"base_model": str(base), "method": "lora", "run": "tiny-lora",
+                                                    "task": "sft"}))
+    return final

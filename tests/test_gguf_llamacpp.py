@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gguf_fixtures import tiny_causal_lm
+from gguf_fixtures import tiny_causal_lm, tiny_lora_run
 from tunelab.errors import UserError
 from tunelab.ship.export import export
 
@@ -85,7 +85,7 @@ def test_a_writer_bug_is_caught_in_llama_cpp_and_leaves_no_output(tmp_path, monk
     from tunelab.ship import to_gguf
 
     src = tiny_causal_lm(tmp_path / "model", "llama")
-    monkeypatch.setattr(to_gguf, "_permute", lambda w, n_head: w)
+    monkeypatch.setattr(to_gguf, "permute_rows", lambda w, n_head: w)
     with pytest.raises(UserError, match=r"--quant f16: (greedy|top-1 logit) check failed") as err:
         export(src, tmp_path / "out", quant="f16", dtype="fp32")
     assert "\n" not in str(err.value)
@@ -139,3 +139,28 @@ def test_bad_gguf_requests_are_one_line_errors(tmp_path):
                                         r"\(got GPTNeoXForCausalLM, model_type 'gpt_neox'\)"):
         export(neox, tmp_path / "out3", quant="q8_0")
     assert not (tmp_path / "out3").exists()
+
+
+def test_lora_run_as_a_llama_cpp_adapter_agrees_with_the_merged_model(tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    from tunelab.ship import llamacpp, lora_gguf
+
+    run = tiny_lora_run(tmp_path / "lora")
+    result = export(run, tmp_path / "out", lora_gguf=True)
+    base, adapter = result.ggufs
+    assert result.kind == "adapter" and (result.out / "adapter_config.json").is_file()
+    assert base.path.name == "tiny-lora-base-f16.gguf" and adapter.path.name == "tiny-lora-lora-f32.gguf"
+    assert adapter.checked_by == "llama.cpp" and adapter.figures["greedy_tokens"] == 4 * 32
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(adapter.path).fields.items()}
+    assert (fields["general.type"], fields["adapter.type"], fields["adapter.lora.alpha"]) == ("adapter", "lora", 8.0)
+    # the adapter matters: llama.cpp's base alone answers differently from base + adapter
+    probe = [1, 40, 80, 120, 200, 250, 33, 7, 2, 5]
+    with llamacpp.Runner(base.path) as plain, llamacpp.Runner(base.path, lora=adapter.path) as tuned:
+        assert abs(plain.logits(probe) - tuned.logits(probe)).max() > 0.05
+    # B's q/k rows must follow the base's rotary order: without it llama.cpp disagrees with the merged model
+    monkeypatch.setattr(lora_gguf, "permute_rows", lambda w, n_head: w)
+    with pytest.raises(UserError, match=r"--lora-gguf: (greedy|top-1 logit) check failed"):
+        export(run, tmp_path / "bad", lora_gguf=True)
+    _no_leftovers(tmp_path, tmp_path / "bad")

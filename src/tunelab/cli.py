@@ -267,7 +267,8 @@ def _export(o: ExportOptions):
     from tunelab.ship.export import export
 
     return export(o.target, o.out, merge=o.merge, dtype=o.dtype, gguf=o.gguf, force=o.force,
-                  checkpoint=o.checkpoint, verify=o.verify, quant=o.quant, ollama=o.ollama)
+                  checkpoint=o.checkpoint, verify=o.verify, quant=o.quant, ollama=o.ollama,
+                  lora_gguf=o.lora_gguf)
 
 
 def _show_export(result, o: ExportOptions) -> None:
@@ -290,8 +291,9 @@ def gguf_check_text(file) -> str:
     where = file.checked_by + ("" if file.checked_by == "llama.cpp" else
                                ", not llama.cpp: pip install 'tunelab[gguf]' to run it there")
     if "greedy_tokens" in f:
+        ppl = f", held-out perplexity {f['perplexity']:.2f}" if "perplexity" in f else ""
         return (f"{where}: {f['greedy_tokens']} greedy tokens identical, top-1 logits within "
-                f"{f['top1_logit_error']:.1e}, held-out perplexity {f['perplexity']:.2f}")
+                f"{f['top1_logit_error']:.1e}{ppl}")
     return f"{where}: held-out perplexity {f['perplexity']:.2f}, {f['perplexity_rise']:+.2%} vs F16"
 
 

@@ -78,11 +78,13 @@ def check_out(out: Path, force: bool) -> None:
 
 def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: str | None = None,
            gguf: bool = False, force: bool = False, checkpoint: str = "final", verify: bool = True,
-           quant=None, ollama: bool = False) -> ExportResult:
+           quant=None, ollama: bool = False, lora_gguf: bool = False) -> ExportResult:
     """Export a run (or a model) to ``out``; see the module docstring for the shapes.
 
     ``quant``: GGUF types (names, or comma-separated names, of :data:`tunelab.ship.gguf_types.QUANTS`);
     giving any implies ``gguf``. ``ollama``: also an Ollama ``Modelfile`` for the first GGUF type (implies ``gguf``).
+    ``lora_gguf``: a LoRA run's adapters also as llama.cpp's GGUF adapter, with the base as F16 GGUF
+    (:mod:`tunelab.ship.lora_gguf`).
     """
     out = Path(out)
     if dtype is not None and dtype not in DTYPES:
@@ -97,6 +99,12 @@ def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: s
     is_adapter = folder is not None and (folder / "adapter_config.json").is_file()
     notes: list[str] = []
 
+    if lora_gguf and (not is_adapter or gguf or merge):
+        got = "--gguf/--merge/--quant too" if is_adapter else "a run without adapters"
+        raise UserError(f"--lora-gguf: writes a LoRA run's adapters for llama.cpp (got {got}). Give it alone with "
+                        "a LoRA run, or use --gguf for a merged model")
+    if lora_gguf:
+        llamacpp.llama_cpp("--lora-gguf")  # before any work
     if is_adapter:
         mergeable, reason = merge_policy(info["method"])
         if (merge or gguf) and not mergeable:
@@ -111,7 +119,8 @@ def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: s
 
     if is_adapter and not merge:
         result = ExportResult(out, "adapter", dtype, notes=notes)
-        atomic_folder(out, lambda tmp: _fill_adapter(tmp, folder, info, dtype, result))
+        lora = (target, checkpoint, verify) if lora_gguf else None
+        atomic_folder(out, lambda tmp: _fill_adapter(tmp, folder, info, dtype, result, lora))
     else:
         kind = "merged" if is_adapter else ("full" if folder is not None else "model")
         result = ExportResult(out, kind, dtype, notes=notes)
@@ -124,8 +133,10 @@ def export(target: str | Path, out: str | Path, *, merge: bool = False, dtype: s
     return result
 
 
-def _fill_adapter(tmp: Path, folder: Path, info: dict, dtype: str | None, result: ExportResult) -> None:
-    """The PEFT adapter folder + tokenizer; adapter tensors cast to ``dtype`` if given."""
+def _fill_adapter(tmp: Path, folder: Path, info: dict, dtype: str | None, result: ExportResult,
+                  lora: tuple | None = None) -> None:
+    """The PEFT adapter folder + tokenizer; adapter tensors cast to ``dtype`` if given; with ``lora``
+    ((target, checkpoint, verify)), also the llama.cpp GGUF adapter and its base."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
@@ -143,6 +154,12 @@ def _fill_adapter(tmp: Path, folder: Path, info: dict, dtype: str | None, result
     AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
     _copy_generation_config(info, tmp)
     _write_info(tmp, info, folder, merged=False, dtype=dtype)
+    if lora is not None:
+        from tunelab.ship.lora_gguf import write_lora_files
+
+        target, checkpoint, verify = lora
+        name = _gguf_name(info, target)
+        result.ggufs = write_lora_files(tmp, load_for_inference(target, checkpoint=checkpoint), info, name, verify)
     result.files = _write_manifest(tmp)
 
 
@@ -185,11 +202,7 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
     if gguf:
         from tunelab.ship.gguf_export import write_ggufs
 
-        name = info.get("run") or Path(str(target)).name
-        try:  # the GGUF's file name: a run named before run.name was checked may hold '/' or '..'
-            check_name(name, "run")
-        except UserError:
-            name = "model"
+        name = _gguf_name(info, target)
         result.ggufs = write_ggufs(model, tok, tmp, name, quants or [DEFAULT_FOR_DTYPE[dtype]], verify)
         if ollama:
             from tunelab.ship.ollama import modelfile
@@ -199,6 +212,17 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
             (tmp / "Modelfile").write_text(others + text)
             result.notes.append(f"Ollama: cd {result.out} && ollama create {name} -f Modelfile && ollama run {name}")
     result.files = _write_manifest(tmp)
+
+
+def _gguf_name(info: dict, target) -> str:
+    """The GGUF files' name stem: the run's name (a run named before run.name was checked may hold '/' or
+    '..': then ``model``)."""
+    name = info.get("run") or Path(str(target)).name
+    try:
+        check_name(name, "run")
+    except UserError:
+        return "model"
+    return name
 
 
 def _saved_dtype(model) -> str:

@@ -90,12 +90,12 @@ def _threads() -> int:
 class Runner:
     """One GGUF file loaded in llama.cpp, evaluating whole token sequences with every position's logits."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024):
+    def __init__(self, path: Path, n_ctx: int = 1024, lora: Path | None = None):
         lc = llama_cpp()
         self.path = path
         try:
             self.llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                                n_threads=_threads(), verbose=False)
+                                n_threads=_threads(), verbose=False, lora_path=str(lora) if lora else None)
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--gguf: llama.cpp could not load {path.name} ({err}). Report this model's config") from None
 
@@ -160,13 +160,17 @@ def hf_reference(model, tokenizer) -> Reference:
     return Reference(texts, prompts, sequences, logits, held, held_ppl)
 
 
-def check_greedy(runner: Runner, ref: Reference, kind: str) -> dict:
-    """Tokenizer, greedy tokens and top-1 logits of llama.cpp vs Hugging Face; a one-line error on the first failure."""
+def check_greedy(runner: Runner, ref: Reference, kind: str, what: str | None = None) -> dict:
+    """Tokenizer, greedy tokens and top-1 logits of llama.cpp vs Hugging Face; a one-line error on the first failure.
+
+    ``what`` names the option in the errors (default ``--quant KIND``).
+    """
+    what = what or f"--quant {kind}"
     worst = 0.0
     for text, prompt, seq, want in zip(ref.texts, ref.prompts, ref.sequences, ref.logits, strict=True):
         got_ids = runner.tokenize(text)
         if got_ids != prompt:
-            raise UserError(f"--quant {kind}: tokenizer check failed: llama.cpp encodes {text[:40]!r} as "
+            raise UserError(f"{what}: tokenizer check failed: llama.cpp encodes {text[:40]!r} as "
                             f"{got_ids[:12]} but the model's tokenizer as {prompt[:12]}. Report this tokenizer")
         got = runner.logits(seq)
         start = len(prompt) - 1
@@ -174,14 +178,14 @@ def check_greedy(runner: Runner, ref: Reference, kind: str) -> dict:
         expected = np.array(seq[start + 1:])
         if not np.array_equal(top, expected):
             i = int(np.flatnonzero(top != expected)[0])
-            raise UserError(f"--quant {kind}: greedy check failed: llama.cpp's token {i + 1} of the continuation of "
+            raise UserError(f"{what}: greedy check failed: llama.cpp's token {i + 1} of the continuation of "
                             f"{text[:40]!r} is {int(top[i])}, the Hugging Face model's {int(expected[i])}. "
                             "Report this model's config")
         rows = np.arange(start, len(seq) - 1)
         diff = np.abs(got[rows, expected] - want[rows, expected]).max() / max(np.abs(want).max(), 1e-6)
         worst = max(worst, float(diff))
     if worst > GREEDY_LOGIT_TOLERANCE[kind]:
-        raise UserError(f"--quant {kind}: top-1 logit check failed: llama.cpp's differ from the Hugging Face model's "
+        raise UserError(f"{what}: top-1 logit check failed: llama.cpp's differ from the Hugging Face model's "
                         f"by {worst:.2e} (relative) > {GREEDY_LOGIT_TOLERANCE[kind]:.0e}. Report this model's config")
     return {"greedy_tokens": GREEDY_TOKENS * len(ref.sequences), "top1_logit_error": worst}
 

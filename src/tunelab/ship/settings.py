@@ -81,6 +81,8 @@ class ExportOptions(_Options):
                                    "pip install 'tunelab[gguf]' (default: the --dtype's float type).")
     ollama: bool = Field(False, description="Also write an Ollama Modelfile (chat template, stop tokens, sampling "
                          "defaults) for the first GGUF type (implies --gguf).")
+    lora_gguf: bool = Field(False, description="A LoRA run: also its adapters as a llama.cpp GGUF adapter (--lora) "
+                            "beside the base as F16 GGUF, checked against the merged model.")
     verify: bool = Field(True, description="Run each GGUF file (llama.cpp; transformers without it) and check "
                          "greedy tokens / perplexity.")
     force: bool = Field(False, description="Replace a non-empty --out.")

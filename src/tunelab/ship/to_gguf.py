@@ -116,7 +116,7 @@ def check_supported(model) -> Family:
     return family
 
 
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's ``LlamaModel.permute``: interleave the two rotary halves of each head's rows."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -254,9 +254,9 @@ def write_gguf(model, tokenizer, tokenizer_folder: Path, path: Path, *, kind: st
         if gguf_name is None:
             raise UserError(f"--gguf: no GGUF name for tensor {hf_name!r}. {_CHECK_HINT}")
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = _permute(tensor, n_head)
+            tensor = permute_rows(tensor, n_head)
         elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = _permute(tensor, n_kv)
+            tensor = permute_rows(tensor, n_kv)
         data, raw = _tensor_data(tensor, tensor_type(gguf_name, tuple(tensor.shape), kind, tied))
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
 
