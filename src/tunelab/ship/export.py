@@ -37,6 +37,7 @@ from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, check_name, sha256_file
 from tunelab.ship import llamacpp
 from tunelab.ship.gguf_types import DEFAULT_FOR_DTYPE, needs_llama_cpp, parse_quants
+from tunelab.ship.ollama import modelfile
 from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -205,8 +206,6 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
         name = _gguf_name(info, target)
         result.ggufs = write_ggufs(model, tok, tmp, name, quants or [DEFAULT_FOR_DTYPE[dtype]], verify)
         if ollama:
-            from tunelab.ship.ollama import modelfile
-
             others = "".join(f"# also here: {f.path.name} (change FROM to use it)\n" for f in result.ggufs[1:])
             text = modelfile(result.ggufs[0].path.name, tok, getattr(model, "generation_config", None))
             (tmp / "Modelfile").write_text(others + text)

@@ -14,8 +14,10 @@ llama.cpp does the work: ``llama_model_quantize`` writes the K-quant mixes from 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +77,28 @@ def quantize(f16: Path, out: Path, kind: str) -> Path:
     params = lc.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[QUANTS[kind].file_type])
     params.nthread = _threads()
-    if lc.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0:
+    with _native_stderr_off():
+        failed = lc.llama_model_quantize(str(f16).encode(), str(out).encode(), params) != 0
+    if failed:
         out.unlink(missing_ok=True)
         raise UserError(f"--quant {kind}: llama.cpp's quantizer failed on {f16.name}. Export f16 and run "
                         "llama-quantize by hand to see its message")
     return out
+
+
+@contextlib.contextmanager
+def _native_stderr_off():
+    """File descriptor 2 sent to /dev/null: llama.cpp's quantizer writes one line per tensor there past the
+    log callback that ``llama_cpp()`` quiets (Python's ``sys.stderr`` is left alone)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _threads() -> int:
