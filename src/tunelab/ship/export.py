@@ -37,8 +37,8 @@ from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, check_name, sha256_file
 from tunelab.ship import llamacpp
 from tunelab.ship.gguf_types import DEFAULT_FOR_DTYPE, needs_llama_cpp, parse_quants
-from tunelab.ship.ollama import modelfile
 from tunelab.ship.inference import base_model_folder, load_for_inference, read_info, weights_folder
+from tunelab.ship.ollama import modelfile
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MANIFEST = "SHA256SUMS"
