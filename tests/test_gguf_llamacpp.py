@@ -164,3 +164,15 @@ def test_lora_run_as_a_llama_cpp_adapter_agrees_with_the_merged_model(tmp_path, 
     with pytest.raises(UserError, match=r"--lora-gguf: (greedy|top-1 logit) check failed"):
         export(run, tmp_path / "bad", lora_gguf=True)
     _no_leftovers(tmp_path, tmp_path / "bad")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_f16_is_greedy_identical_and_fewer_bits_cost_more_perplexity(tmp_path):
+    pytest.importorskip("llama_cpp")
+    result = export("smollm2-135m-instruct", tmp_path / "smol", quant="f16,q8_0,q4_k_m", dtype="fp32")
+    f16, q8, q4 = result.ggufs
+    assert {f.checked_by for f in result.ggufs} == {"llama.cpp"}
+    assert f16.figures["greedy_tokens"] == 4 * 32  # the real model: every greedy token identical in llama.cpp
+    assert f16.size > q8.size > q4.size
+    assert q8.figures["perplexity_rise"] < q4.figures["perplexity_rise"]

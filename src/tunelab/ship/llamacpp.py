@@ -109,12 +109,13 @@ def _threads() -> int:
 class Runner:
     """One GGUF file loaded in llama.cpp, evaluating whole token sequences with every position's logits."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024, lora: Path | None = None):
+    def __init__(self, path: Path, n_ctx: int = HELD_OUT_TOKENS, lora: Path | None = None):
         lc = llama_cpp()
         self.path = path
         try:
-            self.llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                                n_threads=_threads(), verbose=False, lora_path=str(lora) if lora else None)
+            with _native_stderr_off():  # llama.cpp's context notes (e.g. n_ctx above the trained length)
+                self.llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                                    n_threads=_threads(), verbose=False, lora_path=str(lora) if lora else None)
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--gguf: llama.cpp could not load {path.name} ({err}). Report this model's config") from None
 
