@@ -73,6 +73,42 @@ def llama_figures(path: Path, text_tokens: list[int], threads: int) -> dict:
     return {"ppl": float(np.exp(total / count)), "gen_tps": gen, "prompt_tps": prompt, "tokens": count}
 
 
+def best_speed(path: Path, text_tokens: list[int], threads: int, repeats: int) -> tuple[float, float]:
+    """(prompt, generation) tokens/s, the best of ``repeats`` runs (other work on the machine only slows a run)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads, verbose=False)
+    prompt = gen = 0.0
+    for _ in range(repeats):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(text_tokens[:256])
+        prompt = max(prompt, 256 / (time.perf_counter() - start))
+        start, count = None, 0
+        for _ in llm.generate(text_tokens[:32], temp=0.0):  # greedy; the first token comes after the prompt
+            if start is None:
+                start = time.perf_counter()
+                continue
+            count += 1
+            if count == 64:
+                break
+        gen = max(gen, 64 / (time.perf_counter() - start))
+    llm.close()
+    return prompt, gen
+
+
+def speed_table(folder: Path, threads: int, repeats: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(folder)(WIKI.read_text(encoding="utf-8")[:20000],
+                                                   add_special_tokens=False)["input_ids"]
+    print(f"| type | prompt tokens/s | generation tokens/s |  (best of {repeats}, {threads} threads)")
+    print("| --- | ---: | ---: |")
+    for path in sorted(folder.glob("*.gguf"), key=lambda p: p.stat().st_size, reverse=True):
+        prompt, gen = best_speed(path, tokens, threads, repeats)
+        print(f"| {path.stem.rsplit('-', 1)[-1]} | {prompt:.0f} | {gen:.1f} |", flush=True)
+
+
 def hf_ppl(folder: Path, text_tokens: list[int]) -> float:
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,7 +131,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="keep the export here (default: a temporary folder)")
     parser.add_argument("--json", help="write the figures as JSON here")
     parser.add_argument("--no-verify", action="store_true", help="export without the checks (to see every figure)")
+    parser.add_argument("--speed-only", metavar="DIR", help="only the tokens/s of the GGUF files already in DIR")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.speed_only:
+        speed_table(Path(args.speed_only), args.threads, args.repeats)
+        return 0
 
     from tunelab.ship import llamacpp
     from tunelab.ship.export import export
