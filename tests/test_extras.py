@@ -15,9 +15,9 @@ import yaml
 from tunelab.errors import UserError, require
 
 ROOT = Path(__file__).resolve().parents[1]
-# The packages of the extras (serve, sweep, data, report, qlora, mlflow, tensorboard, postgres).
+# The packages of the extras (serve, sweep, data, report, qlora, mlflow, tensorboard, postgres, gguf).
 EXTRAS = ("fastapi", "starlette", "uvicorn", "prometheus_client", "optuna", "matplotlib", "jieba", "datasketch",
-          "bitsandbytes", "mlflow", "tensorboard", "psycopg2")
+          "bitsandbytes", "mlflow", "tensorboard", "psycopg2", "llama_cpp")
 
 
 def _missing(monkeypatch, *names: str) -> None:

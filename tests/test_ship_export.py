@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from gguf_fixtures import small_vocab_llama
 from ship_fixtures import ship_runs  # noqa: F401 - the session fixture
 from tunelab.cli import main
 from tunelab.errors import UserError
@@ -44,34 +45,6 @@ def test_merged_export_loads_in_plain_transformers_with_the_adapter_model_output
     assert out_tok.apply_chat_template(chat, tokenize=False) == run_tok.apply_chat_template(chat, tokenize=False)
 
 
-def small_vocab_llama(folder):
-    """A random 2-layer Llama (GQA, untied head) with a 300-token byte-level BPE trained here.
-
-    The GGUF round trip is about the writer, not the vocabulary: a small one keeps reading the file
-    back fast (the gguf reader parses every token string).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = ["The quick brown fox jumps over the lazy dog.", "Name a colour. Blue is a colour.", "1234 你好 world"]
-    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                  pad_token="<|endoftext|>")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_gguf_export_round_trips_through_transformers_gguf_loader(tmp_path, dtype):
     import gguf
@@ -87,7 +60,9 @@ def test_gguf_export_round_trips_through_transformers_gguf_loader(tmp_path, dtyp
     back = load_gguf_back(result.gguf)  # transformers' own GGUF loader (it undoes the Q/K permutation)
     ids = torch.tensor([[1, 5, 17, 40, 80, 120, 200, 250, 33, 7]])
     assert (logits(back, ids) - logits(exported, ids)).abs().max() < 1e-5
-    assert result.gguf_error is not None and result.gguf_error < 1e-5
+    checked = result.ggufs[0]  # run in llama.cpp where the [gguf] extra is installed, else read back by transformers
+    assert checked.checked_by in ("llama.cpp", "transformers") and checked.figures["greedy_tokens"] == 4 * 32
+    assert checked.figures["top1_logit_error"] < (1e-5 if checked.checked_by == "transformers" else 2e-2)
 
     reader = gguf.GGUFReader(result.gguf)
     fields = {k: f.contents() for k, f in reader.fields.items()}
@@ -122,7 +97,8 @@ def test_llama_cpp_pre_tokenizer_names_smollm2s_tokenizer():
 @pytest.mark.real_model
 def test_smollm2_bf16_gguf_export_reads_back_with_the_same_logits(tmp_path):
     result = export("smollm2-135m-instruct", tmp_path / "smol", gguf=True, dtype="bf16")
-    assert result.gguf is not None and result.gguf_error is not None and result.gguf_error < 5e-3
+    (file,) = result.ggufs
+    assert file.kind == "bf16" and file.checked_by is not None and abs(file.figures["perplexity_rise"]) < 0.01
 
 
 def test_bf16_merge_is_within_bf16_tolerance(ship_runs, tmp_path):  # noqa: F811
@@ -196,7 +172,7 @@ def test_classification_adapter_merges_into_a_plain_sequence_classifier(ship_run
     assert plain.config.id2label == {0: "billing", 1: "outage", 2: "other"}
     adapter = load_for_inference(ship_runs["cls_lora"]).model
     assert (logits(plain) - logits(adapter)).abs().max() < 1e-5
-    with pytest.raises(UserError, match="only Llama-family causal LMs"):
+    with pytest.raises(UserError, match="writes GGUF for causal LMs of model_type llama, mistral, qwen2, qwen3"):
         export(ship_runs["cls_lora"], tmp_path / "cls_gguf", merge=True, gguf=True)
 
 

@@ -268,7 +268,8 @@ def _export(o: ExportOptions):
     from tunelab.ship.export import export
 
     return export(o.target, o.out, merge=o.merge, dtype=o.dtype, gguf=o.gguf, force=o.force,
-                  checkpoint=o.checkpoint, verify=o.verify)
+                  checkpoint=o.checkpoint, verify=o.verify, quant=o.quant, ollama=o.ollama,
+                  lora_gguf=o.lora_gguf)
 
 
 def _show_export(result, o: ExportOptions) -> None:
@@ -278,10 +279,23 @@ def _show_export(result, o: ExportOptions) -> None:
     what = {"merged": "merged model", "adapter": "adapters (PEFT)", "full": "full model", "model": "model"}[result.kind]
     console.print(f"exported {what} ({result.dtype or 'as trained'}) to {result.out}: "
                   f"{len(result.files)} files + SHA256SUMS", highlight=False)
-    if result.gguf is not None:
-        check = (f"read back by transformers, logits within {result.gguf_error:.1e} (relative)"
-                 if result.gguf_error is not None else "not read back (--no-verify)")
-        console.print(f"GGUF: {result.gguf} ({check})", highlight=False)
+    for file in result.ggufs:
+        console.print(f"GGUF {file.kind}: {file.path} ({file.size / 2**20:.1f} MiB; {gguf_check_text(file)})",
+                      highlight=False)
+
+
+def gguf_check_text(file) -> str:
+    """What was checked on one GGUF file, in words (figures from tunelab.ship.gguf_export.GGUFFile)."""
+    f = file.figures
+    if file.checked_by is None:
+        return "not run (--no-verify)"
+    where = file.checked_by + ("" if file.checked_by == "llama.cpp" else
+                               ", not llama.cpp: pip install 'tunelab[gguf]' to run it there")
+    if "greedy_tokens" in f:
+        ppl = f", held-out perplexity {f['perplexity']:.2f}" if "perplexity" in f else ""
+        return (f"{where}: {f['greedy_tokens']} greedy tokens identical, top-1 logits within "
+                f"{f['top1_logit_error']:.1e}{ppl}")
+    return f"{where}: held-out perplexity {f['perplexity']:.2f}, {f['perplexity_rise']:+.2%} vs F16"
 
 
 def _predict(o: PredictOptions):

@@ -114,6 +114,26 @@ def resolve_source(name_or_path: str) -> Source:
     return Source("hub", text, text)
 
 
+def portable_name(name_or_path: str) -> tuple[str, str]:
+    """(a name another machine resolves to the same base model, its location here) for ``name_or_path``.
+
+    The portable name is the alias for a built-in alias, the hub id for a hub model (also when it was
+    given as a folder of the Hugging Face cache, ``.../models--org--name/snapshots/<commit>``), and
+    otherwise the absolute path (a user's own folder or ``.gguf`` has no better name). The location is
+    the folder or file loaded here (the hub id for a hub model).
+    """
+    source = resolve_source(name_or_path)
+    if source.kind == "hub":
+        return source.location, source.location
+    if source.label in ALIASES:
+        return source.label, source.location
+    path = Path(source.location).resolve()
+    for i, part in enumerate(path.parts[:-2]):
+        if part.startswith("models--") and path.parts[i + 1] == "snapshots" and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1), str(path)
+    return str(path), str(path)
+
+
 def _check_config_json(path: Path) -> None:
     """A model folder's ``config.json`` must be a JSON object; a syntax error is named with its line and
     column (transformers would report it as a missing tokenizer or an unloadable folder)."""

@@ -74,9 +74,17 @@ class ExportOptions(_Options):
     merge: bool = Field(False, description="Fold the adapters into the base weights (mergeable methods).")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
         None, description="Weights dtype (default: the base model's published dtype).")
-    gguf: bool = Field(False, description="Also write a GGUF file of the merged model (Llama family; read back "
-                       "and checked).")
-    verify: bool = Field(True, description="Read the GGUF back and compare its logits.")
+    gguf: bool = Field(False, description="Also write GGUF files of the merged model (Llama, Mistral, Qwen2, "
+                       "Qwen3), each run in llama.cpp and checked before success.")
+    quant: tuple[str, ...] = Field((), description="GGUF types to write (implies --gguf): f32, f16, bf16, q8_0, "
+                                   "q6_k, q5_k_m, q5_1, q5_0, q4_k_m, q4_1, q4_0; K-quants need "
+                                   "pip install 'tunelab[gguf]' (default: the --dtype's float type).")
+    ollama: bool = Field(False, description="Also write an Ollama Modelfile (chat template, stop tokens, sampling "
+                         "defaults) for the first GGUF type (implies --gguf).")
+    lora_gguf: bool = Field(False, description="A LoRA run: also its adapters as a llama.cpp GGUF adapter (--lora) "
+                            "beside the base as F16 GGUF, checked against the merged model.")
+    verify: bool = Field(True, description="Run each GGUF file (llama.cpp; transformers without it) and check "
+                         "greedy tokens / perplexity.")
     force: bool = Field(False, description="Replace a non-empty --out.")
     checkpoint: str = Field("final", description=CHECKPOINT_HELP)
 

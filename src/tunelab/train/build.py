@@ -33,7 +33,7 @@ from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_folder, atomic_write_text
 from tunelab.models import features as model_features
-from tunelab.models.load import describe_model, load_tokenizer
+from tunelab.models.load import describe_model, load_tokenizer, portable_name
 from tunelab.objectives.causal_lm import causal_lm_parts
 from tunelab.tasks import PreparedData
 from tunelab.train import checkpoint as ckpt
@@ -204,7 +204,9 @@ def weights_saver(model, tokenizer, cfg: TuneConfig,
             with stock():
                 task.save(model, method, tmp)
             tokenizer.save_pretrained(tmp)
-            info = {"base_model": cfg.model.path, "method": cfg.method.name,
+            base, base_path = portable_name(cfg.model.path)
+            _portable_adapter_config(tmp, base)
+            info = {"base_model": base, "base_model_path": base_path, "method": cfg.method.name,
                     "run": cfg.run.name, "task": cfg.task, "method_config": cfg.method.model_dump(mode="json"),
                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
             (tmp / "tunelab.json").write_text(json.dumps(info, indent=2))
@@ -212,6 +214,17 @@ def weights_saver(model, tokenizer, cfg: TuneConfig,
         atomic_folder(folder, fill)
 
     return save
+
+
+def _portable_adapter_config(folder: Path, base: str) -> None:
+    """PEFT writes the base's local folder (a cache path of this machine) into ``adapter_config.json``;
+    vLLM, TGI and ``AutoPeftModel`` read it, so it names the base as another machine finds it (alias or
+    hub id; ``tunelab.json`` keeps the local path as ``base_model_path``)."""
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = base
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def make_accelerator(cfg: TuneConfig, precision: str, device: torch.device) -> Accelerator:
