@@ -59,6 +59,7 @@ from tunelab.search.settings import AdviseOptions, SelectRequest, SweepOptions
 from tunelab.ship.settings import ChatOptions, ExportOptions, GenerateOptions, PredictOptions, ServeOptions
 from tunelab.train import launch
 from tunelab.train.settings import ConfigShowOptions, ContinualOptions, TrainOptions
+from tunelab.ui.settings import UiOptions
 
 err_console = Console(stderr=True)
 
@@ -445,6 +446,12 @@ def _show_report(paths, o: ReportOptions) -> None:
     print(f"report: {paths[0]}\nmarkdown: {paths[1]}")
 
 
+def _ui(o: UiOptions) -> None:
+    from tunelab.ui.app import serve
+
+    serve(o, VERBS)  # the web UI's Data / Evaluate / Export tabs are forms over this same table
+
+
 # ----------------------------------------------------------------------------- the table
 
 GROUPS = {
@@ -516,6 +523,9 @@ VERBS: dict[str, Verb] = {
     "select": Verb(SelectRequest, _select, "rank candidate base models on your validation data",
                    "Loss and task metric zero- and few-shot, parameters, memory per method, measured throughput; "
                    "a ranked table with the reasons."),
+    "ui": Verb(UiOptions, _ui, "web workbench: train and watch runs, compare, chat, data, evaluate, export",
+               "Serve the Gradio workbench on --host:--port (loopback by default; any other address needs --auth or "
+               "--auth-file). Runs start as `tunelab train` processes that outlive the page and the UI."),
     "advise": Verb(AdviseOptions, _advise, "memory and time estimate per method, and a recommended strategy",
                    "Peak memory per method (weights, gradients, optimiser states, activations with and without "
                    "checkpointing), a timed probe, and a recommendation in words."),

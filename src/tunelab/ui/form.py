@@ -66,7 +66,7 @@ def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
     return ann, False
 
 
-def _widget(ann: Any) -> tuple[str, tuple, bool]:
+def widget_kind(ann: Any) -> tuple[str, tuple, bool]:
     """(kind, choices, optional) of a field's annotation."""
     inner, optional = _unwrap_optional(ann)
     if typing.get_origin(inner) is Literal:
@@ -107,7 +107,7 @@ def form_fields(model: type[BaseModel] = TuneConfig, prefix: str = "") -> list[F
             continue
         default = REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        kind, choices, optional = _widget(ann)
+        kind, choices, optional = widget_kind(ann)
         out.append(FormField(path, type_name, _plain(default), kind, field.description or "", choices, optional))
     return out
 
@@ -127,7 +127,7 @@ def _jsonish(value: Any) -> Any:
 def shown_value(f: FormField) -> Any:
     """What the form shows before the user types anything."""
     if f.default is REQUIRED:
-        return [] if f.kind == "yaml" else ("" if f.kind == "text" else None)
+        return "" if f.kind in ("yaml", "text") else None
     if f.kind == "yaml":
         return "" if f.default in (None, [], {}) else yaml.safe_dump(_jsonish(f.default), default_flow_style=True,
                                                                       allow_unicode=True).strip()

@@ -61,7 +61,9 @@ class Workspace:
             rel = path.relative_to(self.root)
             if any(part in _SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]):
                 continue
-            if path.is_file() and path.suffix.lower() in DATA_EXTENSIONS and not path.name.endswith(".removed.jsonl"):
+            inside = self.root in path.resolve().parents  # a link out of the workspace is not listed
+            if inside and path.is_file() and path.suffix.lower() in DATA_EXTENSIONS \
+                    and not path.name.endswith(".removed.jsonl"):
                 found.append(rel.as_posix())
                 if len(found) >= limit:
                     break
