@@ -102,7 +102,8 @@ def _run_choices(ws: Workspace) -> list[str]:
 
 def train_ui(gr, ws: Workspace, jobs: Jobs, L: dict[str, str]) -> None:
     """The Train tab: form, YAML, problems, buttons, live view."""
-    fields = form.form_fields()
+    schema = form.form_fields()
+    fields: list[form.FormField] = []  # in the order the widgets are made (the handlers' inputs)
     widgets: list[Any] = []
     method_groups: dict[str, Any] = {}
     with gr.Row():
@@ -110,7 +111,8 @@ def train_ui(gr, ws: Workspace, jobs: Jobs, L: dict[str, str]) -> None:
             files = gr.Dropdown(choices=ws.data_files(), multiselect=True, label=L["data_files"], elem_id="data-files")
             with gr.Accordion(L["settings"], open=True):
                 for section in train_tab.SECTIONS:
-                    members = [f for f in fields if f.section == section or (section == "method" and f.method)]
+                    members = [f for f in schema if f.section == section or (section == "method" and f.method)]
+                    fields.extend(members)
                     if not members:
                         continue
                     with gr.Accordion(section, open=section in train_tab.OPEN):
@@ -155,12 +157,12 @@ def train_ui(gr, ws: Workspace, jobs: Jobs, L: dict[str, str]) -> None:
                               by_path["data.max_length"]], outputs=highlighted)
 
 
-def _safe(fn, *args):
+def _safe(fn, *args, **kwargs):
     """Call ``fn``; a user error becomes the one-line message on the page (gr.Error)."""
     import gradio as gr
 
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except UserError as err:
         raise gr.Error(str(err)) from None
 
@@ -298,12 +300,15 @@ def chat_ui(gr, ws: Workspace, L) -> None:
             for reply in chat.stream_reply(path, asked, max_new_tokens=int(n), temperature=float(t)):
                 hist_a[-1]["content"] = reply
                 yield "", hist_a, hist_b
+            hist_a[-1]["content"] = _shown(hist_a[-1]["content"])
             if both:
                 asked_b = [{"role": m["role"], "content": _text(m["content"])} for m in hist_b] + [asked[-1]]
                 hist_b += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
                 for reply in chat.stream_reply(path, asked_b, base=True, max_new_tokens=int(n), temperature=float(t)):
                     hist_b[-1]["content"] = reply
                     yield "", hist_a, hist_b
+                hist_b[-1]["content"] = _shown(hist_b[-1]["content"])
+            yield "", hist_a, hist_b
         except UserError as err:
             raise gr.Error(str(err)) from None
 
@@ -314,11 +319,19 @@ def chat_ui(gr, ws: Workspace, L) -> None:
     refresh.click(lambda: gr.update(choices=_run_choices(ws)), outputs=run)
 
 
+EMPTY_REPLY = "(empty reply: the model produced only whitespace or end of turn)"
+
+
+def _shown(reply: str) -> str:
+    """A reply as the chat shows it: an empty or whitespace-only one says so instead of an empty bubble."""
+    return reply if reply.strip() else EMPTY_REPLY
+
+
 def _text(content: Any) -> str:
     """A Chatbot message's text (Gradio 6 may hand back a list of parts)."""
     if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
+        content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return "" if content == EMPTY_REPLY else str(content)  # the model is asked with what it really said
 
 
 # ----------------------------------------------------------------------------- the CLI's verbs as forms

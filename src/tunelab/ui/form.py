@@ -131,8 +131,8 @@ def shown_value(f: FormField) -> Any:
     if f.kind == "yaml":
         return "" if f.default in (None, [], {}) else yaml.safe_dump(_jsonish(f.default), default_flow_style=True,
                                                                       allow_unicode=True).strip()
-    if f.kind == "text" and f.default is None:
-        return ""
+    if f.default is None and f.kind != "choice":
+        return ""  # an empty box (optional numbers are text boxes: a number box cannot be empty)
     return f.default
 
 
@@ -153,8 +153,15 @@ def parse_value(f: FormField, raw: Any) -> Any:
         text = "" if raw is None else str(raw)
         return None if (f.optional and not text.strip()) else text
     if f.kind in ("int", "float"):
-        if raw is None or raw == "":
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
             return None
+        if isinstance(raw, str):  # an optional number is a text box (empty: None)
+            try:
+                raw = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                pass
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                raise UserError(f"{f.path}: expected a number or an empty box (got {raw!r}). Fix the value")
         if f.kind == "int" and isinstance(raw, float) and raw.is_integer():
             return int(raw)
         return raw

@@ -38,7 +38,7 @@ def widget(gr, f: form.FormField):
         return gr.Dropdown(choices=choices, value=value if value is not None else "", **common)
     if f.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
-    if f.kind in ("int", "float"):
+    if f.kind in ("int", "float") and not f.optional:
         return gr.Number(value=value, precision=0 if f.kind == "int" else None, **common)
     lines = 2 if f.kind == "yaml" else 1
     return gr.Textbox(value="" if value is None else str(value), lines=lines, max_lines=12, **common)
