@@ -61,7 +61,7 @@ def ui(tmp_path_factory):
     # a second run to compare with, trained by the CLI (the UI reads any run directory)
     (ws / "b.yaml").write_text("run: {name: cli-b}\nmodel: {path: tiny-random-llama}\n"
                                "data: {train: [{path: alpaca.json}], max_length: 64}\nmethod: {name: lora, r: 4}\n"
-                               "train: {max_steps: 8, lr: 1.0e-3, precision: fp32}\n")
+                               "train: {max_steps: 4, lr: 1.0e-3, precision: fp32}\n")
     trained = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", "b.yaml"], cwd=ws, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     port = _free_port()
@@ -70,7 +70,7 @@ def ui(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "ui", "--workspace", str(ws), "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1300", "--lang=en"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000", "--lang=en"):
         options.add_argument(arg)
     options.binary_location = chromium
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
@@ -148,27 +148,31 @@ def test_train_start_watch_stop_resume(ui):
     browser, ws = ui
     for elem_id, text in (("f-run-name", "ui-a"), ("f-model-path", "tiny-random-llama"),
                           ("f-data-train", "[{path: alpaca.json}]"), ("f-data-max_length", "64"),
-                          ("f-train-max_steps", "300"), ("f-train-lr", "0.002"), ("f-train-log_every", "1")):
+                          ("f-train-max_steps", "40"), ("f-train-lr", "0.002"), ("f-train-batch_size", "16"),
+                          ("f-train-grad_accum", "2")):  # 32 rows a step: slow enough to stop half-way
         _type(browser, elem_id, text)
     _wait(lambda: _value(browser, "problems") == "no problems", 30, "the form to validate",
           show=lambda: _value(browser, "problems"))
     yaml_text = browser.find_element("id", "config-yaml").text
-    assert "tiny-random-llama" in yaml_text and "max_steps: 300" in yaml_text
+    assert "tiny-random-llama" in yaml_text and "max_steps: 40" in yaml_text
     _click(browser, "btn-start")
     points = lambda: int(_value(browser, "progress").rsplit("·", 1)[-1].split()[0] or 0)  # "... · N loss points"  # noqa: E731
     _wait(lambda: "running" in _value(browser, "progress") and points() >= 3, 90, "loss points while running")
     first = points()
     _wait(lambda: points() > first, 30, "the curve to gain points")
-    _shot(browser, "train-live.png", "run-pick")
+    time.sleep(1.5)  # the plot redraws on every 1 s tick
+    _shot(browser, "train-live.png", "progress")
+    time.sleep(0.5)
+    _shot(browser, "train-live-2.png")
     _click(browser, "btn-stop")
     _wait(lambda: _value(browser, "progress").startswith("stopped"), 60, "the run to stop",
           show=lambda: _value(browser, "progress"))
     stopped_at = int(_value(browser, "progress").split("step ")[1].split("/")[0])
-    assert 0 < stopped_at < 300 and (ws / "runs" / "ui-a" / "checkpoints").is_dir()
+    assert 0 < stopped_at < 40 and (ws / "runs" / "ui-a" / "checkpoints").is_dir()
     _click(browser, "btn-resume")
     _wait(lambda: _value(browser, "progress").startswith("finished"), 120, "the resumed run to finish",
           show=lambda: _value(browser, "progress"))
-    assert "step 300/300" in _value(browser, "progress") and points() == 300
+    assert "step 40/40" in _value(browser, "progress") and points() == 40
     assert f"resumed from runs/ui-a/checkpoints/step-{stopped_at:06d}" in (ws / "runs" / "ui-a" / "train.log").read_text()
     assert (ws / "configs" / "ui-a.yaml").is_file() and (ws / "runs" / "ui-a" / "final").is_dir()
 

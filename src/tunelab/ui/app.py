@@ -177,7 +177,8 @@ def live_view(gr, ws: Workspace, jobs: Jobs, L, fields, widgets, start) -> None:
         load = gr.Button(L["load_config"], elem_id="btn-load-config")
     progress = gr.Textbox(label=L["progress"], elem_id="progress", interactive=False)
     loss_plot = gr.LinePlot(x="step", y="value", color="series", label=L["loss"], elem_id="loss-plot", height=240)
-    lr_plot = gr.LinePlot(x="step", y="value", color="series", label=L["lr"], elem_id="lr-plot", height=160)
+    lr_plot = gr.LinePlot(x="step", y="value", color="series", label=L["lr"], elem_id="lr-plot", height=160,
+                          y_axis_format=".1e")
     log = gr.Textbox(label=L["log"], lines=6, max_lines=6, elem_id="log-tail", interactive=False, autoscroll=True)
     summary = gr.Textbox(label=L["data_summary"], lines=6, max_lines=6, elem_id="data-summary", interactive=False)
     outputs = [progress, loss_plot, lr_plot, log, summary]
@@ -237,7 +238,7 @@ def runs_ui(gr, ws: Workspace, L):
         filters = [x.strip() for x in (f or "").split(",") if x.strip()]
         data = _safe(lambda: sort_runs(filter_runs(list_runs(ws.root / "runs"), filters), s or "-date"))
         cols = ["name", "status", "date", "model", "method", "lr", "steps", "train_loss", "eval_loss", "tokens_per_s"]
-        return pd.DataFrame([[r.get(c) for c in cols] for r in data], columns=cols), gr.update(
+        return pd.DataFrame([[_round(r.get(c)) for c in cols] for r in data], columns=cols), gr.update(
             choices=[f"runs/{r['name']}" for r in data])
 
     def chosen(names: list[str]):
@@ -249,9 +250,10 @@ def runs_ui(gr, ws: Workspace, L):
             table_rows[name] = {"state": st.state, "steps": st.step, "final loss": st.loss, "eval loss": st.eval_loss,
                                 "tokens/s": st.tokens_per_s, **_headlines(ws.resolve(name, "runs"))}
         keys = list(dict.fromkeys(k for r in table_rows.values() for k in r))
-        comp = pd.DataFrame([[k, *(table_rows[n].get(k) for n in table_rows)] for k in keys],
+        comp = pd.DataFrame([[k, *(_round(table_rows[n].get(k)) for n in table_rows)] for k in keys],
                             columns=["metric", *table_rows])
-        return pd.DataFrame(frames, columns=["step", "value", "series"]), comp
+        curves = train_tab.typed_frame(pd.DataFrame(frames, columns=["step", "value", "series"])) if frames else None
+        return curves, comp
 
     def do_report(names: list[str]):
         from tunelab.report.html import write_report
@@ -265,6 +267,11 @@ def runs_ui(gr, ws: Workspace, L):
     pick.change(chosen, inputs=pick, outputs=[overlay, compare])
     report.click(do_report, inputs=pick, outputs=report_file)
     return lambda: rows("", "-date"), [table, pick]
+
+
+def _round(value: Any) -> Any:
+    """Floats to 4 significant digits for the tables (the run's files keep every digit)."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def _headlines(run: Path) -> dict[str, Any]:

@@ -115,7 +115,13 @@ def curves_frame(st: RunState, keys: tuple[str, ...]):
     import pandas as pd
 
     rows = [(step, value, key) for key in keys for step, value in st.curves.get(key, [])]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    # no points: no value at all (Gradio 6.31 never draws the lines of a plot whose first value was an empty table)
+    return typed_frame(pd.DataFrame(rows, columns=["step", "value", "series"])) if rows else None
+
+
+def typed_frame(frame):
+    """Numeric step and value columns even when empty (an object column would make the plot's axes categorical)."""
+    return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 
 
 def live(jobs: Jobs, run_rel: str | None) -> tuple[str, Any, Any, str, str]:
