@@ -14,12 +14,17 @@ import io
 import json
 import os
 import threading
+import typing
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from tunelab.errors import UserError, require
 from tunelab.eval.runs import filter_runs, list_runs, sort_runs
+from tunelab.rundocs import eval_headlines
 from tunelab.ui import chat, form, train_tab
 from tunelab.ui.jobs import Jobs
 from tunelab.ui.labels import labels
@@ -42,6 +47,7 @@ def serve(o: UiOptions, verbs: dict[str, Any]) -> None:
     import uvicorn
 
     ws = Workspace(o.workspace)
+    os.environ.setdefault("COLUMNS", "120")  # the verbs' rich tables, captured for the page
     os.chdir(ws.root)  # configs hold workspace-relative paths, as `tunelab train` run from the workspace reads them
     app = build_app(ws, verbs, accounts, o.lang)
     print(f"tunelab ui: http://{o.host}:{o.port}/ (workspace {ws.root}{', login required' if accounts else ''})",
@@ -81,7 +87,7 @@ def build_blocks(ws: Workspace, jobs: Jobs, verbs: dict[str, Any], lang: str):
             with gr.Tab(L["train"], id="train"):
                 train_ui(gr, ws, jobs, L)
             with gr.Tab(L["runs"], id="runs"):
-                on_load, load_outputs = runs_ui(gr, ws, L)
+                on_load, load_outputs = runs_ui(gr, ws, verbs, L)
             with gr.Tab(L["chat"], id="chat"):
                 chat_ui(gr, ws, L)
             for tab in ("data", "evaluate", "export"):
@@ -200,8 +206,6 @@ def live_view(gr, ws: Workspace, jobs: Jobs, L, fields, widgets, start) -> None:
                  outputs=run_pick)
 
     def do_load(r):
-        import yaml
-
         path = _safe(ws.resolve, r or "", "run", must_exist=True) / "config.yaml"
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
         values = form.form_values(fields, tree or {})
@@ -217,7 +221,7 @@ def _stop(jobs: Jobs, run_rel: str) -> str:
     return f"{run_rel}: stop requested (SIGINT); it stops after this step with a checkpoint"
 
 
-def runs_ui(gr, ws: Workspace, L):
+def runs_ui(gr, ws: Workspace, verbs: dict[str, Any], L):
     """The Runs tab: registry table, filter / sort, overlaid curves, metrics side by side, report. Returns the
     page-load handler (fills the table) and its outputs."""
     import pandas as pd
@@ -230,6 +234,11 @@ def runs_ui(gr, ws: Workspace, L):
     pick = gr.CheckboxGroup(choices=_run_choices(ws), label=L["pick_runs"], elem_id="runs-pick")
     overlay = gr.LinePlot(x="step", y="value", color="series", label=L["overlay"], elem_id="runs-overlay", height=300)
     compare = gr.Dataframe(label=L["compare_table"], elem_id="runs-compare", interactive=False)
+    with gr.Row():
+        sig_data = gr.Textbox(label="--data", elem_id="sig-data", scale=2)
+        sig_limit = gr.Number(label="--limit", value=200, precision=0, elem_id="sig-limit", scale=1)
+        sig = gr.Button(L["significance"], elem_id="btn-significance", scale=2)
+    sig_out = gr.Textbox(label=L["output"], lines=6, max_lines=30, elem_id="sig-output", interactive=False)
     with gr.Row():
         report = gr.Button(L["report"], elem_id="btn-report")
         report_file = gr.File(label=L["report"], elem_id="report-file")
@@ -265,8 +274,32 @@ def runs_ui(gr, ws: Workspace, L):
     for trigger in (refresh.click, filt.submit, sort.submit):
         trigger(rows, inputs=[filt, sort], outputs=[table, pick])
     pick.change(chosen, inputs=pick, outputs=[overlay, compare])
+    pick.change(lambda names: shared_eval_data(ws, names), inputs=pick, outputs=sig_data)
+    sig.click(lambda names, data, n: _safe(significance, ws, verbs, names, data, n), inputs=[pick, sig_data, sig_limit],
+              outputs=sig_out)
     report.click(do_report, inputs=pick, outputs=report_file)
     return lambda: rows("", "-date"), [table, pick]
+
+
+def shared_eval_data(ws: Workspace, names: list[str]) -> str:
+    """The validation file every picked run was configured with (``data.eval``), or "" when they do not share one."""
+    seen = set()
+    for name in names or []:
+        path = ws.resolve(name, "runs") / "config.yaml"
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        seen.add(tuple(spec.get("path") for spec in ((cfg or {}).get("data") or {}).get("eval") or []))
+    return ",".join(seen.pop()) if len(seen) == 1 and () not in seen else ""
+
+
+def significance(ws: Workspace, verbs: dict[str, Any], names: list[str], data: str, limit: Any) -> str:
+    """``tunelab compare A B --data FILE``: both runs scored on the same rows, the paired test; its printout."""
+    if len(names or []) != 2:
+        raise UserError(f"runs: pick exactly two runs for the significance test (got {len(names or [])})")
+    specs = verb_fields(verbs["compare"].options)
+    values = {"run_a": names[0], "run_b": names[1], "data": data or "", "limit": limit}
+    options = parse_verb_options(ws, "compare", verbs["compare"].options, specs,
+                                 [values.get(name, form.shown_value(spec)) for name, spec, _ in specs])
+    return run_verb(verbs["compare"], options)[0]
 
 
 def _round(value: Any) -> Any:
@@ -275,8 +308,6 @@ def _round(value: Any) -> Any:
 
 
 def _headlines(run: Path) -> dict[str, Any]:
-    from tunelab.rundocs import eval_headlines
-
     return {f"eval {k}": v for k, v in eval_headlines(run).items()}
 
 
@@ -360,13 +391,13 @@ def verb_fields(options: type) -> list[tuple[str, Any, Any]]:
 
 def parse_verb_options(ws: Workspace, key: str, options: type, specs, values: list[Any]):
     """The verb's options model from the widget values; paths confined to the workspace; one line per error."""
-    from pydantic import ValidationError
-
     raw: dict[str, Any] = {}
     for (name, spec, default), value in zip(specs, values, strict=True):
         value = form.parse_value(spec, value)
         if value is None or value == "" or value == default:
             continue
+        if isinstance(value, str) and typing.get_origin(form.unwrap_optional(options.model_fields[name].annotation)[0]) is list:
+            value = [v.strip() for v in value.split(",") if v.strip()]  # comma-separated, as on the command line
         if name in PATH_OPTIONS:
             for text in value if isinstance(value, list) else [value]:
                 if name in ("target", "run_a", "run_b") and not _looks_like_path(ws, str(text)):
@@ -392,7 +423,8 @@ def run_verb(verb: Any, options: Any) -> tuple[str, Any]:
         result = verb.run(options)
         if verb.show is not None:
             verb.show(result, options)
-    return out.getvalue(), _plain(result)
+    text = "\n".join(line for line in out.getvalue().split("\n") if "\r" not in line)  # no progress bars
+    return text, _plain(result)
 
 
 def _plain(value: Any) -> Any:

@@ -58,7 +58,7 @@ class FormField:
         return REQUIRED if self.default is REQUIRED else repr(self.default)
 
 
-def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
+def unwrap_optional(ann: Any) -> tuple[Any, bool]:
     args = typing.get_args(ann)
     if typing.get_origin(ann) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -68,7 +68,7 @@ def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
 
 def widget_kind(ann: Any) -> tuple[str, tuple, bool]:
     """(kind, choices, optional) of a field's annotation."""
-    inner, optional = _unwrap_optional(ann)
+    inner, optional = unwrap_optional(ann)
     if typing.get_origin(inner) is Literal:
         return "choice", tuple(typing.get_args(inner)), optional
     if inner is bool:
@@ -139,8 +139,8 @@ def shown_value(f: FormField) -> Any:
 def parse_value(f: FormField, raw: Any) -> Any:
     """A widget's value as the config value; a one-line UserError naming the field when it cannot be."""
     if f.kind == "yaml":
-        if isinstance(raw, list | dict):
-            return raw
+        if isinstance(raw, list | dict | tuple):
+            return _jsonish(raw)
         text = (raw or "").strip()
         if not text:  # an empty box: the default (a required field stays missing)
             return None if f.default is REQUIRED else f.default

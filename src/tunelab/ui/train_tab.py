@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from tunelab.data.formats import open_source
+from tunelab.data.templates import set_chat_template
 from tunelab.errors import UserError
 from tunelab.ui import form
 from tunelab.ui.jobs import Jobs, RunState
@@ -56,8 +58,6 @@ def form_state(fields: list[form.FormField], ws: Workspace, values: list[Any]) -
 
 def preview(ws: Workspace, files: list[str], model: str, template: str, train_on: str, max_length: Any) -> list:
     """The first rendered samples of the first chosen file with their loss masks, as highlighted text."""
-    from tunelab.data.formats import open_source
-    from tunelab.data.templates import set_chat_template
     from tunelab.data.tokenize import encode_chat, encode_text
     from tunelab.models.load import load_tokenizer
 
