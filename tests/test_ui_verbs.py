@@ -84,3 +84,18 @@ def test_preview_marks_the_tokens_that_get_a_loss(workspace):
     targets = [text for text, kind in shown if kind == "loss"]
     assert len(targets) == 3 and targets[0].startswith("0")  # the first reply, "0", and its end of turn
     assert any("Add 0 and 0." in text for text, kind in shown if kind is None)
+
+
+def test_evaluate_shows_the_metrics_table_and_the_confusion_matrix(workspace, monkeypatch):
+    monkeypatch.chdir(workspace.root)
+    rows = [{"text": f"review {i} was {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(8)]
+    (workspace.root / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    printed, result, table = _call(workspace, "eval", target="runs/a", data="cls.jsonl", out="eval-cls")
+    written = json.loads((workspace.root / "eval-cls" / "cls.json").read_text())
+    metrics = written["systems"]["tuned"]["metrics"]  # generative classification: constrained and generated
+    shown = {(r.system, r.metric): r.value for r in table.itertuples()}
+    assert shown[("tuned", "constrained.accuracy")] == pytest.approx(metrics["constrained"]["accuracy"], rel=1e-3)
+    assert shown[("tuned", "generated.macro_f1")] == pytest.approx(metrics["generated"]["macro_f1"], abs=1e-4)
+    confusion = app.confusion_table(result)
+    assert list(confusion.columns[1:3]) == metrics["labels"] and confusion.shape[0] == len(metrics["labels"])
+    assert confusion.iloc[:, 1:].to_numpy().sum() == 8  # every row counted once

@@ -398,17 +398,18 @@ def _show_json(result, o) -> None:
 # ----------------------------------------------------------------------------- eval, compare, runs, report
 
 
-def _eval(o: EvalOptions) -> None:
+def _eval(o: EvalOptions) -> list[dict]:
     from tunelab.eval.evaluate import evaluate, request_from_options
 
-    evaluate(o.target, request_from_options(o), checkpoint=o.checkpoint, out_dir=o.out)
+    # the written results (printed already); the web UI's Evaluate tab shows them as tables
+    return evaluate(o.target, request_from_options(o), checkpoint=o.checkpoint, out_dir=o.out)
 
 
-def _compare(o: CompareOptions) -> None:
+def _compare(o: CompareOptions) -> list[dict]:
     from tunelab.eval.compare import compare
     from tunelab.eval.evaluate import request_from_options
 
-    compare(o.run_a, o.run_b, request_from_options(o), checkpoint=o.checkpoint, out=o.out)
+    return compare(o.run_a, o.run_b, request_from_options(o), checkpoint=o.checkpoint, out=o.out)
 
 
 def _runs(o: RunsOptions):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import threading
 import typing
@@ -451,8 +450,11 @@ def verb_ui(gr, ws: Workspace, key: str, verb: Any, L) -> None:
         printed = gr.Textbox(label=L["output"], lines=8, max_lines=30, elem_id=f"out-{key.replace(' ', '-')}",
                              interactive=False)
         result = gr.JSON(label=L["result"], elem_id=f"res-{key.replace(' ', '-')}")
-        tables = gr.Dataframe(label=L["metrics"], visible=key in ("eval", "compare", "export"),
-                              elem_id=f"tab-{key.replace(' ', '-')}", interactive=False)
+        tables = gr.Dataframe(label=L["files"] if key == "export" else L["metrics"],
+                              visible=key in ("eval", "compare", "export"), elem_id=f"tab-{key.replace(' ', '-')}",
+                              interactive=False)
+        confusion = gr.Dataframe(label=L["confusion"], visible=key == "eval", interactive=False,
+                                 elem_id=f"confusion-{key.replace(' ', '-')}")
 
     def go(*values):
         try:
@@ -460,14 +462,14 @@ def verb_ui(gr, ws: Workspace, key: str, verb: Any, L) -> None:
             text, res = run_verb(verb, options)
         except UserError as err:
             raise gr.Error(str(err)) from None
-        return text, res, result_table(ws, key, res)
+        return text, res, result_table(ws, key, res), confusion_table(res)
 
-    button.click(go, inputs=widgets, outputs=[printed, result, tables])
+    button.click(go, inputs=widgets, outputs=[printed, result, tables, confusion])
 
 
 def result_table(ws: Workspace, key: str, res: Any):
-    """The table a verb's result reads best as: eval's metrics (confusion matrix rows included) or an
-    export's files with their SHA-256 (from its SHA256SUMS manifest)."""
+    """The table a verb's result reads best as: eval's metrics per data source and system, or an export's files
+    with their SHA-256 (from its SHA256SUMS manifest)."""
     import pandas as pd
 
     if key == "export" and isinstance(res, dict) and res.get("out"):
@@ -475,12 +477,39 @@ def result_table(ws: Workspace, key: str, res: Any):
         lines = sums.read_text(encoding="utf-8").splitlines() if sums.is_file() else []
         return pd.DataFrame([ln.split(None, 1)[::-1] for ln in lines if ln.strip()], columns=["file", "sha256"])
     rows = []
-    for entry in res if isinstance(res, list) else []:
-        if not isinstance(entry, dict):
-            continue
-        source = entry.get("source") or entry.get("name") or entry.get("data") or ""
-        for metric, value in (entry.get("metrics") or {}).items():
-            rows.append([str(source), metric, json.dumps(value) if isinstance(value, list | dict) else value])
-        if entry.get("confusion"):
-            rows.append([str(source), "confusion", json.dumps(entry["confusion"])])
-    return pd.DataFrame(rows, columns=["source", "metric", "value"])
+    for doc in res if isinstance(res, list) else []:
+        for system, entry in ((doc.get("systems") or {}) if isinstance(doc, dict) else {}).items():
+            for metric, value in _scalars(entry.get("metrics") or {}):
+                rows.append([str(doc.get("name", "")), system, metric, _round(value)])
+    return pd.DataFrame(rows, columns=["data", "system", "metric", "value"])
+
+
+def _scalars(metrics: dict, prefix: str = ""):
+    """(name, value) of a metrics mapping's numbers and words, one level of nesting as ``mode.metric``
+    (generative classification scores ``constrained`` and ``generated``)."""
+    for key, value in metrics.items():
+        if isinstance(value, dict) and not prefix and key != "per_class":
+            yield from _scalars(value, f"{key}.")
+        elif isinstance(value, int | float | str) and not isinstance(value, bool):
+            yield prefix + key, value
+
+
+def _with_confusion(metrics: dict):
+    """The metrics mappings (this one, or one nested level) that hold a confusion matrix."""
+    for m in [metrics, *(v for v in metrics.values() if isinstance(v, dict))]:
+        if m.get("confusion") and m.get("labels"):
+            yield m
+
+
+def confusion_table(res: Any):
+    """The first classification result's confusion matrix (gold label rows, predicted columns), or None."""
+    import pandas as pd
+
+    for doc in res if isinstance(res, list) else []:
+        for system, entry in ((doc.get("systems") or {}) if isinstance(doc, dict) else {}).items():
+            for m in _with_confusion(entry.get("metrics") or {}):
+                columns = [*m["labels"], "<unparsed>", "<other>"][: len(m["confusion"][0])]
+                return pd.DataFrame([[f"{doc.get('name')} {system}: {gold}", *row]
+                                     for gold, row in zip(m["labels"], m["confusion"], strict=False)],
+                                    columns=["gold \\ predicted", *columns])
+    return None
