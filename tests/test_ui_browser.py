@@ -8,9 +8,11 @@ Skipped, with the reason, only where chromium, chromedriver or selenium is missi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,8 +85,13 @@ def ui(tmp_path_factory):
     finally:
         browser.quit()
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=60)
         log.close()
+        for job in ws.glob("runs/*/ui-job.json"):  # a run a failed test left running (its command names this ws)
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pid = json.loads(job.read_text())["pid"]
+                if str(ws).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _wait(check, timeout: float, what: str, every: float = 0.25, show=None):
@@ -229,7 +236,7 @@ def test_the_chinese_page_and_the_language_switch(ui):
     url = browser.current_url
     browser.find_element("link text", "中文").click()
     _wait(lambda: browser.find_elements("id", "btn-start") and "开始训练" in browser.find_element("id", "btn-start").text,
-          30, "the Chinese labels")
+          120, "the Chinese labels")
     assert {"训练", "实验记录", "对话", "数据", "评估", "导出"} <= {b.text.strip() for b in browser.find_elements(
         "css selector", "button[role=tab]")}
     browser.get(url)

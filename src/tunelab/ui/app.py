@@ -184,9 +184,11 @@ def live_view(gr, ws: Workspace, jobs: Jobs, L, fields, widgets, start) -> None:
     loss_plot = gr.LinePlot(x="step", y="value", color="series", label=L["loss"], elem_id="loss-plot", height=240)
     lr_plot = gr.LinePlot(x="step", y="value", color="series", label=L["lr"], elem_id="lr-plot", height=160,
                           y_axis_format=".1e")
+    metric_plot = gr.LinePlot(x="step", y="value", color="series", label=L["task_metrics"], elem_id="metric-plot",
+                              height=160)
     log = gr.Textbox(label=L["log"], lines=6, max_lines=6, elem_id="log-tail", interactive=False, autoscroll=True)
     summary = gr.Textbox(label=L["data_summary"], lines=6, max_lines=6, elem_id="data-summary", interactive=False)
-    outputs = [progress, loss_plot, lr_plot, log, summary]
+    outputs = [progress, loss_plot, lr_plot, metric_plot, log, summary]
     timer = gr.Timer(1.0)
     timer.tick(lambda r: train_tab.live(jobs, r), inputs=run_pick, outputs=outputs, show_progress="hidden")
     run_pick.change(lambda r: train_tab.live(jobs, r), inputs=run_pick, outputs=outputs)

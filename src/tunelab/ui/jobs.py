@@ -177,9 +177,11 @@ class Jobs:
             return "finished"
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
             return "stopped"
-        if (run / LOG_FILE).is_file():
+        if (run / LOG_FILE).is_file() and _last_error(run / LOG_FILE).startswith(("error:", "Traceback")):
             return "failed"
-        return "not started"
+        if (run / "metrics.jsonl").is_file():
+            return "stopped"  # ended without a checkpoint (killed): resume starts it over
+        return "failed" if (run / LOG_FILE).is_file() else "not started"
 
     def log_tail(self, run: Path, lines: int = 40) -> str:
         path = run / LOG_FILE
@@ -213,7 +215,7 @@ def _last_error(log: Path) -> str:
     if not log.is_file():
         return ""
     lines = [t for t in log.read_text(encoding="utf-8", errors="replace").splitlines() if t.strip()]
-    errors = [t for t in lines if t.startswith(("error:", "Traceback")) or "Error" in t.split(":")[0]]
+    errors = [t for t in lines if t.startswith(("error:", "Traceback"))]
     return (errors or lines or [""])[-1][:300]
 
 

@@ -28,6 +28,7 @@ LABELS: dict[str, dict[str, str]] = {
     "progress": {"en": "Progress", "zh": "进度"},
     "loss": {"en": "Loss / eval loss", "zh": "损失 / 验证损失"},
     "lr": {"en": "Learning rate", "zh": "学习率"},
+    "task_metrics": {"en": "Task metrics at evaluations", "zh": "评估时的任务指标"},
     "log": {"en": "Log tail", "zh": "日志末尾"},
     "data_summary": {"en": "Data summary and rejects", "zh": "数据摘要与被拒样本"},
     "message": {"en": "Message", "zh": "消息"},

@@ -124,17 +124,17 @@ def typed_frame(frame):
     return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 
 
-def live(jobs: Jobs, run_rel: str | None) -> tuple[str, Any, Any, str, str]:
-    """(progress line, loss plot data, lr plot data, log tail, data summary) of a run."""
+def live(jobs: Jobs, run_rel: str | None) -> tuple[str, Any, Any, Any, str, str]:
+    """(progress line, loss plot data, lr plot data, task-metric plot data, log tail, data summary) of a run."""
     if not run_rel:
-        st = RunState("", "not started")
-        return "", curves_frame(st, ("loss",)), curves_frame(st, ("lr",)), "", ""
+        return "", None, None, None, "", ""
     run = jobs.ws.resolve(run_rel, "run")
     st = jobs.state(run)
     loss_keys = tuple(k for k in st.curves if k == "loss" or k.endswith("_loss"))
-    line = f"{st.progress_line()} · {sum(len(st.curves.get(k, [])) for k in ('loss',))} loss points"
-    return (line, curves_frame(st, loss_keys or ("loss",)), curves_frame(st, ("lr",)), jobs.log_tail(run),
-            _data_summary(run))
+    metric_keys = tuple(k for k in st.curves if k.startswith("eval_") and not k.endswith("_loss"))
+    line = f"{st.progress_line()} · {len(st.curves.get('loss', []))} loss points"
+    return (line, curves_frame(st, loss_keys or ("loss",)), curves_frame(st, ("lr",)), curves_frame(st, metric_keys),
+            jobs.log_tail(run), _data_summary(run))
 
 
 def _data_summary(run: Path) -> str:
