@@ -85,6 +85,10 @@ def test_paths_are_confined_to_the_workspace(tmp_path):
         with pytest.raises(UserError, match=f"^field: .*{why}"):
             ws.resolve(bad, "field")
     assert ws.data_files() == ["data/a.jsonl"]  # the link out of the workspace is not a data file either
+    (ws_dir / "models" / "m").mkdir(parents=True)
+    (ws_dir / "models" / "m" / "config.json").write_text("{}")
+    (ws_dir / "models" / "q.gguf").write_bytes(b"GGUF")
+    assert ws.model_paths() == ["models/m", "models/q.gguf"]
     problems = form.workspace_problems({"data": {"train": [{"path": "../secret.jsonl"}]}, "model": {"path": "/etc"},
                                         "run": {"output_dir": "runs"}}, ws)
     assert [p.split(":")[0] for p in problems] == ["data.train.0.path", "model.path"]

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from tunelab.errors import UserError, require
 from tunelab.eval.runs import filter_runs, list_runs, sort_runs
+from tunelab.models.registry import ALIASES
 from tunelab.rundocs import eval_headlines
 from tunelab.ui import chat, form, train_tab
 from tunelab.ui.jobs import Jobs
@@ -114,6 +115,9 @@ def train_ui(gr, ws: Workspace, jobs: Jobs, L: dict[str, str]) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             files = gr.Dropdown(choices=ws.data_files(), multiselect=True, label=L["data_files"], elem_id="data-files")
+            local = ", ".join(f"`{p}`" for p in ws.model_paths()) or "-"
+            gr.Markdown(f"{L['models']}: {', '.join(f'`{a}`' for a in ALIASES)}; {L['in_workspace']}: {local}",
+                        elem_id="model-choices")
             with gr.Accordion(L["settings"], open=True):
                 for section in train_tab.SECTIONS:
                     members = [f for f in schema if f.section == section or (section == "method" and f.method)]

@@ -12,6 +12,8 @@ LABELS: dict[str, dict[str, str]] = {
     "evaluate": {"en": "Evaluate", "zh": "评估"},
     "export": {"en": "Export", "zh": "导出"},
     "data_files": {"en": "Data files in the workspace (fill data.train)", "zh": "工作区中的数据文件（填入 data.train）"},
+    "models": {"en": "model.path: aliases", "zh": "model.path：内置别名"},
+    "in_workspace": {"en": "in the workspace", "zh": "工作区中"},
     "preview": {"en": "Preview first samples", "zh": "预览前几条样本"},
     "preview_help": {"en": "Highlighted: tokens that get a loss (the mask)", "zh": "高亮部分：计算损失的 token（掩码）"},
     "settings": {"en": "Settings (from the config schema)", "zh": "参数（由配置模式生成）"},

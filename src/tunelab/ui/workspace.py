@@ -69,6 +69,21 @@ class Workspace:
                     break
         return found
 
+    def model_paths(self, limit: int = 50) -> list[str]:
+        """Workspace-relative model folders (a Hugging Face ``config.json``) and ``.gguf`` files, for model.path."""
+        found = []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if rel.parts[0] in _SKIP_DIRS or any(part.startswith(".") for part in rel.parts):
+                continue
+            if path.name == "config.json" and path.parent != self.root:
+                found.append(self.relative(path.parent))
+            elif path.suffix == ".gguf":
+                found.append(rel.as_posix())
+            if len(found) >= limit:
+                break
+        return found
+
     def run_dirs(self, output_dir: str = "runs") -> list[str]:
         """Workspace-relative run directories (those with a config.yaml) under ``output_dir``."""
         base = self.resolve(output_dir, "run.output_dir")
