@@ -39,14 +39,16 @@ $(GGUF_STAMP): $(STAMP)
 
 gguf: $(GGUF_STAMP)
 
-# Headless Chromium renders the HTML report in tests/test_report.py (skipped without it).
-# Installed with apt-get only when missing; never fails the set-up.
+# Headless Chromium renders the HTML report in tests/test_report.py and drives `tunelab ui` in
+# tests/test_ui_browser.py (through chromium-driver; fonts-noto-cjk draws the Chinese labels); those tests are
+# skipped without it. Installed with apt-get only when missing; never fails the set-up.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } && \
+	  command -v chromedriver >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi "noto sans cjk" || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "chromium not installed: the report rendering test will be skipped"
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver fonts-noto-cjk >/dev/null; } || \
+	  echo "chromium / chromium-driver not installed: the report rendering and web UI browser tests will be skipped"
 
 # A PostgreSQL server for tests/test_sweep.py (two sweep workers sharing one study); the test starts a
 # throwaway cluster with initdb. Installed with apt-get only when missing.

@@ -48,6 +48,8 @@ LAZY_ALLOWED = frozenset({
     # extras: serve, sweep, data, report, mlflow, tensorboard
     "fastapi", "starlette", "uvicorn", "prometheus_client", "optuna", "jieba", "datasketch", "matplotlib",
     "mlflow", "tensorboard", "gradio", "llama_cpp", "psutil", "platformdirs", "nltk",
+    # the ui extra: gradio's plots take pandas tables (pandas is not a core dependency)
+    "pandas",
 })
 
 PACKAGE = "tunelab"

@@ -59,6 +59,7 @@ from tunelab.search.settings import AdviseOptions, SelectRequest, SweepOptions
 from tunelab.ship.settings import ChatOptions, ExportOptions, GenerateOptions, PredictOptions, ServeOptions
 from tunelab.train import launch
 from tunelab.train.settings import ConfigShowOptions, ContinualOptions, TrainOptions
+from tunelab.ui.settings import UiOptions
 
 err_console = Console(stderr=True)
 
@@ -412,17 +413,18 @@ def _show_json(result, o) -> None:
 # ----------------------------------------------------------------------------- eval, compare, runs, report
 
 
-def _eval(o: EvalOptions) -> None:
+def _eval(o: EvalOptions) -> list[dict]:
     from tunelab.eval.evaluate import evaluate, request_from_options
 
-    evaluate(o.target, request_from_options(o), checkpoint=o.checkpoint, out_dir=o.out)
+    # the written results (printed already); the web UI's Evaluate tab shows them as tables
+    return evaluate(o.target, request_from_options(o), checkpoint=o.checkpoint, out_dir=o.out)
 
 
-def _compare(o: CompareOptions) -> None:
+def _compare(o: CompareOptions) -> list[dict]:
     from tunelab.eval.compare import compare
     from tunelab.eval.evaluate import request_from_options
 
-    compare(o.run_a, o.run_b, request_from_options(o), checkpoint=o.checkpoint, out=o.out)
+    return compare(o.run_a, o.run_b, request_from_options(o), checkpoint=o.checkpoint, out=o.out)
 
 
 def _runs(o: RunsOptions):
@@ -458,6 +460,12 @@ def _report(o: ReportOptions):
 
 def _show_report(paths, o: ReportOptions) -> None:
     print(f"report: {paths[0]}\nmarkdown: {paths[1]}")
+
+
+def _ui(o: UiOptions) -> None:
+    from tunelab.ui.app import serve
+
+    serve(o, VERBS)  # the web UI's Data / Evaluate / Export tabs are forms over this same table
 
 
 # ----------------------------------------------------------------------------- the table
@@ -531,6 +539,9 @@ VERBS: dict[str, Verb] = {
     "select": Verb(SelectRequest, _select, "rank candidate base models on your validation data",
                    "Loss and task metric zero- and few-shot, parameters, memory per method, measured throughput; "
                    "a ranked table with the reasons."),
+    "ui": Verb(UiOptions, _ui, "web workbench: train and watch runs, compare, chat, data, evaluate, export",
+               "Serve the Gradio workbench on --host:--port (loopback by default; any other address needs --auth or "
+               "--auth-file). Runs start as `tunelab train` processes that outlive the page and the UI."),
     "advise": Verb(AdviseOptions, _advise, "memory and time estimate per method, and a recommended strategy",
                    "Peak memory per method (weights, gradients, optimiser states, activations with and without "
                    "checkpointing), a timed probe, and a recommendation in words."),

@@ -1,0 +1,63 @@
+"""The UI's labels in English and Chinese (``tunelab ui --lang``; both pages are served, /en and /zh)."""
+
+from __future__ import annotations
+
+LABELS: dict[str, dict[str, str]] = {
+    "title": {"en": "tunelab workbench", "zh": "tunelab 微调工作台"},
+    "switch": {"en": "中文", "zh": "English"},
+    "train": {"en": "Train", "zh": "训练"},
+    "runs": {"en": "Runs", "zh": "实验记录"},
+    "chat": {"en": "Chat", "zh": "对话"},
+    "data": {"en": "Data", "zh": "数据"},
+    "evaluate": {"en": "Evaluate", "zh": "评估"},
+    "export": {"en": "Export", "zh": "导出"},
+    "data_files": {"en": "Data files in the workspace (fill data.train)", "zh": "工作区中的数据文件（填入 data.train）"},
+    "models": {"en": "model.path: aliases", "zh": "model.path：内置别名"},
+    "in_workspace": {"en": "in the workspace", "zh": "工作区中"},
+    "preview": {"en": "Preview first samples", "zh": "预览前几条样本"},
+    "preview_help": {"en": "Highlighted: tokens that get a loss (the mask)", "zh": "高亮部分：计算损失的 token（掩码）"},
+    "settings": {"en": "Settings (from the config schema)", "zh": "参数（由配置模式生成）"},
+    "yaml": {"en": "Config YAML (what tunelab train reads)", "zh": "配置 YAML（tunelab train 读取的内容）"},
+    "problems": {"en": "Problems (the CLI's lines)", "zh": "问题（与命令行相同的提示）"},
+    "no_problems": {"en": "no problems", "zh": "没有问题"},
+    "dry_run": {"en": "Dry run (memory / time advice)", "zh": "试运行（显存 / 时间建议）"},
+    "start": {"en": "Start", "zh": "开始训练"},
+    "stop": {"en": "Stop (Ctrl-C)", "zh": "停止（Ctrl-C）"},
+    "resume": {"en": "Resume", "zh": "继续训练"},
+    "run": {"en": "Run", "zh": "运行"},
+    "refresh": {"en": "Refresh", "zh": "刷新"},
+    "load_config": {"en": "Load its config into the form", "zh": "将其配置载入表单"},
+    "progress": {"en": "Progress", "zh": "进度"},
+    "loss": {"en": "Loss / eval loss", "zh": "损失 / 验证损失"},
+    "lr": {"en": "Learning rate", "zh": "学习率"},
+    "task_metrics": {"en": "Task metrics at evaluations", "zh": "评估时的任务指标"},
+    "log": {"en": "Log tail", "zh": "日志末尾"},
+    "data_summary": {"en": "Data summary and rejects", "zh": "数据摘要与被拒样本"},
+    "message": {"en": "Message", "zh": "消息"},
+    "send": {"en": "Send", "zh": "发送"},
+    "clear": {"en": "Clear", "zh": "清空"},
+    "compare_base": {"en": "Side by side with the base model", "zh": "与基座模型并排对比"},
+    "tuned": {"en": "Tuned", "zh": "微调后"},
+    "base": {"en": "Base", "zh": "基座模型"},
+    "max_new_tokens": {"en": "Max new tokens", "zh": "最大生成 token 数"},
+    "temperature": {"en": "Temperature (0: greedy)", "zh": "温度（0 为贪心）"},
+    "filter": {"en": "Filter (KEY=VALUE, KEY<N; comma-separated)", "zh": "筛选（KEY=VALUE、KEY<N，逗号分隔）"},
+    "sort": {"en": "Sort by (-KEY: descending)", "zh": "排序（-KEY 为降序）"},
+    "pick_runs": {"en": "Runs to compare", "zh": "要对比的运行"},
+    "overlay": {"en": "Loss curves", "zh": "损失曲线"},
+    "compare_table": {"en": "Metrics side by side", "zh": "指标对比"},
+    "significance": {"en": "Significance test (tunelab compare, 2 runs)", "zh": "显著性检验（tunelab compare，两个运行）"},
+    "report": {"en": "HTML report", "zh": "HTML 报告"},
+    "result": {"en": "Result", "zh": "结果"},
+    "output": {"en": "Output", "zh": "输出"},
+    "action": {"en": "Action", "zh": "操作"},
+    "options": {"en": "Options", "zh": "选项"},
+    "metrics": {"en": "Metrics", "zh": "指标"},
+    "confusion": {"en": "Confusion matrix", "zh": "混淆矩阵"},
+    "files": {"en": "Files and SHA-256", "zh": "文件与 SHA-256"},
+}
+
+
+def labels(lang: str) -> dict[str, str]:
+    """Every label in ``lang`` (zh or en)."""
+    return {key: texts[lang] for key, texts in LABELS.items()}
