@@ -41,7 +41,7 @@ DEMO_CONFIG = {
     "train": {
         # one packed row (~4 examples) per optimiser step: twice the steps of 2 rows per step, for the same compute
         "lr": 1e-3, "epochs": 1, "batch_size": 1, "grad_accum": 1, "warmup_ratio": 0.05,
-        "schedule": "cosine", "eval_every": 100, "save_every": 100, "precision": "auto", "seed": 0,
+        "schedule": "cosine", "eval_every": 250, "save_every": 250, "precision": "auto", "seed": 0,
     },
 }
 
