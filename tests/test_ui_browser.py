@@ -155,13 +155,13 @@ def test_train_start_watch_stop_resume(ui):
     browser, ws = ui
     for elem_id, text in (("f-run-name", "ui-a"), ("f-model-path", "tiny-random-llama"),
                           ("f-data-train", "[{path: alpaca.json}]"), ("f-data-max_length", "64"),
-                          ("f-train-max_steps", "40"), ("f-train-lr", "0.002"), ("f-train-batch_size", "16"),
+                          ("f-train-max_steps", "120"), ("f-train-lr", "0.002"), ("f-train-batch_size", "16"),
                           ("f-train-grad_accum", "2")):  # 32 rows a step: slow enough to stop half-way
         _type(browser, elem_id, text)
     _wait(lambda: _value(browser, "problems") == "no problems", 120, "the form to validate",
           show=lambda: _value(browser, "problems"))
     yaml_text = browser.find_element("id", "config-yaml").text
-    assert "tiny-random-llama" in yaml_text and "max_steps: 40" in yaml_text
+    assert "tiny-random-llama" in yaml_text and "max_steps: 120" in yaml_text
     _click(browser, "btn-start")
     points = lambda: int(_value(browser, "progress").rsplit("·", 1)[-1].split()[0] or 0)  # "... · N loss points"  # noqa: E731
     _wait(lambda: "running" in _value(browser, "progress") and points() >= 3, 300, "loss points while running")
@@ -177,7 +177,7 @@ def test_train_start_watch_stop_resume(ui):
     _click(browser, "btn-resume")
     _wait(lambda: _value(browser, "progress").startswith("finished"), 300, "the resumed run to finish",
           show=lambda: _value(browser, "progress"))
-    assert "step 40/40" in _value(browser, "progress") and points() == 40
+    assert "step 120/120" in _value(browser, "progress") and points() == 120
     assert f"resumed from runs/ui-a/checkpoints/step-{stopped_at:06d}" in (ws / "runs" / "ui-a" / "train.log").read_text()
     assert (ws / "configs" / "ui-a.yaml").is_file() and (ws / "runs" / "ui-a" / "final").is_dir()
 
