@@ -506,3 +506,25 @@ def test_a_reward_model_refuses_chat_and_classify_naming_the_score_route(reward_
         r = _post(reward_server, path, body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint", (path, r.text)
         assert "/v1/score" in r.json()["error"]["message"]
+
+
+def test_starting_a_server_leaves_the_process_logging_handlers_and_their_streams_open():
+    """uvicorn's default log set-up (``dictConfig``) closes every handler in the process. absl's handler,
+    imported with rouge_score, then closes the stream it holds: in pytest that was the worker's captured
+    stderr, and every later test on the worker errored with "I/O operation on closed file"."""
+    import io
+    import logging
+
+    from fastapi import FastAPI
+
+    class ClosesItsStream(logging.StreamHandler):  # what absl's PythonHandler.close does
+        def close(self):
+            self.stream.close()
+            super().close()
+
+    stream = io.StringIO()
+    handler = ClosesItsStream(stream)  # logging keeps every handler in logging._handlerList (weakly)
+    with ThreadedServer(FastAPI()) as srv:
+        assert httpx.get(srv.url + "/docs").status_code == 200
+    assert not stream.closed
+    handler.stream.write("still open")

@@ -902,12 +902,18 @@ def _queue_streamer(tokenizer, loop, queue):
 def run_server(app, host: str, port: int, *, log_level: str = "warning") -> None:
     """Serve ``app`` with uvicorn until interrupted (Ctrl-C).
 
+    ``log_config=None``: uvicorn's default runs ``logging.config.dictConfig``, which closes every logging
+    handler in the process, and a handler may close the stream it holds (absl's, imported with
+    ``rouge_score``, closes any stream that is not the current ``sys.stderr``). Its loggers keep their
+    level and reach the root logger's handlers instead.
+
     No ``limit_concurrency``: uvicorn answers beyond it with a plain-text 503; the app's guard
     caps the requests in progress instead (``max_in_flight``) and answers in OpenAI's JSON shape.
     """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=None, timeout_keep_alive=5,
+                timeout_graceful_shutdown=5)
 
 
 class ThreadedServer:
@@ -922,7 +928,7 @@ class ThreadedServer:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error",
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error", log_config=None,
                                                     timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
