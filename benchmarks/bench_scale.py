@@ -13,7 +13,8 @@ config but ``train.distributed`` (and ``train.deepspeed``):
 
 Figures per engine, read from each run's ``summary.json`` / ``metrics.jsonl``: the peak RSS of each
 rank (``VmHWM``: loading the model included), training tokens/s (first to last step), the loss of
-the last step. Targets: ZeRO-3's and FSDP's per-rank peak <= 0.6 x DDP's, tokens/s >= 0.7 x DDP's.
+the last step; beside them, the host's 2048-squared matmul GFLOP/s in bf16 and fp32 on one thread
+(each rank's share), before and after the runs. Targets: ZeRO-3's and FSDP's per-rank peak <= 0.6 x DDP's, tokens/s >= 0.7 x DDP's.
 
 Usage::
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import print_figures  # noqa: E402 - benchmarks/, beside this script
+from bench_micro_threads import matmul_gflops  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,10 @@ def markdown(result: dict) -> str:
              f"Workload: full fine-tuning of a random Llama with SmolLM2-360M's shapes and {w['layers']} decoder "
              f"layers ({w['parameters'] / 1e6:,.0f}M parameters), bf16 autocast, fp32 masters, AdamW; {w['processes']} "
              f"processes, {w['steps']} steps of {w['batch_size']} x {w['grad_accum']} packed rows of "
-             f"{w['max_length']} tokens per process.", "",
+             f"{w['max_length']} tokens per process. Host matmul (2048², one thread, before / after): bf16 "
+             f"{result['host_gflops_1_thread']['before']['bf16']} / {result['host_gflops_1_thread']['after']['bf16']}, "
+             f"fp32 {result['host_gflops_1_thread']['before']['fp32']} / "
+             f"{result['host_gflops_1_thread']['after']['fp32']} GFLOP/s.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result["results"])]
     return "\n".join(lines) + "\n"
@@ -142,13 +147,20 @@ def main() -> None:
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--out", type=Path, help="write the table into this markdown file (between the bench:scale markers)")
     a = p.parse_args()
+    before = matmul_gflops(1)
+    print(f"[bench] host matmul on 1 thread before: {before} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         parameters = build_model(work / "model", a.layers)
-        results = [run_engine(name, work / "model", work, a) for name in a.engines.split(",")]
+        results = []
+        for name in a.engines.split(","):
+            results.append(run_engine(name, work / "model", work, a))
+            print(f"[bench] {results[-1]}", flush=True)
+    after = matmul_gflops(1)
     result = {"timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "argv": sys.argv[1:], "results": results,
+              "host_gflops_1_thread": {"before": before, "after": after},
               "workload": {"layers": a.layers, "parameters": parameters, "processes": a.processes, "steps": a.steps,
                            "batch_size": a.batch_size, "grad_accum": a.grad_accum, "max_length": a.max_length}}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

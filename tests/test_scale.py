@@ -96,12 +96,17 @@ def _from_shards(shards: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix).replace(".default.", "."): v for k, v in state.items()}
 
 
+EXTENDED = pytest.mark.extended  # run with pytest -m extended (make test's 15 minutes leave them out)
+
+
 @pytest.mark.slow
-# LoRA under FSDP is the two-node test's run; ZeRO-2 (full, padded) passed too but is left out of make test's
-# 15-minute budget: run it with -k zero2 after adding it back here
+# LoRA under FSDP is the two-node test's run
 @pytest.mark.parametrize("engine,method,packing", [
     ("fsdp", "full", True), ("ds3", "lora", True),
-], ids=["fsdp-full-packed", "zero3-lora-packed"])
+    pytest.param("ds2", "full", False, marks=EXTENDED), pytest.param("fsdp", "lora", False, marks=EXTENDED),
+    pytest.param("ds3", "full", True, marks=EXTENDED), pytest.param("ds2", "lora", True, marks=EXTENDED),
+], ids=["fsdp-full-packed", "zero3-lora-packed", "zero2-full-padded", "fsdp-lora-padded", "zero3-full-packed",
+        "zero2-lora-packed"])
 def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_process, engine, method, packing):
     """Same global batch (1 x 4 x accumulation 2 = 2 x 2 x 2), fp32: per-step losses within 1e-5. final/ holds
     exactly the weights of the ranks' shards in the ordinary layout (plain transformers / PEFT file names; a
@@ -137,7 +142,78 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ds3"])  # FSDP resume: run by hand (make test's 15-minute budget)
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("ds2", marks=EXTENDED), pytest.param("ds3", marks=EXTENDED)])
+def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine):
+    """task: classification (LoRA + a new class head) with 2 sharded processes: per-step losses, the evaluation
+    (loss and accuracy, every rank scoring its share of the rows) and final/ (the adapter with the head) equal the
+    1-process run's with the same global batch."""
+    from test_classification import write_task
+
+    train_file, eval_file = write_task(tmp_path / "train.jsonl", 64, 0), write_task(tmp_path / "eval.jsonl", 20, 1)
+
+    def cfg(name: str, **train) -> dict:
+        return {"task": "classification", "run": {"name": name, "output_dir": str(tmp_path / "runs")},
+                "model": {"path": "tiny-random-llama"}, "method": {"name": "lora", "r": 4, "alpha": 8},
+                "data": {"train": [{"path": str(train_file)}], "eval": [{"path": str(eval_file)}], "max_length": 32},
+                "train": {**COMMON, "batch_size": 4, "precision": "fp32", "seed": 0, "eval_every": 3, **train}}
+
+    sharded = ({"distributed": "fsdp"} if engine == "fsdp"
+               else {"distributed": "deepspeed", "deepspeed": {"stage": int(engine[2])}})
+    _train(tmp_path, cfg("one"))
+    _train(tmp_path, cfg("two", batch_size=2, processes=2, **sharded))
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
+
+    def evaluation(run: Path) -> dict:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["kind"] == "eval")
+
+    e1, e2 = evaluation(one), evaluation(two)
+    assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], abs=1e-5)
+    assert e1["n"] == e2["n"] == 20 and (e1["accuracy"], e1["confusion"]) == (e2["accuracy"], e2["confusion"])
+    w1, w2 = _weights(one), _weights(two)  # the LoRA factors and the head (PEFT's modules_to_save)
+    assert w1.keys() == w2.keys() and any("score" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,loss,engine", [
+    ("preference", "dpo", "fsdp"), pytest.param("preference", "kto", "fsdp", marks=EXTENDED),
+    pytest.param("preference", "dpo", "ds2", marks=EXTENDED), ("reward", None, "ds3"),
+], ids=["dpo-fsdp", "kto-fsdp", "dpo-zero2", "reward-zero3"])
+def test_preference_and_reward_train_sharded_as_in_one_process(tmp_path, task, loss, engine):
+    """LoRA DPO (the reference: the same sharded model with its adapters off), KTO (its KL estimate over the
+    whole step, every rank) and a reward model with 2 sharded processes: per-step losses and final/ equal the
+    1-process run's with the same global batch."""
+    data_file = shared("preference", "llamafactory_demo", "kto_en_demo.json" if loss == "kto" else "dpo_en_demo.json")
+
+    def cfg(name: str, **train) -> dict:
+        c = tiny_config(tmp_path, data_file, run={"name": name, "output_dir": str(tmp_path / "runs")},
+                        data={"train": [{"path": str(data_file), "limit": 32}], "max_length": 128},
+                        train={**COMMON, "batch_size": 4, **train})
+        c["task"] = task
+        if loss:
+            c["preference"] = {"loss": loss, "beta": 0.5}
+        return c
+
+    sharded = ({"distributed": "fsdp"} if engine == "fsdp"
+               else {"distributed": "deepspeed", "deepspeed": {"stage": int(engine[2])}})
+    _train(tmp_path, cfg("one"))
+    _train(tmp_path, cfg("two", batch_size=2, processes=2, **sharded))
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 and abs(l1[2] - l1[0]) > 1e-4, l1  # the steps changed the model
+    assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ds3", pytest.param("fsdp", marks=EXTENDED)])
 def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path, alpaca_path, engine):
     """Rank 1 is killed after its 5th update (checkpoints at steps 2 and 4); --resume reads every rank's
     shards back, and the run ends with the uninterrupted run's losses and weights, bit for bit. Resuming
@@ -210,9 +286,17 @@ def _problems(tmp_path, alpaca_path, **sections) -> str:
     ({"distributed": "deepspeed", "deepspeed": {"stage": 3}}, {"name": "lora", "dora": True},
      "method.dora: true with train.deepspeed.stage: 3"),
     ({"distributed": "fsdp"}, {"name": "qlora"}, "method.name=qlora with train.distributed: fsdp"),
+    ({"distributed": "deepspeed", "deepspeed": {"stage": 3}}, "preference",
+     "task: preference with train.deepspeed stage 3 is not supported"),
+    ({"distributed": "fsdp"}, "multitask", "task: multitask with train.distributed: fsdp is not supported"),
 ], ids=["unknown-stage", "ds-offload-under-ddp", "fsdp-offload-under-ddp", "param-offload-stage-2",
-        "zero3-prefix", "zero3-dora", "fsdp-qlora"])
+        "zero3-prefix", "zero3-dora", "fsdp-qlora", "zero3-preference", "fsdp-multitask"])
 def test_bad_combinations_are_one_line_naming_the_fields(tmp_path, alpaca_path, train, method, expected):
+    """``method`` is a method section, or a task name."""
+    if isinstance(method, str):
+        text = _problems(tmp_path, alpaca_path, train=train, task=method)
+        assert expected in text, text
+        return
     sections = {"train": train, **({"method": method} if method else {})}
     text = _problems(tmp_path, alpaca_path, **sections)
     assert expected in text, text
@@ -260,6 +344,10 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
     with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu is 8 in .*ds.json, but train.batch_size "
                                         r"gives 2"):
         deepspeed_config(cfg, world=2, precision="fp32")
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))  # stage 3 from the JSON, for a task without it
+    with pytest.raises(UserError, match=r"task: preference with train.deepspeed stage 3 is not supported.*"
+                                        r"\(zero_optimization.stage is 3 in .*ds.json\)"):
+        deepspeed_config(cfg.model_copy(update={"task": "preference"}), world=2, precision="fp32")
 
 
 # ---------------------------------------------------------------------------- memory per rank (tunelab advise)

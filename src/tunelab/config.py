@@ -656,6 +656,12 @@ def _distributed_problems(cfg: TuneConfig) -> list[str]:
     return p
 
 
+def zero3_refusal(task: str) -> str:
+    """The one line for a task that trains under FSDP and ZeRO-1/2 but not ZeRO-3 (the task's ``zero3`` fact)."""
+    return (f"task: {task} with train.deepspeed stage 3 is not supported: its loss reads the output head's weight "
+            "in the backward, where ZeRO-3 has freed it. Use train.distributed: fsdp, or train.deepspeed.stage: 2")
+
+
 def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     """Rules that involve several fields; worded with the field paths."""
     p: list[str] = []
@@ -700,6 +706,9 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     if cfg.train.distributed != "ddp" and not tasks.get(cfg.task).shards:
         p.append(f"task: {cfg.task} with train.distributed: {cfg.train.distributed} is not supported (its loss "
                  "needs a second view of the model, or several heads). Use train.distributed: ddp")
+    elif (cfg.train.distributed == "deepspeed" and cfg.train.deepspeed is not None and cfg.train.deepspeed.stage == 3
+          and not tasks.get(cfg.task).zero3):
+        p.append(zero3_refusal(cfg.task))
     return p
 
 

@@ -255,7 +255,11 @@ class PreferenceLoss(CausalLMLoss):
         return logp, ref, seq_tag, counts.to(torch.float32), h
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, tags=None, weights=None,
-                groups=None) -> LossSum:
+                groups=None, statistics: bool = False) -> LossSum | torch.Tensor:
+        if statistics:  # KTO's KL pass (step_statistics), run as a forward of this module: see there
+            logp, ref, tag, _, _ = self.sequences(input_ids, labels, attention_mask, position_ids, tags, grad=False)
+            m = tag == MISMATCHED
+            return torch.stack([(logp - ref)[m].double().sum().cpu(), m.sum().double().cpu()])
         logp, ref, tag, length, h = self.sequences(input_ids, labels, attention_mask, position_ids, tags)
         if self.loss == "kto":
             total, count = self._kto(logp, ref, tag)
@@ -323,13 +327,14 @@ class PreferenceLoss(CausalLMLoss):
 
     @torch.no_grad()
     def step_statistics(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """(sum of the mismatched samples' log-ratios, their number) over this process's micro-batches."""
+        """(sum of the mismatched samples' log-ratios, their number) over this process's micro-batches.
+
+        Each micro-batch goes through this module's ``__call__``, not straight to :meth:`sequences`: under
+        ``train.distributed: fsdp`` / ``deepspeed`` stage 3 the engine gathers the root's parameters (the
+        output head among them) in its forward hooks, and outside a forward this rank holds only its shard."""
         out = torch.zeros(2, dtype=torch.float64)
         for b in batches:
-            logp, ref, tag, _, _ = self.sequences(b["input_ids"], b["labels"], b.get("attention_mask"),
-                                                   b.get("position_ids"), b.get("tags"), grad=False)
-            m = tag == MISMATCHED
-            out += torch.stack([(logp - ref)[m].double().sum().cpu(), m.sum().double().cpu()])
+            out += self(**b, statistics=True)
         return out
 
     def use_step_statistics(self, totals: torch.Tensor) -> None:

@@ -24,7 +24,8 @@ class Classification:
     continual = False  # a new class head per task: nothing for the next stage to start from
     pair_metric = False
     unused_parameters = False
-    shards = False  # not tested under FSDP / ZeRO yet
+    shards = True  # one backbone and one head: FSDP / ZeRO shard them as an LM (tests/test_scale.py)
+    zero3 = True
     builds_without_data = True
 
     def rules(self, cfg) -> list[str]:

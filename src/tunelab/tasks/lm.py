@@ -28,6 +28,7 @@ class CausalLMTask:
     pair_metric = False
     unused_parameters = False
     shards = True
+    zero3 = True  # the chunked cross-entropy computes its gradients in the forward
     builds_without_data = True
 
     def rules(self, cfg) -> list[str]:

@@ -243,6 +243,7 @@ class MultiTask:
     continual = False
     pair_metric = False
     shards = False  # several heads, steps training one of them: not tested under FSDP / ZeRO
+    zero3 = False
     unused_parameters = True  # a step trains one task's head: the others get no gradient
     builds_without_data = False  # its heads come from the tasks' label sets
 

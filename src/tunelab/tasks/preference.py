@@ -127,7 +127,8 @@ class Preference(CausalLMTask):
     always_packed = True  # a row packs one pair: chosen and rejected, position ids restarting
     continual = False
     pair_metric = True  # forgetting scores held-out pairs by the log-probability of each reply
-    shards = False  # a reference model (a copy, or the adapters switched off): not tested under FSDP / ZeRO
+    shards = True  # the reference: the same sharded model with adapters off, a copy sharded the same way, or cached
+    zero3 = False  # the per-token log-prob function keeps the head's weight for its backward (ZeRO-3 frees it)
     builds_without_data = False  # the advisor probes it as sft (the same decoder, one sequence per row)
 
     def rules(self, cfg) -> list[str]:
@@ -166,7 +167,8 @@ class Reward:
     continual = False
     pair_metric = False  # a scalar head: no general loss to compare, so no forgetting block
     unused_parameters = False
-    shards = False  # a reward model is a class head; not tested under FSDP / ZeRO yet
+    shards = True  # a class head on the backbone, sharded as an LM (tests/test_scale.py)
+    zero3 = True
     builds_without_data = False
 
     def rules(self, cfg) -> list[str]:

@@ -45,6 +45,8 @@ class Task(Protocol):
     pair_metric: bool  # its rows are preference pairs: forgetting's task metric is held-out pair accuracy
     unused_parameters: bool  # a step may leave parameters without a gradient (DDP must be told)
     shards: bool  # trains under train.distributed: fsdp / deepspeed (one model, one loss: no second view)
+    zero3: bool  # also under DeepSpeed ZeRO-3, which gathers a weight only inside its own module's forward and
+    #              backward hooks: a loss whose backward reads the output head's weight directly cannot
     builds_without_data: bool  # its model needs nothing from the rows but a label set (the advisor's probes)
 
     def rules(self, cfg) -> list[str]:

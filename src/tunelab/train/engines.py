@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from tunelab import tasks
+from tunelab.config import zero3_refusal
 from tunelab.errors import UserError, require
 from tunelab.train import step as step_fn
 from tunelab.train.launch import free_port
@@ -229,6 +231,8 @@ def deepspeed_config(cfg, world: int, precision: str) -> dict[str, Any]:
     for part, device in offload.items():
         if device == "cpu":
             zsec[f"offload_{part}"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3 and not tasks.get(cfg.task).zero3:  # stage 3 from the user's JSON (the config check saw none)
+        raise UserError(zero3_refusal(cfg.task) + f" (zero_optimization.stage is 3 in {ds.config})")
     if stage not in (1, 2, 3):
         raise UserError(f"train.deepspeed.config: zero_optimization.stage is {stage!r} in {ds.config}; ZeRO has "
                         "stages 1, 2 and 3. Fix the JSON or set train.deepspeed.stage")
