@@ -11,7 +11,7 @@ length 512, the config's default precision) with each of:
 Every run goes through the CLI, as a user runs it: ``tunelab train`` (with ``eval.forgetting``:
 held-out pair accuracy and the mean assistant-token loss on 100 alpaca records never trained on,
 base and tuned, with paired intervals) and ``tunelab eval RUN --data heldout.json`` (pair accuracy
-summed and per token, mean margins). The base model is scored the same way (``tunelab eval
+summed and per token, mean margins); every evaluation in bf16. The base model is scored the same way (``tunelab eval
 smollm2-135m-instruct``). Figures go to ``benchmarks/results/preference-quality-<stamp>.json`` and,
 with ``--out``, between the ``bench:preference-quality`` markers of a markdown file.
 
@@ -80,7 +80,7 @@ def cli(*args: str) -> None:
 
 
 def pair_scores(target: str, held: Path, out: Path) -> dict:
-    cli("eval", target, "--data", str(held), "--task", "preference", "--out", str(out))
+    cli("eval", target, "--data", str(held), "--task", "preference", "--dtype", "bfloat16", "--out", str(out))
     doc = json.loads(next(out.glob("*.json")).read_text())
     system = doc["systems"]
     return next(iter(system.values())) if "pair_accuracy" not in system else system
@@ -95,7 +95,7 @@ def train(name: str, spec: dict, work: Path, train_file: Path, held: Path) -> di
         **{k: v for k, v in spec.items() if k in ("preference", "objectives")},
     }
     if spec["task"] == "preference":
-        cfg["eval"] = {"forgetting": {"general": [str(GENERAL)], "general_limit": 100}}
+        cfg["eval"] = {"dtype": "bfloat16", "forgetting": {"general": [str(GENERAL)], "general_limit": 100}}
     path = work / f"{cfg['run']['name']}.json"
     path.write_text(json.dumps(cfg))
     started = time.perf_counter()
@@ -110,6 +110,11 @@ def train(name: str, spec: dict, work: Path, train_file: Path, held: Path) -> di
     if forgetting.is_file():
         out["forgetting"] = json.loads(forgetting.read_text())
     return out
+
+
+def _metrics(system: dict) -> dict:
+    """A system's metrics in an eval JSON (``{"metrics": {...}}``)."""
+    return system.get("metrics", system)
 
 
 def _pct(x) -> str:
@@ -135,7 +140,7 @@ def _general(r: dict) -> tuple[str, str]:
 def markdown(result: dict) -> str:
     head = ("model", "pair acc. (sum)", "pair acc. (per token)", "mean margin (sum)", "mean margin (per token)",
             "general loss base → tuned", "change", "train time", "tokens/s")
-    base = result["base"]
+    base = _metrics(result["base"])
     lines = ["", f"Measured {result['timestamp']} on {result['machine']} (host matmul bf16 "
              f"{result['host_gflops']['bf16']} / fp32 {result['host_gflops']['fp32']} GFLOP/s, all cores) with "
              f"`python benchmarks/measure_preference.py {' '.join(result['argv'])}`; result file "
@@ -146,7 +151,7 @@ def markdown(result: dict) -> str:
              f"{_pct(base.get('pair_accuracy_normalised'))} | {_num(base.get('margin'))} | "
              f"{_num(base.get('margin_normalised'))} | - | - | - | - |"]
     for r in result["runs"]:
-        s = r["scores"]
+        s = _metrics(r["scores"])
         general, change = _general(r)
         lines.append(f"| {r['run']} | {_pct(s.get('pair_accuracy'))} | {_pct(s.get('pair_accuracy_normalised'))} | "
                      f"{_num(s.get('margin'))} | {_num(s.get('margin_normalised'))} | {general} | {change} | "
@@ -159,7 +164,14 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--limit", type=int, help="train on this many pairs only (a quick look; not for the docs)")
     p.add_argument("--out", type=Path, help="write the table into this markdown file (bench:preference-quality)")
+    p.add_argument("--from-json", type=Path, help="no runs: write the table of an earlier result file")
     a = p.parse_args()
+    if a.from_json is not None:
+        result = json.loads(a.from_json.read_text())
+        print(markdown(result))
+        if a.out is not None:
+            write_section(a.out, MARK_START, MARK_END, markdown(result), append=True)
+        return
     gflops = matmul_gflops(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="tunelab-pref-quality-") as tmp:
         work = Path(tmp)
