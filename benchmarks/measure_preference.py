@@ -80,7 +80,9 @@ def cli(*args: str) -> None:
 
 
 def pair_scores(target: str, held: Path, out: Path) -> dict:
-    cli("eval", target, "--data", str(held), "--task", "preference", "--dtype", "bfloat16", "--out", str(out))
+    # the runs' max length (a run's own eval uses it; the alias's default would truncate replies differently)
+    cli("eval", target, "--data", str(held), "--task", "preference", "--dtype", "bfloat16", "--max-length", "512",
+        "--out", str(out))
     doc = json.loads(next(out.glob("*.json")).read_text())
     system = doc["systems"]
     return next(iter(system.values())) if "pair_accuracy" not in system else system
