@@ -141,6 +141,24 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
         assert (a - b).abs().max().item() < 1e-5
 
 
+def _one_and_two_sharded(tmp_path: Path, cfg, engine: str) -> tuple[Path, Path, list[float]]:
+    """``cfg(name, **train)`` trained in 1 process x batch 4 and in 2 processes x batch 2 under ``engine``
+    (``fsdp``, ``ds2``, ``ds3``): the per-step losses are equal within 1e-5 and final/ within 1e-4 (the
+    LoRA factors and any head in the adapter file). Returns both runs and the 1-process losses."""
+    sharded = ({"distributed": "fsdp"} if engine == "fsdp"
+               else {"distributed": "deepspeed", "deepspeed": {"stage": int(engine[2])}})
+    _train(tmp_path, cfg("one"))
+    _train(tmp_path, cfg("two", batch_size=2, processes=2, **sharded))
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+    return one, two, l1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("ds2", marks=EXTENDED), pytest.param("ds3", marks=EXTENDED)])
 def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine):
@@ -157,13 +175,8 @@ def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine
                 "data": {"train": [{"path": str(train_file)}], "eval": [{"path": str(eval_file)}], "max_length": 32},
                 "train": {**COMMON, "batch_size": 4, "precision": "fp32", "seed": 0, "eval_every": 3, **train}}
 
-    sharded = ({"distributed": "fsdp"} if engine == "fsdp"
-               else {"distributed": "deepspeed", "deepspeed": {"stage": int(engine[2])}})
-    _train(tmp_path, cfg("one"))
-    _train(tmp_path, cfg("two", batch_size=2, processes=2, **sharded))
-    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    l1, l2 = _losses(one), _losses(two)
-    assert len(l1) == len(l2) == 3 and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
+    one, two, _ = _one_and_two_sharded(tmp_path, cfg, engine)
+    assert any("score" in k for k in _weights(one))  # the head (PEFT's modules_to_save) is in final/
 
     def evaluation(run: Path) -> dict:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -172,10 +185,6 @@ def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine
     e1, e2 = evaluation(one), evaluation(two)
     assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], abs=1e-5)
     assert e1["n"] == e2["n"] == 20 and (e1["accuracy"], e1["confusion"]) == (e2["accuracy"], e2["confusion"])
-    w1, w2 = _weights(one), _weights(two)  # the LoRA factors and the head (PEFT's modules_to_save)
-    assert w1.keys() == w2.keys() and any("score" in k for k in w1)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow
@@ -198,18 +207,8 @@ def test_preference_and_reward_train_sharded_as_in_one_process(tmp_path, task, l
             c["preference"] = {"loss": loss, "beta": 0.5}
         return c
 
-    sharded = ({"distributed": "fsdp"} if engine == "fsdp"
-               else {"distributed": "deepspeed", "deepspeed": {"stage": int(engine[2])}})
-    _train(tmp_path, cfg("one"))
-    _train(tmp_path, cfg("two", batch_size=2, processes=2, **sharded))
-    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    l1, l2 = _losses(one), _losses(two)
-    assert len(l1) == len(l2) == 3 and abs(l1[2] - l1[0]) > 1e-4, l1  # the steps changed the model
-    assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
-    w1, w2 = _weights(one), _weights(two)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+    _, _, losses = _one_and_two_sharded(tmp_path, cfg, engine)
+    assert abs(losses[2] - losses[0]) > 1e-4, losses  # the steps changed the model
 
 
 @pytest.mark.slow
