@@ -172,20 +172,37 @@ def test_classification_adapter_merges_into_a_plain_sequence_classifier(ship_run
     assert plain.config.id2label == {0: "billing", 1: "outage", 2: "other"}
     adapter = load_for_inference(ship_runs["cls_lora"]).model
     assert (logits(plain) - logits(adapter)).abs().max() < 1e-5
-    with pytest.raises(UserError, match="writes GGUF for causal LMs of model_type llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UserError, match="writes GGUF for causal LMs of model_type llama, mistral, qwen2, qwen3, "
+                                        "gemma2, gemma3_text, phi3"):
         export(ship_runs["cls_lora"], tmp_path / "cls_gguf", merge=True, gguf=True)
 
 
-def test_gguf_refuses_sentencepiece_style_tokenizers_in_one_line():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def test_gguf_refuses_tokenizers_llama_cpp_would_split_otherwise_in_one_line():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tunelab.ship.to_gguf import _vocab
+    from tunelab.ship.to_gguf import _space_prefix, _tokenizer_spec, _vocab_model
 
-    spm_like = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True))
-    spm_like.pre_tokenizer = pre_tokenizers.Metaspace()
-    with pytest.raises(UserError, match="only byte-level BPE.*convert_hf_to_gguf"):
-        _vocab(PreTrainedTokenizerFast(tokenizer_object=spm_like), 3)
+    def spec(model, normalizer=None, pre_tokenizer=None):
+        tok = Tokenizer(model)
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+        return _tokenizer_spec(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+    def bpe():
+        return models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True)
+
+    # SentencePiece-style BPE is written as llama.cpp's "llama" vocabulary when llama.cpp splits it the same way
+    assert _vocab_model(spec(bpe())) == "llama"
+    llama2 = spec(bpe(), normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]))
+    assert _space_prefix(llama2) is True and _space_prefix(spec(bpe(), normalizers.Replace(" ", "\u2581"))) is False
+    # transformers 5's rebuilt Llama tokenizer: a prefix on the first word only, which llama.cpp cannot follow
+    with pytest.raises(UserError, match=r"Metaspace step adds \u2581 to a word only where there is none "
+                                        r"\(prepend_scheme 'first'.*convert_hf_to_gguf"):
+        _space_prefix(spec(bpe(), pre_tokenizer=pre_tokenizers.Metaspace(prepend_scheme="first")))
+    with pytest.raises(UserError, match=r"only turns spaces into \u2581 \(got a NFKC step"):
+        _space_prefix(spec(bpe(), normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "\u2581")])))
+    with pytest.raises(UserError, match=r"byte-level BPE .* SentencePiece-style BPE .* \(got a Unigram tokenizer\)"):
+        _vocab_model(spec(models.Unigram([("a", -1.0), ("b", -2.0)], 0, byte_fallback=False)))
 
 
 def test_qlora_merge_folds_the_adapter_into_the_unquantised_base(tmp_path, alpaca_path):

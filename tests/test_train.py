@@ -313,3 +313,20 @@ def test_speed_and_memory_options_keep_the_loss_curve(tmp_path, alpaca_path, opt
     other = run_config(tmp_path, tiny_config(tmp_path, alpaca_path, data=data, train={**common, option: True}), option)
     for x, y in zip(train_losses(base.run_dir), train_losses(other.run_dir), strict=True):
         assert abs(x - y) < 1e-4, (option, x, y)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
+def test_gemma_and_phi3_train_with_all_linear_lora(tmp_path, alpaca_path, family):
+    """The families the GGUF writer exports train too: Gemma 2, which transformers runs without SDPA (its attention
+    soft-cap), loads with eager attention; Phi-3's fused qkv_proj / gate_up_proj are adapted as they are."""
+    from gguf_fixtures import tiny_causal_lm
+
+    src = tiny_causal_lm(tmp_path / "model", family)
+    cfg = tiny_config(tmp_path, alpaca_path, model={"path": str(src)}, train={"max_steps": 2},
+                      method={"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"})
+    out = fine_tune(load_config(None, base=cfg)[0])
+    losses = train_losses(out.run_dir)
+    assert len(losses) == 2 and all(loss == loss and loss < 20 for loss in losses)
+    targets = json.loads((out.run_dir / "final" / "adapter_config.json").read_text())["target_modules"]
+    assert any(t.endswith({"phi3": "qkv_proj"}.get(family, "q_proj")) for t in targets)
+    assert out.model.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")

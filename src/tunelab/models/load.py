@@ -362,20 +362,28 @@ def _load_model_from(
     if device_map is not None:
         kwargs["device_map"] = device_map
 
+    def from_pretrained(**kw):
+        try:
+            return AutoModelForCausalLM.from_pretrained(source.location, **kwargs, **kw)
+        except ValueError as err:
+            # a model without SDPA in transformers (Gemma 2: its attention soft-cap) runs eager, as it would
+            # with attn_implementation=None, rather than not loading at all
+            if kwargs.get("attn_implementation") != "sdpa" or "scaled_dot_product_attention" not in str(err):
+                raise
+            logger.debug("model '%s': no SDPA in transformers for it, loading with eager attention", source.label)
+            return AutoModelForCausalLM.from_pretrained(source.location, **{**kwargs, "attn_implementation": "eager"},
+                                                        **kw)
+
     started = time.perf_counter()
     if source.kind == "hub":
         model = _from_hub(
             source.location,
-            lambda **kw: AutoModelForCausalLM.from_pretrained(
-                source.location, adapter_kwargs={"local_files_only": kw["local_files_only"]}, **kwargs, **kw
-            ),
+            lambda **kw: from_pretrained(adapter_kwargs={"local_files_only": kw["local_files_only"]}, **kw),
             "model",
         )
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source.location, local_files_only=True, adapter_kwargs={"local_files_only": True}, **kwargs
-            )
+            model = from_pretrained(local_files_only=True, adapter_kwargs={"local_files_only": True})
         except (OSError, ValueError, KeyError) as err:
             raise UserError(
                 f"model '{source.label}': transformers cannot load this folder (got: {first_line(err)}). "

@@ -202,9 +202,11 @@ def _fill_model(tmp: Path, target, checkpoint: str, info: dict, result: ExportRe
         _write_info(tmp, info, loaded.folder, merged=loaded.is_adapter, dtype=dtype)
     if gguf:
         from tunelab.ship.gguf_export import write_ggufs
+        from tunelab.ship.to_gguf import caveats
 
         name = _gguf_name(info, target)
         result.ggufs = write_ggufs(model, tok, tmp, name, quants or [DEFAULT_FOR_DTYPE[dtype]], verify)
+        result.notes.extend(caveats(model))
         if ollama:
             others = "".join(f"# also here: {f.path.name} (change FROM to use it)\n" for f in result.ggufs[1:])
             text = modelfile(result.ggufs[0].path.name, tok, getattr(model, "generation_config", None))

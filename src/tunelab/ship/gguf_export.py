@@ -11,7 +11,9 @@ The order of work, inside the export's temporary folder (a failed check raises, 
    F32/F16 greedy tokens and top-1 logits against the Hugging Face model; every lossy type's
    held-out perplexity within its bound (:data:`tunelab.ship.gguf_types.QUANTS`) of the F16
    file's. Without it (the NumPy types only), each file is read back by transformers' GGUF loader
-   and the same checks run on its logits, and the result says llama.cpp was not run.
+   and the same checks run on its logits, and the result says llama.cpp was not run; models whose
+   file that reader would misread (Gemma's soft-caps and query scale other than 2B/9B's, Gemma 3's
+   RoPE scaling, Phi-3's LongRoPE) are refused before any writing, naming the extra.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from tunelab.errors import UserError
 from tunelab.ship import llamacpp
 from tunelab.ship.gguf_types import QUANTS, needs_llama_cpp
-from tunelab.ship.to_gguf import check_supported, write_gguf
+from tunelab.ship.to_gguf import check_supported, transformers_misreads, write_gguf
 
 
 @dataclass
@@ -41,6 +43,10 @@ def write_ggufs(model, tokenizer, folder: Path, name: str, kinds: list[str], ver
     if k_quants:
         llamacpp.llama_cpp(f"--quant {k_quants[0]}")  # the one-line error before any writing
     use_llama = verify and (bool(k_quants) or llamacpp.available())
+    if verify and not use_llama and (lost := transformers_misreads(model)):
+        raise UserError(f"--gguf: without llama.cpp the files are checked by transformers' GGUF reader, which would "
+                        f"lose {', '.join(lost)} of this {model.config.model_type} model. Check them in llama.cpp: "
+                        "pip install 'tunelab[gguf]', or pass --no-verify")
     files = {k: GGUFFile(k, folder / f"{name}-{k}.gguf") for k in kinds}
     f16 = files["f16"].path if "f16" in files else folder / f".{name}-f16.reference.gguf"
     need_f16 = "f16" in kinds or k_quants or (verify and any(QUANTS[k].ppl_bound for k in kinds))
