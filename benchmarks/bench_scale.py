@@ -9,7 +9,10 @@ processes of ``tunelab train`` on this machine, ``--steps`` optimiser steps of
 config but ``train.distributed`` (and ``train.deepspeed``):
 
 * ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``zero2``, ``zero3`` and
-  ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU).
+  ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU);
+* ``ddp-lean``: DDP with the malloc settings the sharded engines get (``train.cpu_tuning`` gives DDP
+  glibc thresholds that keep freed memory for speed, the sharded engines a fixed 128 KiB threshold
+  that returns it: ``tunelab.train.cpu_tuning``), so that the memory ratios can be read both ways.
 
 Figures per engine, read from each run's ``summary.json`` / ``metrics.jsonl``: the peak RSS of each
 rank (``VmHWM``: loading the model included), training tokens/s (first to last step), the loss of
@@ -51,7 +54,10 @@ ENGINES = {
     "zero2": {"distributed": "deepspeed", "deepspeed": {"stage": 2}},
     "zero3": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
     "zero3-offload": {"distributed": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
+    # tuning off (threads set as it would), glibc's own variables: cpu_tuning.return_freed_memory's thresholds
+    "ddp-lean": {"distributed": "ddp", "cpu_tuning": False},
 }
+ENGINE_ENV = {"ddp-lean": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}}
 
 
 def build_model(folder: Path, layers: int) -> int:
@@ -84,9 +90,13 @@ def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dic
                   "precision": "bf16", "schedule": "constant", "processes": a.processes, "seed": 0,
                   **ENGINES[name]},
     }
+    if cfg["train"].get("cpu_tuning") is False:  # the threads tuning would give each rank: its share of the cores
+        import psutil
+
+        cfg["train"]["threads"] = max(1, (psutil.cpu_count(logical=False) or 1) // a.processes)
     path = work / f"{name}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **ENGINE_ENV.get(name, {})}
     done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path)], capture_output=True, text=True,
                           env=env)
     if done.returncode != 0:
@@ -101,6 +111,7 @@ def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dic
 
 def rows(results: list[dict]) -> list[tuple[str, ...]]:
     ddp = next((r for r in results if r["engine"] == "ddp" and "error" not in r), None)
+    lean = next((r for r in results if r["engine"] == "ddp-lean" and "error" not in r), None)
     out = []
     for r in results:
         if "error" in r:
@@ -112,6 +123,8 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
             p, t = peak / max(ddp["peak_rss_mib"]), r["tokens_per_s"] / ddp["tokens_per_s"]
             verdict = (f"peak {p:.2f}x DDP ({'PASS' if p <= TARGET_PEAK else 'MISS'} <= {TARGET_PEAK}), "
                        f"tokens/s {t:.2f}x ({'PASS' if t >= TARGET_TPS else 'MISS'} >= {TARGET_TPS})")
+            if lean is not None:
+                verdict += f"; peak {peak / max(lean['peak_rss_mib']):.2f}x ddp-lean"
         out.append((r["engine"], " + ".join(f"{x:,.0f}" for x in r["peak_rss_mib"]), f"{peak:,.0f}",
                     f"{r['tokens_per_s']:,.0f}", f"{r['final_loss']:.4f}", verdict))
     return out

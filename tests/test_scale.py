@@ -118,6 +118,7 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     run = tmp_path / "runs" / "two"
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
+    assert env["cpu_tuning"]["malloc"].startswith("returns freed memory")  # a sharded engine saves memory
     l1, l2 = _losses(ref), _losses(run)
     assert len(l1) == len(l2) == 3
     assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)
@@ -347,6 +348,23 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
     with pytest.raises(UserError, match=r"task: preference with train.deepspeed stage 3 is not supported.*"
                                         r"\(zero_optimization.stage is 3 in .*ds.json\)"):
         deepspeed_config(cfg.model_copy(update={"task": "preference"}), world=2, precision="fp32")
+
+
+def test_zero_bucket_sizes_left_out_or_auto_follow_the_hidden_size_and_a_users_value_stays():
+    """As transformers' Trainer fills them (hidden², 0.9 hidden², 10 hidden), not DeepSpeed's 5e8-element buckets."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.train.engines import bucket_sizes
+
+    model = torch.nn.Sequential(LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)))
+    three = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 5000}}
+    bucket_sizes(three, model)
+    assert three["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024, "stage3_prefetch_bucket_size": 5000,
+                                          "stage3_param_persistence_threshold": 320}
+    two = {"zero_optimization": {"stage": 2}}
+    bucket_sizes(two, model)
+    assert two["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1024}
 
 
 # ---------------------------------------------------------------------------- memory per rank (tunelab advise)

@@ -285,7 +285,8 @@ class TrainSection(_Strict):
         description="Tune the training process for CPU speed (src/tunelab/train/cpu_tuning.py), recorded in the "
         "run's env.json: torch threads = physical cores / processes unless train.threads is set; glibc malloc "
         "keeps memory freed by one step for the next (no page faults re-fetching it; Linux/glibc, CPU only; "
-        "stays set for the rest of the process); a shorter GIL switch interval while micro-batches run in "
+        "stays set for the rest of the process; under fsdp / deepspeed it returns freed memory instead, so a "
+        "rank's heap does not fragment); a shorter GIL switch interval while micro-batches run in "
         "threads. false: the process as Python, torch and glibc set it.",
     )
     processes: int = Field(

@@ -294,11 +294,12 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     if os.environ.get(launch.LAUNCHED_ENV):
         launch.check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tuning = apply_cpu_tuning(t, device.type)  # threads, malloc (train.cpu_tuning); recorded in env.json
-    threads = tuning["threads"]
     precision = resolve_precision(t.precision, device)
     accelerator = make_accelerator(cfg, precision, device)
     engine = engines.make_engine(cfg, accelerator, precision)
+    # threads, malloc (train.cpu_tuning; a sharded engine's malloc saves memory); recorded in env.json
+    tuning = apply_cpu_tuning(t, device.type, sharded=engine.sharded)
+    threads = tuning["threads"]
     is_main = accelerator.is_main_process
     run, resume_from = open_run(cfg, sources, resume, accelerator, console)
 
