@@ -62,8 +62,9 @@ postgres:
 demo: $(STAMP)
 	$(VENV)/bin/tunelab demo --workdir demo_run
 
+# --durations: the slowest tests in every log, to keep the whole run under its 15 minutes on 2 cores
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal --durations=25
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal -m "not real_model and not slow"

@@ -127,6 +127,7 @@ def worker_ours(spec: dict) -> dict:
             "precision": "auto", "seed": HYPER["seed"], "threads": spec["threads"], "log_every": 1,
         },
     }
+    raw["train"].update(spec.get("ours_train") or {})  # --ours-train: a variant of our side (memory vs speed)
     cfg, sources = load_config(None, base=raw)
     run_dir = fine_tune(cfg, sources, console=Console(width=120)).run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -153,6 +154,8 @@ def worker_ours(spec: dict) -> dict:
         "precision": summary["precision"],
         "base_dtype": env.get("dtype"),
         "threads": env.get("threads", torch.get_num_threads()),
+        "overrides": spec.get("ours_train") or {},
+        "micro_batch_threads": summary.get("micro_batch_threads"),
     }
 
 
@@ -431,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=bl.RESULTS_DIR, help="where the JSON result file goes")
     p.add_argument("--out", type=Path, help="rewrite the marked section of this markdown file (docs/benchmarks.md)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary run folders and worker logs")
+    p.add_argument("--ours-train", action="append", default=[], metavar="KEY=JSON",
+                   help="a train.KEY for our side only, e.g. micro_batch_threads=1 (repeatable)")
     p.add_argument("--worker", choices=("ours", "trl", "prepare"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -448,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_path, eval_path = prepare_data(args.data, pairs, eval_pairs, workdir)
         spec = {"model": model, "train_path": str(train_path), "eval_path": str(eval_path), "max_length": max_length,
-                "threads": threads, "workdir": str(workdir)}
+                "threads": threads, "workdir": str(workdir),
+                "ours_train": {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.ours_train)}}
         launch("prepare", spec, workdir)
         sides = {side: launch(side, spec, workdir) for side in ("ours", "trl") if args.only in (None, side)}
     finally:

@@ -45,6 +45,7 @@ GENERAL = SHARED / "instruct" / "llamafactory_demo" / "alpaca_en_demo.json"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MARK_START, MARK_END = "<!-- bench:preference-quality:start -->", "<!-- bench:preference-quality:end -->"
 MODEL = "smollm2-135m-instruct"
+BASE_NAMES = {MODEL: "SmolLM2-135M-Instruct"}
 
 LORA = {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 TRAIN = {"lr": 5.0e-5, "schedule": "cosine", "warmup_ratio": 0.1, "batch_size": 2, "grad_accum": 4, "epochs": 1,
@@ -88,10 +89,10 @@ def pair_scores(target: str, held: Path, out: Path) -> dict:
     return next(iter(system.values())) if "pair_accuracy" not in system else system
 
 
-def train(name: str, spec: dict, work: Path, train_file: Path, held: Path) -> dict:
+def train(name: str, spec: dict, work: Path, train_file: Path, held: Path, model: str = MODEL) -> dict:
     cfg = {
         "task": spec["task"], "run": {"name": name.replace("+", "-"), "output_dir": str(work / "runs")},
-        "model": {"path": MODEL},
+        "model": {"path": model},
         "data": {"train": [{"path": str(train_file)}], "eval": [{"path": str(held)}], "max_length": 512},
         "method": LORA, "train": {**TRAIN, **spec.get("train", {})},
         **{k: v for k, v in spec.items() if k in ("preference", "objectives")},
@@ -149,7 +150,8 @@ def markdown(result: dict) -> str:
              f"`{result['result_file']}`. Held-out: {result['held_out']} pairs; general loss: 100 alpaca records; "
              "margins in log-probability (nats) for the causal LMs, in score units for the reward model.", "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
-             f"| base (SmolLM2-135M-Instruct) | {_pct(base.get('pair_accuracy'))} | "
+             f"| base ({BASE_NAMES.get(result.get('model', MODEL), result.get('model'))}) | "
+             f"{_pct(base.get('pair_accuracy'))} | "
              f"{_pct(base.get('pair_accuracy_normalised'))} | {_num(base.get('margin'))} | "
              f"{_num(base.get('margin_normalised'))} | - | - | - | - |"]
     for r in result["runs"]:
@@ -167,6 +169,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="train on this many pairs only (a quick look; not for the docs)")
     p.add_argument("--out", type=Path, help="write the table into this markdown file (bench:preference-quality)")
     p.add_argument("--from-json", type=Path, help="no runs: write the table of an earlier result file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the result JSON goes")
+    p.add_argument("--model", default=MODEL, help="the base model (alias or folder; the docs' table: the default)")
     a = p.parse_args()
     if a.from_json is not None:
         result = json.loads(a.from_json.read_text())
@@ -179,21 +183,22 @@ def main() -> None:
         work = Path(tmp)
         train_file, held = split(work, a.limit)
         held_out = len(json.loads(held.read_text()))
-        base = pair_scores(MODEL, held, work / "eval" / "base")
+        base = pair_scores(a.model, held, work / "eval" / "base")
         print(f"[measure] base: {base}", flush=True)
         runs = []
         for name in a.runs.split(","):
-            runs.append(train(name, RUNS[name], work, train_file, held))
+            runs.append(train(name, RUNS[name], work, train_file, held, a.model))
             print(f"[measure] {name}: {runs[-1]['scores']} in {runs[-1]['wall_s']} s", flush=True)
     stamp = dt.datetime.now(dt.timezone.utc)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS_DIR / f"preference-quality-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    result_file = a.results_dir / f"preference-quality-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
     result = {"timestamp": stamp.strftime("%Y-%m-%d %H:%M UTC"), "argv": sys.argv[1:], "host_gflops": gflops,
-              "machine": f"{os.cpu_count()} CPUs", "held_out": held_out, "base": base, "runs": runs,
-              "result_file": str(result_file.relative_to(REPO))}
+              "machine": f"{os.cpu_count()} CPUs", "held_out": held_out, "model": a.model, "base": base,
+              "runs": runs, "result_file": str(result_file.resolve().relative_to(REPO)
+                                               if result_file.resolve().is_relative_to(REPO) else result_file)}
     result_file.write_text(json.dumps(result, indent=2))
     print(markdown(result))
-    if a.out is not None and not a.limit:
+    if a.out is not None and not a.limit and a.model == MODEL:
         write_section(a.out, MARK_START, MARK_END, markdown(result), append=True)
 
 

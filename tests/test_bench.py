@@ -107,3 +107,42 @@ def test_bench_preference_quick_end_to_end(tmp_path):
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n") and text.endswith("after\n") and "old" not in text
     assert "held-out DPO loss" in text and "tiny-random-llama" in text and "GFLOP/s" in text
+
+
+def test_measure_preference_table_in_the_docs_is_the_one_its_result_file_gives(tmp_path):
+    """docs/preference.md's quality table is written from the committed result file (`--from-json`), so every
+    figure in it traces back to a run."""
+    docs = (REPO / "docs" / "preference.md").read_text()
+    start, end = "<!-- bench:preference-quality:start -->", "<!-- bench:preference-quality:end -->"
+    stamp = docs[docs.index(start):docs.index(end)].split("result file `")[1].split("`")[0]
+    out = tmp_path / "p.md"
+    out.write_text(f"{start}\n{end}\n")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "measure_preference.py"), "--from-json",
+                           str(REPO / stamp), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = [line for line in out.read_text().splitlines() if line.startswith("|")]
+    assert len(table) >= 8  # header, rule, base and the five runs
+    assert table == [line for line in docs[docs.index(start):docs.index(end)].splitlines() if line.startswith("|")]
+
+
+@pytest.mark.extended
+def test_measure_preference_end_to_end_on_the_tiny_model(tmp_path):
+    """`measure_preference.py` through the CLI (train, eval, forgetting) on tiny-random-llama: a DPO policy and a
+    reward model scored on held-out pairs, the result JSON and its table."""
+    shared("preference", "llamafactory_demo", "dpo_en_demo.json")
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "measure_preference.py"), "--model", "tiny-random-llama",
+         "--runs", "dpo,reward", "--limit", "12", "--results-dir", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(next(results.glob("preference-quality-*.json")).read_text())
+    assert result["model"] == "tiny-random-llama" and result["held_out"] == 10
+    assert [r["run"] for r in result["runs"]] == ["dpo", "reward"]
+    for r in result["runs"]:
+        scores = r["scores"].get("metrics", r["scores"])
+        assert 0.0 <= scores["pair_accuracy"] <= 1.0 and math.isfinite(scores["margin"]), r["run"]
+        assert r["tokens_per_s"] > 0
+    dpo = result["runs"][0]
+    assert any(m["kind"] == "general_loss" for m in dpo["forgetting"]["measures"])
+    assert "| base (tiny-random-llama) |" in proc.stdout and "| reward |" in proc.stdout
