@@ -113,10 +113,9 @@ def apply_cpu_tuning(train_cfg, device: str, *, sharded: bool = False) -> dict[s
     else:
         threads = torch.get_num_threads()  # torch's own default
     malloc = "default"
-    if enabled and device == "cpu" and sharded and return_freed_memory():
-        malloc = f"returns freed memory (mmap and trim threshold {LEAN_THRESHOLD}: a sharded engine)"
-    elif enabled and device == "cpu" and not sharded and keep_freed_memory():
-        malloc = f"keeps freed memory (mmap threshold {MMAP_THRESHOLD}, trim threshold {TRIM_THRESHOLD})"
+    if enabled and device == "cpu" and (return_freed_memory if sharded else keep_freed_memory)():
+        malloc = (f"returns freed memory (mmap and trim threshold {LEAN_THRESHOLD}: a sharded engine)" if sharded
+                  else f"keeps freed memory (mmap threshold {MMAP_THRESHOLD}, trim threshold {TRIM_THRESHOLD})")
     return {
         "enabled": enabled,
         "threads": threads,
