@@ -106,6 +106,38 @@ def test_full_fine_tuning_through_the_cli(tmp_path, alpaca_path, capsys):
     assert "6 / 6" in capsys.readouterr().out
 
 
+def test_a_single_process_steps_with_fused_adamw_and_it_equals_the_loop(tmp_path, alpaca_path, monkeypatch):
+    """The plain engine asks for torch's fused AdamW (build_optimizer's docstring has the speed-up); its steps
+    equal the per-tensor loop's within float rounding."""
+    import tunelab.train.build as build
+    from tunelab.config import TrainSection
+    from tunelab.models.load import load_model
+
+    built = []
+    real = build.build_optimizer
+    monkeypatch.setattr(build, "build_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = tiny_config(tmp_path, alpaca_path, method={"name": "full"}, train={"max_steps": 1}, run={"name": "fused"})
+    run_config(tmp_path, cfg, "fused")
+    assert built and built[0].defaults["fused"] is True
+
+    models = [load_model("tiny-random-llama") for _ in range(2)]
+    t = TrainSection(lr=1e-2, weight_decay=0.01)
+    optimizers = [real(models[0], t, fused=True), real(models[1], t, fused=False)]
+    assert [o.defaults["fused"] for o in optimizers] == [True, None]
+    torch.manual_seed(0)
+    for _ in range(3):
+        grads = {n: torch.randn_like(p) for n, p in models[0].named_parameters()}
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for n, p in model.named_parameters():
+                p.grad = grads[n].clone()
+            optimizer.step()
+    fused, loop = (dict(m.named_parameters()) for m in models)
+    base = dict(load_model("tiny-random-llama").named_parameters())
+    assert all(not torch.equal(fused[n], base[n]) for n in base)  # three steps moved every weight
+    for n in loop:
+        torch.testing.assert_close(fused[n], loop[n], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, alpaca_path, packing):
     common = {"lr": 1e-3, "max_steps": 4, "schedule": "constant"}
