@@ -483,7 +483,7 @@ VERBS: dict[str, Verb] = {
                         epilog=_schema_help),
     "generate": Verb(GenerateOptions, _generate, "generate a reply to one or more prompts"),
     "chat": Verb(ChatOptions, _chat, "interactive chat with streaming output"),
-    "demo": Verb(DemoOptions, _demo, "the bundled demo: policy recommendation with SmolLM2 + LoRA",
+    "demo": Verb(DemoOptions, _demo, "the bundled demo: policy recommendation, SmolLM2 fine-tuned on it",
                  "Generate the demo data, score the base model, fine-tune with LoRA, score the tuned model, and "
                  "print both side by side."),
     "data inspect": Verb(InspectOptions, _data_inspect,
