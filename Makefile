@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.tunelab-installed
 
-.PHONY: setup gguf chromium postgres demo test test-fast lint bench bench-memory clean-demo help
+.PHONY: setup gguf gguf-for-tests chromium postgres demo test test-fast lint bench bench-memory clean-demo help
 
 help:
 	@echo "make demo   set up, then fine-tune SmolLM2-135M on the policy demo and compare with the base model"
@@ -24,20 +24,25 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 setup: $(STAMP) chromium postgres
 
-# llama-cpp-python (the [gguf] extra): no Linux wheel on PyPI, so pip builds llama.cpp from source, only the
-# shared libraries (no tools, examples, tests, server, multimodal): 791 s wall here under load. That does not
-# fit the 15-minute budget of `make test` on 2 cores, so `make setup` leaves it out and the llama.cpp tests
-# skip with their reason; `make gguf test` runs them too (pip keeps the built wheel in its cache, so a
-# fresh venv reinstalls it without compiling). `make demo` does not need it.
+# llama-cpp-python (the [gguf] extra: K-quants, and every exported GGUF run in llama.cpp before success). PyPI has no
+# Linux wheel; tools/build_llama_cpp.sh compiles only the libraries the package loads (not llama.cpp's `common`,
+# which pip's own build compiles too: 791 s here) and keeps them in LLAMA_CACHE, so a second set-up or a fresh
+# clone reuses them. `make test` installs it; `make demo` does not need it. A failed build leaves the llama.cpp
+# tests skipped with their reason, as chromium and postgres do.
 GGUF_STAMP = $(VENV)/.tunelab-gguf-installed
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+LLAMA_CPP_VERSION = 0.3.36
+# keyed by the CPU's instruction-set flags: the libraries are built for this CPU (-march=native)
+LLAMA_CACHE ?= $(HOME)/.cache/tunelab/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-$(shell \
+	grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
 $(GGUF_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PIP) install -q -c requirements/constraints.txt "llama-cpp-python"
+	PIP_CONSTRAINT=requirements/constraints.txt bash tools/build_llama_cpp.sh $(PY) $(LLAMA_CPP_VERSION) $(LLAMA_CACHE)
 	touch $(GGUF_STAMP)
 
 gguf: $(GGUF_STAMP)
+
+# the test set-up: never fails on llama.cpp (its tests skip, saying why)
+gguf-for-tests: $(STAMP)
+	@$(MAKE) --no-print-directory gguf || echo "llama-cpp-python not installed: the llama.cpp tests will be skipped"
 
 # Headless Chromium renders the HTML report in tests/test_report.py and drives `tunelab ui` in
 # tests/test_ui_browser.py (through chromium-driver; fonts-noto-cjk draws the Chinese labels); those tests are
@@ -63,7 +68,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tunelab demo --workdir demo_run
 
 # --durations: the slowest tests in every log, to keep the whole run under its 15 minutes on 2 cores
-test: setup
+test: setup gguf-for-tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist worksteal --durations=25
 
 test-fast: setup

@@ -13,7 +13,7 @@ F16, the held-out perplexity bound for the others); then, for each file, in llam
 
 Usage::
 
-    python benchmarks/bench_gguf.py demo_run/runs/policy-lora --threads 2
+    python benchmarks/bench_gguf.py demo_run/runs/policy --threads 2
     python benchmarks/bench_gguf.py smollm2-135m-instruct        # the base model
 """
 

@@ -119,6 +119,7 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
     assert env["cpu_tuning"]["malloc"].startswith("returns freed memory")  # a sharded engine saves memory
+    assert env["optimizer"]["fused"] is (engine == "fsdp")  # fused AdamW steps FSDP2's DTensors, not ZeRO's partitions
     l1, l2 = _losses(ref), _losses(run)
     assert len(l1) == len(l2) == 3
     assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)

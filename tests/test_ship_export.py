@@ -94,7 +94,10 @@ def test_llama_cpp_pre_tokenizer_names_smollm2s_tokenizer():
     assert bpe_pre_tokenizer(load_tokenizer("tiny-random-llama")) == "smollm"  # the SmolLM2 tokenizer
 
 
+# 61 s: make test runs SmolLM2's GGUF in llama.cpp itself (test_gguf_llamacpp.py), so this transformers read-back
+# of the real model is left to `pytest -m extended`; the tiny model's read-back above stays in make test
 @pytest.mark.real_model
+@pytest.mark.extended
 def test_smollm2_bf16_gguf_export_reads_back_with_the_same_logits(tmp_path):
     result = export("smollm2-135m-instruct", tmp_path / "smol", gguf=True, dtype="bf16")
     (file,) = result.ggufs

@@ -78,8 +78,9 @@ def baselines(train: list[dict], test: list[dict]) -> dict[str, dict]:
 
 
 def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: Console | None = None,
-             model: str = MODEL, n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict:
-    """The demo end to end; ``model`` and the row counts are there for the tests (a tiny model, a few rows)."""
+             model: str = MODEL, method: dict | None = None, n_train: int = N_TRAIN, n_test: int = N_TEST) -> dict:
+    """The demo end to end. ``model``, ``method`` (the config's method section) and the row counts are there
+    for the tests: a tiny model with fewer layers, a few rows."""
     from tunelab.ship.inference import load_for_inference
     from tunelab.train.recipe import fine_tune
 
@@ -95,6 +96,7 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     cfg_dict = json.loads(json.dumps(DEMO_CONFIG))
     cfg_dict["run"]["output_dir"] = str(work / "runs")
     cfg_dict["model"]["path"] = model
+    cfg_dict["method"] = method or cfg_dict["method"]
     cfg_dict["data"]["train"][0]["path"] = str(paths["train"])
     run_dir = work / "runs" / cfg_dict["run"]["name"]
     if fresh and run_dir.exists():
@@ -108,7 +110,7 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     base_metrics, base_replies, base_preds = score(base, test, LABELS, LABEL_ALIASES)
     del base
 
-    console.print(f"[bold]2/3[/] fine-tuning the top {cfg_dict['method']['layers']} layers (config {config_path}) ...")
+    console.print(f"[bold]2/3[/] fine-tuning ({_describe(cfg_dict['method'])}; config {config_path}) ...")
     if (run_dir / "final" / "tunelab.json").is_file():
         console.print(f"[dim]{run_dir} is already trained: reusing it (tunelab demo --fresh to retrain)[/]")
         train_summary = json.loads((run_dir / "summary.json").read_text())
@@ -141,7 +143,7 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     table.add_column("accuracy", justify="right")
     table.add_column("macro-F1", justify="right")
     table.add_column("unparsed answers", justify="right")
-    for name, m in (("SmolLM2-135M-Instruct (base)", base_metrics), ("tuned by tunelab (top 15 layers)", tuned_metrics),
+    for name, m in (("SmolLM2-135M-Instruct (base)", base_metrics), (f"tuned ({_describe(cfg_dict['method'])})", tuned_metrics),
                     ("TF-IDF + logistic regression", without_model["tfidf"]),
                     ("heuristic: most clicked category", without_model["heuristic"])):
         table.add_row(name, f"{m['accuracy']:.1%}", f"{m['macro_f1']:.3f}", str(m.get("n_unparsed", 0)))
@@ -149,6 +151,13 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     console.print(f"run: {run_dir}\ngenerations: {work / 'generations.jsonl'}\nresults: {work / 'results.json'}\n"
                   f"chat with it: tunelab chat {run_dir}")
     return results
+
+
+def _describe(method: dict) -> str:
+    if method["name"] == "freeze" and method.get("layers"):
+        n = method["layers"]
+        return f"the top {n} layer{'s' if n != 1 else ''} trained"
+    return f"method {method['name']}"
 
 
 def _headline(m: dict) -> dict:
