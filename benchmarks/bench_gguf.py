@@ -138,9 +138,12 @@ def main(argv=None) -> int:
         speed_table(Path(args.speed_only), args.threads, args.repeats)
         return 0
 
+    from bench_micro_threads import matmul_gflops  # benchmarks/, beside this script
+
     from tunelab.ship import llamacpp
     from tunelab.ship.export import export
 
+    host_before = matmul_gflops(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-gguf-")) / "export"
     start = time.perf_counter()
     result = export(args.target, out, quant=args.quant, dtype="fp32", verify=not args.no_verify)
@@ -159,6 +162,9 @@ def main(argv=None) -> int:
         rows.append({"kind": file.kind, "size_mib": file.size / 2**20, **fig, "export_check": file.figures})
     f16 = next(r["ppl"] for r in rows if r["kind"] == "f16")
     f16_held = next(r["held_out_ppl"] for r in rows if r["kind"] == "f16")
+    host_after = matmul_gflops(args.threads)
+    print(f"host GFLOP/s ({args.threads} threads) bf16 {host_before['bf16']} / fp32 {host_before['fp32']} before, "
+          f"bf16 {host_after['bf16']} / fp32 {host_after['fp32']} after")
     print(f"export of {len(rows)} types with their checks: {export_s:.0f} s; HF float32 perplexity {reference:.3f} "
           f"on {rows[0]['tokens']} tokens of wiki_demo.txt")
     print("| type | size (MiB) | prompt tokens/s | generation tokens/s | perplexity (wiki) | vs F16 | "
@@ -171,7 +177,8 @@ def main(argv=None) -> int:
         print(f"| {r['kind']} | {r['size_mib']:.1f} | {r['prompt_tps']:.0f} | {r['gen_tps']:.1f} | {r['ppl']:.3f} | "
               f"{r['ppl'] / f16 - 1:+.2%} | {r['held_out_ppl']:.3f} | {r['held_out_ppl'] / f16_held - 1:+.2%} | {said} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"hf_ppl": reference, "export_s": export_s, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"hf_ppl": reference, "export_s": export_s, "rows": rows,
+                                               "host_gflops": {"before": host_before, "after": host_after}}, indent=2))
     return 0
 
 

@@ -158,15 +158,16 @@ def small_vocab_llama(folder):
     return tiny_causal_lm(folder, "llama", hidden_size=32, intermediate_size=64)
 
 
-def tiny_lora_run(folder, family: str = "llama"):
-    """A LoRA weights folder (PEFT adapter + tokenizer + tunelab.json) on a tiny ``family`` model, with
-    random B so the adapter changes the outputs; q/k included (their rows carry llama.cpp's rotary order)."""
+def tiny_lora_run(folder, family: str = "llama", **extra):
+    """A LoRA weights folder (PEFT adapter + tokenizer + tunelab.json) on a tiny ``family`` model (``extra``: its
+    config), with random B so the adapter changes the outputs; q/k included (their rows carry llama.cpp's rotary
+    order)."""
     import json
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = tiny_causal_lm(folder / "base", family, chat_template=True)
+    base = tiny_causal_lm(folder / "base", family, chat_template=True, **extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         targets = (["qkv_proj", "o_proj", "gate_up_proj"] if family == "phi3"  # Phi-3's fused projections

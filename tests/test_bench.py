@@ -54,7 +54,9 @@ def test_bench_lora_tiny_end_to_end(tmp_path):
     assert "dataset tokens/s" in proc.stdout
 
 
+# -m extended: make test's 15 minutes (with llama.cpp's build and tests now in it) leave this out
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bench_lora_ours_with_two_processes(tmp_path):
     """`--ours-processes 2`: the same tokens through `tunelab train` with train.processes: 2; the
     peak RSS is the ranks' sum plus the launcher's."""
@@ -74,6 +76,7 @@ def test_bench_lora_ours_with_two_processes(tmp_path):
     assert len(per) == 2 and ours["peak_rss_mib"] >= sum(per) > 0
 
 
+@pytest.mark.extended  # 52 s; DPO against TRL's own code stays in make test (test_preference.py)
 def test_bench_preference_quick_end_to_end(tmp_path):
     """`bench_preference.py --quick`: tunelab and TRL's DPOTrainer on the same tiny-random-llama pairs, each
     in its own process; the result JSON and the docs section."""

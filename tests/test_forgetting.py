@@ -82,7 +82,9 @@ def test_forgetting_settings_are_strict(tmp_path, alpaca_path):
         load_config(path)
 
 
+# -m extended: make test's 15 minutes (with llama.cpp's build and tests now in it) leave this out
 @pytest.mark.slow
+@pytest.mark.extended
 def test_bench_forgetting_tiny_end_to_end(tmp_path):
     import subprocess
     import sys

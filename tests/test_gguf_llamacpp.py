@@ -299,6 +299,25 @@ def test_phi3_lora_run_as_a_llama_cpp_adapter_agrees_with_the_merged_model(tmp_p
     assert {"blk.0.attn_qkv.weight.lora_a", "blk.1.ffn_up.weight.lora_b"} <= set(_reader(adapter.path)[1])
 
 
+def test_gemma2_lora_run_as_a_llama_cpp_adapter_agrees_with_the_merged_model(tmp_path):
+    """Gemma 2's adapter on its base in llama.cpp (the base written with Gemma's norms as 1 + w, soft-caps and
+    sliding window) gives the merged model's greedy tokens and top-1 logits. The fixture's weights are drawn with
+    std 0.2 and the final soft-cap is Gemma 2's own (30): with std 0.02 and a cap of 0.5 every logit sits near 0.36
+    and the top three differ by 1e-4, a tie at F16 precision that no writer could pass."""
+    pytest.importorskip("llama_cpp")
+    from tunelab.ship import llamacpp
+
+    run = tiny_lora_run(tmp_path / "lora", "gemma2", final_logit_softcapping=30.0, initializer_range=0.2)
+    result = export(run, tmp_path / "out", lora_gguf=True)
+    base, adapter = result.ggufs
+    assert adapter.checked_by == "llama.cpp" and adapter.figures["greedy_tokens"] == 4 * 32
+    assert {"blk.0.attn_q.weight.lora_a", "blk.1.ffn_up.weight.lora_b"} <= set(_reader(adapter.path)[1])
+    assert _reader(base.path)[0]["general.architecture"] == "gemma2"
+    probe = [2, 40, 80, 120, 200, 250, 33, 7, 1, 5]  # the adapter matters: the base alone answers otherwise
+    with llamacpp.Runner(base.path) as plain, llamacpp.Runner(base.path, lora=adapter.path) as tuned:
+        assert abs(plain.logits(probe) - tuned.logits(probe)).max() > 0.05
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_f16_is_greedy_identical_and_fewer_bits_cost_more_perplexity(tmp_path):

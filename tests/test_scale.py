@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import shared, tiny_config
+from conftest import assert_adam_close, shared, tiny_config
 from faults import Fault, subprocess_env
 
 COMMON = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
@@ -157,7 +157,7 @@ def _one_and_two_sharded(tmp_path: Path, cfg, engine: str) -> tuple[Path, Path, 
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0)
+        assert_adam_close(w2[k], w1[k], bulk=1e-4)  # Adam amplifies fp32 rounding (see there)
     return one, two, l1
 
 
