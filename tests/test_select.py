@@ -59,6 +59,7 @@ def test_select_scores_and_ranks_two_candidates_and_reports_a_missing_one(tmp_pa
 
 
 @pytest.mark.real_model
+@pytest.mark.extended  # 30 s: -m extended (make test's 15 minutes, with llama.cpp's build and tests in them)
 def test_smollm2_outranks_a_random_model_on_real_instructions(tmp_path):
     data = shared("instruct", "llamafactory_demo", "alpaca_en_demo.json")
     req = SelectRequest(candidates=["tiny-random-llama", "smollm2-135m-instruct"], data=str(data), shots=1, limit=4,
