@@ -484,8 +484,8 @@ VERBS: dict[str, Verb] = {
     "generate": Verb(GenerateOptions, _generate, "generate a reply to one or more prompts"),
     "chat": Verb(ChatOptions, _chat, "interactive chat with streaming output"),
     "demo": Verb(DemoOptions, _demo, "the bundled demo: policy recommendation, SmolLM2 fine-tuned on it",
-                 "Generate the demo data, score the base model, fine-tune with LoRA, score the tuned model, and "
-                 "print both side by side."),
+                 "Generate the demo data, score the base model, fine-tune its top 15 layers, score the tuned model, "
+                 "and print both beside two baselines that need no model."),
     "data inspect": Verb(InspectOptions, _data_inspect,
                          "statistics of a data file or of a training config's files (+ HTML)", show=_show_inspect),
     "data clean": Verb(CleanOptions, _data_clean, "normalise, mask PII, filter lengths, resolve conflicts, "

@@ -110,7 +110,8 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     base_metrics, base_replies, base_preds = score(base, test, LABELS, LABEL_ALIASES)
     del base
 
-    console.print(f"[bold]2/3[/] fine-tuning ({_describe(cfg_dict['method'])}; config {config_path}) ...")
+    what = _describe(cfg_dict["method"])
+    console.print(f"[bold]2/3[/] fine-tuning ({what}; config {config_path}) ...")
     if (run_dir / "final" / "tunelab.json").is_file():
         console.print(f"[dim]{run_dir} is already trained: reusing it (tunelab demo --fresh to retrain)[/]")
         train_summary = json.loads((run_dir / "summary.json").read_text())
@@ -143,7 +144,7 @@ def run_demo(workdir: str | Path = "demo_run", *, fresh: bool = False, console: 
     table.add_column("accuracy", justify="right")
     table.add_column("macro-F1", justify="right")
     table.add_column("unparsed answers", justify="right")
-    for name, m in (("SmolLM2-135M-Instruct (base)", base_metrics), (f"tuned ({_describe(cfg_dict['method'])})", tuned_metrics),
+    for name, m in (("SmolLM2-135M-Instruct (base)", base_metrics), (f"tuned ({what})", tuned_metrics),
                     ("TF-IDF + logistic regression", without_model["tfidf"]),
                     ("heuristic: most clicked category", without_model["heuristic"])):
         table.add_row(name, f"{m['accuracy']:.1%}", f"{m['macro_f1']:.3f}", str(m.get("n_unparsed", 0)))

@@ -170,9 +170,9 @@ def build_optimizer(model: torch.nn.Module, cfg, lr_multiplier=None, *, fused: b
     LR factor of the method (``lr_multiplier(name)``: LoRA+); see ``schedule.param_groups``.
 
     ``fused``: torch's fused AdamW kernel (one pass over each parameter's weight, gradient and two
-    moments). On this project's 2-core CPU it stepped 148M fp32 parameters in 0.058 s against 0.268 s
-    for the default per-tensor loop (4.6x), which is most of what full fine-tuning spends outside the
-    model. The engine says whether it may (``fused_optimizer``: DDP and FSDP2 yes, DeepSpeed no).
+    moments) instead of the per-tensor loop torch uses on CPU by default: 2-4x faster steps
+    (docs/benchmarks.md, "AdamW step"). The engine says whether it may (``fused_optimizer``: DDP and
+    FSDP2 yes, DeepSpeed no).
     """
     n_layers = num_layers(model) if cfg.layer_lr_decay is not None else 0
     groups = param_groups(model.named_parameters(), n_layers=n_layers, lr=cfg.lr, weight_decay=cfg.weight_decay,
