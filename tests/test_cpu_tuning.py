@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes.util
 import json
+import platform
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -39,3 +41,56 @@ def test_a_sharded_engine_returns_freed_memory_where_one_process_keeps_it_for_th
     assert lean["held_mib"] > 250 and keep["held_mib"] > 250  # the blocks were touched
     assert lean["kept_mib"] < 20  # every block went back to the kernel
     assert keep["kept_mib"] > 200  # the blocks up to 32 MiB stay in the heap for reuse
+
+
+# A step's buffers, allocated, touched and freed over and over (6 "layers" of 4 sizes, 288 MiB): the page
+# faults of the 4th round say whether the allocator kept the freed memory or handed it back to be faulted in
+# again (one fault per page).
+REUSE_PROBE = """
+import json, resource, sys, types, torch
+from tunelab.train.cpu_tuning import apply_cpu_tuning
+cfg = types.SimpleNamespace(cpu_tuning=True, threads=1)
+mode = apply_cpu_tuning(cfg, "cpu", sharded=True)["malloc"]
+def one_round():
+    held = [torch.ones(2**18 * k) for k in [4, 8, 16, 20] * 6]
+    del held
+for _ in range(3):
+    one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+one_round()
+print(json.dumps({"mode": mode, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def _env(**extra) -> dict[str, str]:
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, **extra}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="PyPI's tbb has Linux wheels for x86_64 only")
+def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_freed_memory(monkeypatch):
+    from tunelab.train.cpu_tuning import rank_environment, scalable_malloc_libraries
+
+    libraries = scalable_malloc_libraries()
+    assert libraries is not None, "make setup installs tbb (the [tbb] extra)"
+    on = types.SimpleNamespace(cpu_tuning=True, threads=None)
+    monkeypatch.delenv("TUNELAB_MALLOC", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/user-own.so")
+    env = rank_environment(on, sharded=True)
+    assert env == {"LD_PRELOAD": " ".join([*libraries, "/usr/lib/user-own.so"])}  # ahead of the user's, not instead
+    assert rank_environment(on, sharded=False) == {}  # DDP keeps glibc's (faster for it)
+    assert rank_environment(types.SimpleNamespace(cpu_tuning=False, threads=None), sharded=True) == {}
+    monkeypatch.setenv("TUNELAB_MALLOC", "glibc")
+    assert rank_environment(on, sharded=True) == {}
+
+    def probe(**extra) -> dict:
+        done = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, check=True,
+                              env=_env(**extra))
+        return json.loads(done.stdout)
+
+    tbb, glibc = probe(LD_PRELOAD=" ".join(libraries)), probe()
+    assert tbb["mode"].startswith("TBB") and glibc["mode"].startswith("returns freed memory")
+    pages = 288 * 2**20 // 4096
+    assert glibc["faults"] > 0.9 * pages  # every page faulted in again, round after round
+    assert tbb["faults"] < 0.05 * pages, tbb  # TBB's cache has learnt the sizes: the memory is reused

@@ -119,7 +119,12 @@ def _train(o: TrainOptions) -> int | None:
     nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
     if (cfg.train.processes > 1 or o.nnodes > 1) and not launch.launched():
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
-        return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes)
+        from tunelab.train.cpu_tuning import rank_environment
+        from tunelab.train.engines import ENGINES
+
+        env = rank_environment(cfg.train, sharded=ENGINES[cfg.train.distributed].sharded)
+        return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes,
+                                    env=env)
     fine_tune(cfg, sources, resume=o.resume)
     return None
 

@@ -18,6 +18,14 @@ in the run's ``env.json`` (:func:`apply_cpu_tuning` returns what it set):
   activations of different sizes fragment the heap, and a rank's RSS grew step after step
   (FSDP, 362M Llama, 2 ranks: 3.9 GiB after one step, 6.1 GiB after five; with 128 KiB 4.3 GiB
   from the second step on, ``docs/scaling.md``);
+* the ranks of a sharded engine that tunelab launches itself, where PyPI's ``tbb`` is installed
+  (``make setup`` installs it), run with TBB's scalable allocator in place of glibc's malloc
+  (:func:`rank_environment`: ``LD_PRELOAD`` of ``libtbbmalloc_proxy``). glibc's 128 KiB threshold
+  keeps the heap flat but hands every freed block back, and the next layer page-faults it in again
+  (the kernel zeroing those pages was a quarter of a 2-rank FSDP run's time); TBB's allocator keeps
+  freed large blocks in a cache sized to the working set, for little more memory (the figures:
+  ``docs/scaling.md``). Ours is only the choice; the allocator is Intel's. ``TUNELAB_MALLOC=glibc``
+  keeps glibc's;
 * the GIL switch interval while micro-batches run in worker threads
   (``train.micro_batch_threads``, :func:`shorten_switch_interval`): a thread back from a matrix
   product waits less for the other's Python work.
@@ -33,6 +41,7 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,6 +107,49 @@ def return_freed_memory() -> bool:
     return _mallopt("lean", LEAN_THRESHOLD, LEAN_THRESHOLD)
 
 
+TBB_MALLOC = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then the proxy that replaces malloc
+
+
+def scalable_malloc_libraries() -> list[str] | None:
+    """The paths of TBB's scalable allocator and its malloc-replacing proxy from PyPI's ``tbb`` (installed
+    into the environment's ``lib/``), or None where it is not installed. The allocator is listed first: the
+    proxy needs it and has no search path of its own, and a preloaded library satisfies it by name."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution("tbb").files or []
+    except PackageNotFoundError:
+        return None
+    found = {Path(str(f)).name: Path(str(f.locate())).resolve() for f in files if Path(str(f)).name in TBB_MALLOC}
+    if set(found) != set(TBB_MALLOC) or not all(p.is_file() for p in found.values()):
+        return None
+    return [str(found[name]) for name in TBB_MALLOC]
+
+
+def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
+    """Environment variables for the ranks tunelab's launcher starts: under a sharded engine on the CPU
+    (``train.cpu_tuning`` on, Linux, no GPU, ``tbb`` installed, ``TUNELAB_MALLOC`` not ``glibc``), TBB's
+    scalable allocator preloaded (``LD_PRELOAD``, ahead of any the user set). A preload must be in place
+    before the process starts, so it is the launcher's; ranks started by torchrun or accelerate get it from
+    ``LD_PRELOAD`` set by the user (``docs/scaling.md``)."""
+    if not (sharded and getattr(train_cfg, "cpu_tuning", True) and sys.platform.startswith("linux")):
+        return {}
+    if os.environ.get("TUNELAB_MALLOC", "").lower() == "glibc" or torch.cuda.is_available():
+        return {}
+    libraries = scalable_malloc_libraries()
+    if libraries is None:
+        return {}
+    return {"LD_PRELOAD": " ".join([*libraries, *filter(None, [os.environ.get("LD_PRELOAD", "")])])}
+
+
+def scalable_malloc_loaded() -> bool:
+    """Whether this process runs TBB's malloc proxy (preloaded by :func:`rank_environment` or the user)."""
+    try:
+        return TBB_MALLOC[1].split(".so")[0] in Path("/proc/self/maps").read_text()
+    except OSError:  # no /proc: not Linux
+        return False
+
+
 def apply_cpu_tuning(train_cfg, device: str, *, sharded: bool = False) -> dict[str, Any]:
     """Apply the process-wide settings ``train_cfg`` (``TrainSection``) asks for on ``device``
     (``"cpu"`` / ``"cuda"``); returns what was set, for the run's ``env.json``. ``sharded``: the run's engine
@@ -113,7 +165,9 @@ def apply_cpu_tuning(train_cfg, device: str, *, sharded: bool = False) -> dict[s
     else:
         threads = torch.get_num_threads()  # torch's own default
     malloc = "default"
-    if enabled and device == "cpu" and (return_freed_memory if sharded else keep_freed_memory)():
+    if scalable_malloc_loaded():  # glibc's thresholds would tune an allocator this process does not use
+        malloc = "TBB scalable allocator (libtbbmalloc_proxy preloaded)"
+    elif enabled and device == "cpu" and (return_freed_memory if sharded else keep_freed_memory)():
         malloc = (f"returns freed memory (mmap and trim threshold {LEAN_THRESHOLD}: a sharded engine)" if sharded
                   else f"keeps freed memory (mmap threshold {MMAP_THRESHOLD}, trim threshold {TRIM_THRESHOLD})")
     return {

@@ -85,20 +85,23 @@ class Nodes:
                             "every node must name the same one, e.g. --master-addr node0 --master-port 29500")
 
 
-def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nodes: Nodes | None = None) -> int:
+def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nodes: Nodes | None = None,
+                  env: dict[str, str] | None = None) -> int:
     """Run ``tunelab <argv>`` as ``processes`` ranks; the exit code is the first failing rank's (else 0).
 
     A rank that fails stops the others. The ranks run in their own session, so Ctrl-C (or a
     SIGINT sent to this process) reaches them once, through this launcher: they agree on a step,
     save one checkpoint and stop; they are killed after ``grace_s`` if they have not. A second
     Ctrl-C makes them abort. On Linux a rank also dies with its launcher (``PR_SET_PDEATHSIG``), so
-    a killed launcher leaves no rank waiting at a collective.
+    a killed launcher leaves no rank waiting at a collective. ``env``: variables added to the ranks'
+    environment (the allocator: :func:`tunelab.train.cpu_tuning.rank_environment`).
     """
     nodes = nodes or Nodes()
     nodes.check()
     port = nodes.master_port or free_port()
     first, world = nodes.node_rank * processes, nodes.nnodes * processes
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    base.update(env or {})
     procs = []
     for r in range(processes):
         env = {**base, "RANK": str(first + r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
