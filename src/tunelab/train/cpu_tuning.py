@@ -41,6 +41,7 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,6 @@ def scalable_malloc_libraries() -> list[str] | None:
     """The paths of TBB's scalable allocator and its malloc-replacing proxy from PyPI's ``tbb`` (installed
     into the environment's ``lib/``), or None where it is not installed. The allocator is listed first: the
     proxy needs it and has no search path of its own, and a preloaded library satisfies it by name."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
     try:
         files = distribution("tbb").files or []
     except PackageNotFoundError:
