@@ -119,6 +119,8 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     run = tmp_path / "runs" / "two"
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
+    if engine == "fsdp":  # gloo's gradient reduce-scatter is FSDP's buffer all-reduced (engines.AllReduceScatter)
+        assert env["distributed"]["reduce_scatter"] == "all_reduce"
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),
     # else glibc's returns freed memory at once
     assert env["cpu_tuning"]["malloc"].startswith("TBB" if scalable_malloc_libraries() else "returns freed memory")

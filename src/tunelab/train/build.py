@@ -340,6 +340,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     if cached is not None:
         env["features"] = cached
     engine.shard(loss_module)  # FSDP2 replaces the parameters: the optimiser is built on the sharded ones
+    env["distributed"] = engine.describe()  # with what sharding chose (FSDP's reduce-scatter)
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method), fused=engine.fused_optimizer)
     env["optimizer"] = {"name": t.optimizer, "fused": bool(optimizer.defaults.get("fused"))}
     scheduler, total_steps = build_schedule(cfg, optimizer, plan)
