@@ -70,6 +70,8 @@ def _env(**extra) -> dict[str, str]:
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="PyPI's tbb has Linux wheels for x86_64 only")
 def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_freed_memory(monkeypatch):
+    from tunelab.errors import UserError
+    from tunelab.train import cpu_tuning
     from tunelab.train.cpu_tuning import rank_environment, scalable_malloc_libraries
 
     libraries = scalable_malloc_libraries()
@@ -83,6 +85,13 @@ def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_free
     assert rank_environment(types.SimpleNamespace(cpu_tuning=False, threads=None), sharded=True) == {}
     monkeypatch.setenv("TUNELAB_MALLOC", "glibc")
     assert rank_environment(on, sharded=True) == {}
+    monkeypatch.setenv("TUNELAB_MALLOC", "jemalloc")
+    with pytest.raises(UserError, match="TUNELAB_MALLOC=jemalloc is not an allocator tunelab knows"):
+        rank_environment(on, sharded=False)
+    monkeypatch.setenv("TUNELAB_MALLOC", "tbb")
+    monkeypatch.setattr(cpu_tuning, "scalable_malloc_libraries", lambda: None)
+    with pytest.raises(UserError, match="PyPI's tbb is not installed"):
+        rank_environment(on, sharded=True)
 
     def probe(**extra) -> dict:
         done = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, check=True,

@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from tunelab.errors import UserError
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts: blocks up to 32 MiB come from the heap
@@ -127,18 +129,26 @@ def scalable_malloc_libraries() -> list[str] | None:
 
 def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
     """Environment variables for the ranks tunelab's launcher starts: under a sharded engine on the CPU
-    (``train.cpu_tuning`` on, Linux, no GPU, ``tbb`` installed, ``TUNELAB_MALLOC`` not ``glibc``), TBB's
+    (``train.cpu_tuning`` on, Linux, no GPU, ``tbb`` installed, ``TUNELAB_MALLOC`` unset or ``tbb``;
+    ``glibc`` keeps glibc's, another value is a user error), TBB's
     scalable allocator preloaded (``LD_PRELOAD``, ahead of any the user set). A preload must be in place
     before the process starts, so it is the launcher's; ranks started by torchrun or accelerate get it from
     ``LD_PRELOAD`` set by the user (``docs/scaling.md``)."""
+    choice = os.environ.get("TUNELAB_MALLOC", "")
+    if choice not in ("", "glibc", "tbb"):
+        raise UserError(f"TUNELAB_MALLOC={choice} is not an allocator tunelab knows. Use glibc or tbb, or unset it")
     if not (sharded and getattr(train_cfg, "cpu_tuning", True) and sys.platform.startswith("linux")):
         return {}
-    if os.environ.get("TUNELAB_MALLOC", "").lower() == "glibc" or torch.cuda.is_available():
+    if choice == "glibc" or torch.cuda.is_available():
         return {}
     libraries = scalable_malloc_libraries()
     if libraries is None:
+        if choice == "tbb":
+            raise UserError("TUNELAB_MALLOC=tbb, but PyPI's tbb is not installed. pip install 'tunelab[tbb]' "
+                            "(Linux x86-64), or unset TUNELAB_MALLOC")
         return {}
-    return {"LD_PRELOAD": " ".join([*libraries, *filter(None, [os.environ.get("LD_PRELOAD", "")])])}
+    user = os.environ.get("LD_PRELOAD", "")
+    return {"LD_PRELOAD": " ".join([*libraries, user] if user else libraries)}
 
 
 def scalable_malloc_loaded() -> bool:
