@@ -14,9 +14,9 @@ config but ``train.distributed`` (and ``train.deepspeed``):
 * ``fsdp-glibc``: ``fsdp`` with glibc's malloc (``TUNELAB_MALLOC=glibc``): the ranks of ``fsdp`` and
   ``zero*`` run with TBB's scalable allocator where ``tbb`` is installed
   (``tunelab.train.cpu_tuning.rank_environment``), and this row is the same run without it;
-* ``ddp-lean``: DDP with the malloc settings the sharded engines get (``train.cpu_tuning`` gives DDP
-  glibc thresholds that keep freed memory for speed, the sharded engines a fixed 128 KiB threshold
-  that returns it: ``tunelab.train.cpu_tuning``), so that the memory ratios can be read both ways.
+* ``ddp-lean``: DDP with the glibc settings the sharded engines get without TBB (``train.cpu_tuning``
+  gives DDP glibc thresholds that keep freed memory for speed, sharded engines a fixed 128 KiB
+  threshold that returns it: ``tunelab.train.cpu_tuning``), so that the memory ratios can be read both ways.
 
 Figures per engine, read from each run's ``summary.json`` / ``metrics.jsonl``: the peak RSS of each
 rank (``VmHWM``: loading the model included), training tokens/s over the whole run and after the first
@@ -124,6 +124,10 @@ def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dic
             "step_elapsed_s": [r["elapsed_s"] for r in steps], "train_seconds": summary["train_seconds"]}
 
 
+# env.json's cpu_tuning.malloc, shortened for the table
+MALLOC_NAMES = (("TBB", "TBB"), ("returns", "glibc (returns)"), ("keeps", "glibc (keeps)"))
+
+
 def _verdict(ratio: float, target: float, lower_is_better: bool) -> str:
     ok = ratio <= target if lower_is_better else ratio >= target
     return f"{ratio:.2f}x ({'PASS' if ok else 'MISS'} {'<=' if lower_is_better else '>='} {target})"
@@ -147,9 +151,7 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
                             f"{_verdict(steady / ddp['tokens_per_s_after_first_step'], TARGET_TPS, False)}")
             if lean is not None:
                 verdict += f"; peak {peak / max(lean['peak_rss_mib']):.2f}x ddp-lean"
-        malloc = r.get("malloc", "")
-        malloc = "TBB" if malloc.startswith("TBB") else "glibc (returns)" if malloc.startswith("returns") else \
-            "glibc (keeps)" if malloc.startswith("keeps") else "glibc"
+        malloc = next((short for start, short in MALLOC_NAMES if r.get("malloc", "").startswith(start)), "glibc")
         out.append((r["engine"], malloc, " + ".join(f"{x:,.0f}" for x in r["peak_rss_mib"]), f"{peak:,.0f}",
                     f"{r['tokens_per_s']:,.0f}", f"{steady:,.0f}" if steady else "-", f"{r['final_loss']:.4f}",
                     verdict))

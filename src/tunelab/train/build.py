@@ -325,8 +325,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
             f"{info['parameters']:,} parameters trained ({info['trainable_percent']:.2f}%); precision {precision}, "
             f"{accelerator.num_processes} process(es) on {device.type}, {threads} threads")
     env = {**environment(device.type, precision, accelerator.num_processes),
-           "template": template, "dtype": dtype, "cpu_tuning": tuning, "model": info,
-           "distributed": engine.describe()}
+           "template": template, "dtype": dtype, "cpu_tuning": tuning, "model": info}
 
     lengths = tuple(len(r) for r in data.train) if cfg.data.group_by_length else None
     plan = task.plan(cfg, data, accelerator.num_processes,
@@ -340,7 +339,7 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     if cached is not None:
         env["features"] = cached
     engine.shard(loss_module)  # FSDP2 replaces the parameters: the optimiser is built on the sharded ones
-    env["distributed"] = engine.describe()  # with what sharding chose (FSDP's reduce-scatter)
+    env["distributed"] = engine.describe()  # after shard: it says what sharding chose (FSDP's reduce-scatter)
     optimizer = build_optimizer(model, t, methods.lr_multiplier(cfg.method), fused=engine.fused_optimizer)
     env["optimizer"] = {"name": t.optimizer, "fused": bool(optimizer.defaults.get("fused"))}
     scheduler, total_steps = build_schedule(cfg, optimizer, plan)
