@@ -11,6 +11,9 @@ config but ``train.distributed`` (and ``train.deepspeed``):
 * ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``fsdp-keep`` (the same,
   gathered layers kept from forward to backward: ``train.fsdp.reshard_after_forward: false``), ``zero2``, ``zero3`` and
   ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU);
+* ``ddp-gloo``, ``fsdp-gloo``: ``ddp`` and ``fsdp`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``):
+  on one machine the ranks of ``ddp`` and ``fsdp`` all-gather, reduce-scatter and all-reduce through
+  ``/dev/shm`` (``tunelab.train.shm_collectives``), and these rows are the same runs over loopback TCP;
 * ``fsdp-glibc``: ``fsdp`` with glibc's malloc (``TUNELAB_MALLOC=glibc``): the ranks of ``fsdp`` and
   ``zero*`` run with TBB's scalable allocator where ``tbb`` is installed
   (``tunelab.train.cpu_tuning.rank_environment``), and this row is the same run without it;
@@ -58,6 +61,9 @@ ENGINES = {
     "fsdp": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     # the gathered bf16 layers kept from forward to backward: one all-gather per layer and step instead of two
     "fsdp-keep": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": False}},
+    # ddp and fsdp with gloo's collectives (ENGINE_ENV) instead of shared memory's
+    "ddp-gloo": {"distributed": "ddp"},
+    "fsdp-gloo": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     # fsdp with glibc's malloc (ENGINE_ENV) instead of TBB's scalable allocator
     "fsdp-glibc": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     "zero2": {"distributed": "deepspeed", "deepspeed": {"stage": 2}},
@@ -67,7 +73,8 @@ ENGINES = {
     "ddp-lean": {"distributed": "ddp", "cpu_tuning": False},
 }
 ENGINE_ENV = {"ddp-lean": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
-              "fsdp-glibc": {"TUNELAB_MALLOC": "glibc"}}
+              "fsdp-glibc": {"TUNELAB_MALLOC": "glibc"},
+              "ddp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}, "fsdp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}}
 
 
 def build_model(folder: Path, layers: int) -> int:
@@ -117,9 +124,11 @@ def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dic
     steps = [r for r in steps if r["kind"] == "train"]  # logged every step (log_every 1)
     later = steps[1:]  # after the first step
     steady = sum(r["tokens"] for r in later) / (later[-1]["elapsed_s"] - steps[0]["elapsed_s"]) if later else None
-    malloc = json.loads((run / "env.json").read_text())["cpu_tuning"]["malloc"]
+    env = json.loads((run / "env.json").read_text())
+    malloc, collectives = env["cpu_tuning"]["malloc"], env["distributed"].get("collectives", "DeepSpeed's (gloo)")
     return {"engine": name, "peak_rss_mib": summary["peak_rss_mib"], "tokens_per_s": summary["tokens_per_s"],
             "tokens_per_s_after_first_step": round(steady, 1) if steady else None, "malloc": malloc,
+            "collectives": collectives,
             "final_loss": steps[-1]["loss"], "losses": [r["loss"] for r in steps],
             "step_elapsed_s": [r["elapsed_s"] for r in steps], "train_seconds": summary["train_seconds"]}
 
@@ -139,7 +148,7 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
     out = []
     for r in results:
         if "error" in r:
-            out.append((r["engine"], "-", "-", "-", "-", "-", "-", f"failed: {r['error'][:80]}"))
+            out.append((r["engine"], "-", "-", "-", "-", "-", "-", "-", f"failed: {r['error'][:80]}"))
             continue
         peak, steady = max(r["peak_rss_mib"]), r.get("tokens_per_s_after_first_step")
         verdict = ""
@@ -152,13 +161,14 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
             if lean is not None:
                 verdict += f"; peak {peak / max(lean['peak_rss_mib']):.2f}x ddp-lean"
         malloc = next((short for start, short in MALLOC_NAMES if r.get("malloc", "").startswith(start)), "glibc")
-        out.append((r["engine"], malloc, " + ".join(f"{x:,.0f}" for x in r["peak_rss_mib"]), f"{peak:,.0f}",
+        moved = "shm" if r.get("collectives", "").startswith("shared memory") else "gloo"
+        out.append((r["engine"], malloc, moved, " + ".join(f"{x:,.0f}" for x in r["peak_rss_mib"]), f"{peak:,.0f}",
                     f"{r['tokens_per_s']:,.0f}", f"{steady:,.0f}" if steady else "-", f"{r['final_loss']:.4f}",
                     verdict))
     return out
 
 
-HEADERS = ("engine", "malloc", "peak RSS per rank (MiB)", "max rank (MiB)", "tokens/s", "tokens/s after step 1",
+HEADERS = ("engine", "malloc", "collectives", "peak RSS per rank (MiB)", "max rank (MiB)", "tokens/s", "tokens/s after step 1",
            "last-step loss", "vs DDP")
 
 

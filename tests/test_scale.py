@@ -119,8 +119,9 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     run = tmp_path / "runs" / "two"
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
-    if engine == "fsdp":  # gloo's gradient reduce-scatter is FSDP's buffer all-reduced (engines.AllReduceScatter)
-        assert env["distributed"]["reduce_scatter"] == "all_reduce"
+    if engine == "fsdp":  # one machine: FSDP2's all-gathers and reduce-scatters go through /dev/shm (shm_collectives)
+        assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
+        assert env["distributed"]["reduce_scatter"] == "shared memory"
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),
     # else glibc's returns freed memory at once
     assert env["cpu_tuning"]["malloc"].startswith("TBB" if scalable_malloc_libraries() else "returns freed memory")
@@ -247,7 +248,9 @@ def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path, 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
     """Two launchers with --nnodes 2 (one rank each, FSDP) meet at 127.0.0.1 and train as the single-node
-    2-process run does."""
+    2-process run does. The "nodes" keep to gloo's collectives (TUNELAB_COLLECTIVES=gloo), as two machines
+    would (they cannot map each other's /dev/shm): FSDP's reduce-scatter is then gloo's all-reduce
+    (engines.AllReduceScatter), while the single-node run's collectives go through shared memory."""
     from tunelab.train.launch import free_port
 
     one_node = _cfg(tmp_path, alpaca_path, "node", method="lora", packing=False, engine="fsdp")
@@ -259,11 +262,17 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpac
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(path), "--nnodes", "2",
                                "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for r in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "TUNELAB_COLLECTIVES": "gloo"}) for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     nodes = tmp_path / "runs" / "nodes"
-    assert json.loads((nodes / "env.json").read_text())["processes"] == 2
+    env = json.loads((nodes / "env.json").read_text())
+    assert env["processes"] == 2
+    assert env["distributed"]["collectives"] == "gloo (TUNELAB_COLLECTIVES=gloo)"
+    assert env["distributed"]["reduce_scatter"] == "all_reduce"
+    assert json.loads((tmp_path / "runs" / "node" / "env.json").read_text())["distributed"]["reduce_scatter"] \
+        == "shared memory"
     assert _losses(nodes) == pytest.approx(_losses(tmp_path / "runs" / "node"), abs=1e-6)
 
 

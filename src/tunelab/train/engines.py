@@ -39,6 +39,14 @@ from tunelab.config import zero3_refusal
 from tunelab.errors import UserError, require
 from tunelab.train import step as step_fn
 from tunelab.train.launch import free_port
+from tunelab.train.shm_collectives import (
+    DDP_BUCKET_BYTES,
+    FSDPAllGather,
+    FSDPReduceScatter,
+    ddp_allreduce_hook,
+    piece_bytes,
+    shared_memory_group,
+)
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -63,15 +71,23 @@ class DDP:
 
     def __init__(self, cfg, accelerator, precision: str):
         self.cfg, self.accelerator, self.precision = cfg, accelerator, precision
+        self.shm, self.collectives = None, "one process"
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name}
+        return {"engine": self.name, "collectives": self.collectives}
 
     def shard(self, loss_module: torch.nn.Module) -> None:
-        return None
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # several processes: gradients all-reduced through shared memory where it can
+            grads = sum(p.numel() * p.element_size() for p in loss_module.parameters() if p.requires_grad)
+            self.shm, self.collectives = shared_memory_group(piece_bytes=piece_bytes(min(DDP_BUCKET_BYTES, grads)))
 
     def prepare(self, loss_module, optimizer):
-        return self.accelerator.prepare(loss_module, optimizer)
+        module, optimizer = self.accelerator.prepare(loss_module, optimizer)
+        if self.shm is not None and isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module.register_comm_hook(self.shm, ddp_allreduce_hook)
+        return module, optimizer
 
     def context(self, loss_model, last: bool):
         return nullcontext() if last else self.accelerator.no_sync(loss_model)
@@ -133,12 +149,12 @@ class FSDP(DDP):
     name = "fsdp"
     sharded = True
 
-    reduce_scatter = "reduce_scatter"  # or "all_reduce" (AllReduceScatter), set by shard
+    reduce_scatter = "reduce_scatter"  # or "all_reduce" (AllReduceScatter) or "shared memory", set by shard
 
     def describe(self) -> dict[str, Any]:
         f = self.cfg.train.fsdp
         return {"engine": self.name, **(f.model_dump(mode="json") if f is not None else {}),
-                "reduce_scatter": self.reduce_scatter}
+                "collectives": self.collectives, "reduce_scatter": self.reduce_scatter}
 
     def shard(self, loss_module: torch.nn.Module) -> None:
         import torch.distributed as dist
@@ -159,9 +175,20 @@ class FSDP(DDP):
             fully_shard(unit, **kwargs)
         fully_shard(loss_module, **kwargs)
         if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            # one machine: both collectives through /dev/shm; across machines, gloo's all-reduce for its reduce-scatter
+            # the largest reduce-scatter: a unit's whole gradient in fp32 (the root's own: the embeddings, the head)
+            own = [sum(p.numel() for p in unit.parameters()) for unit in units]
+            largest = 4 * max(*own, sum(p.numel() for p in loss_module.parameters()) - sum(own))
+            self.shm, self.collectives = shared_memory_group(piece_bytes=piece_bytes(largest))
             for module in [*units, loss_module]:
-                module.set_custom_reduce_scatter(AllReduceScatter())
-            self.reduce_scatter = "all_reduce"
+                if self.shm is not None:
+                    module.set_custom_all_gather(FSDPAllGather(self.shm))
+                    module.set_custom_reduce_scatter(FSDPReduceScatter(self.shm))
+                else:
+                    module.set_custom_reduce_scatter(AllReduceScatter())
+            self.reduce_scatter = "shared memory" if self.shm is not None else "all_reduce"
+        elif dist.get_world_size() > 1:
+            self.collectives = f"{dist.get_backend()}'s own"
 
     def prepare(self, loss_module, optimizer):
         return loss_module, optimizer
@@ -294,6 +321,9 @@ class DeepSpeed(DDP):
         self.config = deepspeed_config(cfg, accelerator.num_processes, precision)
         self.stage = self.config["zero_optimization"]["stage"]
         self.engine = None
+
+    def shard(self, loss_module: torch.nn.Module) -> None:
+        return None  # deepspeed.initialize shards, in prepare; its collectives are gloo's (deepspeed.comm)
 
     def describe(self) -> dict[str, Any]:
         z = self.config["zero_optimization"]
