@@ -32,9 +32,7 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
     two = tiny_config(tmp_path, alpaca_path, train={**common, "batch_size": 2}, run={"name": "two"}, data=data)
     one["run"]["output_dir"] = two["run"]["output_dir"] = str(tmp_path / "runs")
     run1, run2 = train_one_and_two(tmp_path, one, two, launcher="tunelab" if packing else "accelerate")
-    env = json.loads((run2 / "env.json").read_text())
-    # DDP's gradient all-reduce goes through /dev/shm (shm_collectives.ddp_allreduce_hook), under either launcher
-    assert env["processes"] == 2 and env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
+    assert json.loads((run2 / "env.json").read_text())["processes"] == 2
     peaks = [json.loads((r / "summary.json").read_text())["peak_rss_mib"] for r in (run1, run2)]
     assert len(peaks[0]) == 1 and len(peaks[1]) == 2 and all(100 < p < 20_000 for p in peaks[0] + peaks[1])
     l1, l2 = losses(run1), losses(run2)

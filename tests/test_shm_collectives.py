@@ -51,17 +51,12 @@ def _equal_to_gloo(rank: int, world: int, port: int, out: str, piece_bytes: int)
             dist.reduce_scatter_tensor(ref_sum, grads.clone())
             mean = torch.empty(n, dtype=dtype)
             shm.reduce_scatter(mean, grads, average=True)
-            odd = torch.randn(world * n + 1, generator=g).to(dtype)  # all_reduce pads to a multiple of the ranks
-            ref_all = odd.clone()
-            dist.all_reduce(ref_all)
-            shm.all_reduce(odd)
             key = f"{n}-{str(dtype)[6:]}"
             report[key] = {
                 "all_gather": torch.equal(ours, ref), "in_place": torch.equal(in_place, ref),
                 "reduce_scatter": (summed.float() - ref_sum.float()).abs().max().item(),
                 "average": (mean.float() - ref_sum.float() / world).abs().max().item(),
-                "all_reduce": (odd.float() - ref_all.float()).abs().max().item(),
-                "scale": ref_all.float().abs().max().item()}
+                "scale": ref_sum.float().abs().max().item()}
     Path(out, f"{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -76,10 +71,10 @@ def test_shared_memory_collectives_equal_gloo(tmp_path, world):
         for key, r in report.items():
             assert r["all_gather"] and r["in_place"], key
             if world == 2:  # a + b in either order: bit for bit
-                assert r["reduce_scatter"] == r["average"] == r["all_reduce"] == 0, (key, r)
+                assert r["reduce_scatter"] == r["average"] == 0, (key, r)
             else:  # gloo's ring adds in another order: a rounding apart
                 tol = (0.05 if "bfloat16" in key else 1e-5) * max(1.0, r["scale"])
-                assert max(r["reduce_scatter"], r["average"], r["all_reduce"]) <= tol, (key, r)
+                assert max(r["reduce_scatter"], r["average"]) <= tol, (key, r)
 
 
 def _fallback(rank: int, world: int, port: int, out: str, case: str) -> None:

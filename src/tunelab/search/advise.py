@@ -60,7 +60,7 @@ from tunelab.train.build import (
     resolve_dtype,
     set_threads,
 )
-from tunelab.train.shm_collectives import DDP_BUCKET_BYTES, mapped_bytes, piece_bytes
+from tunelab.train.shm_collectives import mapped_bytes, piece_bytes
 
 
 @dataclass
@@ -347,12 +347,11 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
     which FSDP2 keeps gathered through the step) whole while they run, with their whole gradients until the
     reduce-scatter. Offload (``zero3+offload``: optimiser state and step on the CPU) frees device memory
     only: on a CPU the state stays in the same memory. Activations are per rank whatever the engine; on a
-    CPU, DDP's and FSDP's ranks also map the buffers of their shared-memory collectives, counted with them."""
+    CPU, FSDP's ranks also map the buffers of their shared-memory collectives, counted with them."""
     n = max(1, ranks)
     w, g, o, a = m.weights, m.gradients, m.optimizer, m.activations
-    if device == "cpu" and n > 1 and engine in ("ddp", "fsdp"):  # engines.DDP / FSDP.shard size the buffers so
-        largest = min(DDP_BUCKET_BYTES, g) if engine == "ddp" else max(layer.gradients, g - layers * layer.gradients)
-        a += mapped_bytes(n, piece_bytes(largest))
+    if device == "cpu" and n > 1 and engine == "fsdp":  # sized as engines.FSDP.shard sizes them
+        a += mapped_bytes(n, piece_bytes(max(layer.gradients, g - layers * layer.gradients)))
     if engine == "zero1":
         w, g, o = w, g, o / n
     elif engine == "zero2":

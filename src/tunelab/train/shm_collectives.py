@@ -15,10 +15,11 @@ reduce-scatter, 11M fp32 elements       48.2 ms  6.0 ms
 FSDP2 on gloo all-gathers every layer twice and reduce-scatters its gradients once per micro-batch,
 so these were a third of a 32-layer FSDP step. Nothing in the libraries does it: gloo has no
 shared-memory transport, torch's symmetric memory is CUDA's, and DeepSpeed's ``shm_comm`` op only
-all-reduces, for inference. So this is ours: a :class:`SharedMemoryGroup` with ``all_gather``,
-``reduce_scatter`` and ``all_reduce``, plugged into FSDP2 through its public
-``set_custom_all_gather`` / ``set_custom_reduce_scatter`` (:class:`FSDPAllGather`,
-:class:`FSDPReduceScatter`) and into DDP as a comm hook (:func:`ddp_allreduce_hook`).
+all-reduces, for inference. So this is ours: a :class:`SharedMemoryGroup` with ``all_gather`` and
+``reduce_scatter``, plugged into FSDP2 through its public ``set_custom_all_gather`` /
+``set_custom_reduce_scatter`` (:class:`FSDPAllGather`, :class:`FSDPReduceScatter`). DDP keeps gloo's
+all-reduce: gloo runs it in its own thread beside the backward, and a synchronous one through
+shared memory was no faster (``engines.DDP``).
 
 How it works. Each rank owns a region of ``/dev/shm`` that every rank of the group maps: two
 buffers of ``piece_bytes``. A collective moves its data in pieces; for each piece a rank copies its
@@ -50,8 +51,6 @@ from tunelab.errors import UserError
 #: Each buffer's most: a piece of a collective. Every rank maps its group's 2 x world buffers
 #: (64 MiB of shared pages on 2 ranks); 16 MiB pieces keep the barriers to a few hundred a 32-layer step.
 PIECE_BYTES = 16 << 20
-#: DDP's gradient buckets (``bucket_cap_mb``'s default: accelerate leaves it)
-DDP_BUCKET_BYTES = 25 << 20
 SHM_DIR = "/dev/shm"
 CHOICE_ENV = "TUNELAB_COLLECTIVES"
 
@@ -120,23 +119,10 @@ class SharedMemoryGroup:
         if average:
             out.div_(self.size)
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        """``tensor`` (contiguous) becomes the sum over the ranks, the same on every rank: a reduce-scatter of
-        its chunks, then an all-gather of the sums (padded to a multiple of the group's size)."""
-        flat = tensor.view(-1)
-        chunk = -(-flat.numel() // self.size)
-        padded = flat if chunk * self.size == flat.numel() else torch.cat(
-            [flat, flat.new_zeros(chunk * self.size - flat.numel())])
-        summed = flat.new_empty(chunk)
-        self.reduce_scatter(summed, padded)
-        self.all_gather(padded, summed)
-        if padded is not flat:
-            flat.copy_(padded[: flat.numel()])
-
 
 def piece_bytes(largest: float) -> int:
-    """The buffers' size for collectives of at most ``largest`` bytes (a reduce-scatter's whole input, an
-    all-reduced bucket): no bigger than they need, whole 4 KiB pages, at most ``PIECE_BYTES``."""
+    """The buffers' size for collectives of at most ``largest`` bytes (a reduce-scatter's whole input): no
+    bigger than they need, whole 4 KiB pages, at most ``PIECE_BYTES``."""
     return int(min(PIECE_BYTES, max(4096, -(-int(largest) // 4096) * 4096)))
 
 
@@ -234,15 +220,3 @@ class FSDPReduceScatter(FSDPAllGather):
             raise ValueError(f"shared-memory reduce-scatter: {op} is not SUM or AVG")
         self.shm.reduce_scatter(output_tensor, input_tensor, average=op == dist.ReduceOp.AVG)
         return None
-
-
-def ddp_allreduce_hook(shm: SharedMemoryGroup, bucket):  # no annotations: DDP checks them, and these are strings
-    """DDP's comm hook (``GradBucket`` -> ``Future[Tensor]``): the bucket's gradients averaged over the ranks as
-    DDP's own hook does (divided by the world size, then summed), through shared memory; synchronous, so the
-    future is already done."""
-    buffer = bucket.buffer()
-    buffer.div_(shm.size)
-    shm.all_reduce(buffer)
-    done: torch.futures.Future = torch.futures.Future()
-    done.set_result(buffer)
-    return done
