@@ -11,9 +11,9 @@ config but ``train.distributed`` (and ``train.deepspeed``):
 * ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``fsdp-keep`` (the same,
   gathered layers kept from forward to backward: ``train.fsdp.reshard_after_forward: false``), ``zero2``, ``zero3`` and
   ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU);
-* ``ddp-gloo``, ``fsdp-gloo``: ``ddp`` and ``fsdp`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``):
-  on one machine the ranks of ``ddp`` and ``fsdp`` all-gather, reduce-scatter and all-reduce through
-  ``/dev/shm`` (``tunelab.train.shm_collectives``), and these rows are the same runs over loopback TCP;
+* ``fsdp-gloo``: ``fsdp`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``): on one machine the
+  ranks of ``fsdp`` all-gather and reduce-scatter through ``/dev/shm`` (``tunelab.train.shm_collectives``),
+  and this row is the same run over loopback TCP (what two machines would use);
 * ``fsdp-glibc``: ``fsdp`` with glibc's malloc (``TUNELAB_MALLOC=glibc``): the ranks of ``fsdp`` and
   ``zero*`` run with TBB's scalable allocator where ``tbb`` is installed
   (``tunelab.train.cpu_tuning.rank_environment``), and this row is the same run without it;
@@ -61,8 +61,7 @@ ENGINES = {
     "fsdp": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     # the gathered bf16 layers kept from forward to backward: one all-gather per layer and step instead of two
     "fsdp-keep": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": False}},
-    # ddp and fsdp with gloo's collectives (ENGINE_ENV) instead of shared memory's
-    "ddp-gloo": {"distributed": "ddp"},
+    # fsdp with gloo's collectives (ENGINE_ENV) instead of shared memory's
     "fsdp-gloo": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     # fsdp with glibc's malloc (ENGINE_ENV) instead of TBB's scalable allocator
     "fsdp-glibc": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
@@ -74,7 +73,7 @@ ENGINES = {
 }
 ENGINE_ENV = {"ddp-lean": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
               "fsdp-glibc": {"TUNELAB_MALLOC": "glibc"},
-              "ddp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}, "fsdp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}}
+              "fsdp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}}
 
 
 def build_model(folder: Path, layers: int) -> int:
@@ -125,7 +124,7 @@ def run_engine(name: str, model: Path, work: Path, a: argparse.Namespace) -> dic
     later = steps[1:]  # after the first step
     steady = sum(r["tokens"] for r in later) / (later[-1]["elapsed_s"] - steps[0]["elapsed_s"]) if later else None
     env = json.loads((run / "env.json").read_text())
-    malloc, collectives = env["cpu_tuning"]["malloc"], env["distributed"].get("collectives", "DeepSpeed's (gloo)")
+    malloc, collectives = env["cpu_tuning"]["malloc"], env["distributed"].get("collectives", "gloo")  # DDP, ZeRO
     return {"engine": name, "peak_rss_mib": summary["peak_rss_mib"], "tokens_per_s": summary["tokens_per_s"],
             "tokens_per_s_after_first_step": round(steady, 1) if steady else None, "malloc": malloc,
             "collectives": collectives,
