@@ -122,7 +122,7 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
     if engine == "fsdp":  # one machine: FSDP2's all-gathers and reduce-scatters go through /dev/shm (shm_collectives)
         assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
-        assert env["distributed"]["reduce_scatter"] == "shared memory"
+        assert env["distributed"]["reduce_scatter"] == "shared memory" and env["distributed"]["buffer_pool"] is True
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),
     # else glibc's returns freed memory at once
     assert env["cpu_tuning"]["malloc"].startswith("TBB" if scalable_malloc_libraries() else "returns freed memory")
@@ -414,8 +414,9 @@ def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> N
             (out_.total / out_.count).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    # and the shared-memory collectives' buffers it maps (a fixed cost, not the model's)
+    # and the collectives' own buffers: the shared memory it maps and the buffers its pool keeps (not the model's)
     buffers = mapped_bytes(world, engine.shm.piece_bytes) if engine.shm is not None else 0
+    buffers += sum(t.numel() * t.element_size() for kept in engine.pool.kept.values() for t in kept) if engine.pool else 0
     Path(out, str(rank)).write_text(f"{tracker.peak} {buffers}")
     dist.destroy_process_group()
 
@@ -454,7 +455,7 @@ def test_fsdp_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_pa
     predicted = {e: per_rank(single, layer, 6, e, 2, "cpu").peak for e in ("ddp", "fsdp")}
     mp.spawn(_fsdp_rank_peak, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
     measured, buffers = max(tuple(map(int, (tmp_path / str(r)).read_text().split())) for r in (0, 1))
-    assert buffers > 0  # the two ranks gathered and scattered through /dev/shm
+    assert buffers > 0  # the two ranks gathered and scattered through /dev/shm, with a buffer pool
     assert abs(predicted["fsdp"] / measured - 1) < 0.20, (predicted, measured)
     assert measured - buffers < 0.8 * predicted["ddp"]  # sharding measurably lowers the model's share of the peak
 

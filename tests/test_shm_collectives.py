@@ -130,3 +130,21 @@ def test_required_shared_memory_and_unknown_choices_are_one_line_errors(tmp_path
 
 def test_one_process_needs_no_shared_memory():
     assert sc.shared_memory_group() == (None, "one process")
+
+
+def test_the_buffer_pool_hands_a_buffer_out_again_only_once_nothing_else_holds_it():
+    pool = sc.BufferPool(keep=2)
+    cpu = torch.device("cpu")
+    first = pool.get((1000,), torch.bfloat16, cpu)
+    first_ptr = first.data_ptr()
+    view_of_first = first[10:20]  # FSDP2 keeps views (the all-gather input, the copied-out splits)
+    del first
+    second = pool.get((1000,), torch.bfloat16, cpu)
+    assert second.data_ptr() != first_ptr  # a view still refers to the first buffer's storage
+    del view_of_first
+    third = pool.get((1000,), torch.bfloat16, cpu)
+    assert third.data_ptr() == first_ptr  # now only the pool does: reused, no fresh pages
+    assert pool.get((1000,), torch.float32, cpu).data_ptr() not in (first_ptr, second.data_ptr())  # per dtype
+    fourth = pool.get((1000,), torch.bfloat16, cpu)  # both kept buffers are held: a fresh one, not kept (keep=2)
+    assert len(pool.kept[1000, torch.bfloat16]) == 2 and fourth.data_ptr() not in (first_ptr, second.data_ptr())
+    assert pool.get((10, 100), torch.bfloat16, cpu).shape == (10, 100)
