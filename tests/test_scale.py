@@ -487,3 +487,19 @@ def test_bad_node_flags_are_one_line(nodes, expected):
 
     with pytest.raises(UserError, match=expected):
         launch.run_processes(["train", "x.yaml"], 1, nodes=launch.Nodes(**nodes))
+
+
+@pytest.mark.slow
+def test_fsdp_evaluates_rows_that_do_not_split_evenly_over_the_ranks(tmp_path, alpaca_path):
+    """5 validation rows, 2 ranks, batch 2: rank 0 has 3 rows (2 forwards), rank 1 has 2 (1 forward). FSDP's
+    forward is collective, so rank 1 runs one more on a borrowed row (not counted): the run ends (it hung
+    before), and the eval loss equals a 1-process run's over the same rows."""
+    evaluated = {}
+    for name, engine in (("one-eval", None), ("two-eval", "fsdp")):
+        cfg = _cfg(tmp_path, alpaca_path, name, method="lora", packing=False, engine=engine, eval_every=3)
+        cfg["data"]["eval"] = [{"path": str(alpaca_path), "limit": 5}]
+        _train(tmp_path, cfg)
+        rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        evaluated[name] = [r["eval_loss"] for r in rows if r["kind"] == "eval"]
+    assert len(evaluated["one-eval"]) == len(evaluated["two-eval"]) == 1
+    assert evaluated["two-eval"][0] == pytest.approx(evaluated["one-eval"][0], abs=1e-5)

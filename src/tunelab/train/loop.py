@@ -137,14 +137,19 @@ def evaluate(s: LoopSetup) -> float | None:
     acc = s.accelerator
     s.loss_model.eval()
     mine = s.eval_rows[acc.process_index :: acc.num_processes]
+    # every rank runs as many forwards as the rank with the most rows (the first): a sharded model's forward
+    # is collective (FSDP gathers each layer), so a rank that stopped early would leave the others waiting
+    batches = max(1, -(-len(s.eval_rows[:: acc.num_processes]) // s.cfg.batch_size))
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     with progress_bar("eval", len(mine), s.console, enabled=acc.is_main_process) as advance:
-        for start in range(0, max(len(mine), 1), s.cfg.batch_size):
-            batch = collate(mine[start : start + s.cfg.batch_size], pad_id=s.pad_id, packed=s.packed,
-                            pad_to=s.pad_to, multiple_of=PAD_MULTIPLE)
+        for b in range(batches):
+            rows = mine[b * s.cfg.batch_size : (b + 1) * s.cfg.batch_size]
+            batch = collate(rows or s.eval_rows[:1], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
+                            multiple_of=PAD_MULTIPLE)
             out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
-            total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
-            advance(len(mine[start : start + s.cfg.batch_size]))
+            if rows:  # a rank out of rows ran a forward on a row of the first rank's, counted there only
+                total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
+                advance(len(rows))
     total = acc.reduce(total, "sum")
     s.loss_model.train()
     return (total[0] / total[1].clamp(min=1)).item()
