@@ -143,6 +143,7 @@ class FSDP(DDP):
     sharded = True
 
     collectives = "one process"  # set by shard
+    shm = None  # the shared-memory collectives (shm_collectives.SharedMemoryGroup) on one machine's gloo ranks
     pool = None  # FSDP's gathered and scattered buffers kept for the next unit (shm_collectives.BufferPool)
     reduce_scatter = "reduce_scatter"  # or "all_reduce" (AllReduceScatter) or "shared memory", set by shard
 
