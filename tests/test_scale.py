@@ -176,7 +176,8 @@ def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine
     1-process run's with the same global batch."""
     from test_classification import write_task
 
-    train_file, eval_file = write_task(tmp_path / "train.jsonl", 64, 0), write_task(tmp_path / "eval.jsonl", 20, 1)
+    # 21 validation rows: rank 0 scores 11 (6 forwards), rank 1 10 (5 and one on a borrowed row, not counted)
+    train_file, eval_file = write_task(tmp_path / "train.jsonl", 64, 0), write_task(tmp_path / "eval.jsonl", 21, 1)
 
     def cfg(name: str, **train) -> dict:
         return {"task": "classification", "run": {"name": name, "output_dir": str(tmp_path / "runs")},
@@ -193,7 +194,7 @@ def test_a_classification_head_trains_sharded_as_in_one_process(tmp_path, engine
 
     e1, e2 = evaluation(one), evaluation(two)
     assert e1["eval_loss"] == pytest.approx(e2["eval_loss"], abs=1e-5)
-    assert e1["n"] == e2["n"] == 20 and (e1["accuracy"], e1["confusion"]) == (e2["accuracy"], e2["confusion"])
+    assert e1["n"] == e2["n"] == 21 and (e1["accuracy"], e1["confusion"]) == (e2["accuracy"], e2["confusion"])
 
 
 @pytest.mark.slow
@@ -490,16 +491,25 @@ def test_bad_node_flags_are_one_line(nodes, expected):
 
 
 @pytest.mark.slow
-def test_fsdp_evaluates_rows_that_do_not_split_evenly_over_the_ranks(tmp_path, alpaca_path):
-    """5 validation rows, 2 ranks, batch 2: rank 0 has 3 rows (2 forwards), rank 1 has 2 (1 forward). FSDP's
-    forward is collective, so rank 1 runs one more on a borrowed row (not counted): the run ends (it hung
-    before), and the eval loss equals a 1-process run's over the same rows."""
+def test_fsdp_evaluates_rows_that_do_not_split_evenly_over_the_ranks(tmp_path):
+    """task: generative_classification, 9 validation rows, 2 FSDP ranks x batch 2. The eval loss: rank 0 has 5 rows
+    (3 forwards), rank 1 has 4 (2); generation (8 prompts a call): rank 0 makes 2 calls, rank 1 one. FSDP's
+    forward is collective, so rank 1 runs one more of each on a borrowed row, not counted (the run hung or
+    failed before), and generate runs with synced_gpus, the root unit gathered. The eval loss and the answers'
+    metrics equal a 1-process run's over the same rows."""
+    from test_classification import write_task
+
+    train_file, eval_file = write_task(tmp_path / "train.jsonl", 32, 0), write_task(tmp_path / "eval.jsonl", 9, 1)
     evaluated = {}
-    for name, engine in (("one-eval", None), ("two-eval", "fsdp")):
-        cfg = _cfg(tmp_path, alpaca_path, name, method="lora", packing=False, engine=engine, eval_every=3)
-        cfg["data"]["eval"] = [{"path": str(alpaca_path), "limit": 5}]
+    for name, sharded in (("one-eval", {}), ("two-eval", {"batch_size": 2, "processes": 2, "distributed": "fsdp"})):
+        cfg = {"task": "generative_classification", "run": {"name": name, "output_dir": str(tmp_path / "runs")},
+               "model": {"path": "tiny-random-llama"}, "method": METHODS["lora"],
+               "data": {"train": [{"path": str(train_file)}], "eval": [{"path": str(eval_file)}], "max_length": 128},
+               "train": {**COMMON, "batch_size": 4, "precision": "fp32", "seed": 0, "eval_every": 3, **sharded}}
         _train(tmp_path, cfg)
         rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-        evaluated[name] = [r["eval_loss"] for r in rows if r["kind"] == "eval"]
-    assert len(evaluated["one-eval"]) == len(evaluated["two-eval"]) == 1
-    assert evaluated["two-eval"][0] == pytest.approx(evaluated["one-eval"][0], abs=1e-5)
+        evaluated[name] = [r for r in rows if r["kind"] == "eval"]
+    one, two = evaluated["one-eval"], evaluated["two-eval"]
+    assert len(one) == len(two) == 1
+    assert two[0]["eval_loss"] == pytest.approx(one[0]["eval_loss"], abs=1e-5)
+    assert one[0]["n"] == two[0]["n"] == 9 and one[0]["confusion"] == two[0]["confusion"]

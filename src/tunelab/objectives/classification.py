@@ -26,7 +26,7 @@ from torch import nn
 
 from tunelab.data.batching import IGNORE
 from tunelab.eval.metrics import classification_metrics, parse_label
-from tunelab.objectives.output import LossSum
+from tunelab.objectives.output import LossSum, Tally
 from tunelab.progress import progress_bar
 
 
@@ -58,7 +58,7 @@ def metrics_from_confusion(confusion: torch.Tensor, labels: list[str]) -> dict[s
     return out
 
 
-class ClassificationLoss(nn.Module):
+class ClassificationLoss(nn.Module, Tally):
     """``forward(input_ids, labels, attention_mask) -> (sum of weighted CE, number of examples)``.
 
     The class id of a row is its only label that is not -100 (the shared ``collate`` pads the
@@ -84,7 +84,7 @@ class ClassificationLoss(nn.Module):
         if self.class_weights is not None:
             ce = ce * self.class_weights[targets.clamp(min=0)]
         loss_sum = (ce * keep).sum()
-        if not self.training:
+        if not self.training and self.counting:
             pred = logits.argmax(dim=-1)
             for t, p in zip(targets[keep].tolist(), pred[keep].tolist(), strict=True):
                 self.confusion[t, p] += 1
@@ -114,10 +114,16 @@ class GenerativeEval:
 
     @torch.no_grad()
     def run(self, accelerator=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """(metrics, per-example answers of this process)."""
+        """(metrics, per-example answers of this process).
+
+        With several processes, every rank runs as many ``generate`` calls as the rank with the most prompts
+        (the first; a rank out of prompts answers a borrowed one, not counted), each with ``synced_gpus``
+        (every rank runs forwards until the last one's answers end): a sharded model's forward is collective
+        (FSDP / ZeRO-3 gather each layer), so a rank that stopped early would leave the others waiting."""
 
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         mine = self.prompts[rank::world]
+        rounds = -(-len(self.prompts[::world]) // self.batch_size)
         device = next(self.model.parameters()).device
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -127,12 +133,13 @@ class GenerativeEval:
         index = {lab: i for i, lab in enumerate(self.labels)}
         answers = []
         with progress_bar("eval: generate", len(mine), enabled=rank == 0) as advance:
-            for start in range(0, len(mine), self.batch_size):
-                chunk = mine[start : start + self.batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, (p, _) in enumerate(chunk):
+            for r in range(rounds):
+                chunk = mine[r * self.batch_size : (r + 1) * self.batch_size]
+                asked = chunk or self.prompts[:1]
+                width = max(len(ids) for ids, _ in asked)
+                ids = torch.full((len(asked), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(asked), width), dtype=torch.long)
+                for i, (p, _) in enumerate(asked):
                     ids[i, width - len(p):] = torch.tensor(p)
                     mask[i, width - len(p):] = 1
                 ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
@@ -140,8 +147,8 @@ class GenerativeEval:
                     out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                               max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None,
                                               top_p=None, top_k=None, pad_token_id=pad_id,
-                                              eos_token_id=tok.eos_token_id)
-                for (_, gold), row in zip(chunk, out, strict=True):
+                                              eos_token_id=tok.eos_token_id, synced_gpus=world > 1)
+                for (_, gold), row in zip(chunk, out[: len(chunk)], strict=True):  # none for a borrowed prompt
                     text = tok.decode(row[width:], skip_special_tokens=True).strip()
                     pred = parse_label(text, self.labels)
                     confusion[index[gold], index[pred] if pred is not None else len(self.labels)] += 1

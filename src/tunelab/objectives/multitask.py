@@ -27,10 +27,10 @@ from torch import nn
 from tunelab.data.batching import IGNORE
 from tunelab.objectives.causal_lm import CausalLMLoss
 from tunelab.objectives.classification import metrics_from_confusion
-from tunelab.objectives.output import LossSum
+from tunelab.objectives.output import LossSum, Tally
 
 
-class MultiTaskLoss(nn.Module):
+class MultiTaskLoss(nn.Module, Tally):
     def __init__(self, model: nn.Module, tasks: list[str], kinds: list[str], weights: list[float],
                  labels: dict[str, list[str]], class_weights: dict[str, list[float] | None],
                  eval_counts: list[float], eval_rows: int):
@@ -51,7 +51,7 @@ class MultiTaskLoss(nn.Module):
         ce = nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
         if task in self.class_weights:
             ce = ce * self.class_weights[task].to(ce.device)[targets.clamp(min=0)]
-        if not self.training:
+        if not self.training and self.counting:
             for t, p in zip(targets[keep].tolist(), logits.argmax(-1)[keep].tolist(), strict=True):
                 self.confusion[task][t, p] += 1
         return (ce * keep).sum(), keep.sum()
@@ -76,7 +76,8 @@ class MultiTaskLoss(nn.Module):
             if self.training:
                 scaled = part * self.weights[k]
             else:  # the loop's eval loss becomes the weighted mean of the task means
-                self.eval_sums[k] += torch.stack([part.detach().double().cpu(), torch.as_tensor(n).double().cpu()])
+                if self.counting:
+                    self.eval_sums[k] += torch.stack([part.detach().double().cpu(), torch.as_tensor(n).double().cpu()])
                 share = self.weights[k] / sum(self.weights[j] for j in range(len(self.tasks)) if self.eval_counts[j])
                 scaled = part * (share * self.eval_rows / max(self.eval_counts[k], 1e-12))
             total = scaled if total is None else total + scaled

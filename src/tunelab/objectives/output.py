@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import _pytree
 
 
@@ -25,3 +28,24 @@ class LossSum:
 
 # DDP hands a forward's output tensors to its reducer through pytrees: register the fields.
 _pytree.register_dataclass(LossSum)
+
+
+class Tally:
+    """A loss module that sums statistics over an evaluation's forwards (a confusion matrix, per-task sums,
+    preference metrics). It counts only while ``counting``: see :func:`uncounted`."""
+
+    counting = True
+
+
+@contextmanager
+def uncounted(module: nn.Module) -> Iterator[None]:
+    """A forward no statistic counts: the evaluation runs one on a borrowed row only to keep the ranks'
+    collectives in step (a sharded model's forward is collective), and the row is counted on its own rank."""
+    tallies = [m for m in module.modules() if isinstance(m, Tally)]
+    for m in tallies:
+        m.counting = False
+    try:
+        yield
+    finally:
+        for m in tallies:
+            m.counting = True

@@ -42,7 +42,7 @@ from tunelab.fsutil import atomic_write_bytes
 from tunelab.models.classifier import unwrap
 from tunelab.objectives.causal_lm import CausalLMLoss, causal_lm_parts, chunk_rows
 from tunelab.objectives.distill import adapters_disabled, has_adapters
-from tunelab.objectives.output import LossSum
+from tunelab.objectives.output import LossSum, Tally
 
 PAIR_LOSSES = ("dpo", "ipo", "hinge", "orpo", "simpo")
 REFERENCE_FREE = ("orpo", "simpo")
@@ -213,7 +213,7 @@ def cached_reference(model: nn.Module, rows: list, *, pad_id: int, batch_size: i
     return Reference("cached", table=table, info={**info, "sequences": len(table), "computed": len(table)})
 
 
-class PreferenceLoss(CausalLMLoss):
+class PreferenceLoss(CausalLMLoss, Tally):
     """``forward(batch) -> LossSum(sum of per-pair losses, pairs)``; see the module doc for each loss."""
 
     def __init__(self, model: nn.Module, loss: str = "dpo", *, beta: float = 0.1, label_smoothing: float = 0.0,
@@ -344,6 +344,8 @@ class PreferenceLoss(CausalLMLoss):
     # --------------------------------------------------------------------------- metrics
 
     def _add(self, values: dict[str, Any]) -> None:
+        if not self.counting:
+            return
         stats = self._stats[self.training]
         for k, v in values.items():
             stats[k] = stats.get(k, 0.0) + float(v)
@@ -387,7 +389,7 @@ def pair_metrics(stats: dict[str, float]) -> dict[str, float]:
     return out
 
 
-class RewardLoss(nn.Module):
+class RewardLoss(nn.Module, Tally):
     """Bradley-Terry: ``-log sigmoid(r(chosen) - r(rejected))`` per pair, ``r`` the classifier's scalar
     score; returns (sum, pairs). Chosen and rejected arrive packed in one row (their tags); they are
     scored as two right-padded sequences (the head pools the last token by the attention mask)."""
@@ -416,7 +418,7 @@ class RewardLoss(nn.Module):
         s_c, s_r = scores[0::2], scores[1::2]
         per = -F.logsigmoid(s_c - s_r)
         with torch.no_grad():
-            stats = self._stats[self.training]
+            stats = self._stats[self.training] if self.counting else {}
             for k, v in {"score_chosen": s_c.sum(), "score_rejected": s_r.sum(), "margin": (s_c - s_r).sum(),
                          "pair_accuracy": (s_c > s_r).float().sum(), "n": float(n)}.items():
                 stats[k] = stats.get(k, 0.0) + float(v)

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,11 @@ class DDP:
 
     def full_state_dict(self, loss_model, model) -> dict[str, torch.Tensor] | None:
         return None
+
+    def generation(self, loss_model):
+        """Around ``model.generate`` at an evaluation (the model inside ``loss_model``): every rank holds the
+        whole model, nothing to gather."""
+        return nullcontext()
 
 
 def _sharding_units(module: torch.nn.Module, names: list[str] | None) -> list[torch.nn.Module]:
@@ -233,6 +238,17 @@ class FSDP(DDP):
 
         full = get_model_state_dict(loss_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return _under(full, loss_model, model) if self.accelerator.is_main_process else None
+
+    @contextmanager
+    def generation(self, loss_model):
+        """The decoder layers gather themselves in their own forward hooks as ``generate`` runs them, but the
+        root unit (embeddings, final norm, head) is gathered by ``loss_model``'s forward, which ``generate``
+        bypasses: it is gathered here for the duration, and sharded again after."""
+        loss_model.unshard()
+        try:
+            yield
+        finally:
+            loss_model.reshard()
 
 
 def _under(state: dict[str, torch.Tensor], root: torch.nn.Module, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tunelab import metrics_log
 from tunelab.config import TrainSection
 from tunelab.data.batching import PAD_MULTIPLE, Plan, Row, collate
 from tunelab.errors import UserError
+from tunelab.objectives.output import uncounted
 from tunelab.progress import progress_bar
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import cpu_tuning as cpu_tuning_mod
@@ -146,8 +148,9 @@ def evaluate(s: LoopSetup) -> float | None:
             rows = mine[b * s.cfg.batch_size : (b + 1) * s.cfg.batch_size]
             batch = collate(rows or s.eval_rows[:1], pad_id=s.pad_id, packed=s.packed, pad_to=s.pad_to,
                             multiple_of=PAD_MULTIPLE)
-            out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
-            if rows:  # a rank out of rows ran a forward on a row of the first rank's, counted there only
+            with uncounted(s.loss_model) if not rows else nullcontext():  # a borrowed row counts on its own rank
+                out = s.loss_model(**{k: v.to(acc.device) for k, v in batch.items()})
+            if rows:
                 total += torch.stack([out.total.double(), torch.as_tensor(out.count, device=acc.device).double()])
                 advance(len(rows))
     total = acc.reduce(total, "sum")

@@ -112,7 +112,7 @@ def loop_setup(cfg: TuneConfig, c: Components, console: Console, on_eval, kernel
     eval_extra = c.eval_extra
 
     def eval_stock():  # e.g. generation at an evaluation: the training precision, the stock attention / PEFT code
-        with c.accelerator.autocast(), kernels.stock():
+        with c.accelerator.autocast(), kernels.stock(), c.engine.generation(loss_model):
             return eval_extra(c.accelerator)
 
     return LoopSetup(
