@@ -67,13 +67,15 @@ ENGINES = {
     "fsdp-glibc": {"distributed": "fsdp", "fsdp": {"reshard_after_forward": True}},
     "zero2": {"distributed": "deepspeed", "deepspeed": {"stage": 2}},
     "zero3": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
+    # zero3 with DeepSpeed's gloo collectives (ENGINE_ENV) instead of shared memory's
+    "zero3-gloo": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
     "zero3-offload": {"distributed": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
     # tuning off (threads set as it would), glibc's own variables: cpu_tuning.return_freed_memory's thresholds
     "ddp-lean": {"distributed": "ddp", "cpu_tuning": False},
 }
 ENGINE_ENV = {"ddp-lean": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
               "fsdp-glibc": {"TUNELAB_MALLOC": "glibc"},
-              "fsdp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}}
+              "fsdp-gloo": {"TUNELAB_COLLECTIVES": "gloo"}, "zero3-gloo": {"TUNELAB_COLLECTIVES": "gloo"}}
 
 
 def build_model(folder: Path, layers: int) -> int:

@@ -120,13 +120,14 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     run = tmp_path / "runs" / "two"
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
-    if engine == "fsdp":  # one machine: FSDP2's all-gathers and reduce-scatters go through /dev/shm (shm_collectives)
-        assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
+    # one machine: FSDP2's and ZeRO's all-gathers and reduce-scatters go through /dev/shm (shm_collectives)
+    assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
+    if engine == "fsdp":
         assert env["distributed"]["reduce_scatter"] == "shared memory" and env["distributed"]["buffer_pool"] is True
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),
     # else glibc's returns freed memory at once
     assert env["cpu_tuning"]["malloc"].startswith("TBB" if scalable_malloc_libraries() else "returns freed memory")
-    assert env["optimizer"]["fused"] is (engine == "fsdp")  # fused AdamW steps FSDP2's DTensors, not ZeRO's partitions
+    assert env["optimizer"]["fused"] is True  # fused AdamW steps FSDP2's DTensors and ZeRO's flat partitions
     l1, l2 = _losses(ref), _losses(run)
     assert len(l1) == len(l2) == 3
     assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-5, (l1, l2)

@@ -148,3 +148,54 @@ def test_the_buffer_pool_hands_a_buffer_out_again_only_once_nothing_else_holds_i
     fourth = pool.get((1000,), torch.bfloat16, cpu)  # both kept buffers are held: a fresh one, not kept (keep=2)
     assert len(pool.kept[1000, torch.bfloat16]) == 2 and fourth.data_ptr() not in (first_ptr, second.data_ptr())
     assert pool.get((10, 100), torch.bfloat16, cpu).shape == (10, 100)
+
+
+def _deepspeed_adapter(rank: int, world: int, port: int, out: str) -> None:
+    """DeepSpeedCollectives on a stand-in for DeepSpeed's comm backend (its two function attributes): what it
+    moves equals gloo's; another group, a non-contiguous tensor and MAX go to the functions it replaced."""
+    _init(rank, world, port)
+    shm, _ = sc.shared_memory_group(piece_bytes=256)
+    calls = []
+
+    class Backend:  # deepspeed.comm's TorchBackend calls these two attributes
+        def all_gather_function(self, output_tensor, input_tensor, group=None, async_op=False):
+            calls.append("all_gather")
+            return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+        def reduce_scatter_function(self, output_tensor, input_tensor, op=None, group=None, async_op=False):
+            calls.append("reduce_scatter max" if op == dist.ReduceOp.MAX else "reduce_scatter")
+            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+    backend = Backend()
+    assert sc.DeepSpeedCollectives(shm).install(backend) is None
+    assert sc.DeepSpeedCollectives(shm).install(object()).endswith("has no all_gather_function / reduce_scatter_function")
+    g = torch.Generator().manual_seed(rank)
+    mine, grads = torch.randn(1000, generator=g), torch.randn(world * 1000, generator=g)
+    gathered, ref = torch.empty(world * 1000), torch.empty(world * 1000)
+    handle = backend.all_gather_function(gathered, mine, group=None, async_op=True)  # ZeRO-3's parameters: async
+    handle.wait()
+    dist.all_gather_into_tensor(ref, mine)
+    summed, ref_sum = torch.empty(1000), torch.empty(1000)
+    backend.reduce_scatter_function(summed, grads.clone(), op=dist.ReduceOp.SUM, group=dist.group.WORLD)
+    dist.reduce_scatter_tensor(ref_sum, grads.clone())
+    moved = list(calls)
+    dp = dist.new_group(list(range(world)))  # another group of the same ranks (ZeRO's data-parallel group): moved
+    backend.all_gather_function(torch.empty(world * 1000), mine, group=dp)
+    alone = dist.new_group([0])  # a group of other ranks: gloo's
+    if rank == 0:
+        backend.all_gather_function(torch.empty(1000), mine, group=alone)
+    wide = torch.empty(1000, 2)[:, 0]  # not contiguous
+    backend.reduce_scatter_function(wide, grads.clone(), op=dist.ReduceOp.SUM)
+    biggest = torch.empty(1000)
+    backend.reduce_scatter_function(biggest, grads.clone(), op=dist.ReduceOp.MAX)
+    report = {"moved": moved, "fell_back": calls[len(moved):], "all_gather": torch.equal(gathered, ref),
+              "reduce_scatter": torch.equal(summed, ref_sum), "wide": torch.equal(wide, ref_sum)}
+    Path(out, f"{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_deepspeeds_collectives_move_through_shared_memory_and_fall_back_for_the_rest(tmp_path):
+    for rank, report in enumerate(_spawn(_deepspeed_adapter, 2, tmp_path)):
+        assert report["moved"] == []  # nothing reached the functions it replaced
+        assert report["fell_back"] == ["all_gather"] * (rank == 0) + ["reduce_scatter", "reduce_scatter max"]
+        assert report["all_gather"] and report["reduce_scatter"] and report["wide"], report

@@ -171,8 +171,8 @@ def build_optimizer(model: torch.nn.Module, cfg, lr_multiplier=None, *, fused: b
 
     ``fused``: torch's fused AdamW kernel (one pass over each parameter's weight, gradient and two
     moments) instead of the per-tensor loop torch uses on CPU by default: 2-4x faster steps
-    (docs/benchmarks.md, "AdamW step"). The engine says whether it may (``fused_optimizer``: DDP and
-    FSDP2 yes, DeepSpeed no).
+    (docs/benchmarks.md, "AdamW step"). The engine says whether it may (``fused_optimizer``: all of them
+    now: DDP, FSDP2, DeepSpeed).
     """
     n_layers = num_layers(model) if cfg.layer_lr_decay is not None else 0
     groups = param_groups(model.named_parameters(), n_layers=n_layers, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -254,3 +254,63 @@ class FSDPReduceScatter(FSDPAllGather):
             raise ValueError(f"shared-memory reduce-scatter: {op} is not SUM or AVG")
         self.shm.reduce_scatter(output_tensor, input_tensor, average=op == dist.ReduceOp.AVG)
         return None
+
+
+class _Done:
+    """What an ``async_op`` collective that already finished hands back: a work handle with nothing to wait on."""
+
+    def wait(self, *_, **__) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class DeepSpeedCollectives:
+    """DeepSpeed ZeRO's all-gathers (ZeRO-3's parameters, every module's forward and backward) and reduce-scatters
+    (its gradient buckets) through shared memory. ``deepspeed.comm``'s ``TorchBackend`` makes every
+    ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` through two attributes of its own,
+    ``all_gather_function`` and ``reduce_scatter_function`` (torch's functions); :meth:`install` sets them to
+    these, which call the ones they replaced for what they do not move: another group, a tensor that is not a
+    contiguous CPU one, an op other than SUM / AVG. DeepSpeed's own ``shm_comm`` op only all-reduces, for
+    inference."""
+
+    def __init__(self, shm: SharedMemoryGroup):
+        import torch.distributed as dist
+
+        self.shm = shm
+        self.ranks = dist.get_process_group_ranks(shm.group)
+        self.groups: dict[int, bool] = {}  # id(group) -> whether it has this group's ranks
+        self.all_gather_fallback = self.reduce_scatter_fallback = None
+
+    def install(self, backend) -> str | None:
+        """Plug into DeepSpeed's comm ``backend`` (``deepspeed.comm.comm.cdb``); None, or why it cannot."""
+        if not (hasattr(backend, "all_gather_function") and hasattr(backend, "reduce_scatter_function")):
+            return f"this DeepSpeed's {type(backend).__name__} has no all_gather_function / reduce_scatter_function"
+        self.all_gather_fallback, self.reduce_scatter_fallback = backend.all_gather_function, backend.reduce_scatter_function
+        backend.all_gather_function, backend.reduce_scatter_function = self.all_gather, self.reduce_scatter
+        return None
+
+    def _moves(self, group, *tensors: torch.Tensor) -> bool:
+        import torch.distributed as dist
+
+        group = group or dist.group.WORLD
+        if id(group) not in self.groups:
+            self.groups[id(group)] = dist.get_process_group_ranks(group) == self.ranks
+        return self.groups[id(group)] and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+    def all_gather(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group=None, async_op: bool = False):
+        if not self._moves(group, output_tensor, input_tensor):
+            return self.all_gather_fallback(output_tensor, input_tensor, group=group, async_op=async_op)
+        self.shm.all_gather(output_tensor, input_tensor)
+        return _Done() if async_op else None
+
+    def reduce_scatter(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, op=None, group=None,
+                       async_op: bool = False):
+        import torch.distributed as dist
+
+        op = dist.ReduceOp.SUM if op is None else op
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) or not self._moves(group, output_tensor, input_tensor):
+            return self.reduce_scatter_fallback(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        self.shm.reduce_scatter(output_tensor, input_tensor, average=op == dist.ReduceOp.AVG)
+        return _Done() if async_op else None
