@@ -69,18 +69,32 @@ def _softmax_and_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     return p.to(logits.dtype), -log_p.sum()
 
 
+def add_head_grad(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """A chunk's gradient for the output head (``vocab x hidden``, the GEMM's output in the hidden states'
+    dtype, fp32 accumulation inside it) added to the chunks' so far. The only chunk's (most micro-batches)
+    is kept as it is: half the memory of fp32, and no zeroed accumulator to fault in; several are summed in
+    fp32. Either way each chunk's is rounded once, as an fp32 accumulator of rounded chunks would be."""
+    return part if total is None else total.float().add_(part)  # .float(): a copy at the second chunk only
+
+
+def scaled_head_grad(total: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The backward's ``total x grad_out`` in fp32, rounded once to the weight's ``dtype``."""
+    scaled = total.float()
+    return (scaled.mul_(grad_out) if scaled is not total else scaled * grad_out).to(dtype)
+
+
 class ChunkedLinearCE(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, t_i), with gradients computed chunk by chunk in the forward.
 
     Only one ``chunk x vocab`` block of logits exists at a time; the backward just scales the
-    stored gradients. Gradients for ``W`` are computed only when it requires grad.
+    stored gradients. Gradients for ``W`` are computed only when it requires grad (:func:`add_head_grad`).
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         need_h, need_w = h.requires_grad, weight.requires_grad
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None  # vocab x hidden: the only chunk's, or fp32 over several
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         w = weight.to(h.dtype)  # once, not per chunk (a copy when an fp32 head meets bf16 hidden states)
         if not need_w:  # a trained head adds a vocab x hidden gradient per chunk: fewer, larger chunks
@@ -102,9 +116,11 @@ class ChunkedLinearCE(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + real] = (p @ w)[:real]
                 if need_w:
-                    grad_w += (p.T @ hc).float()
+                    grad_w = add_head_grad(grad_w, p.T @ hc)
             else:  # evaluation: one exact fp32 log-softmax
                 total -= torch.log_softmax(logits, dim=-1, dtype=torch.float32)[rows, tc].sum()
+        if need_w and grad_w is None:  # no row at all
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(
             grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0)
         )
@@ -116,7 +132,7 @@ class ChunkedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w, w_dtype = ctx.need
         gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out).to(w_dtype) if need_w else None
+        gw = scaled_head_grad(grad_w, grad_out, w_dtype) if need_w else None
         return gh, gw, None, None
 
 

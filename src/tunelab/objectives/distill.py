@@ -47,6 +47,7 @@ from torch import nn
 
 from tunelab.errors import UserError
 from tunelab.fsutil import atomic_write_bytes
+from tunelab.objectives.causal_lm import add_head_grad, scaled_head_grad
 
 CACHE_FILE = "distill_topk.safetensors"
 
@@ -90,7 +91,7 @@ class ChunkedLinearKL(torch.autograd.Function):
     def forward(ctx, h, weight, teacher, temperature: float, token_w, chunk: int):
         need_h, need_w = h.requires_grad, weight.requires_grad
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None  # the output head's: add_head_grad
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         t = temperature
         for start in range(0, h.shape[0], chunk):
@@ -107,7 +108,9 @@ class ChunkedLinearKL(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk] = d @ weight.to(hc.dtype)
                 if need_w:
-                    grad_w += (d.T @ hc).float()
+                    grad_w = add_head_grad(grad_w, d.T @ hc)
+        if need_w and grad_w is None:  # no row at all
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
         ctx.need = (need_h, need_w, weight.dtype)
         return total * (t * t)
@@ -117,7 +120,7 @@ class ChunkedLinearKL(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w, w_dtype = ctx.need
         gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
-        gw = (grad_w * grad_out).to(w_dtype) if need_w else None
+        gw = scaled_head_grad(grad_w, grad_out, w_dtype) if need_w else None
         return gh, gw, None, None, None, None
 
 
