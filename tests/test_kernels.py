@@ -295,6 +295,22 @@ def test_chunked_cross_entropy_equals_cross_entropy(n, train_head):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("total_dtype,dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.bfloat16), (torch.float16, torch.float16)])
+def test_the_head_gradient_is_scaled_in_fp32_and_rounded_once(total_dtype, dtype):
+    """scaled_head_grad's shortcuts give the bits of the fp32 product rounded once to the weight's dtype."""
+    from tunelab.objectives.causal_lm import scaled_head_grad
+
+    torch.manual_seed(0)
+    total = torch.randn(300, 64).to(total_dtype)
+    for scale in (1 / 511, 3.7e-4, 0.123456789, 1.0):
+        grad_out = torch.tensor(scale, dtype=torch.float32)
+        ours = scaled_head_grad(total, grad_out, dtype)
+        assert ours.dtype == dtype and torch.equal(ours, (total.float() * grad_out).to(dtype))
+        if total_dtype != torch.float32:  # the product of a 16-bit and an fp32 number is exact in fp64
+            assert torch.equal(ours, (total.double() * grad_out.double()).float().to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_cross_entropy_in_bf16_keeps_confident_targets_exact(dtype):
     """bf16 (and fp16) logits: the loss and the gradient stay as close to fp64 as bf16 logits allow, also for

