@@ -11,9 +11,10 @@ config but ``train.distributed`` (and ``train.deepspeed``):
 * ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``fsdp-keep`` (the same,
   gathered layers kept from forward to backward: ``train.fsdp.reshard_after_forward: false``), ``zero2``, ``zero3`` and
   ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU);
-* ``fsdp-gloo``: ``fsdp`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``): on one machine the
-  ranks of ``fsdp`` all-gather and reduce-scatter through ``/dev/shm`` (``tunelab.train.shm_collectives``),
-  and this row is the same run over loopback TCP (what two machines would use);
+* ``fsdp-gloo`` / ``zero3-gloo``: ``fsdp`` / ``zero3`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``):
+  on one machine the ranks of ``fsdp`` and ``zero*`` all-gather and reduce-scatter through ``/dev/shm``
+  (``tunelab.train.shm_collectives``), and these rows are the same runs over loopback TCP (what two machines
+  would use);
 * ``fsdp-glibc``: ``fsdp`` with glibc's malloc (``TUNELAB_MALLOC=glibc``): the ranks of ``fsdp`` and
   ``zero*`` run with TBB's scalable allocator where ``tbb`` is installed
   (``tunelab.train.cpu_tuning.rank_environment``), and this row is the same run without it;
