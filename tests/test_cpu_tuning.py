@@ -82,11 +82,6 @@ def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_free
     env = rank_environment(on, sharded=True)
     assert env == {"LD_PRELOAD": " ".join([*libraries, "/usr/lib/user-own.so"])}  # ahead of the user's, not instead
     assert rank_environment(on, sharded=False) == {}  # DDP keeps glibc's (faster for it)
-    # FSDP: TBB also keeps blocks of 8 MiB and more through its cleanups; a user's own threshold stays
-    monkeypatch.delenv("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", raising=False)
-    assert rank_environment(on, sharded=True, keeps_blocks=True) == {**env, "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD": "8388608"}
-    monkeypatch.setenv("TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD", "1048576")
-    assert rank_environment(on, sharded=True, keeps_blocks=True) == env
     assert rank_environment(types.SimpleNamespace(cpu_tuning=False, threads=None), sharded=True) == {}
     monkeypatch.setenv("TUNELAB_MALLOC", "glibc")
     assert rank_environment(on, sharded=True) == {}

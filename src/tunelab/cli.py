@@ -122,8 +122,7 @@ def _train(o: TrainOptions) -> int | None:
         from tunelab.train.cpu_tuning import rank_environment
         from tunelab.train.engines import ENGINES
 
-        engine = ENGINES[cfg.train.distributed]
-        env = rank_environment(cfg.train, sharded=engine.sharded, keeps_blocks=engine.keeps_blocks)
+        env = rank_environment(cfg.train, sharded=ENGINES[cfg.train.distributed].sharded)
         return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes,
                                     env=env)
     fine_tune(cfg, sources, resume=o.resume)

@@ -347,16 +347,14 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
     which FSDP2 keeps gathered through the step) whole while they run, with their whole gradients until the
     reduce-scatter. Offload (``zero3+offload``: optimiser state and step on the CPU) frees device memory
     only: on a CPU the state stays in the same memory. Activations are per rank whatever the engine; on a
-    CPU, the ranks of FSDP and ZeRO also map the buffers of their shared-memory collectives, and FSDP's keep
-    gathered and gradient buffers for the next layer (``shm_collectives.BufferPool``, or TBB's allocator, which
-    the launcher has keep blocks of 8 MiB and more: +197 MiB a rank on the 362M bench, where the pool's were
-    +420), counted with them as the pool's."""
+    CPU, the ranks of FSDP and ZeRO also map the buffers of their shared-memory collectives, and FSDP's keep a
+    pool of gathered and gradient buffers (``shm_collectives.BufferPool``), counted with them."""
     n = max(1, ranks)
     w, g, o, a = m.weights, m.gradients, m.optimizer, m.activations
     root_w, root_g = max(0.0, w - layers * layer.weights), max(0.0, g - layers * layer.gradients)  # the root unit
     if device == "cpu" and n > 1 and engine == "fsdp":  # sized as engines.FSDP.shard sizes them
         a += mapped_bytes(n, piece_bytes(max(layer.gradients, root_g)))
-        # and the buffer pool (or TBB's cache): two gathered copies and two gradient buffers of a layer and the root
+        # and the buffer pool: two gathered copies and two gradient buffers of a layer and of the root, kept
         a += 2 * (layer.weights + layer.gradients + root_w + root_g)
     elif device == "cpu" and n > 1 and engine.startswith("zero"):  # engines.DeepSpeed.shard: pieces up to 4 B/param
         a += mapped_bytes(n, piece_bytes(w))

@@ -24,12 +24,8 @@ in the run's ``env.json`` (:func:`apply_cpu_tuning` returns what it set):
   keeps the heap flat but hands every freed block back, and the next layer page-faults it in again
   (the kernel zeroing those pages was a quarter of a 2-rank FSDP run's time); TBB's allocator keeps
   freed large blocks in a cache sized to the working set, for little more memory (the figures:
-  ``docs/scaling.md``). Blocks of 8 MiB and more (a layer's gathered weights, its gradient buffers)
-  it would still hand back at its regular cleanups, so they are kept too
-  (``TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD``, :data:`TBB_KEEP_FROM`): FSDP on a 362M Llama, 2 ranks,
-  157 -> 198 tokens/s after the first step, the peak 4,908 -> 5,105 MiB. Not under DDP (its ranks
-  outgrew 24 GB: killed) nor ZeRO-3 (+1.4 GiB a rank for +9%): they keep glibc's and TBB's
-  defaults. Ours is only the choice; the allocator is Intel's. ``TUNELAB_MALLOC=glibc`` keeps glibc's;
+  ``docs/scaling.md``). Ours is only the choice; the allocator is Intel's. ``TUNELAB_MALLOC=glibc``
+  keeps glibc's;
 * the GIL switch interval while micro-batches run in worker threads
   (``train.micro_batch_threads``, :func:`shorten_switch_interval`): a thread back from a matrix
   product waits less for the other's Python work.
@@ -115,8 +111,6 @@ def return_freed_memory() -> bool:
 
 
 TBB_MALLOC = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then the proxy that replaces malloc
-TBB_KEEP_FROM = 8 << 20  # blocks at least this big TBB keeps through its regular cleanups (FSDP's ranks)
-TBB_KEEP_ENV = "TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD"
 
 
 def scalable_malloc_libraries() -> list[str] | None:
@@ -133,14 +127,13 @@ def scalable_malloc_libraries() -> list[str] | None:
     return [str(found[name]) for name in TBB_MALLOC]
 
 
-def rank_environment(train_cfg, *, sharded: bool, keeps_blocks: bool = False) -> dict[str, str]:
+def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
     """Environment variables for the ranks tunelab's launcher starts: under a sharded engine on the CPU
     (``train.cpu_tuning`` on, Linux, no GPU, ``tbb`` installed, ``TUNELAB_MALLOC`` unset or ``tbb``;
     ``glibc`` keeps glibc's, another value is a user error), TBB's
     scalable allocator preloaded (``LD_PRELOAD``, ahead of any the user set). A preload must be in place
     before the process starts, so it is the launcher's; ranks started by torchrun or accelerate get it from
-    ``LD_PRELOAD`` set by the user (``docs/scaling.md``). ``keeps_blocks`` (FSDP): TBB keeps blocks of
-    :data:`TBB_KEEP_FROM` bytes and more (unless the user set ``TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD``)."""
+    ``LD_PRELOAD`` set by the user (``docs/scaling.md``)."""
     choice = os.environ.get("TUNELAB_MALLOC", "")
     if choice not in ("", "glibc", "tbb"):
         raise UserError(f"TUNELAB_MALLOC={choice} is not an allocator tunelab knows. Use glibc or tbb, or unset it")
@@ -155,16 +148,7 @@ def rank_environment(train_cfg, *, sharded: bool, keeps_blocks: bool = False) ->
                             "(Linux x86-64), or unset TUNELAB_MALLOC")
         return {}
     user = os.environ.get("LD_PRELOAD", "")
-    env = {"LD_PRELOAD": " ".join([*libraries, user] if user else libraries)}
-    if keeps_blocks and TBB_KEEP_ENV not in os.environ:
-        env[TBB_KEEP_ENV] = str(TBB_KEEP_FROM)
-    return env
-
-
-def tbb_keeps_blocks() -> bool:
-    """Whether this process runs TBB's allocator with a huge-block threshold: it keeps the big blocks a
-    buffer pool would (``engines.FSDP``)."""
-    return scalable_malloc_loaded() and bool(os.environ.get(TBB_KEEP_ENV))
+    return {"LD_PRELOAD": " ".join([*libraries, user] if user else libraries)}
 
 
 def scalable_malloc_loaded() -> bool:
@@ -192,8 +176,6 @@ def apply_cpu_tuning(train_cfg, device: str, *, sharded: bool = False) -> dict[s
     malloc = "default"
     if scalable_malloc_loaded():  # glibc's thresholds would tune an allocator this process does not use
         malloc = "TBB scalable allocator (libtbbmalloc_proxy preloaded)"
-        if os.environ.get(TBB_KEEP_ENV):
-            malloc += f", blocks from {os.environ[TBB_KEEP_ENV]} bytes kept ({TBB_KEEP_ENV})"
     elif enabled and device == "cpu" and (return_freed_memory if sharded else keep_freed_memory)():
         malloc = (f"returns freed memory (mmap and trim threshold {LEAN_THRESHOLD}: a sharded engine)" if sharded
                   else f"keeps freed memory (mmap threshold {MMAP_THRESHOLD}, trim threshold {TRIM_THRESHOLD})")

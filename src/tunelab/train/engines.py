@@ -38,7 +38,6 @@ from tunelab import tasks
 from tunelab.config import zero3_refusal
 from tunelab.errors import UserError, require
 from tunelab.train import step as step_fn
-from tunelab.train.cpu_tuning import tbb_keeps_blocks
 from tunelab.train.launch import free_port
 from tunelab.train.shm_collectives import (
     BufferPool,
@@ -66,7 +65,6 @@ class DDP:
 
     name = "ddp"
     sharded = False
-    keeps_blocks = False  # the launcher has TBB keep blocks >= 8 MiB in its ranks (cpu_tuning.rank_environment)
     # torch's fused AdamW (build.build_optimizer) steps plain tensors, FSDP2's DTensors and ZeRO's flat fp32
     # partitions alike (equal to the loop within 1e-7 on 2 ranks; ZeRO-1/2/3, with and without offload: test_scale)
     fused_optimizer = True
@@ -149,7 +147,6 @@ class FSDP(DDP):
 
     name = "fsdp"
     sharded = True
-    keeps_blocks = True  # each layer's gathered weights and gradient buffers, re-allocated layer after layer
 
     collectives = "one process"  # set by shard
     shm = None  # the shared-memory collectives (shm_collectives.SharedMemoryGroup) on one machine's gloo ranks
@@ -185,10 +182,8 @@ class FSDP(DDP):
             own = [sum(p.numel() for p in unit.parameters()) for unit in units]
             largest = 4 * max(*own, sum(p.numel() for p in loss_module.parameters()) - sum(own))
             self.shm, self.collectives = shared_memory_group(piece_bytes=piece_bytes(largest))
-            # the pool keeps the big buffers the allocator would hand back (32 layers, 2 ranks: +8-12% tokens/s after
-            # the first step for +9% peak); TBB with its huge-block threshold keeps them, and FSDP's copy-in buffers
-            # the pool cannot reach, itself (157 -> 198 tokens/s; a 1 MiB threshold with the pool: 170-171): docs/scaling.md
-            self.pool = pool = BufferPool(keep=2) if self.shm is not None and not tbb_keeps_blocks() else None
+            # 32 layers, 2 ranks: +8-12% tokens/s after the first step for +9% peak (docs/scaling.md)
+            self.pool = pool = BufferPool(keep=2) if self.shm is not None else None
             for module in [*units, loss_module]:
                 if self.shm is not None:
                     module.set_custom_all_gather(FSDPAllGather(self.shm, pool))
