@@ -17,7 +17,8 @@ so these were a third of a 32-layer FSDP step. Nothing in the libraries does it:
 shared-memory transport, torch's symmetric memory is CUDA's, and DeepSpeed's ``shm_comm`` op only
 all-reduces, for inference. So this is ours: a :class:`SharedMemoryGroup` with ``all_gather`` and
 ``reduce_scatter``, plugged into FSDP2 through its public ``set_custom_all_gather`` /
-``set_custom_reduce_scatter`` (:class:`FSDPAllGather`, :class:`FSDPReduceScatter`). DDP keeps gloo's
+``set_custom_reduce_scatter`` (:class:`FSDPAllGather`, :class:`FSDPReduceScatter`) and into DeepSpeed
+through its comm backend's function attributes (:class:`DeepSpeedCollectives`). DDP keeps gloo's
 all-reduce: gloo runs it in its own thread beside the backward, and a synchronous one through
 shared memory was no faster (``engines.DDP``).
 
