@@ -24,7 +24,8 @@ from tunelab.train.cpu_tuning import scalable_malloc_libraries
 from tunelab.train.shm_collectives import mapped_bytes
 
 COMMON = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
-METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "full": {"name": "full"}}
+# freeze: the top layer only, so that the lowest trained layer's input needs no gradient (ZeRO-3's leaf modules)
+METHODS = {"lora": {"name": "lora", "r": 4, "alpha": 8}, "full": {"name": "full"}, "freeze": {"name": "freeze", "layers": 1}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -107,9 +108,9 @@ EXTENDED = pytest.mark.extended  # run with pytest -m extended (make test's 15 m
     # ZeRO-3 full: its decoder layers gathered whole (leaf modules); LoRA under ZeRO-3 is the SIGKILL test's run
     ("fsdp", "full", True), pytest.param("ds3", "lora", True, marks=EXTENDED),
     pytest.param("ds2", "full", False, marks=EXTENDED), pytest.param("fsdp", "lora", False, marks=EXTENDED),
-    ("ds3", "full", True), pytest.param("ds2", "lora", True, marks=EXTENDED),
+    ("ds3", "full", True), pytest.param("ds2", "lora", True, marks=EXTENDED), ("ds3", "freeze", True),
 ], ids=["fsdp-full-packed", "zero3-lora-packed", "zero2-full-padded", "fsdp-lora-padded", "zero3-full-packed",
-        "zero2-lora-packed"])
+        "zero2-lora-packed", "zero3-freeze-packed"])
 def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_process, engine, method, packing):
     """Same global batch (1 x 4 x accumulation 2 = 2 x 2 x 2), fp32: per-step losses within 1e-5. final/ holds
     exactly the weights of the ranks' shards in the ordinary layout (plain transformers / PEFT file names; a
@@ -123,8 +124,8 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
     # one machine: FSDP2's and ZeRO's all-gathers and reduce-scatters go through /dev/shm (shm_collectives)
     assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
-    if engine == "ds3":  # full fine-tuning: ZeRO-3 gathers each decoder layer whole (a leaf module), as FSDP a unit
-        assert env["distributed"]["leaf_modules"] == (["LlamaDecoderLayer"] if method == "full" else [])
+    if engine == "ds3":  # ZeRO-3 gathers each decoder layer whole (a leaf module), as FSDP a unit
+        assert env["distributed"]["leaf_modules"] == ["LlamaDecoderLayer"]
     if engine == "fsdp":
         assert env["distributed"]["reduce_scatter"] == "shared memory" and env["distributed"]["buffer_pool"] is True
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),

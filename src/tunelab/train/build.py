@@ -40,7 +40,7 @@ from tunelab.train import checkpoint as ckpt
 from tunelab.train import engines, launch
 from tunelab.train import keep as keep_objectives
 from tunelab.train.cpu_tuning import apply_cpu_tuning, default_threads, set_threads  # noqa: F401 (re-exported)
-from tunelab.train.precision import accelerate_mixed_precision, resolve_precision
+from tunelab.train.precision import accelerate_mixed_precision, resolve_precision, slow_bf16_warning
 from tunelab.train.replay import with_replay
 from tunelab.train.run import RunDir, environment
 from tunelab.train.schedule import GradualUnfreezing, lr_factor, num_layers, param_groups, warmup_steps
@@ -308,6 +308,8 @@ def build(cfg: TuneConfig, sources: dict[str, str] | None, *, resume: bool, cons
     tuning = apply_cpu_tuning(t, device.type, sharded=engine.sharded)
     threads = tuning["threads"]
     is_main = accelerator.is_main_process
+    if is_main and (slow := slow_bf16_warning(precision, device)):
+        console.print(f"[yellow]{slow}[/]")
     run, resume_from = open_run(cfg, sources, resume, accelerator, console)
 
     seed_everything(t.seed)

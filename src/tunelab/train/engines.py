@@ -37,7 +37,6 @@ import torch
 from tunelab import tasks
 from tunelab.config import zero3_refusal
 from tunelab.errors import UserError, require
-from tunelab.objectives.distill import has_adapters
 from tunelab.train import step as step_fn
 from tunelab.train.launch import free_port
 from tunelab.train.shm_collectives import (
@@ -378,17 +377,24 @@ class DeepSpeed(DDP):
         """ZeRO-3 gathers each decoder layer whole, in one all-gather when the layer starts (DeepSpeed's
         ``set_z3_leaf_modules``), instead of each of its linear layers and norms in their own hooks: 32 layers,
         2 ranks, 102.1 -> 131.4 tokens/s after the first step, the same losses and peak (docs/scaling.md).
-        Not with adapters: a LoRA run failed in its backward (a LoRA factor already released), so a model with
-        adapters keeps DeepSpeed's per-module gathering."""
+
+        DeepSpeed reduces a leaf module's gradients in a full backward hook on it, which torch runs once the
+        gradients of the module's inputs are computed; when no input needs one, it runs as soon as the output's
+        gradient arrives, before the layer's own weights have theirs. That is the first layer under LoRA (frozen
+        embeddings below it) and the lowest trained layer under ``freeze``: their gradients were taken as zeros
+        and the weights released (LoRA failed in the backward). So a trained layer's hidden states are made to
+        need a gradient where they do not (``_inputs_need_grad``): one more input gradient per step, for one layer."""
         from deepspeed.utils import set_z3_leaf_modules
 
-        if any(has_adapters(m) for m in loss_module.modules()):
-            return
         names = set(_decoder_layer_names(loss_module))
         classes = list({type(m) for m in loss_module.modules() if type(m).__name__ in names})
-        if classes:
-            set_z3_leaf_modules(loss_module, classes)
+        if not classes:
+            return
+        set_z3_leaf_modules(loss_module, classes)
         self.leaf_modules = sorted(c.__name__ for c in classes)
+        for layer in loss_module.modules():
+            if isinstance(layer, tuple(classes)) and any(p.requires_grad for p in layer.parameters()):
+                layer.register_forward_pre_hook(_inputs_need_grad, with_kwargs=True)
 
     def shard(self, loss_module) -> None:
         """``deepspeed.initialize`` (``prepare``) partitions the model; here, on one machine's gloo ranks, ZeRO's
@@ -450,6 +456,22 @@ class DeepSpeed(DDP):
             if main:
                 out = {k: v.detach().cpu().clone() for k, v in loss_model.module.state_dict().items()}
         return _under(out, loss_model.module, model) if main else None
+
+
+def _inputs_need_grad(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """A forward pre-hook: the layer's hidden states (its first tensor argument) as a tensor that needs a gradient,
+    when gradients are on and they do not (a detached copy: nothing below the layer is trained)."""
+    if not torch.is_grad_enabled():
+        return None
+    if args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+        if x.is_floating_point() and not x.requires_grad:
+            return (x.detach().requires_grad_(), *args[1:]), kwargs
+    elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        x = kwargs["hidden_states"]
+        if x.is_floating_point() and not x.requires_grad:
+            return args, {**kwargs, "hidden_states": x.detach().requires_grad_()}
+    return None
 
 
 def bucket_sizes(config: dict[str, Any], module: torch.nn.Module) -> None:
