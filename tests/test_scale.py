@@ -109,8 +109,9 @@ EXTENDED = pytest.mark.extended  # run with pytest -m extended (make test's 15 m
     ("fsdp", "full", True), pytest.param("ds3", "lora", True, marks=EXTENDED),
     pytest.param("ds2", "full", False, marks=EXTENDED), pytest.param("fsdp", "lora", False, marks=EXTENDED),
     ("ds3", "full", True), pytest.param("ds2", "lora", True, marks=EXTENDED), ("ds3", "freeze", True),
+    pytest.param("fsdp", "freeze", True, marks=EXTENDED),
 ], ids=["fsdp-full-packed", "zero3-lora-packed", "zero2-full-padded", "fsdp-lora-padded", "zero3-full-packed",
-        "zero2-lora-packed", "zero3-freeze-packed"])
+        "zero2-lora-packed", "zero3-freeze-packed", "fsdp-freeze-packed"])
 def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_process, engine, method, packing):
     """Same global batch (1 x 4 x accumulation 2 = 2 x 2 x 2), fp32: per-step losses within 1e-5. final/ holds
     exactly the weights of the ranks' shards in the ordinary layout (plain transformers / PEFT file names; a
