@@ -381,8 +381,9 @@ class DeepSpeed(DDP):
         DeepSpeed reduces a leaf module's gradients in a full backward hook on it, which torch runs once the
         gradients of the module's inputs are computed; when no input needs one, it runs as soon as the output's
         gradient arrives, before the layer's own weights have theirs. That is the first layer under LoRA (frozen
-        embeddings below it) and the lowest trained layer under ``freeze``: their gradients were taken as zeros
-        and the weights released (LoRA failed in the backward). So a trained layer's hidden states are made to
+        embeddings below it) and the lowest trained layer under ``freeze``: the hook reduced and released the
+        layer's weights before its backward used them (both failed there; ``freeze``: "The size of tensor a (0)
+        must match the size of tensor b (128)"). So a trained layer's hidden states are made to
         need a gradient where they do not (``_inputs_need_grad``): one more input gradient per step, for one layer."""
         from deepspeed.utils import set_z3_leaf_modules
 
