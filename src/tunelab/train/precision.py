@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -23,8 +24,6 @@ def bf16_slowdown(n: int = 256) -> float:
     team of threads waits for its slowest, and a core another process holds made a 2-thread fp32 product 50x slower
     here): the fastest of each, timed in turns. Without AVX512-BF16 or AMX, oneDNN falls back to a reference kernel: on an AVX2 AMD EPYC, 1.3 GFLOP/s in
     bf16 against 85 in fp32 (65x). The probe takes ~0.1 s there, under a millisecond where bf16 is native."""
-    import time
-
     pairs = {d: (torch.randn(n, n, dtype=d), torch.randn(n, n, dtype=d)) for d in (torch.bfloat16, torch.float32)}
     best = dict.fromkeys(pairs, float("inf"))
     threads = torch.get_num_threads()
