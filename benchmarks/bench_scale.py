@@ -9,8 +9,9 @@ processes of ``tunelab train`` on this machine, ``--steps`` optimiser steps of
 config but ``train.distributed`` (and ``train.deepspeed``):
 
 * ``ddp``, ``fsdp`` (FSDP2, decoder layers as units, reshard after forward), ``fsdp-keep`` (the same,
-  gathered layers kept from forward to backward: ``train.fsdp.reshard_after_forward: false``), ``zero2``, ``zero3`` and
-  ``zero3-offload`` (ZeRO-3 with the optimiser state and step on the CPU);
+  gathered layers kept from forward to backward: ``train.fsdp.reshard_after_forward: false``), ``zero2``, ``zero3``,
+  ``zero3-keep`` (``train.deepspeed.reshard_after_forward: false``) and ``zero3-offload`` (ZeRO-3 with the
+  optimiser state and step on the CPU);
 * ``fsdp-gloo`` / ``zero3-gloo``: ``fsdp`` / ``zero3`` with gloo's own collectives (``TUNELAB_COLLECTIVES=gloo``):
   on one machine the ranks of ``fsdp`` and ``zero*`` all-gather and reduce-scatter through ``/dev/shm``
   (``tunelab.train.shm_collectives``), and these rows are the same runs over loopback TCP (what two machines
@@ -78,6 +79,8 @@ ENGINES = {
     "zero3": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
     # zero3 with DeepSpeed's gloo collectives (ENGINE_ENV) instead of shared memory's
     "zero3-gloo": {"distributed": "deepspeed", "deepspeed": {"stage": 3}},
+    # every gathered layer kept from its forward to its backward (DeepSpeed's stage3_max_reuse_distance 1e9)
+    "zero3-keep": {"distributed": "deepspeed", "deepspeed": {"stage": 3, "reshard_after_forward": False}},
     "zero3-offload": {"distributed": "deepspeed", "deepspeed": {"stage": 3, "offload_optimizer": "cpu"}},
     # tuning off (threads set as it would), glibc's own variables: cpu_tuning.return_freed_memory's thresholds
     "ddp-lean": {"distributed": "ddp", "cpu_tuning": False},

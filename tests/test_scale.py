@@ -127,6 +127,10 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     assert env["distributed"]["collectives"] == "shared memory (/dev/shm, 2 ranks)"
     if engine == "ds3":  # ZeRO-3 gathers each decoder layer whole (a leaf module), as FSDP a unit
         assert env["distributed"]["leaf_modules"] == ["LlamaDecoderLayer"]
+        # fp32: the optimiser steps the model's own partition (no DeepSpeed master copy); each layer is freed
+        # after its forward
+        assert env["distributed"]["master_weights"] == "shared"
+        assert env["distributed"]["max_reuse_distance"] == 0
     if engine == "fsdp":
         assert env["distributed"]["reduce_scatter"] == "shared memory" and env["distributed"]["buffer_pool"] is True
     # the launcher runs a sharded engine's ranks with TBB's allocator where tbb is installed (make setup installs it),
@@ -361,12 +365,22 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
     cfg, _ = load_config(path)
     merged = deepspeed_config(cfg, world=2, precision="fp32")
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["train_batch_size"] == 16
-    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # the user's stage and settings kept
+    # the user's stage and settings kept; ZeRO-3 frees each layer after its forward (reshard_after_forward)
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False, "stage3_max_reuse_distance": 0}
     assert merged["bf16"] == {"enabled": False} and merged["gradient_clipping"] == 1.0
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu is 8 in .*ds.json, but train.batch_size "
                                         r"gives 2"):
         deepspeed_config(cfg, world=2, precision="fp32")
+    keep = cfg.model_copy(update={"train": cfg.train.model_copy(update={"deepspeed": cfg.train.deepspeed.model_copy(
+        update={"reshard_after_forward": False})})})
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert deepspeed_config(keep, world=2, precision="fp32")["zero_optimization"]["stage3_max_reuse_distance"] == 10**9
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 5e7}}))
+    assert deepspeed_config(cfg, world=2, precision="fp32")["zero_optimization"]["stage3_max_reuse_distance"] == 5e7
+    with pytest.raises(UserError, match=r"train.deepspeed: reshard_after_forward is false, and zero_optimization."
+                                        r"stage3_max_reuse_distance is 50000000.0 in .*ds.json. Keep one of the two"):
+        deepspeed_config(keep, world=2, precision="fp32")
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))  # stage 3 from the JSON, for a task without it
     with pytest.raises(UserError, match=r"task: preference with train.deepspeed stage 3 is not supported.*"
                                         r"\(zero_optimization.stage is 3 in .*ds.json\)"):
@@ -393,55 +407,80 @@ def test_zero_bucket_sizes_left_out_or_auto_follow_the_hidden_size_and_a_users_v
 # ---------------------------------------------------------------------------- memory per rank (tunelab advise)
 
 
-def _fsdp_rank_peak(rank: int, world: int, port: int, model: str, out: str) -> None:
-    """One rank of a 2-rank FSDP2 run of two full fine-tuning steps; its peak of live tensor bytes (the
-    advisor's measure; TensorMemory counts a DTensor as its local shard and, ``resizable``, a storage FSDP2
-    resized to 0 as freed) written to ``out/<rank>``."""
+def _sharded_rank_peak(rank: int, world: int, port: int, model: str, out: str, distributed: str) -> None:
+    """One rank of a 2-rank FSDP2 or ZeRO-3 run of two full fine-tuning steps; its peak of live tensor bytes (the
+    advisor's measure; TensorMemory counts a DTensor as its local shard and, ``resizable``, a storage that FSDP2
+    resized to 0 or ZeRO-3 swapped for an empty one as freed) written to ``out/<rank>``, with the bytes of the
+    collectives' own buffers: the shared memory it maps and the buffers FSDP's pool keeps (not the model's)."""
     import torch.distributed as dist
 
     from tunelab.search.advise import build_for_training, synthetic_batch
     from tunelab.search.memory import TensorMemory, model_tensors
     from tunelab.train.build import build_optimizer
-    from tunelab.train.engines import FSDP
+    from tunelab.train.engines import make_engine
 
     torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # as a launcher sets it (DeepSpeed reads it)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = _advise_cfg(model)
-    model_, loss, _ = build_for_training(cfg, "fp32")
-    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0)
-    engine = FSDP(cfg, acc, "fp32")
+    cfg = _advise_cfg(model, distributed)
+    model_, loss, optimizer = build_for_training(cfg, "fp32")
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0, num_processes=world)
+    engine = make_engine(cfg, acc, "fp32")
     engine.shard(loss)
-    optimizer = build_optimizer(model_, cfg.train)
+    optimizer = build_optimizer(model_, cfg.train)  # FSDP2 replaced the parameters: an optimiser on the shards
+    tracker = TensorMemory(resizable=True)
+    if distributed == "fsdp":
+        step_model = loss
+        tracker.track(model_tensors(model_, optimizer))
+    else:  # DeepSpeed's flat buffers: this rank's partition of the model (and the optimiser's masters), gradients
+        step_model, zero = engine.prepare(loss, optimizer)
+        assert engine.master_weights == "shared"
+        tracker.track([zero.lp_param_buffer, zero.grad_partitions_flat_buffer, *zero.fp32_partitioned_groups_flat,
+                       *(b for b in model_.buffers())])
     batch = synthetic_batch(cfg, 2048)
-    tracker = TensorMemory(resizable=True)  # FSDP2 frees gathered parameters by resizing their storage
-    tracker.track(model_tensors(model_, optimizer))
     with tracker:
         for _ in range(2):
-            out_ = loss(**batch)
-            (out_.total / out_.count).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    # and the collectives' own buffers: the shared memory it maps and the buffers its pool keeps (not the model's)
+            out_ = step_model(**batch)
+            if distributed == "fsdp":
+                (out_.total / out_.count).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                step_model.set_gradient_accumulation_boundary(True)
+                engine.backward(out_.total / out_.count)
+                step_model.step()
     buffers = mapped_bytes(world, engine.shm.piece_bytes) if engine.shm is not None else 0
-    buffers += sum(t.numel() * t.element_size() for kept in engine.pool.kept.values() for t in kept) if engine.pool else 0
-    Path(out, str(rank)).write_text(f"{tracker.peak} {buffers}")
+    pool = getattr(engine, "pool", None)
+    buffers += sum(t.numel() * t.element_size() for kept in pool.kept.values() for t in kept) if pool else 0
+    states = 0  # ZeRO-3: the bytes of the partitions it keeps between steps (weights, gradients, optimiser state)
+    if distributed != "fsdp":
+        kept = [zero.lp_param_buffer, zero.grad_partitions_flat_buffer, *zero.fp32_partitioned_groups_flat,
+                *(v for st in zero.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())]
+        states = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
+    Path(out, str(rank)).write_text(f"{tracker.peak} {buffers} {states}")
     dist.destroy_process_group()
 
 
-def _advise_cfg(model: str):
+def _advise_cfg(model: str, distributed: str = "fsdp"):
     from tunelab.config import load_config
 
+    engine = {"distributed": "fsdp"} if distributed == "fsdp" else {"distributed": "deepspeed",
+                                                                     "deepspeed": {"stage": 3}}
     return load_config(None, base={
         "model": {"path": model}, "method": {"name": "full"}, "data": {"train": [{"path": "unused.jsonl"}],
                                                                        "max_length": 64},
-        "train": {"batch_size": 2, "precision": "fp32", "max_grad_norm": None, "distributed": "fsdp",
-                  "processes": 2}})[0]
+        "train": {"batch_size": 2, "precision": "fp32", "max_grad_norm": None, "processes": 2, **engine}})[0]
 
 
 @pytest.mark.slow
-def test_fsdp_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_path):
-    """`tunelab advise`'s per-rank memory for FSDP with 2 processes, from its 1-process probes, against two real
-    FSDP2 ranks' peak of live tensors (a 6-layer Llama whose layers hold most of the weights)."""
+@pytest.mark.parametrize("distributed", ["fsdp", "zero3"])
+def test_sharded_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_path, distributed):
+    """`tunelab advise`'s per-rank memory for FSDP / ZeRO-3 with 2 processes, from its 1-process probes, against
+    two real ranks' peak of live tensors (a 6-layer Llama whose layers hold most of the weights). ZeRO-3 runs with
+    its defaults here: each layer freed after its forward, and the optimiser stepping the model's own fp32
+    partition (engines._share_master_weights; DeepSpeed's extra copy of it would add a quarter)."""
+    if distributed == "zero3":
+        pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -453,18 +492,21 @@ def test_fsdp_per_rank_estimate_is_within_20_percent_of_the_measured_peak(tmp_pa
     LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
                      ).save_pretrained(folder)
-    cfg = _advise_cfg(str(folder))
+    cfg = _advise_cfg(str(folder), distributed)
     probes = Probes(str(folder))
     try:
         single, _, _, layer = estimate_with_layer(cfg, "full", probes, precision="fp32", checkpointing=False)
     finally:
         probes.close()
-    predicted = {e: per_rank(single, layer, 6, e, 2, "cpu").peak for e in ("ddp", "fsdp")}
-    mp.spawn(_fsdp_rank_peak, args=(2, free_port(), str(folder), str(tmp_path)), nprocs=2, join=True)
-    measured, buffers = max(tuple(map(int, (tmp_path / str(r)).read_text().split())) for r in (0, 1))
-    assert buffers > 0  # the two ranks gathered and scattered through /dev/shm, with a buffer pool
-    assert abs(predicted["fsdp"] / measured - 1) < 0.20, (predicted, measured)
-    assert measured - buffers < 0.8 * predicted["ddp"]  # sharding measurably lowers the model's share of the peak
+    predicted = {e: per_rank(single, layer, 6, e, 2, "cpu").peak for e in ("ddp", distributed)}
+    mp.spawn(_sharded_rank_peak, args=(2, free_port(), str(folder), str(tmp_path), distributed), nprocs=2, join=True)
+    measured, buffers, states = max(tuple(map(int, (tmp_path / str(r)).read_text().split())) for r in (0, 1))
+    assert buffers > 0  # the two ranks gathered and scattered through /dev/shm (FSDP: with a buffer pool)
+    assert abs(predicted[distributed] / measured - 1) < 0.20, (predicted, measured)
+    if distributed == "fsdp":
+        assert measured - buffers < 0.8 * predicted["ddp"]  # sharding measurably lowers the model's share of the peak
+    else:  # half of one process's weights, gradients and optimiser state, with one copy of the weights
+        assert abs(states / ((single.weights + single.gradients + single.optimizer) / 2) - 1) < 0.05, (states, single)
 
 
 def test_a_failing_rank_on_another_node_is_named_with_its_host(tmp_path, monkeypatch, capsys):

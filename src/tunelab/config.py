@@ -226,6 +226,11 @@ class DeepSpeedSection(_Strict):
         "none", description="cpu: the optimiser state and step live in CPU memory (ZeRO-Offload; stages 1-3).")
     offload_params: Literal["cpu", "none"] = Field(
         "none", description="cpu: parameters live in CPU memory between uses (ZeRO-Infinity; stage 3 only).")
+    reshard_after_forward: bool | None = Field(
+        None, description="Stage 3: free each layer's gathered parameters after its forward and gather them "
+        "again for the backward (least memory, as train.fsdp.reshard_after_forward); false keeps every gathered "
+        "parameter until the backward uses it (DeepSpeed's own default, stage3_max_reuse_distance 1e9: the whole "
+        "model gathered at the turn of the step). Default: true, unless your JSON sets stage3_max_reuse_distance.")
     config: str | None = Field(
         None, description="Path to your own DeepSpeed JSON. tunelab reads it and sets the batch sizes, gradient "
         "accumulation, clipping and precision from this config; a value of yours that differs from those is "

@@ -306,6 +306,8 @@ def deepspeed_config(cfg, world: int, precision: str) -> dict[str, Any]:
     for part, device in offload.items():
         if device == "cpu":
             zsec[f"offload_{part}"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        reuse_distance(zsec, ds, ds.config if ds else None)
     if stage == 3 and not tasks.get(cfg.task).zero3:  # stage 3 from the user's JSON (the config check saw none)
         raise UserError(zero3_refusal(cfg.task) + f" (zero_optimization.stage is 3 in {ds.config})")
     if stage not in (1, 2, 3):
@@ -319,6 +321,22 @@ def deepspeed_config(cfg, world: int, precision: str) -> dict[str, Any]:
     merged.setdefault("zero_force_ds_cpu_optimizer", False)
     merged.setdefault("steps_per_print", 2**31 - 1)
     return merged
+
+
+def reuse_distance(zsec: dict[str, Any], ds, path: str | None) -> None:
+    """ZeRO-3's ``stage3_max_reuse_distance`` from ``train.deepspeed.reshard_after_forward``. DeepSpeed keeps a
+    gathered parameter when it is used again within that many parameters (default 1e9); every layer's forward
+    and backward are within 1e9 of each other for models up to a billion or so parameters, so under it every
+    layer stays gathered from its forward to its backward: the whole model at the turn of the step (32 layers,
+    fp32: about 1.3 GB a rank more, docs/scaling.md). 0 frees each layer after its forward, as FSDP's
+    ``reshard_after_forward`` does."""
+    asked = ds.reshard_after_forward if ds is not None else None
+    theirs = zsec.get("stage3_max_reuse_distance", "auto")
+    if theirs != "auto" and asked is not None:
+        raise UserError(f"train.deepspeed: reshard_after_forward is {str(asked).lower()}, and "
+                        f"zero_optimization.stage3_max_reuse_distance is {theirs!r} in {path}. Keep one of the two")
+    if theirs == "auto":
+        zsec["stage3_max_reuse_distance"] = 0 if asked is not False else 10**9
 
 
 class DeepSpeed(DDP):
@@ -341,13 +359,15 @@ class DeepSpeed(DDP):
         self.shm = None  # ZeRO's all-gathers and reduce-scatters through shared memory (one machine's gloo ranks)
         self.collectives = "one process"
         self.leaf_modules: list[str] = []  # ZeRO-3 gathers each of these whole, as FSDP gathers a unit
+        self.master_weights = "fp32 copy"  # ZeRO-3 under fp32: "shared" once _share_master_weights ran
 
     def describe(self) -> dict[str, Any]:
         z = self.config["zero_optimization"]
         return {"engine": self.name, "stage": self.stage,
                 "offload_optimizer": (z.get("offload_optimizer") or {}).get("device", "none"),
                 "offload_params": (z.get("offload_param") or {}).get("device", "none"), "collectives": self.collectives,
-                **({"leaf_modules": self.leaf_modules} if self.stage == 3 else {})}
+                **({"leaf_modules": self.leaf_modules, "master_weights": self.master_weights,
+                    "max_reuse_distance": z.get("stage3_max_reuse_distance")} if self.stage == 3 else {})}
 
     def prepare(self, loss_module, optimizer):
         import deepspeed
@@ -365,6 +385,8 @@ class DeepSpeed(DDP):
             if alone:  # a later run in this Python process must not look launched (launch.launched)
                 os.environ.pop("LOCAL_RANK", None)
         if self.stage == 3:
+            if _share_master_weights(ds_optimizer):
+                self.master_weights = "shared"
             # the loss reads the head's weight directly (the chunked cross-entropy), outside the head's forward
             # where ZeRO-3 would gather it: gather it with the loss module's forward instead
             head = _output_weight(loss_module)
@@ -452,11 +474,38 @@ class DeepSpeed(DDP):
 
         main = self.accelerator.is_main_process
         out: dict[str, torch.Tensor] = {}
+        # an evaluation's forward leaves the next layers' prefetched all-gathers in flight (DeepSpeed waits for them
+        # at the next forward); GatheredParameters could not partition those again: wait for them and free them
+        loss_model.empty_partition_cache()
         params = list(loss_model.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if main:
                 out = {k: v.detach().cpu().clone() for k, v in loss_model.module.state_dict().items()}
         return _under(out, loss_model.module, model) if main else None
+
+
+def _share_master_weights(optimizer) -> bool:
+    """ZeRO-3 in fp32 (and without optimiser offload): the optimiser steps this rank's partition of the model
+    itself, instead of a copy of it. DeepSpeed means to skip the copy when the partition is already fp32 on the
+    optimiser's device ("we don't need another copy of the weights", ``stage3._create_fp32_partitions``), but
+    compares the partition's ``torch.device`` with a device name (``'cpu'``, ``'cuda:0'``), which is never
+    equal, and clones it: one more fp32 copy of the partition, 4 bytes a parameter / ranks (32 layers, 2 ranks:
+    690 MiB a rank). Here the copy's tensor, the one the optimiser and its state know, is pointed at the
+    partition, and the copy is freed. True when at least one group was shared."""
+    lows = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if lows is None or masters is None or getattr(optimizer, "offload_optimizer", False):
+        return False
+    shared = False
+    for low, master in zip(lows, masters, strict=True):
+        if (low is None or master.numel() == 0 or master.dtype != low.dtype or master.device != low.device
+                or master.shape != low.shape or master.data_ptr() == low.data_ptr()):
+            continue
+        if not torch.equal(master, low):  # not a plain copy (DeepSpeed changed): leave it
+            continue
+        master.data = low
+        shared = True
+    return shared
 
 
 def _inputs_need_grad(module: torch.nn.Module, args: tuple, kwargs: dict):

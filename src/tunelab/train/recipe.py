@@ -49,9 +49,9 @@ def fine_tune(cfg: TuneConfig, sources: dict[str, str] | None = None, *, resume:
     is_main = c.accelerator.is_main_process
     # Our kernels run inside the loop only; the final save, evaluation and the returned model run the stock code.
     with training_kernels(c.model, c.kernels, notify=console.print if is_main else None) as kernels:
-        if is_main:
-            c.run.write_json("env.json", {**c.env, "kernels": kernels.active})
         setup = loop_setup(cfg, c, console, on_eval, kernels)
+        if is_main:  # after the engine's prepare: what it chose there too (ZeRO-3's master weights)
+            c.run.write_json("env.json", {**c.env, "distributed": c.engine.describe(), "kernels": kernels.active})
         result = train_loop(setup)
     result.update(peak_memory(c.accelerator))
     summary = dict(result)
