@@ -328,7 +328,7 @@ def reuse_distance(zsec: dict[str, Any], ds, path: str | None) -> None:
     gathered parameter when it is used again within that many parameters (default 1e9); every layer's forward
     and backward are within 1e9 of each other for models up to a billion or so parameters, so under it every
     layer stays gathered from its forward to its backward: the whole model at the turn of the step (32 layers,
-    fp32: about 1.3 GB a rank more, docs/scaling.md). 0 frees each layer after its forward, as FSDP's
+    2 ranks, fp32: 1,178 MiB a rank more, and slower; docs/scaling.md). 0 frees each layer after its forward, as FSDP's
     ``reshard_after_forward`` does."""
     asked = ds.reshard_after_forward if ds is not None else None
     theirs = zsec.get("stage3_max_reuse_distance", "auto")
