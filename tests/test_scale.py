@@ -381,6 +381,9 @@ def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_p
     with pytest.raises(UserError, match=r"train.deepspeed: reshard_after_forward is false, and zero_optimization."
                                         r"stage3_max_reuse_distance is 50000000.0 in .*ds.json. Keep one of the two"):
         deepspeed_config(keep, world=2, precision="fp32")
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(UserError, match=r"train.deepspeed.reshard_after_forward applies to ZeRO stage 3 \(got stage 2"):
+        deepspeed_config(keep, world=2, precision="fp32")
     user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))  # stage 3 from the JSON, for a task without it
     with pytest.raises(UserError, match=r"task: preference with train.deepspeed stage 3 is not supported.*"
                                         r"\(zero_optimization.stage is 3 in .*ds.json\)"):

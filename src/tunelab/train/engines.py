@@ -308,6 +308,9 @@ def deepspeed_config(cfg, world: int, precision: str) -> dict[str, Any]:
             zsec[f"offload_{part}"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if stage == 3:
         reuse_distance(zsec, ds, ds.config if ds else None)
+    elif ds is not None and ds.reshard_after_forward is not None:
+        raise UserError(f"train.deepspeed.reshard_after_forward applies to ZeRO stage 3 (got stage {stage}: every "
+                        "rank holds the whole model). Remove it, or set train.deepspeed.stage: 3")
     if stage == 3 and not tasks.get(cfg.task).zero3:  # stage 3 from the user's JSON (the config check saw none)
         raise UserError(zero3_refusal(cfg.task) + f" (zero_optimization.stage is 3 in {ds.config})")
     if stage not in (1, 2, 3):
