@@ -21,6 +21,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"peft\..*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    # accelerate, in each CPU rank: it sets the threads to the cores / ranks, as tunelab then does (train.threads)
+    warnings.filterwarnings("ignore", message=r"OMP_NUM_THREADS/MKL_NUM_THREADS unset", module=r"accelerate\.state")
     # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub (it has its own);
     # where the `kernels` package is installed, it says offline that it skips a hub trust check
     for name in ("bitsandbytes", "kernels"):

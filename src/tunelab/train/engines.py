@@ -547,10 +547,22 @@ def bucket_sizes(config: dict[str, Any], module: torch.nn.Module) -> None:
 
 
 def quiet_deepspeed() -> None:
-    """DeepSpeed logs its config and every step at INFO, and torch warns about the collectives it calls."""
+    """DeepSpeed logs its config and every step at INFO, and torch warns about the collectives it calls.
+    ZeRO-3 also warns, at the first forward, that it cannot see the tensors inside our loss module's output
+    (``LossSum``) to hook the backward of the loss module itself; the loss module has no parameters of its own
+    to gather (the head's weight is registered with it), and 2 ZeRO-3 ranks equal 1 process
+    (``tests/test_scale.py``), so that warning is dropped too."""
     if not os.environ.get("TUNELAB_VERBOSE"):
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        ds_logger = logging.getLogger("DeepSpeed")
+        ds_logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _LossSumWarning) for f in ds_logger.filters):
+            ds_logger.addFilter(_LossSumWarning())
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+
+
+class _LossSumWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unknown inputs or outputs type" not in record.getMessage() or "LossSum" not in record.getMessage()
 
 
 def _output_weight(loss_module: torch.nn.Module) -> torch.nn.Parameter | None:
