@@ -362,7 +362,7 @@ class DeepSpeed(DDP):
         self.shm = None  # ZeRO's all-gathers and reduce-scatters through shared memory (one machine's gloo ranks)
         self.collectives = "one process"
         self.leaf_modules: list[str] = []  # ZeRO-3 gathers each of these whole, as FSDP gathers a unit
-        self.master_weights = "fp32 copy"  # ZeRO-3 under fp32: "shared" once _share_master_weights ran
+        self.master_weights = "fp32 copy"  # ZeRO-3: "shared" where prepare's _share_master_weights could (fp32)
 
     def describe(self) -> dict[str, Any]:
         z = self.config["zero_optimization"]
@@ -388,8 +388,7 @@ class DeepSpeed(DDP):
             if alone:  # a later run in this Python process must not look launched (launch.launched)
                 os.environ.pop("LOCAL_RANK", None)
         if self.stage == 3:
-            if _share_master_weights(ds_optimizer):
-                self.master_weights = "shared"
+            self.master_weights = "shared" if _share_master_weights(ds_optimizer) else "fp32 copy"
             # the loss reads the head's weight directly (the chunked cross-entropy), outside the head's forward
             # where ZeRO-3 would gather it: gather it with the loss module's forward instead
             head = _output_weight(loss_module)
@@ -549,8 +548,8 @@ def bucket_sizes(config: dict[str, Any], module: torch.nn.Module) -> None:
 def quiet_deepspeed() -> None:
     """DeepSpeed logs its config and every step at INFO, and torch warns about the collectives it calls.
     ZeRO-3 also warns, at the first forward, that it cannot see the tensors inside our loss module's output
-    (``LossSum``) to hook the backward of the loss module itself; the loss module has no parameters of its own
-    to gather (the head's weight is registered with it), and 2 ZeRO-3 ranks equal 1 process
+    (``LossSum``) to hook the backward of the loss module itself. The loss module owns no parameters (the head's
+    weight it reads is gathered by its forward, as an external parameter), and 2 ZeRO-3 ranks equal 1 process
     (``tests/test_scale.py``), so that warning is dropped too."""
     if not os.environ.get("TUNELAB_VERBOSE"):
         ds_logger = logging.getLogger("DeepSpeed")
