@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,27 @@ def test_train_processes_user_error_is_one_line_once(tmp_path, alpaca_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.jsonl" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_an_existing_run_is_refused_before_the_ranks_start_and_by_the_ranks_in_one_line(tmp_path, alpaca_path,
+                                                                                        capsys):
+    """`tunelab train` refuses a run folder that already trained before it starts any rank; ranks started by
+    the launcher (the check raced by another run) agree on rank 0's refusal: one line, no gloo traceback."""
+    from tunelab.cli import main
+
+    cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "max_steps": 1},
+                      run={"name": "taken", "output_dir": str(tmp_path / "runs")})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "metrics.jsonl").write_text("")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "runs/taken: a run with this name already exists" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, "-c", "import sys; from tunelab.train import launch; "
+                          f"sys.exit(launch.run_processes(['train', {str(tmp_path / 'c.yaml')!r}], 2))"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "a run with this name already exists" in errors[0]
 
 
 def test_python_api_refuses_train_processes(tmp_path, alpaca_path):

@@ -118,6 +118,10 @@ def _train(o: TrainOptions) -> int | None:
         _check_resume_config(cfg)
     nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
     if (cfg.train.processes > 1 or o.nnodes > 1) and not launch.launched():
+        if o.node_rank == 0:  # the run folder's refusals before any rank starts (rank 0 checks them again)
+            from tunelab.train.run import RunDir
+
+            RunDir.check(cfg.run_dir, resume=o.resume)
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
         from tunelab.train.cpu_tuning import rank_environment
         from tunelab.train.engines import ENGINES

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from rich.console import Console
 
 from tunelab import methods, tasks
@@ -275,13 +275,20 @@ class Components:
 def open_run(cfg: TuneConfig, sources, resume: bool, accelerator, console: Console) -> tuple[RunDir, Path | None]:
     """The run folder (new, or the one to resume) and the checkpoint to resume from."""
     is_main = accelerator.is_main_process
-    run = RunDir(cfg.run_dir)
+    run, refusal = RunDir(cfg.run_dir), [None]
     if is_main:
-        run = RunDir.create(cfg.run_dir, resume=resume)
-        if not resume:
-            atomic_write_text(run.path / "config.yaml", dump_config(cfg, sources))
-            run.write_json("config.sources.json", sources or {})
-    accelerator.wait_for_everyone()
+        try:
+            run = RunDir.create(cfg.run_dir, resume=resume)
+        except UserError as err:
+            refusal = [str(err)]
+        else:
+            if not resume:
+                atomic_write_text(run.path / "config.yaml", dump_config(cfg, sources))
+                run.write_json("config.sources.json", sources or {})
+    if accelerator.num_processes > 1:  # every rank stops on the main one's refusal (not at a broken barrier)
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UserError(refusal[0])
     resume_from = None
     if resume:
         resume_from = ckpt.newest_valid(run.checkpoints,

@@ -65,6 +65,14 @@ class RunDir:
     @classmethod
     def create(cls, path: Path, *, resume: bool) -> RunDir:
         """A new run folder, or the existing one when resuming. Never clobbers a finished run."""
+        run = cls.check(path, resume=resume)
+        make_folder(run.path.parent, "run.output_dir")
+        make_folder(run.path, "run.name")
+        return run
+
+    @classmethod
+    def check(cls, path: Path, *, resume: bool) -> RunDir:
+        """:meth:`create`'s refusals, creating nothing (the launcher's check before it starts the ranks)."""
         run = cls(path)
         if resume:
             if not (run.path / "config.yaml").is_file():
@@ -74,8 +82,6 @@ class RunDir:
                 f"{path}: a run with this name already exists. Resume it with --resume, or choose another "
                 f"name with --set run.name=NEW"
             )
-        make_folder(run.path.parent, "run.output_dir")
-        make_folder(run.path, "run.name")
         return run
 
     def has_trained(self) -> bool:
