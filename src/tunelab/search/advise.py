@@ -340,7 +340,8 @@ def estimate_with_layer(cfg: TuneConfig, method: str, probes: Probes, *, precisi
 ENGINE_ROWS = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3+offload")
 
 
-def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, device: str) -> Memory:
+def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, device: str, *, trainable: int = 0,
+             precision: str = "fp32") -> Memory:
     """Peak memory of one rank of ``ranks`` under ``engine``, from the single-process step ``m``: DDP holds it
     all; ZeRO-1 shards the optimiser state, ZeRO-2 the gradients too; ZeRO-3 and FSDP shard the weights as
     well, plus one decoder layer (``layer``) and the rest of the model (embeddings, head: the root unit,
@@ -348,7 +349,12 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
     reduce-scatter. Offload (``zero3+offload``: optimiser state and step on the CPU) frees device memory
     only: on a CPU the state stays in the same memory. Activations are per rank whatever the engine; on a
     CPU, the ranks of FSDP and ZeRO also map the buffers of their shared-memory collectives, and FSDP's keep a
-    pool of gathered and gradient buffers (``shm_collectives.BufferPool``), counted with them."""
+    pool of gathered and gradient buffers (``shm_collectives.BufferPool``), counted with them.
+
+    ZeRO's optimiser steps an fp32 copy of this rank's partition of the ``trainable`` parameters (4 bytes each /
+    ranks, counted with the optimiser state): ZeRO-1/2 always, ZeRO-3 under bf16 or with the optimiser offloaded,
+    where it also keeps an fp32 gradient buffer of the partition for the step on the CPU. In fp32, ZeRO-3 steps
+    the model's own partition (``engines._share_master_weights``)."""
     n = max(1, ranks)
     w, g, o, a = m.weights, m.gradients, m.optimizer, m.activations
     root_w, root_g = max(0.0, w - layers * layer.weights), max(0.0, g - layers * layer.gradients)  # the root unit
@@ -366,6 +372,11 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
         w = w / n + (root_w + layer.weights) * (1 - 1 / n)
         g = g / n + (root_g + layer.gradients) * (1 - 1 / n)
         o = 0.0 if engine == "zero3+offload" and device != "cpu" else o / n
+    masters = 4 * trainable / n  # ZeRO's fp32 copy of this rank's partition
+    if engine in ("zero1", "zero2") or (engine == "zero3" and precision != "fp32"):
+        o += masters
+    elif engine == "zero3+offload" and device == "cpu":  # the copy, and a gradient buffer for its step on the CPU
+        o, g = o + masters, g + masters
     return Memory(w, g, o, a, w + g + o + a)
 
 
@@ -431,7 +442,8 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
                     cfg, name, probes, precision=precision, checkpointing=False)
                 if name == cfg.method.name:
                     ranks = max(2, cfg.train.processes)
-                    est.per_rank = {e: per_rank(est.memory, layer, probes.layers, e, ranks, device) for e in ENGINE_ROWS}
+                    est.per_rank = {e: per_rank(est.memory, layer, probes.layers, e, ranks, device,
+                                                    trainable=est.trainable, precision=precision) for e in ENGINE_ROWS}
                 est.micro_batches = micro_batches(cfg, name, est.trainable / max(1, est.parameters), device)
                 est.memory = est.memory.concurrent(est.micro_batches)
                 if getattr(get_method(name), "GRADIENT_CHECKPOINTING", True) and (
