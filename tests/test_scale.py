@@ -119,7 +119,10 @@ def test_two_sharded_processes_equal_one_process(tmp_path, alpaca_path, one_proc
     are the 1-process run's within 1e-4 (Adam divides by sqrt(v): a near-zero gradient that differs in its
     7th digit moves a weight by up to ~lr x that difference's relative size)."""
     ref = one_process(method, packing)
-    _train(tmp_path, _cfg(tmp_path, alpaca_path, "two", method=method, packing=packing, engine=engine))
+    done = _train(tmp_path, _cfg(tmp_path, alpaca_path, "two", method=method, packing=packing, engine=engine))
+    # the ranks print tunelab's lines only: no library chatter (quiet.py, engines.quiet_deepspeed)
+    for chatter in ("built successfully", "Setting accelerator", "OMP_NUM_THREADS", "warnings.warn", "WARNING"):
+        assert chatter not in done.stdout + done.stderr, (chatter, done.stdout + done.stderr)
     run = tmp_path / "runs" / "two"
     env = json.loads((run / "env.json").read_text())
     assert env["processes"] == 2 and env["distributed"]["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")

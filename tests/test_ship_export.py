@@ -131,6 +131,19 @@ def test_adapter_only_export_is_a_peft_folder_with_a_checked_manifest(ship_runs,
     assert verify_manifest(out) == ["tokenizer_config.json"]
 
 
+def test_cli_merged_export_prints_its_one_line_and_no_library_warning(ship_runs, tmp_path):  # noqa: F811
+    """From the command line, as a user runs it: where DeepSpeed is installed, accelerate imports it in
+    save_pretrained, and on a machine without a GPU its import warned "Setting accelerator to CPU"."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "export", str(ship_runs["lora"]), "--merge",
+                           "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("exported merged"), lines
+
+
 def test_out_is_never_written_over_without_force(ship_runs, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     out.mkdir()

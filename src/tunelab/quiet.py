@@ -27,6 +27,11 @@ def quiet_libraries() -> None:
     # where the `kernels` package is installed, it says offline that it skips a hub trust check
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # where DeepSpeed is installed, accelerate imports it in every save_pretrained (to unwrap a DeepSpeedEngine);
+    # on a machine without a GPU its import then warns "Setting accelerator to CPU"; tunelab says its device itself
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _CpuFallbackWarning) for f in ds_logger.filters):
+        ds_logger.addFilter(_CpuFallbackWarning())
     try:
         from transformers.utils import logging as hf_logging
 
@@ -34,3 +39,8 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+
+
+class _CpuFallbackWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")

@@ -356,6 +356,7 @@ class DeepSpeed(DDP):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         require("deepspeed", extra="deepspeed", verb="train.distributed: deepspeed")
         quiet_deepspeed()
+        _without_inference_shm_op()
         self.config = deepspeed_config(cfg, accelerator.num_processes, precision)
         self.stage = self.config["zero_optimization"]["stage"]
         self.engine = None
@@ -484,6 +485,17 @@ class DeepSpeed(DDP):
             if main:
                 out = {k: v.detach().cpu().clone() for k, v in loss_model.module.state_dict().items()}
         return _under(out, loss_model.module, model) if main else None
+
+
+def _without_inference_shm_op() -> None:
+    """Keep DeepSpeed from loading its shared-memory op ("deepspeed_shm_comm"), which serves only its inference
+    all-reduce (``inference_all_reduce``, tensor-parallel inference); ZeRO's all-gathers and reduce-scatters go
+    through the process group, where ours replace them (``shard``). Loading it compiled it on a machine's first
+    DeepSpeed run (~90 s, cached in ~/.cache/torch_extensions), printed "DeepSpeed deepspeed.ops.comm.
+    deepspeed_shm_comm_op built successfully" on every rank, and mapped its own shared memory per rank."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by comm.torch.build_shm_op
 
 
 def _share_master_weights(optimizer) -> bool:
