@@ -1,8 +1,8 @@
 """train.distributed: FSDP2 and DeepSpeed ZeRO over 2 processes (gloo, CPU) equal 1 process; sharded
 checkpoints resume exactly; final/ is the ordinary HF / PEFT layout; two "nodes" on loopback; bad input.
 
-The 2-process runs take ~15-30 s each on the 2-core machine (the first DeepSpeed run of a machine also
-builds DeepSpeed's shared-memory collective op, ~90 s, cached in ~/.cache/torch_extensions)."""
+The 2-process runs take ~15-30 s each on the 2-core machine (DeepSpeed's own shared-memory op, which
+serves only its inference all-reduce, is never built: engines._without_inference_shm_op)."""
 
 from __future__ import annotations
 
