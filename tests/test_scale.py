@@ -413,20 +413,21 @@ def test_zero_bucket_sizes_left_out_or_auto_follow_the_hidden_size_and_a_users_v
 # ---------------------------------------------------------------------------- memory per rank (tunelab advise)
 
 
-def _sharded_rank_peaks(rank: int, world: int, port: int, model: str, out: str, engines: list[str]) -> None:
-    """One rank of 2-rank runs of two full fine-tuning steps, one run per advisor engine row in ``engines``."""
+def _sharded_rank_peaks(rank: int, world: int, port: int, model: str, out: str,
+                        runs: list[tuple[str, str]]) -> None:
+    """One rank of 2-rank runs of two full fine-tuning steps, one run per (advisor engine row, precision)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)  # as a launcher sets it (DeepSpeed reads it)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    for distributed in engines:
-        _sharded_rank_peak(rank, world, model, Path(out, f"{distributed}-{rank}"), distributed)
+    for distributed, precision in runs:
+        _sharded_rank_peak(rank, world, model, Path(out, f"{distributed}-{precision}-{rank}"), distributed, precision)
     dist.destroy_process_group()
 
 
-def _sharded_rank_peak(rank: int, world: int, model: str, out: Path, distributed: str) -> None:
-    """A rank's run under ``distributed`` (an advisor engine row but DDP): its peak of live tensor bytes (the
+def _sharded_rank_peak(rank: int, world: int, model: str, out: Path, distributed: str, precision: str) -> None:
+    """A rank's run under ``distributed`` (an advisor engine row but DDP) in ``precision``: its peak of live tensor bytes (the
     advisor's measure; TensorMemory counts a DTensor as its local shard and, ``resizable``, a storage that FSDP2
     resized to 0 or ZeRO-3 swapped for an empty one as freed) written to ``out``, with the bytes of the
     collectives' own buffers (the shared memory they map, the buffers FSDP's pool keeps; not the model's) and,
@@ -436,10 +437,11 @@ def _sharded_rank_peak(rank: int, world: int, model: str, out: Path, distributed
     from tunelab.train.build import build_optimizer
     from tunelab.train.engines import make_engine
 
-    cfg = _advise_cfg(model, distributed)
-    model_, loss, optimizer = build_for_training(cfg, "fp32")
-    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0, num_processes=world)
-    engine = make_engine(cfg, acc, "fp32")
+    cfg = _advise_cfg(model, distributed, precision)
+    model_, loss, optimizer = build_for_training(cfg, precision)
+    acc = SimpleNamespace(device=torch.device("cpu"), is_main_process=rank == 0, num_processes=world,
+                          autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"))
+    engine = make_engine(cfg, acc, precision)
     engine.shard(loss)
     optimizer = build_optimizer(model_, cfg.train)  # FSDP2 replaced the parameters: an optimiser on the shards
     tracker = TensorMemory(resizable=True)
@@ -448,19 +450,18 @@ def _sharded_rank_peak(rank: int, world: int, model: str, out: Path, distributed
         tracker.track(model_tensors(model_, optimizer))
     else:
         step_model, zero = engine.prepare(loss, optimizer)
-        assert engine.master_weights == ("shared" if distributed == "zero3" else "fp32 copy")
+        assert engine.master_weights == ("shared" if (distributed, precision) == ("zero3", "fp32") else "fp32 copy")
         tracker.track([*_zero_buffers(zero), *model_.buffers()])
     batch = synthetic_batch(cfg, 2048)
     with tracker:
         for _ in range(2):
-            out_ = step_model(**batch)
+            with engine.context(step_model, True):  # FSDP: autocast; ZeRO: the accumulation boundary
+                out_ = step_model(**batch)
+            engine.backward(out_.total / out_.count)
             if distributed == "fsdp":
-                (out_.total / out_.count).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             else:
-                step_model.set_gradient_accumulation_boundary(True)
-                engine.backward(out_.total / out_.count)
                 step_model.step()
     buffers = mapped_bytes(world, engine.shm.piece_bytes) if engine.shm is not None else 0
     pool = getattr(engine, "pool", None)
@@ -483,7 +484,7 @@ def _zero_buffers(zero) -> list[torch.Tensor]:
     return [*zero.bit16_groups_flat, *zero.single_partition_of_fp32_groups]
 
 
-def _advise_cfg(model: str, distributed: str = "fsdp"):
+def _advise_cfg(model: str, distributed: str = "fsdp", precision: str = "fp32"):
     """A 2-process full fine-tuning config for the advisor's engine row ``distributed``."""
     from tunelab.config import load_config
 
@@ -495,17 +496,18 @@ def _advise_cfg(model: str, distributed: str = "fsdp"):
     return load_config(None, base={
         "model": {"path": model}, "method": {"name": "full"}, "data": {"train": [{"path": "unused.jsonl"}],
                                                                        "max_length": 64},
-        "train": {"batch_size": 2, "precision": "fp32", "max_grad_norm": None, "processes": 2, **engine}})[0]
+        "train": {"batch_size": 2, "precision": precision, "max_grad_norm": None, "processes": 2, **engine}})[0]
 
 
 @pytest.mark.slow
 def test_per_rank_estimates_are_within_20_percent_of_the_measured_peaks(tmp_path):
     """`tunelab advise`'s per-rank memory for FSDP and ZeRO-1/2/3 (and ZeRO-3 with the optimiser offloaded) with 2
-    processes, from its 1-process probes, against two real ranks' peak of live tensors (a 6-layer Llama whose
-    layers hold most of the weights). ZeRO-3 runs with its defaults here: each layer freed after its forward, and
-    the optimiser stepping the model's own fp32 partition (engines._share_master_weights); ZeRO-1/2 and offload
-    keep DeepSpeed's fp32 copy of the partition beside the model (offload: and a gradient buffer for it), which
-    the estimate counts and ``states`` (the flat buffers kept between steps) checks to 5%."""
+    processes, in fp32 and bf16, from its 1-process probes, against two real ranks' peak of live tensors (a
+    6-layer Llama whose layers hold most of the weights). ZeRO-3 runs with its defaults here: each layer freed
+    after its forward, and in fp32 the optimiser stepping the model's own partition
+    (engines._share_master_weights); ZeRO-1/2, bf16 and offload keep DeepSpeed's fp32 copy of the partition
+    beside the model (offload: and a gradient buffer for it), which the estimate counts and ``states`` (the flat
+    buffers kept between steps, fp32) checks to 5%."""
     import torch.multiprocessing as mp
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -513,31 +515,35 @@ def test_per_rank_estimates_are_within_20_percent_of_the_measured_peaks(tmp_path
     from tunelab.train.launch import free_port
 
     engines = ["fsdp"] + (["zero1", "zero2", "zero3", "zero3+offload"] if _has_deepspeed() else [])
+    runs = [(e, p) for p in ("fp32", "bf16") for e in engines]
     folder = tmp_path / "model"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
                      ).save_pretrained(folder)
-    probes = Probes(str(folder))
-    try:  # one process's step, the same under every engine's config
-        single, trainable, _, layer = estimate_with_layer(_advise_cfg(str(folder)), "full", probes, precision="fp32",
-                                                          checkpointing=False)
+    probes, steps = Probes(str(folder)), {}
+    try:  # one process's step in each precision, the same under every engine's config
+        for precision in ("fp32", "bf16"):
+            steps[precision] = estimate_with_layer(_advise_cfg(str(folder), precision=precision), "full", probes,
+                                                   precision=precision, checkpointing=False)
     finally:
         probes.close()
-    mp.spawn(_sharded_rank_peaks, args=(2, free_port(), str(folder), str(tmp_path), engines), nprocs=2, join=True)
+    mp.spawn(_sharded_rank_peaks, args=(2, free_port(), str(folder), str(tmp_path), runs), nprocs=2, join=True)
+    single, _, _, _ = steps["fp32"]
     w, g, o = single.weights, single.gradients, single.optimizer
     kept = {"zero3": (w + g + o) / 2,  # half of one process's weights, gradients and optimiser state: one copy
             "zero3+offload": (w + g + o) / 2 + w / 2 + g / 2,  # and DeepSpeed's fp32 copy, with its gradient buffer
             "zero2": w + w / 2 + o / 2, "zero1": w + w / 2 + o / 2}  # the whole model, half the copy and the state
-    for distributed in engines:
-        measured, buffers, states = max(tuple(map(int, (tmp_path / f"{distributed}-{r}").read_text().split()))
-                                        for r in (0, 1))
-        predicted = per_rank(single, layer, 6, distributed, 2, "cpu", trainable=trainable, precision="fp32").peak
+    for distributed, precision in runs:
+        measured, buffers, states = max(
+            tuple(map(int, (tmp_path / f"{distributed}-{precision}-{r}").read_text().split())) for r in (0, 1))
+        one, trainable, _, layer = steps[precision]
+        predicted = per_rank(one, layer, 6, distributed, 2, "cpu", trainable=trainable, precision=precision).peak
         assert buffers > 0, distributed  # the ranks gathered and scattered through /dev/shm (FSDP: a buffer pool)
-        assert abs(predicted / measured - 1) < 0.20, (distributed, predicted, measured)
+        assert abs(predicted / measured - 1) < 0.20, (distributed, precision, predicted, measured)
         if distributed == "fsdp":  # sharding measurably lowers the model's share of the peak
-            assert measured - buffers < 0.8 * per_rank(single, layer, 6, "ddp", 2, "cpu").peak
-        else:
+            assert measured - buffers < 0.8 * per_rank(one, layer, 6, "ddp", 2, "cpu").peak, precision
+        elif precision == "fp32":
             assert abs(states / kept[distributed] - 1) < 0.05, (distributed, states, kept[distributed])
 
 

@@ -341,7 +341,7 @@ ENGINE_ROWS = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3+offload")
 
 
 def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, device: str, *, trainable: int = 0,
-             precision: str = "fp32") -> Memory:
+             precision: str = "fp32", fsdp_mixed: bool = True) -> Memory:
     """Peak memory of one rank of ``ranks`` under ``engine``, from the single-process step ``m``: DDP holds it
     all; ZeRO-1 shards the optimiser state, ZeRO-2 the gradients too; ZeRO-3 and FSDP shard the weights as
     well, plus one decoder layer (``layer``) and the rest of the model (embeddings, head: the root unit,
@@ -354,14 +354,19 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
     ZeRO's optimiser steps an fp32 copy of this rank's partition of the ``trainable`` parameters (4 bytes each /
     ranks, counted with the optimiser state): ZeRO-1/2 always, ZeRO-3 under bf16 or with the optimiser offloaded,
     where it also keeps an fp32 gradient buffer of the partition for the step on the CPU. In fp32, ZeRO-3 steps
-    the model's own partition (``engines._share_master_weights``)."""
+    the model's own partition (``engines._share_master_weights``).
+
+    FSDP under bf16 with ``train.fsdp.mixed_precision`` (``fsdp_mixed``, the default) gathers bf16 copies of its
+    fp32 shards (``MixedPrecisionPolicy``): half the bytes of the weights it gathers."""
     n = max(1, ranks)
     w, g, o, a = m.weights, m.gradients, m.optimizer, m.activations
     root_w, root_g = max(0.0, w - layers * layer.weights), max(0.0, g - layers * layer.gradients)  # the root unit
+    bf16_gather = engine == "fsdp" and precision == "bf16" and fsdp_mixed
+    gathered = 0.5 if bf16_gather else 1.0  # the bytes of a gathered weight, per byte of the model's
     if device == "cpu" and n > 1 and engine == "fsdp":  # sized as engines.FSDP.shard sizes them
         a += mapped_bytes(n, piece_bytes(max(layer.gradients, root_g)))
         # and the buffer pool: two gathered copies and two gradient buffers of a layer and of the root, kept
-        a += 2 * (layer.weights + layer.gradients + root_w + root_g)
+        a += 2 * ((layer.weights + root_w) * gathered + layer.gradients + root_g)
     elif device == "cpu" and n > 1 and engine.startswith("zero"):  # engines.DeepSpeed.shard: pieces up to 4 B/param
         a += mapped_bytes(n, piece_bytes(w))
     if engine == "zero1":
@@ -369,7 +374,8 @@ def per_rank(m: Memory, layer: Memory, layers: int, engine: str, ranks: int, dev
     elif engine == "zero2":
         w, g, o = w, g / n, o / n
     elif engine in ("fsdp", "zero3", "zero3+offload"):
-        w = w / n + (root_w + layer.weights) * (1 - 1 / n)
+        # the units gathered whole while they run: the other ranks' shards (fp32), or a bf16 copy of all of it
+        w = w / n + (root_w + layer.weights) * (gathered if bf16_gather else 1 - 1 / n)
         g = g / n + (root_g + layer.gradients) * (1 - 1 / n)
         o = 0.0 if engine == "zero3+offload" and device != "cpu" else o / n
     masters = 4 * trainable / n  # ZeRO's fp32 copy of this rank's partition
@@ -442,8 +448,10 @@ def advise(cfg: TuneConfig, *, probe_steps: int = 2, methods: list[str] | None =
                     cfg, name, probes, precision=precision, checkpointing=False)
                 if name == cfg.method.name:
                     ranks = max(2, cfg.train.processes)
+                    fsdp_mixed = cfg.train.fsdp.mixed_precision if cfg.train.fsdp is not None else True
                     est.per_rank = {e: per_rank(est.memory, layer, probes.layers, e, ranks, device,
-                                                    trainable=est.trainable, precision=precision) for e in ENGINE_ROWS}
+                                                trainable=est.trainable, precision=precision, fsdp_mixed=fsdp_mixed)
+                                    for e in ENGINE_ROWS}
                 est.micro_batches = micro_batches(cfg, name, est.trainable / max(1, est.parameters), device)
                 est.memory = est.memory.concurrent(est.micro_batches)
                 if getattr(get_method(name), "GRADIENT_CHECKPOINTING", True) and (
