@@ -53,13 +53,34 @@ def tiny_config(tmp_path: Path, data_path: Path, **sections) -> dict:
     return cfg
 
 
+def train_here(config: Path) -> None:
+    """``tunelab train CONFIG`` for a 1-process run, in this test process: the CLI's own code, without a new
+    interpreter's ~8 s of imports (torch, transformers, peft). One thread, as the tests' CLI runs get; the
+    test process's thread count is put back."""
+    import torch
+
+    from tunelab.cli import main
+
+    threads, cap = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        code = main(["train", str(config)])
+    finally:
+        torch.set_num_threads(threads)
+        if cap is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = cap
+    assert code == 0, f"tunelab train {config} exited with {code}"
+
+
 ACCELERATE_2 = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
 
 
 def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "accelerate") -> tuple[Path, Path]:
-    """Train config ``one`` in 1 process and ``two`` in 2 (``accelerate launch``, or ``launcher="tunelab"``:
-    ``train.processes: 2``), one thread each, through the CLI; returns their run folders."""
+    """Train config ``one`` in 1 process (:func:`train_here`) and ``two`` in 2 (``accelerate launch``, or
+    ``launcher="tunelab"``: ``train.processes: 2``), one thread each, through the CLI; returns their run folders."""
     import subprocess
     import sys
 
@@ -72,12 +93,15 @@ def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "
     for cfg, multi in ((one, False), (two, True)):
         path = tmp_path / f"{cfg['run']['name']}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        runs.append(Path(cfg["run"]["output_dir"]) / cfg["run"]["name"])
+        if not multi:
+            train_here(path)
+            continue
         cmd = [sys.executable, "-m", "tunelab.cli", "train", str(path)]
         if multi and launcher == "accelerate":
             cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *ACCELERATE_2, *cmd[1:]]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(Path(cfg["run"]["output_dir"]) / cfg["run"]["name"])
     return runs[0], runs[1]
 
 
