@@ -58,6 +58,7 @@ from tunelab.report.settings import ReportOptions
 from tunelab.search.settings import AdviseOptions, SelectRequest, SweepOptions
 from tunelab.ship.settings import ChatOptions, ExportOptions, GenerateOptions, PredictOptions, ServeOptions
 from tunelab.train import launch
+from tunelab.train.run import RunDir
 from tunelab.train.settings import ConfigShowOptions, ContinualOptions, TrainOptions
 from tunelab.ui.settings import UiOptions
 
@@ -119,8 +120,6 @@ def _train(o: TrainOptions) -> int | None:
     nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
     if (cfg.train.processes > 1 or o.nnodes > 1) and not launch.launched():
         if o.node_rank == 0:  # the run folder's refusals before any rank starts (rank 0 checks them again)
-            from tunelab.train.run import RunDir
-
             RunDir.check(cfg.run_dir, resume=o.resume)
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
         from tunelab.train.cpu_tuning import rank_environment
