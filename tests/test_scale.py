@@ -266,32 +266,46 @@ def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path, 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
     """Two launchers with --nnodes 2 (one rank each, FSDP) meet at 127.0.0.1 and train as the single-node
-    2-process run does. The "nodes" keep to gloo's collectives (TUNELAB_COLLECTIVES=gloo), as two machines
-    would (they cannot map each other's /dev/shm): FSDP's reduce-scatter is then gloo's all-reduce
-    (engines.AllReduceScatter), while the single-node run's collectives go through shared memory."""
+    2-process run does: tunelab's own, then torchrun's and accelerate's multi-node flags on the same config. The
+    "nodes" keep to gloo's collectives (TUNELAB_COLLECTIVES=gloo), as two machines would (they cannot map each
+    other's /dev/shm): FSDP's reduce-scatter is then gloo's all-reduce (engines.AllReduceScatter), while the
+    single-node run's collectives go through shared memory."""
     from tunelab.train.launch import free_port
 
     one_node = _cfg(tmp_path, alpaca_path, "node", method="lora", packing=False, engine="fsdp")
     _train(tmp_path, one_node)
-    two = _cfg(tmp_path, alpaca_path, "nodes", method="lora", packing=False, engine="fsdp")
-    two["train"]["processes"] = 1
-    path = tmp_path / "nodes.yaml"
-    path.write_text(yaml.safe_dump(two))
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(path), "--nnodes", "2",
-                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**ENV, "TUNELAB_COLLECTIVES": "gloo"}) for r in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    nodes = tmp_path / "runs" / "nodes"
-    env = json.loads((nodes / "env.json").read_text())
-    assert env["processes"] == 2
-    assert env["distributed"]["collectives"] == "gloo (TUNELAB_COLLECTIVES=gloo)"
-    assert env["distributed"]["reduce_scatter"] == "all_reduce"
+    reference = _losses(tmp_path / "runs" / "node")
     assert json.loads((tmp_path / "runs" / "node" / "env.json").read_text())["distributed"]["reduce_scatter"] \
         == "shared memory"
-    assert _losses(nodes) == pytest.approx(_losses(tmp_path / "runs" / "node"), abs=1e-6)
+    bin_ = Path(sys.executable).parent
+    launchers = {
+        "tunelab": lambda r, port: [sys.executable, "-m", "tunelab.cli", "train", "{config}", "--nnodes", "2",
+                                    "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
+        "torchrun": lambda r, port: [str(bin_ / "torchrun"), "--nnodes", "2", "--node-rank", str(r),
+                                     "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                                     "-m", "tunelab.cli", "train", "{config}"],
+        "accelerate": lambda r, port: [str(bin_ / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
+                                       "--machine_rank", str(r), "--num_processes", "2", "--main_process_ip",
+                                       "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                                       "--dynamo_backend", "no", "-m", "tunelab.cli", "train", "{config}"],
+    }
+    for name, command in launchers.items():
+        two = _cfg(tmp_path, alpaca_path, f"nodes-{name}", method="lora", packing=False, engine="fsdp")
+        two["train"]["processes"] = 1  # one rank a node
+        path = tmp_path / f"nodes-{name}.yaml"
+        path.write_text(yaml.safe_dump(two))
+        port = str(free_port())
+        procs = [subprocess.Popen([x.replace("{config}", str(path)) for x in command(r, port)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**ENV, "TUNELAB_COLLECTIVES": "gloo"}) for r in (0, 1)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], (name, [o[1][-2000:] for o in outs])
+        nodes = tmp_path / "runs" / f"nodes-{name}"
+        env = json.loads((nodes / "env.json").read_text())
+        assert env["processes"] == 2, name
+        assert env["distributed"]["collectives"] == "gloo (TUNELAB_COLLECTIVES=gloo)", name
+        assert env["distributed"]["reduce_scatter"] == "all_reduce", name
+        assert _losses(nodes) == pytest.approx(reference, abs=1e-6), name
 
 
 # ---------------------------------------------------------------------------- bad input: one line each
