@@ -110,14 +110,19 @@ def test_python_api_refuses_train_processes(tmp_path, alpaca_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, alpaca_path):
+# DDP's Ctrl-C is also in test_faults' chain of faults (there, resumed bit-identical to an uninterrupted run)
+@pytest.mark.parametrize("engine", [pytest.param({}, marks=pytest.mark.extended), pytest.param(
+    {"distributed": "fsdp"}, marks=pytest.mark.extended), {"distributed": "deepspeed", "deepspeed": {"stage": 3}}],
+    ids=["ddp", "fsdp", "zero3"])
+def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, alpaca_path, engine):
     """SIGINT to `tunelab train` with train.processes: 2: both ranks stop after the same step,
-    one checkpoint is saved, the error is one line, and --resume finishes the run from there."""
+    one checkpoint is saved (under a sharded engine, with both ranks' shards), the error is one line, and
+    --resume finishes the run from there."""
     import signal
     import time
 
     cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "batch_size": 2, "grad_accum": 1,
-                                                   "epochs": 2, "lr": 1e-3},
+                                                   "epochs": 2, "lr": 1e-3, **engine},
                       data={"train": [{"path": str(alpaca_path), "limit": 120}], "max_length": 128})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -139,7 +144,12 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     lines = [line for line in err.splitlines() if "interrupted at step" in line]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     step = int(lines[0].split("interrupted at step ")[1].split(":")[0])
-    assert (run / "checkpoints" / f"step-{step:06d}").is_dir()
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == [f"step-{step:06d}"]
+    shards = run / "checkpoints" / f"step-{step:06d}" / "shards"
+    if engine.get("distributed") == "deepspeed":  # each rank's ZeRO partition of the model and the optimiser
+        assert len(list((shards / "zero").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))) == 2
+    elif engine:  # torch.distributed.checkpoint: one file a rank
+        assert len(list(shards.glob("__*_0.distcp"))) == 2
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
