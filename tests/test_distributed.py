@@ -121,8 +121,9 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     import signal
     import time
 
+    # 24 steps: the interrupt lands after about 4 of them, and the resumed run has few left
     cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "batch_size": 2, "grad_accum": 1,
-                                                   "epochs": 2, "lr": 1e-3, **engine},
+                                                   "max_steps": 24, "lr": 1e-3, **engine},
                       data={"train": [{"path": str(alpaca_path), "limit": 120}], "max_length": 128})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))

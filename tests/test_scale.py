@@ -263,10 +263,9 @@ def test_sigkill_of_one_rank_then_resume_equals_the_uninterrupted_run(tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
+def _nodes_equal_one_node(tmp_path: Path, alpaca_path: Path, launchers: list[str]) -> None:
     """Two launchers with --nnodes 2 (one rank each, FSDP) meet at 127.0.0.1 and train as the single-node
-    2-process run does: tunelab's own, then torchrun's and accelerate's multi-node flags on the same config. The
+    2-process run does, once for each of ``launchers`` (tunelab's, torchrun's, accelerate's multi-node flags). The
     "nodes" keep to gloo's collectives (TUNELAB_COLLECTIVES=gloo), as two machines would (they cannot map each
     other's /dev/shm): FSDP's reduce-scatter is then gloo's all-reduce (engines.AllReduceScatter), while the
     single-node run's collectives go through shared memory."""
@@ -278,7 +277,7 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpac
     assert json.loads((tmp_path / "runs" / "node" / "env.json").read_text())["distributed"]["reduce_scatter"] \
         == "shared memory"
     bin_ = Path(sys.executable).parent
-    launchers = {
+    commands = {
         "tunelab": lambda r, port: [sys.executable, "-m", "tunelab.cli", "train", "{config}", "--nnodes", "2",
                                     "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
         "torchrun": lambda r, port: [str(bin_ / "torchrun"), "--nnodes", "2", "--node-rank", str(r),
@@ -289,13 +288,13 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpac
                                        "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
                                        "--dynamo_backend", "no", "-m", "tunelab.cli", "train", "{config}"],
     }
-    for name, command in launchers.items():
+    for name in launchers:
         two = _cfg(tmp_path, alpaca_path, f"nodes-{name}", method="lora", packing=False, engine="fsdp")
         two["train"]["processes"] = 1  # one rank a node
         path = tmp_path / f"nodes-{name}.yaml"
         path.write_text(yaml.safe_dump(two))
         port = str(free_port())
-        procs = [subprocess.Popen([x.replace("{config}", str(path)) for x in command(r, port)],
+        procs = [subprocess.Popen([x.replace("{config}", str(path)) for x in commands[name](r, port)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**ENV, "TUNELAB_COLLECTIVES": "gloo"}) for r in (0, 1)]
         outs = [p.communicate(timeout=600) for p in procs]
@@ -306,6 +305,20 @@ def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpac
         assert env["distributed"]["collectives"] == "gloo (TUNELAB_COLLECTIVES=gloo)", name
         assert env["distributed"]["reduce_scatter"] == "all_reduce", name
         assert _losses(nodes) == pytest.approx(reference, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
+    """tunelab's `--nnodes 2 --node-rank R` and torchrun's multi-node flags (see _nodes_equal_one_node)."""
+    _nodes_equal_one_node(tmp_path, alpaca_path, ["tunelab", "torchrun"])
+
+
+@EXTENDED
+@pytest.mark.slow
+def test_two_accelerate_nodes_on_loopback_equal_one_node_with_two_processes(tmp_path, alpaca_path):
+    """`accelerate launch --num_machines 2 --machine_rank R` (its single-node launch is in make test:
+    test_distributed's padded-accelerate-launch)."""
+    _nodes_equal_one_node(tmp_path, alpaca_path, ["accelerate"])
 
 
 # ---------------------------------------------------------------------------- bad input: one line each
