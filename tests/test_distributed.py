@@ -77,6 +77,30 @@ def test_train_processes_user_error_is_one_line_once(tmp_path, alpaca_path):
     assert "Traceback" not in out.stderr
 
 
+def test_the_launcher_starts_the_ranks_without_the_model_stack_and_rank_0_reports_the_task_rules(tmp_path,
+                                                                                                alpaca_path):
+    """`tunelab train` with train.processes: 2 reads the config without the task's own rules, whose modules
+    import transformers and peft (about 6 s before any rank started); rank 0 checks them and prints a problem
+    once. A sharded engine's launcher imports torch alone (is there a GPU?, for the allocator), not the model
+    stack."""
+    cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "max_steps": 1})
+    stack = ("torch", "transformers", "peft", "deepspeed")
+    for distributed, imported in (("ddp", []), ("fsdp", ["torch"])):
+        path = tmp_path / f"{distributed}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "distributed": distributed}}))
+        probe = ("import sys; from tunelab.train import launch; launch.run_processes = lambda *a, **k: 0; "
+                 f"from tunelab.cli import main; assert main(['train', {str(path)!r}]) == 0; "
+                 f"print([m for m in {stack!r} if m in sys.modules])")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == repr(imported), (distributed, out.stdout, out.stderr)
+    (tmp_path / "head.yaml").write_text(yaml.safe_dump({**cfg, "method": {"name": "head"}}))
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "head.yaml")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "method.name=head trains a classification head, but task is 'sft'" in out.stderr
+
+
 def test_an_existing_run_is_refused_before_the_ranks_start_and_by_the_ranks_in_one_line(tmp_path, alpaca_path,
                                                                                         capsys):
     """`tunelab train` refuses a run folder that already trained before it starts any rank; ranks started by

@@ -364,6 +364,18 @@ def test_bad_combinations_are_one_line_naming_the_fields(tmp_path, alpaca_path, 
     assert len(line) < 400
 
 
+def test_the_config_and_the_engines_agree_on_which_engines_shard():
+    """The launcher reads ``train.sharded`` from the config (it never imports the engines); the loop asks the
+    engine. The two must say the same for every engine the config accepts."""
+    from tunelab.config import TrainSection
+    from tunelab.train.engines import ENGINES
+
+    names = TrainSection.model_fields["distributed"].annotation.__args__
+    assert sorted(names) == sorted(ENGINES)
+    assert {n: TrainSection(distributed=n).sharded for n in names} == {n: ENGINES[n].sharded for n in names}
+    assert [n for n in names if ENGINES[n].sharded] == ["fsdp", "deepspeed"]
+
+
 def test_objectives_needing_a_second_view_are_refused_under_sharding(tmp_path, alpaca_path):
     text = _problems(tmp_path, alpaca_path, train={"distributed": "fsdp"}, objectives={"l2sp": {"weight": 0.01}})
     assert "objectives.l2sp with train.distributed: fsdp is not supported" in text

@@ -58,6 +58,7 @@ from tunelab.report.settings import ReportOptions
 from tunelab.search.settings import AdviseOptions, SelectRequest, SweepOptions
 from tunelab.ship.settings import ChatOptions, ExportOptions, GenerateOptions, PredictOptions, ServeOptions
 from tunelab.train import launch
+from tunelab.train.cpu_tuning import rank_environment
 from tunelab.train.run import RunDir
 from tunelab.train.settings import ConfigShowOptions, ContinualOptions, TrainOptions
 from tunelab.ui.settings import UiOptions
@@ -110,11 +111,12 @@ def _refuse_existing(path, flag: str, *, force: bool) -> None:
 
 def _train(o: TrainOptions) -> int | None:
     from tunelab.config import load_config
-    from tunelab.train.recipe import fine_tune
 
-    cfg, sources = load_config(o.config, o.set)
     if o.dry_run:
         return _advise(AdviseOptions(config=o.config, set=o.set), dry_run=True)
+    # Without the task's rules first: they import the model stack (about 6 s), which a launcher, that only starts
+    # the ranks, never needs. Each rank checks the config whole, and rank 0 prints what it finds.
+    cfg, sources = load_config(o.config, o.set, task_rules=False)
     if o.resume:
         _check_resume_config(cfg)
     nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
@@ -122,12 +124,12 @@ def _train(o: TrainOptions) -> int | None:
         if o.node_rank == 0:  # the run folder's refusals before any rank starts (rank 0 checks them again)
             RunDir.check(cfg.run_dir, resume=o.resume)
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
-        from tunelab.train.cpu_tuning import rank_environment
-        from tunelab.train.engines import ENGINES
-
-        env = rank_environment(cfg.train, sharded=ENGINES[cfg.train.distributed].sharded)
+        env = rank_environment(cfg.train, sharded=cfg.train.sharded)
         return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes,
                                     env=env)
+    from tunelab.train.recipe import fine_tune
+
+    cfg, sources = load_config(o.config, o.set)
     fine_tune(cfg, sources, resume=o.resume)
     return None
 

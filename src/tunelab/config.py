@@ -341,6 +341,13 @@ class TrainSection(_Strict):
         None, description="Gradual unfreezing: layer groups start training top-down, one more every N epochs or steps."
     )
 
+    @property
+    def sharded(self) -> bool:
+        """Whether ``distributed`` shards the model over the ranks (fsdp and deepspeed do; ddp replicates it).
+        The engines' own ``sharded`` says the same (tested): the config knows it so that a process that only
+        reads the config, such as the launcher, need not import the engines (torch and the model stack)."""
+        return self.distributed != "ddp"
+
 
 class ClassificationSection(_Strict):
     """Options of the classification tasks (``task: classification`` and ``task: generative_classification``)."""
@@ -636,7 +643,7 @@ def _distributed_problems(cfg: TuneConfig) -> list[str]:
     if engine == "deepspeed" and ds is not None and ds.offload_params == "cpu" and ds.stage in (1, 2):
         p.append(f"train.deepspeed.offload_params: cpu needs ZeRO stage 3 (got train.deepspeed.stage: {ds.stage}): "
                  "only stage 3 shards the parameters. Set train.deepspeed.stage: 3, or offload_params: none")
-    if engine == "ddp":
+    if not t.sharded:
         return p
     what = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO"
     if not getattr(_method(cfg.method.name), "SHARDS", False):
@@ -668,8 +675,9 @@ def zero3_refusal(task: str) -> str:
             "in the backward, where ZeRO-3 has freed it. Use train.distributed: fsdp, or train.deepspeed.stage: 2")
 
 
-def _cross_field_problems(cfg: TuneConfig) -> list[str]:
-    """Rules that involve several fields; worded with the field paths."""
+def _cross_field_problems(cfg: TuneConfig, *, task_rules: bool = True) -> list[str]:
+    """Rules that involve several fields; worded with the field paths. ``task_rules``: also the task's own
+    rules, which load the model stack (see :func:`load_config`)."""
     p: list[str] = []
     t, d = cfg.train, cfg.data
     if t.warmup_steps is not None and t.warmup_ratio is not None:
@@ -705,11 +713,13 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
                             {n: set(m.Config.model_fields) for n, m in METHODS.items()})
     if cfg.stages:
         p.append("stages: this config describes a continual run (task after task). Run it with: tunelab continual CONFIG")
+    if not task_rules:
+        return p
     # the task's own rules; the task modules build models (torch), so they load when a config is checked
     from tunelab import tasks  # noqa: PLC0415
 
     p += tasks.problems(cfg)
-    if cfg.train.distributed != "ddp" and not tasks.get(cfg.task).shards:
+    if cfg.train.sharded and not tasks.get(cfg.task).shards:
         p.append(f"task: {cfg.task} with train.distributed: {cfg.train.distributed} is not supported (its loss "
                  "needs a second view of the model, or several heads). Use train.distributed: ddp")
     elif (cfg.train.distributed == "deepspeed" and cfg.train.deepspeed is not None and cfg.train.deepspeed.stage == 3
@@ -718,10 +728,13 @@ def _cross_field_problems(cfg: TuneConfig) -> list[str]:
     return p
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> tuple[TuneConfig, dict[str, str]]:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None, *,
+                task_rules: bool = True) -> tuple[TuneConfig, dict[str, str]]:
     """Read, override and validate a config. Returns the config and each field's source.
 
-    Raises :class:`ConfigError` listing every problem found.
+    Raises :class:`ConfigError` listing every problem found. ``task_rules=False`` leaves out the task's own
+    rules, whose modules import torch, transformers and peft (about 6 s on a 2-core machine): for a process
+    that only reads the config and starts others that check it whole (``tunelab train``'s launcher).
     """
     raw: dict[str, Any] = dict(base or {})
     source_name = "config"
@@ -759,7 +772,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     except ValidationError as exc:
         problems = [_format_error(e, list(METHODS)) for e in _merge_union_errors(exc.errors())]
         raise ConfigError(list(dict.fromkeys(problems)), source_name) from None
-    problems = _cross_field_problems(cfg)
+    problems = _cross_field_problems(cfg, task_rules=task_rules)
     if problems:
         raise ConfigError(problems, source_name)
 

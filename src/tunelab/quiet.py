@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -32,13 +33,13 @@ def quiet_libraries() -> None:
     ds_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _CpuFallbackWarning) for f in ds_logger.filters):
         ds_logger.addFilter(_CpuFallbackWarning())
-    try:
-        from transformers.utils import logging as hf_logging
-
+    # transformers reads its level when it first logs, and its bars follow HF_HUB_DISABLE_PROGRESS_BARS (above):
+    # importing it here would cost about 1 s in every process, the launcher of `tunelab train` among them
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # already imported (the Python API, tests): it has read its settings
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 class _CpuFallbackWarning(logging.Filter):

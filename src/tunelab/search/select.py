@@ -35,6 +35,7 @@ from tunelab.eval.evaluate import EVAL_KINDS
 from tunelab.fsutil import atomic_write_text
 from tunelab.search.memory import mib
 from tunelab.search.settings import SelectRequest
+from tunelab.train.cpu_tuning import set_threads
 
 
 @dataclass
@@ -131,7 +132,6 @@ def _train_config(req: SelectRequest, model: str, method: str):
 def throughput(req: SelectRequest, model_path: str) -> float:
     """Training tokens per second of ``req.method`` (3 steps; the best of the last two)."""
     from tunelab.search.advise import build_for_training, probe_kernels, synthetic_batch, train_steps
-    from tunelab.train.cpu_tuning import set_threads
     from tunelab.train.precision import resolve_precision
 
     cfg = _train_config(req, model_path, req.method)

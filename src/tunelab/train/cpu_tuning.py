@@ -45,8 +45,6 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tunelab.errors import UserError
 
 M_TRIM_THRESHOLD = -1
@@ -76,6 +74,8 @@ def default_threads() -> int:
 
 def set_threads(threads: int | None) -> int:
     """torch threads: as configured, else :func:`default_threads`; returns the count set."""
+    import torch  # lazy, as below: tunelab train's launcher imports this module and never needs torch
+
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     return threads
@@ -139,7 +139,11 @@ def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
         raise UserError(f"TUNELAB_MALLOC={choice} is not an allocator tunelab knows. Use glibc or tbb, or unset it")
     if not (sharded and getattr(train_cfg, "cpu_tuning", True) and sys.platform.startswith("linux")):
         return {}
-    if choice == "glibc" or torch.cuda.is_available():
+    if choice == "glibc":
+        return {}
+    import torch  # lazy: only for a sharded engine's launch (about 2 s here)
+
+    if torch.cuda.is_available():
         return {}
     libraries = scalable_malloc_libraries()
     if libraries is None:
@@ -172,6 +176,8 @@ def apply_cpu_tuning(train_cfg, device: str, *, sharded: bool = False) -> dict[s
     if enabled or train_cfg.threads:
         threads = set_threads(train_cfg.threads)
     else:
+        import torch  # lazy (see set_threads)
+
         threads = torch.get_num_threads()  # torch's own default
     malloc = "default"
     if scalable_malloc_loaded():  # glibc's thresholds would tune an allocator this process does not use
