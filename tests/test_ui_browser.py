@@ -60,12 +60,14 @@ def ui(tmp_path_factory):
     ws.mkdir()
     _write_data(ws)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    # a second run to compare with, trained by the CLI (the UI reads any run directory)
-    (ws / "b.yaml").write_text("run: {name: cli-b}\nmodel: {path: tiny-random-llama}\n"
-                               "data: {train: [{path: alpaca.json}], max_length: 64}\nmethod: {name: lora, r: 4}\n"
-                               "train: {max_steps: 4, lr: 1.0e-3, precision: fp32}\n")
-    trained = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", "b.yaml"], cwd=ws, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # two runs to compare, trained by the CLI (the UI reads any run directory); not the Train tab's run: pytest-xdist
+    # may give the compare test to another worker, with its own workspace
+    for name, lr in (("a", "1.0e-4"), ("b", "1.0e-3")):
+        (ws / f"{name}.yaml").write_text(f"run: {{name: cli-{name}}}\nmodel: {{path: tiny-random-llama}}\n"
+                                         "data: {train: [{path: alpaca.json}], max_length: 64}\n"
+                                         f"method: {{name: lora, r: 4}}\ntrain: {{max_steps: 4, lr: {lr}, precision: fp32}}\n")
+    trained = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", f"{name}.yaml"], cwd=ws, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for name in "ab"]
     port = _free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "server.log", "w")  # noqa: SIM115 - the server's output, kept as an artifact
@@ -77,7 +79,8 @@ def ui(tmp_path_factory):
     options.binary_location = chromium
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
-        assert trained.wait(timeout=600) == 0, trained.stderr.read()[-2000:]
+        for proc in trained:
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
         _wait(lambda: "tunelab ui: http://127.0.0.1" in (ARTIFACTS / "server.log").read_text(), 300, "the server")
         browser.get(f"http://127.0.0.1:{port}/en/")
         _wait(lambda: browser.find_elements("id", "f-model-path"), 120, "the page")
@@ -187,12 +190,12 @@ def test_runs_tab_compares_two_runs(ui):
     _tab(browser, "Runs")
     _click(browser, "btn-runs-refresh")
     _wait(lambda: "cli-b" in browser.find_element("id", "runs-table").text, 60, "the runs table")
-    for name in ("runs/ui-a", "runs/cli-b"):
+    for name in ("runs/cli-a", "runs/cli-b"):
         label = _wait(lambda n=name: [x for x in browser.find_elements("css selector", "#runs-pick label")
                                       if x.text.strip() == n], 60, name)
         label[0].click()
     compare = _wait(lambda: (t := browser.find_element("id", "runs-compare").text) and "runs/cli-b" in t
-                    and "runs/ui-a" in t and t, 60, "the comparison table")
+                    and "runs/cli-a" in t and t, 60, "the comparison table")
     assert "final loss" in compare
     _wait(lambda: browser.find_elements("css selector", "#runs-overlay canvas, #runs-overlay svg"), 60, "the overlay")
     _shot(browser, "runs-compare.png", "runs-pick")

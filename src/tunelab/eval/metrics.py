@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest, norm
 
 from tunelab.errors import UserError
 
@@ -302,12 +302,10 @@ def lm_metrics(loss_sum: float, n_tokens: int, n_correct: int) -> dict[str, floa
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (scipy's normal quantile)."""
-
-
+    """Wilson score interval for a proportion k/n (the standard library's normal quantile)."""
     if n == 0:
         return (0.0, 1.0)
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -355,6 +353,9 @@ def paired_test(a: list[float], b: list[float], *, binary: bool | None = None, n
     if binary:
         b_only = int(((x == 0) & (y == 1)).sum())  # B right, A wrong
         a_only = int(((x == 1) & (y == 0)).sum())
+        # lazy: scipy takes about 0.4 s to import, in every process that trains (the task modules import this one)
+        from scipy.stats import binomtest
+
         p = 1.0 if a_only + b_only == 0 else float(binomtest(b_only, a_only + b_only, 0.5).pvalue)
         out.update(test="mcnemar-exact", a_only_correct=a_only, b_only_correct=b_only, p_value=p)
     else:
