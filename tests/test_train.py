@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import tiny_config, train_here
 from faults import Fault, subprocess_env
 from tunelab.config import load_config
 from tunelab.train.recipe import fine_tune
@@ -229,8 +229,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path, packing):
     for name in ("straight", "killed"):
         c = {**cfg, "run": {**cfg["run"], "name": name}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
-    straight = _cli(["train", str(tmp_path / "straight.yaml")])
-    assert straight.returncode == 0, straight.stderr
+    train_here(tmp_path / "straight.yaml")
     killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "killed.yaml")],
                             capture_output=True, text=True, env=subprocess_env(Fault("after_update", 5, "sigkill")),
                             timeout=300)

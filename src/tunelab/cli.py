@@ -120,9 +120,9 @@ def _train(o: TrainOptions) -> int | None:
     if o.resume:
         _check_resume_config(cfg)
     nodes = launch.Nodes(o.nnodes, o.node_rank, o.master_addr, o.master_port)
+    if o.node_rank == 0 and not launch.launched():  # the run folder's refusals before a rank starts or the model
+        RunDir.check(cfg.run_dir, resume=o.resume)  # stack loads (rank 0 checks them again as it opens the run)
     if (cfg.train.processes > 1 or o.nnodes > 1) and not launch.launched():
-        if o.node_rank == 0:  # the run folder's refusals before any rank starts (rank 0 checks them again)
-            RunDir.check(cfg.run_dir, resume=o.resume)
         argv = ["train", o.config, *(x for kv in o.set for x in ("--set", kv))]
         env = rank_environment(cfg.train, sharded=cfg.train.sharded)
         return launch.run_processes([*argv, "--resume"] if o.resume else argv, cfg.train.processes, nodes=nodes,
