@@ -113,7 +113,7 @@ def kernels_apply(cfg: TuneConfig) -> bool:
     # a sharded engine gathers a module's parameters in that module's own forward hooks, which a fused layer
     # (reading its projections' weights directly) would bypass under ZeRO-3
     return (cfg.train.fused_kernels and tasks.get(cfg.task).causal_lm_rows
-            and methods.fact(cfg.method.name, "FUSED_KERNELS") and not engines.ENGINES[cfg.train.distributed].sharded)
+            and methods.fact(cfg.method.name, "FUSED_KERNELS") and not cfg.train.sharded)
 
 
 def build_model(cfg: TuneConfig, data: PreparedData, dtype: str, tokenizer):
