@@ -72,12 +72,12 @@ def install(fault: Fault) -> Armed:
 
     from tunelab.train import checkpoint, loop
 
-    if fault.rank is not None and int(os.environ.get("RANK", "0")) != fault.rank:
-        return Armed(lambda: None)
     seen = {"n": 0}
 
     def hit(point: str) -> None:
-        if point == fault.point:
+        # the rank is read when the point comes: a launcher's ranks are forked from one process that installed
+        # the fault before any of them had a rank (tunelab.train.zygote)
+        if point == fault.point and (fault.rank is None or int(os.environ.get("RANK", "0")) == fault.rank):
             seen["n"] += 1
             if seen["n"] == fault.nth:
                 armed.fired = True

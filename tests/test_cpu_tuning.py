@@ -85,6 +85,11 @@ def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_free
     assert rank_environment(types.SimpleNamespace(cpu_tuning=False, threads=None), sharded=True) == {}
     monkeypatch.setenv("TUNELAB_MALLOC", "glibc")
     assert rank_environment(on, sharded=True) == {}
+    monkeypatch.delenv("TUNELAB_MALLOC")
+    monkeypatch.setattr(cpu_tuning, "GPU_NODES", {**cpu_tuning.GPU_NODES, "nvidia": ("/",)})  # a GPU's node
+    assert rank_environment(on, sharded=True) == {}  # the GPU's ranks: not on the CPU, glibc's
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # ... unless hidden
+    assert rank_environment(on, sharded=True) == env
     monkeypatch.setenv("TUNELAB_MALLOC", "jemalloc")
     with pytest.raises(UserError, match="TUNELAB_MALLOC=jemalloc is not an allocator tunelab knows"):
         rank_environment(on, sharded=False)

@@ -46,21 +46,44 @@ def test_one_process_equals_two_processes(tmp_path, alpaca_path, packing):
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
 
 
-def test_a_failing_rank_stops_the_others_at_once(tmp_path, monkeypatch, capsys):
+def fake_ranks(tmp_path, monkeypatch, fork: bool, script: str) -> dict:
+    """Make the launcher's ranks run ``script`` (shell): as the interpreter it execs, or (``fork``) as the module
+    the zygote runs, with nothing preloaded. Returns the keyword arguments for ``run_processes``."""
+    from tunelab.train import launch
+
+    if fork:
+        (tmp_path / "fake_rank.py").write_text("import os\n\n\ndef main(argv):\n"
+                                               f"    os.execvp('sh', ['sh', '-c', {script!r}])\n")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+        return {"fork": True, "module": "fake_rank", "preload": ()}
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    return {"fork": False}
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "exec"])
+def test_a_failing_rank_stops_the_others_at_once(tmp_path, monkeypatch, capsys, fork):
     """Rank 1 fails while rank 0 would wait (at a collective): the launcher stops rank 0 and
-    returns rank 1's exit code instead of waiting for the gloo timeout."""
+    returns rank 1's exit code instead of waiting for the gloo timeout; the same for ranks forked
+    from the zygote and ranks started as interpreters of their own."""
     import time
 
     from tunelab.train import launch
 
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\nif [ "$RANK" = 1 ]; then exit 3; fi\nsleep 120\n')
-    fake.chmod(0o755)
-    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    how = fake_ranks(tmp_path, monkeypatch, fork, 'if [ "$RANK" = 1 ]; then exit 3; fi\nexec sleep 120')
     start = time.monotonic()
-    assert launch.run_processes(["train", "x.yaml"], 2) == 3
+    assert launch.run_processes(["train", "x.yaml"], 2, **how) == 3
     assert time.monotonic() - start < 30
     assert "process 1 of 2 stopped with exit code 3" in capsys.readouterr().err
+
+
+def test_a_zygote_that_dies_before_forking_fails_the_launch(tmp_path, monkeypatch):
+    """A preload that cannot be imported: the zygote's traceback is the message, and the launch fails."""
+    from tunelab.train import launch
+
+    assert launch.run_processes(["train", "x.yaml"], 2, fork=True, preload=("no_such_module_here",)) == 1
 
 
 def test_train_processes_user_error_is_one_line_once(tmp_path, alpaca_path):
@@ -81,11 +104,10 @@ def test_the_launcher_starts_the_ranks_without_the_model_stack_and_rank_0_report
                                                                                                 alpaca_path):
     """`tunelab train` with train.processes: 2 reads the config without the task's own rules, whose modules
     import transformers and peft (about 6 s before any rank started); rank 0 checks them and prints a problem
-    once. A sharded engine's launcher imports torch alone (is there a GPU?, for the allocator), not the model
-    stack."""
+    once. A sharded engine's launcher asks whether there is a GPU (for the allocator) without torch either."""
     cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "max_steps": 1})
     stack = ("torch", "transformers", "peft", "deepspeed")
-    for distributed, imported in (("ddp", []), ("fsdp", ["torch"])):
+    for distributed, imported in (("ddp", []), ("fsdp", [])):
         path = tmp_path / f"{distributed}.yaml"
         path.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], "distributed": distributed}}))
         probe = ("import sys; from tunelab.train import launch; launch.run_processes = lambda *a, **k: 0; "

@@ -595,19 +595,18 @@ def _has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def test_a_failing_rank_on_another_node_is_named_with_its_host(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "exec"])
+def test_a_failing_rank_on_another_node_is_named_with_its_host(tmp_path, monkeypatch, capsys, fork):
     """Node 1 of 2 (one rank: global rank 1) fails: its launcher stops and names the rank and this host."""
     import socket
 
+    from test_distributed import fake_ranks
     from tunelab.train import launch
 
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\nif [ "$RANK" = 1 ] && [ "$WORLD_SIZE" = 2 ] && [ "$MASTER_PORT" = 29999 ]; then exit 3; fi\n'
-                    'sleep 120\n')
-    fake.chmod(0o755)
-    monkeypatch.setattr(launch.sys, "executable", str(fake))
+    how = fake_ranks(tmp_path, monkeypatch, fork, 'if [ "$RANK" = 1 ] && [ "$WORLD_SIZE" = 2 ] && '
+                     '[ "$MASTER_PORT" = 29999 ]; then exit 3; fi\nexec sleep 120')
     nodes = launch.Nodes(nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=29999)
-    assert launch.run_processes(["train", "x.yaml"], 1, nodes=nodes) == 3
+    assert launch.run_processes(["train", "x.yaml"], 1, nodes=nodes, **how) == 3
     err = capsys.readouterr().err
     assert f"process 1 of 2 on host {socket.gethostname()} (node 1) stopped with exit code 3" in err
 

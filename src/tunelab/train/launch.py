@@ -1,7 +1,8 @@
 """``train.processes: N``: ``tunelab train`` starts N data-parallel processes on this machine.
 
-Each process is ``python -m tunelab.cli train ...`` with the environment torchrun and
-``accelerate launch`` give their workers (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+Each process is what ``python -m tunelab.cli train ...`` would be (on Linux it is forked from one
+process that imported the model stack once: :mod:`tunelab.train.zygote`), with the environment
+torchrun and ``accelerate launch`` give their workers (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); the loop's ``Accelerator`` reads it and
 runs DDP over gloo on CPU or NCCL on GPUs. Nothing else changes: the optimiser step covers
 ``batch_size x grad_accum x N`` rows, and 1 process equals N processes (tested).
@@ -19,6 +20,7 @@ gloo timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -85,9 +87,15 @@ class Nodes:
                             "every node must name the same one, e.g. --master-addr node0 --master-port 29500")
 
 
+#: What a forked rank finds imported (``tunelab train``'s rank imports these first thing).
+PRELOAD = ("tunelab.cli", "tunelab.train.recipe")
+
+
 def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nodes: Nodes | None = None,
-                  env: dict[str, str] | None = None) -> int:
-    """Run ``tunelab <argv>`` as ``processes`` ranks; the exit code is the first failing rank's (else 0).
+                  env: dict[str, str] | None = None, module: str = "tunelab.cli", preload: tuple[str, ...] = PRELOAD,
+                  fork: bool | None = None) -> int:
+    """Run ``python -m <module> <argv>`` as ``processes`` ranks (forked ranks exit with ``<module>.main(argv)``,
+    which is what that runs); the exit code is the first failing rank's (else 0).
 
     A rank that fails stops the others. The ranks run in their own session, so Ctrl-C (or a
     SIGINT sent to this process) reaches them once, through this launcher: they agree on a step,
@@ -95,6 +103,9 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nod
     Ctrl-C makes them abort. On Linux a rank also dies with its launcher (``PR_SET_PDEATHSIG``), so
     a killed launcher leaves no rank waiting at a collective. ``env``: variables added to the ranks'
     environment (the allocator: :func:`tunelab.train.cpu_tuning.rank_environment`).
+
+    ``fork`` (default: on Linux): the ranks are forked from one process that imported ``preload``
+    first (:mod:`tunelab.train.zygote`), instead of each starting an interpreter and importing it again.
     """
     nodes = nodes or Nodes()
     nodes.check()
@@ -102,13 +113,18 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nod
     first, world = nodes.node_rank * processes, nodes.nnodes * processes
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     base.update(env or {})
-    procs = []
-    for r in range(processes):
-        env = {**base, "RANK": str(first + r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-               "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": str(nodes.node_rank), "NODE_RANK": str(nodes.node_rank),
-               "MASTER_ADDR": nodes.master_addr, "MASTER_PORT": str(port), LAUNCHED_ENV: "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tunelab.cli", *argv], env=env,
-                                      start_new_session=True, preexec_fn=_die_with_parent))
+    ranks = [{"RANK": str(first + r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+              "LOCAL_WORLD_SIZE": str(processes), "GROUP_RANK": str(nodes.node_rank),
+              "NODE_RANK": str(nodes.node_rank), "MASTER_ADDR": nodes.master_addr, "MASTER_PORT": str(port),
+              LAUNCHED_ENV: "1"} for r in range(processes)]
+    try:
+        if sys.platform.startswith("linux") if fork is None else fork:
+            procs = _Zygote(module, argv, preload, ranks, base).start()
+        else:
+            procs = [subprocess.Popen([sys.executable, "-m", module, *argv], env={**base, **rank_env},
+                                      start_new_session=True, preexec_fn=die_with_parent) for rank_env in ranks]
+    except KeyboardInterrupt:  # during the zygote's imports: it (and any rank it forked) is gone
+        return 130
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -136,14 +152,100 @@ def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nod
         return 130
 
 
+class _Zygote:
+    """The process the ranks are forked from (:mod:`tunelab.train.zygote`), and what it reports of them."""
+
+    def __init__(self, module: str, argv: list[str], preload: tuple[str, ...], ranks: list[dict], env: dict):
+        read, write = os.pipe()
+        spec = json.dumps({"module": module, "argv": argv, "preload": list(preload), "ranks": ranks})
+        self.popen = subprocess.Popen([sys.executable, "-m", "tunelab.train.zygote", str(write), spec], env=env,
+                                      pass_fds=(write,), start_new_session=True, preexec_fn=die_with_parent)
+        os.close(write)
+        os.set_blocking(read, False)
+        self.read_fd, self.pending, self.ranks = read, b"", []
+        self.wanted = len(ranks)
+
+    def start(self) -> list[_Forked]:
+        """Wait until the zygote has forked every rank (or has died: the ranks it did not fork fail with its code)."""
+        try:
+            while len(self.ranks) < self.wanted and self.popen.poll() is None:
+                time.sleep(0.05)
+                self.read()
+        except KeyboardInterrupt:
+            self.popen.kill()  # its ranks die with it (PR_SET_PDEATHSIG)
+            self.popen.wait()
+            raise
+        self.read()
+        missing = [_Forked(None, self) for _ in range(self.wanted - len(self.ranks))]
+        for rank in missing:
+            rank.returncode = self.popen.returncode or 1
+        return [*self.ranks, *missing]
+
+    def read(self) -> None:
+        """Take in the zygote's reports: ``start PID`` and ``exit PID CODE`` lines."""
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            kind, pid, *code = line.decode().split()
+            if kind == "start":
+                self.ranks.append(_Forked(int(pid), self))
+            else:
+                next(r for r in self.ranks if r.pid == int(pid)).returncode = int(code[0])
+        if self.popen.poll() is not None and not self.pending:  # a dead zygote's unreported ranks died with it
+            for rank in self.ranks:
+                if rank.returncode is None:
+                    rank.returncode = self.popen.returncode or -signal.SIGTERM
+
+
+class _Forked:
+    """A forked rank, with the part of ``subprocess.Popen``'s interface the launcher uses."""
+
+    def __init__(self, pid: int | None, zygote: _Zygote):
+        self.pid, self.zygote, self.returncode = pid, zygote, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.zygote.read()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended after the poll
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"rank {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+
 def _send(procs, sig: int) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(sig)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the launcher dies (Linux; elsewhere nothing)."""
+def die_with_parent() -> None:
+    """SIGTERM when the parent dies (Linux; elsewhere nothing). Called by a rank (before its exec, or after the
+    zygote forked it) and by the zygote, so a killed launcher takes its ranks with it."""
     try:
         import ctypes  # lazy: only a launched child on Linux needs it
 
