@@ -182,13 +182,15 @@ class _Zygote:
         return [*self.ranks, *missing]
 
     def read(self) -> None:
-        """Take in the zygote's reports: ``start PID`` and ``exit PID CODE`` lines."""
-        while True:
+        """Take in the zygote's reports: ``start PID`` and ``exit PID CODE`` lines (the pipe is closed at its end)."""
+        while self.read_fd is not None:
             try:
                 chunk = os.read(self.read_fd, 4096)
             except BlockingIOError:
                 break
-            if not chunk:
+            if not chunk:  # the zygote has exited: it reported everything it will
+                os.close(self.read_fd)
+                self.read_fd = None
                 break
             self.pending += chunk
         *lines, self.pending = self.pending.split(b"\n")
