@@ -86,6 +86,8 @@ def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "
 
     import yaml
 
+    import warm
+
     if launcher == "tunelab":
         two = {**two, "train": {**two["train"], "processes": 2}}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -97,10 +99,12 @@ def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "
         if not multi:
             train_here(path)
             continue
-        cmd = [sys.executable, "-m", "tunelab.cli", "train", str(path)]
-        if multi and launcher == "accelerate":
-            cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *ACCELERATE_2, *cmd[1:]]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        if launcher == "accelerate":  # a real interpreter per rank, as accelerate starts them
+            done = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", *ACCELERATE_2, "-m",
+                                   "tunelab.cli", "train", str(path)], capture_output=True, text=True, env=env,
+                                  timeout=300)
+        else:
+            done = warm.run(["train", str(path)], env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     return runs[0], runs[1]
 

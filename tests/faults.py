@@ -8,7 +8,8 @@ would leave its files: nothing after the point is written, no handler saves anyt
 :func:`install` wraps the functions the loop calls at each point. Subprocesses get the same
 faults through ``fault_site/sitecustomize.py``: put that folder on ``PYTHONPATH`` and the fault in
 ``TUNELAB_TEST_FAULT`` (``point:nth:action[:rank]``), and every ``tunelab`` process, the ranks a
-launcher starts included, installs it at start-up.
+launcher starts included, installs it at start-up; a command forked from the warm server
+(:mod:`warm`) installs it as it starts too.
 """
 
 from __future__ import annotations

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
+import warm
 from conftest import tiny_config
 from tunelab.cli import main
 from tunelab.train.schedule import lr_factor, warmup_steps
@@ -29,17 +27,15 @@ def test_generate_and_chat_on_a_trained_run(tmp_path, alpaca_path):
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, alpaca_path, train={"max_steps": 1})))
     assert main(["train", str(path)]) == 0
     run = tmp_path / "runs" / "tiny"
-    cli = [sys.executable, "-m", "tunelab.cli"]
-    gen = subprocess.run([*cli, "generate", str(run), "--prompt", "hello", "--prompt", "again",
-                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
+    gen = warm.run(["generate", str(run), "--prompt", "hello", "--prompt", "again", "--max-new-tokens", "5"],
+                   timeout=120)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.count("\n") == 2  # one reply per prompt (a random model may reply with nothing)
-    chat = subprocess.run([*cli, "chat", str(run), "--max-new-tokens", "4", "--system", "be brief"],
-                          input="hi\n/reset\nhello there\n\n", capture_output=True, text=True, timeout=120)
+    chat = warm.run(["chat", str(run), "--max-new-tokens", "4", "--system", "be brief"],
+                    input="hi\n/reset\nhello there\n\n", timeout=120)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("model> ") == 2 and "lora on tiny-random-llama" in chat.stdout
-    missing = subprocess.run([*cli, "generate", str(run), "--checkpoint", "best", "--prompt", "x"],
-                             capture_output=True, text=True, timeout=120)
+    missing = warm.run(["generate", str(run), "--checkpoint", "best", "--prompt", "x"], timeout=120)
     assert missing.returncode == 2 and "no 'best' weights" in missing.stderr and "Traceback" not in missing.stderr
 
 

@@ -81,6 +81,9 @@ def test_the_ranks_of_a_sharded_engine_run_with_tbbs_allocator_which_reuses_free
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/user-own.so")
     env = rank_environment(on, sharded=True)
     assert env == {"LD_PRELOAD": " ".join([*libraries, "/usr/lib/user-own.so"])}  # ahead of the user's, not instead
+    monkeypatch.setenv("LD_PRELOAD", f"{libraries[1]}:/usr/lib/user-own.so")  # the user's already has one of them
+    assert rank_environment(on, sharded=True) == env
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/user-own.so")
     assert rank_environment(on, sharded=False) == {}  # DDP keeps glibc's (faster for it)
     assert rank_environment(types.SimpleNamespace(cpu_tuning=False, threads=None), sharded=True) == {}
     monkeypatch.setenv("TUNELAB_MALLOC", "glibc")

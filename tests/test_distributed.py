@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import tiny_config, train_one_and_two
 
 
@@ -92,8 +93,7 @@ def test_train_processes_user_error_is_one_line_once(tmp_path, alpaca_path):
     cfg = tiny_config(tmp_path, alpaca_path, train={"processes": 2, "threads": 1, "max_steps": 1},
                       data={"train": [{"path": str(bad)}]})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "c.yaml")],
-                         capture_output=True, text=True, timeout=300)
+    out = warm.run(["train", str(tmp_path / "c.yaml")])
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.jsonl" in errors[0], out.stderr[-2000:]
@@ -116,8 +116,7 @@ def test_the_launcher_starts_the_ranks_without_the_model_stack_and_rank_0_report
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == repr(imported), (distributed, out.stdout, out.stderr)
     (tmp_path / "head.yaml").write_text(yaml.safe_dump({**cfg, "method": {"name": "head"}}))
-    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "head.yaml")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = warm.run(["train", str(tmp_path / "head.yaml")], env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "method.name=head trains a classification head, but task is 'sft'" in out.stderr
@@ -198,7 +197,9 @@ def test_ctrl_c_with_two_processes_saves_one_checkpoint_and_resumes(tmp_path, al
     elif engine:  # torch.distributed.checkpoint: one file a rank
         assert len(list(shards.glob("__*_0.distcp"))) == 2
 
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    from tunelab.train.cpu_tuning import scalable_malloc_libraries
+
+    done = warm.run(["train", str(path), "--resume"], tbb=bool(engine) and scalable_malloc_libraries() is not None)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == summary["total_steps"] and summary["steps_this_session"] == summary["total_steps"] - step

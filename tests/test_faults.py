@@ -15,10 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
-import resource
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import tiny_config
 from faults import POINTS, Fault, SimulatedKill, install, subprocess_env
 from tunelab import metrics_log
@@ -258,15 +256,11 @@ def test_an_old_checkpoint_without_manifest_that_is_truncated_is_one_line(tmp_pa
 # --------------------------------------------------------------------------- subprocesses
 
 
-def _default_sigint() -> None:
-    """A suite started in the background (`make test &`) has SIGINT ignored, and tunelab keeps an
-    inherited SIG_IGN as any program does: give the run under test the default disposition."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _cli(args: list[str], fault: Fault | None = None, preexec=_default_sigint, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          env=subprocess_env(fault), preexec_fn=preexec, timeout=timeout)
+def _cli(args: list[str], fault: Fault | None = None, timeout: int = 300, **kwargs):
+    """``tunelab ARGS`` with ``fault`` armed, forked from the warm server (:mod:`warm`) with the default SIGINT
+    disposition: a suite started in the background (`make test &`) has SIGINT ignored, which tunelab, like any
+    program, would keep."""
+    return warm.run(args, env=subprocess_env(fault), timeout=timeout, **kwargs)
 
 
 @pytest.mark.slow
@@ -279,12 +273,7 @@ def test_disk_full_during_a_checkpoint_stops_cleanly_and_keeps_the_previous_one(
     before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-000002").iterdir()}
     limit = max(len(b) for b in before.values()) // 2  # the weights no longer fit; the small files still do
 
-    def small_disk():
-        _default_sigint()
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    full = _cli(["train", str(path), "--resume"], preexec=small_disk)
+    full = _cli(["train", str(path), "--resume"], file_size_limit=limit)  # a write past it fails with EFBIG
     assert full.returncode == 2, full.stderr[-2000:]
     err = full.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import assert_adam_close, shared, tiny_config
 from tunelab.config import load_config
 from tunelab.data.batching import IGNORE, collate
@@ -308,8 +307,7 @@ def run_two_processes(tmp_path, name, **sections) -> Path:
     """``tunelab train`` with ``train.processes: 2`` (one thread each), through the CLI; the run folder."""
     sections["train"] = {**sections.get("train", {}), "processes": 2, "threads": 1}
     path = config_file(tmp_path, name, **sections)
-    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    done = warm.run(["train", str(path)], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / "runs" / name
 

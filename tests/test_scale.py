@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import assert_adam_close, shared, tiny_config, train_here
 from faults import Fault, subprocess_env
 from tunelab.train.cpu_tuning import scalable_malloc_libraries
@@ -50,11 +51,18 @@ def _train(root: Path, cfg: dict, *extra: str, env: dict | None = None, check: b
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     if cfg["train"].get("processes", 1) == 1 and not extra and env is None and check:
         return train_here(path)
-    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(path), *extra], capture_output=True,
-                          text=True, env=env or ENV, timeout=600)
+    done = warm.run(["train", str(path), *extra], env=env or ENV, timeout=600, tbb=_tbb_ranks(cfg, env or ENV))
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def _tbb_ranks(cfg: dict, env: dict) -> bool:
+    """Whether the launcher gives this run's ranks TBB's allocator (cpu_tuning.rank_environment: a sharded engine,
+    cpu_tuning on, tbb installed, TUNELAB_MALLOC unset); such a run is forked from the warm server that has it."""
+    train = cfg["train"]
+    return train.get("distributed", "ddp") != "ddp" and train.get("cpu_tuning", True) and \
+        not env.get("TUNELAB_MALLOC") and scalable_malloc_libraries() is not None
 
 
 def _losses(run: Path) -> list[float]:
@@ -278,8 +286,8 @@ def _nodes_equal_one_node(tmp_path: Path, alpaca_path: Path, launchers: list[str
         == "shared memory"
     bin_ = Path(sys.executable).parent
     commands = {
-        "tunelab": lambda r, port: [sys.executable, "-m", "tunelab.cli", "train", "{config}", "--nnodes", "2",
-                                    "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port],
+        "tunelab": lambda r, port: ["train", "{config}", "--nnodes", "2", "--node-rank", str(r), "--master-addr",
+                                    "127.0.0.1", "--master-port", port],  # forked from the warm server
         "torchrun": lambda r, port: [str(bin_ / "torchrun"), "--nnodes", "2", "--node-rank", str(r),
                                      "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
                                      "-m", "tunelab.cli", "train", "{config}"],
@@ -294,9 +302,11 @@ def _nodes_equal_one_node(tmp_path: Path, alpaca_path: Path, launchers: list[str
         path = tmp_path / f"nodes-{name}.yaml"
         path.write_text(yaml.safe_dump(two))
         port = str(free_port())
-        procs = [subprocess.Popen([x.replace("{config}", str(path)) for x in commands[name](r, port)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**ENV, "TUNELAB_COLLECTIVES": "gloo"}) for r in (0, 1)]
+        env = {**ENV, "TUNELAB_COLLECTIVES": "gloo"}
+        argvs = [[x.replace("{config}", str(path)) for x in commands[name](r, port)] for r in (0, 1)]
+        procs = [warm.start(argv, env=env, tbb=_tbb_ranks(two, env)) if name == "tunelab" else
+                 subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for argv in argvs]
         outs = [p.communicate(timeout=600) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], (name, [o[1][-2000:] for o in outs])
         nodes = tmp_path / "runs" / f"nodes-{name}"

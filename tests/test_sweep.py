@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import warm
 from conftest import tiny_config
 from faults import Fault, subprocess_env
 from tunelab.cli import main
@@ -193,8 +194,7 @@ def test_a_trial_whose_worker_was_killed_is_rerun_with_its_parameters(tmp_path, 
              "pruner": "none", "trials": 1, "heartbeat": 1}
     path = sweep_config(tmp_path, alpaca_path, sweep)
     env = {**subprocess_env(Fault("after_update", 1, "sigkill")), "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(path), "--worker"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = warm.run(["sweep", str(path), "--worker"], env=env)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after optimiser step 1, mid-trial
     storage = f"sqlite:///{tmp_path / 'runs' / 'sw-sweep' / 'study.db'}"
     (stale,) = optuna.load_study(study_name="sw", storage=storage).get_trials()

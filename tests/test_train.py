@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import tiny_config, train_here
 from faults import Fault, subprocess_env
 from tunelab.config import load_config
@@ -210,6 +211,8 @@ def test_packed_training_matches_unpacked(tmp_path, alpaca_path):
 
 
 def _cli(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``tunelab ARGS`` in a new interpreter (what a user's shell starts: the import-time messages included);
+    commands that need no more than the CLI's code run in a fork of the warm server (:mod:`warm`)."""
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
 
@@ -230,16 +233,14 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, alpaca_path, packing):
         c = {**cfg, "run": {**cfg["run"], "name": name}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(c))
     train_here(tmp_path / "straight.yaml")
-    killed = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(tmp_path / "killed.yaml")],
-                            capture_output=True, text=True, env=subprocess_env(Fault("after_update", 5, "sigkill")),
-                            timeout=300)
+    killed = warm.run(["train", str(tmp_path / "killed.yaml")], env=subprocess_env(Fault("after_update", 5, "sigkill")))
     assert killed.returncode == -9  # SIGKILL, mid-run
     run = tmp_path / "runs" / "killed"
     assert not (run / "final").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    again = _cli(["train", str(tmp_path / "killed.yaml")])
+    again = warm.run(["train", str(tmp_path / "killed.yaml")])
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
-    resumed = _cli(["train", str(tmp_path / "killed.yaml"), "--resume"])
+    resumed = warm.run(["train", str(tmp_path / "killed.yaml"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(tmp_path / "runs" / "straight" / "final" / "adapter_model.safetensors"))
     b = load_file(str(run / "final" / "adapter_model.safetensors"))
@@ -255,7 +256,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, alpaca_path):
                              "optimizer": "sgd", "momentum": 0.0})
     path = tmp_path / "div.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = _cli(["train", str(path)])
+    out = warm.run(["train", str(path)])
     assert out.returncode == 2
     assert "training diverged" in out.stderr and "Traceback" not in out.stderr
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]

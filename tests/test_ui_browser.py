@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+import warm
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TUNELAB_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
 
@@ -66,11 +68,12 @@ def ui(tmp_path_factory):
         (ws / f"{name}.yaml").write_text(f"run: {{name: cli-{name}}}\nmodel: {{path: tiny-random-llama}}\n"
                                          "data: {train: [{path: alpaca.json}], max_length: 64}\n"
                                          f"method: {{name: lora, r: 4}}\ntrain: {{max_steps: 4, lr: {lr}, precision: fp32}}\n")
-    trained = [subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", f"{name}.yaml"], cwd=ws, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for name in "ab"]
+    trained = [warm.start(["train", f"{name}.yaml"], cwd=ws, env=env) for name in "ab"]
     port = _free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "server.log", "w")  # noqa: SIM115 - the server's output, kept as an artifact
+    # the server's output, kept as an artifact: one file a pytest-xdist worker (each worker starts its own server)
+    log_path = ARTIFACTS / f"server-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.log"
+    log = open(log_path, "w")  # noqa: SIM115
     server = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "ui", "--workspace", str(ws), "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     options = webdriver.ChromeOptions()
@@ -80,8 +83,8 @@ def ui(tmp_path_factory):
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
         for proc in trained:
-            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
-        _wait(lambda: "tunelab ui: http://127.0.0.1" in (ARTIFACTS / "server.log").read_text(), 300, "the server")
+            assert proc.wait(timeout=600) == 0, proc.output()[1][-2000:]
+        _wait(lambda: f"tunelab ui: http://127.0.0.1:{port}/" in log_path.read_text(), 300, "the server")
         browser.get(f"http://127.0.0.1:{port}/en/")
         _wait(lambda: browser.find_elements("id", "f-model-path"), 120, "the page")
         yield browser, ws
@@ -207,6 +210,8 @@ def test_chat_streams_a_reply_beside_the_base_model(ui):
     browser, ws = ui
     _tab(browser, "Chat")
     box = _box(browser, "chat-run")
+    box.send_keys(Keys.CONTROL, "a")  # the dropdown shows the first run when the runs existed as the app was built
+    box.send_keys(Keys.DELETE)
     box.send_keys("runs/cli-b")
     box.send_keys(Keys.ENTER)
     browser.find_element("css selector", "#chat-compare-base input").click()

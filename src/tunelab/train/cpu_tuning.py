@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
@@ -147,8 +148,9 @@ def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
             raise UserError("TUNELAB_MALLOC=tbb, but PyPI's tbb is not installed. pip install 'tunelab[tbb]' "
                             "(Linux x86-64), or unset TUNELAB_MALLOC")
         return {}
-    user = os.environ.get("LD_PRELOAD", "")
-    return {"LD_PRELOAD": " ".join([*libraries, user] if user else libraries)}
+    # ld.so splits LD_PRELOAD at spaces and colons; a library the user preloads already is not listed twice
+    user = [lib for lib in re.split(r"[ :]+", os.environ.get("LD_PRELOAD", "")) if lib and lib not in libraries]
+    return {"LD_PRELOAD": " ".join([*libraries, *user])}
 
 
 #: The device nodes a GPU driver makes: NVIDIA's, and AMD's (ROCm).

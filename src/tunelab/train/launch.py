@@ -26,10 +26,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 from tunelab.errors import UserError
+from tunelab.train import zygote
+from tunelab.train.zygote import die_with_parent
 
 #: Set in the processes this launcher starts (their user errors are printed by process 0 only).
 LAUNCHED_ENV = "TUNELAB_PROCESS"
@@ -89,6 +93,17 @@ class Nodes:
 
 #: What a forked rank finds imported (``tunelab train``'s rank imports these first thing).
 PRELOAD = ("tunelab.cli", "tunelab.train.recipe")
+
+
+#: Fork the zygote from the launcher itself instead of starting ``python -m tunelab.train.zygote``: only for a
+#: launcher process that has imported ``PRELOAD`` and runs no other thread, where it saves the zygote's imports
+#: (about 9 CPU-seconds). The test suite's warm server (``tests/warm.py``) sets it; a user's process, which may
+#: hold threads, CUDA or open state a rank must not inherit, never does. A rank's exit then unwinds through the
+#: launcher's frames up to that process's top, as ``os.fork`` children do.
+FORK_ZYGOTE_HERE = False
+#: Variables that take effect only when a process starts (the TBB allocator a sharded engine's ranks get is an
+#: LD_PRELOAD): a zygote whose environment changes one is always a new process.
+EXEC_TIME = ("LD_PRELOAD", "LD_LIBRARY_PATH", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX")
 
 
 def run_processes(argv: list[str], processes: int, *, grace_s: float = 60.0, nodes: Nodes | None = None,
@@ -157,9 +172,14 @@ class _Zygote:
 
     def __init__(self, module: str, argv: list[str], preload: tuple[str, ...], ranks: list[dict], env: dict):
         read, write = os.pipe()
-        spec = json.dumps({"module": module, "argv": argv, "preload": list(preload), "ranks": ranks})
-        self.popen = subprocess.Popen([sys.executable, "-m", "tunelab.train.zygote", str(write), spec], env=env,
-                                      pass_fds=(write,), start_new_session=True, preexec_fn=die_with_parent)
+        spec = {"module": module, "argv": argv, "preload": list(preload), "ranks": ranks}
+        if FORK_ZYGOTE_HERE and threading.active_count() == 1 and all(m in sys.modules for m in preload) and \
+                all(env.get(k) == os.environ.get(k) for k in EXEC_TIME):
+            self.popen = _fork_zygote(spec, env, read, write)
+        else:
+            self.popen = subprocess.Popen([sys.executable, "-m", "tunelab.train.zygote", str(write), json.dumps(spec)],
+                                          env=env, pass_fds=(write,), start_new_session=True,
+                                          preexec_fn=die_with_parent)
         os.close(write)
         os.set_blocking(read, False)
         self.read_fd, self.pending, self.ranks = read, b"", []
@@ -206,6 +226,50 @@ class _Zygote:
                     rank.returncode = self.popen.returncode or -signal.SIGTERM
 
 
+def _fork_zygote(spec: dict, env: dict, read: int, write: int) -> _Child:
+    """The zygote as a fork of this process (``FORK_ZYGOTE_HERE``), set up as the exec'd one would be."""
+    pid = os.fork()
+    if pid:
+        return _Child(pid)
+    zygote_pid = os.getpid()
+    try:
+        os.close(read)
+        os.setsid()
+        die_with_parent()
+        os.environ.clear()
+        os.environ.update(env)
+        zygote.main(write, spec)
+    except BaseException:
+        if os.getpid() != zygote_pid:
+            raise  # a rank ending (zygote._rank): up to the top of the stack, as in the exec'd zygote
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # the zygote, once its ranks have ended: never back into the launcher's code
+
+
+class _Child:
+    """A process this one forked, with the part of ``subprocess.Popen``'s interface :class:`_Zygote` uses."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
 class _Forked:
     """A forked rank, with the part of ``subprocess.Popen``'s interface the launcher uses."""
 
@@ -243,17 +307,6 @@ def _send(procs, sig: int) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(sig)
-
-
-def die_with_parent() -> None:
-    """SIGTERM when the parent dies (Linux; elsewhere nothing). Called by a rank (before its exec, or after the
-    zygote forked it) and by the zygote, so a killed launcher takes its ranks with it."""
-    try:
-        import ctypes  # lazy: only a launched child on Linux needs it
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _wait(procs, seconds: float) -> None:

@@ -1,7 +1,8 @@
 """The process the launcher forks its ranks from: it imports the model stack once, then forks N ranks.
 
 ``python -m tunelab.train.zygote REPORT_FD SPEC`` (started by :func:`tunelab.train.launch.run_processes`
-on Linux). ``SPEC`` is JSON: ``module`` (each rank exits with ``module.main(argv)``, as ``python -m
+on Linux; a launcher that imported the preload itself may instead fork and call :func:`main`:
+``launch.FORK_ZYGOTE_HERE``). ``SPEC`` is JSON: ``module`` (each rank exits with ``module.main(argv)``, as ``python -m
 tunelab.cli`` does), ``argv``, ``preload`` (modules to import before forking) and ``ranks`` (each rank's
 own environment variables, added to this process's). On ``REPORT_FD`` it writes one line per event: ``start PID`` after each fork,
 ``exit PID CODE`` when a rank ends (``CODE`` as ``Popen.returncode``: negative for a signal).
@@ -24,13 +25,12 @@ codes and signal handling.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
 import signal
 import sys
-
-from tunelab.train.launch import die_with_parent
 
 
 def main(report_fd: int, spec: dict) -> None:
@@ -40,6 +40,7 @@ def main(report_fd: int, spec: dict) -> None:
     if torch.version.cuda is None and torch.version.hip is None:
         for name in spec["preload"]:
             importlib.import_module(name)
+    gc.freeze()  # what the imports made: the ranks' collector leaves it (and its copy-on-write pages) alone
     zygote = os.getpid()
     for env in spec["ranks"]:
         pid = os.fork()
@@ -63,6 +64,17 @@ def _rank(zygote: int, module: str, argv: list[str], env: dict[str, str]) -> Non
     # SystemExit, from main or here, ends this process as the interpreter's own exit does: atexit handlers, flushed
     # streams (never back into the zygote's loop: nothing on the way up catches it)
     raise SystemExit(importlib.import_module(module).main(argv))
+
+
+def die_with_parent() -> None:
+    """SIGTERM when the parent dies (Linux; elsewhere nothing). Called by a rank (before its exec, or after the
+    zygote forked it) and by the zygote, so a killed launcher takes its ranks with it."""
+    try:
+        import ctypes  # lazy: only a launched child on Linux needs it
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":
