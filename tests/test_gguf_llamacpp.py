@@ -322,9 +322,11 @@ def test_gemma2_lora_run_as_a_llama_cpp_adapter_agrees_with_the_merged_model(tmp
 @pytest.mark.slow
 def test_smollm2_f16_is_greedy_identical_and_fewer_bits_cost_more_perplexity(tmp_path):
     pytest.importorskip("llama_cpp")
-    result = export("smollm2-135m-instruct", tmp_path / "smol", quant="f16,q8_0,q4_k_m", dtype="fp32")
-    f16, q8, q4 = result.ggufs
+    # q8_0 is checked in llama.cpp on the tiny models above; here the two ends, 16 and ~4.5 bits a weight
+    result = export("smollm2-135m-instruct", tmp_path / "smol", quant="f16,q4_k_m", dtype="fp32")
+    f16, q4 = result.ggufs
     assert {f.checked_by for f in result.ggufs} == {"llama.cpp"}
     assert f16.figures["greedy_tokens"] == 4 * 32  # the real model: every greedy token identical in llama.cpp
-    assert f16.size > q8.size > q4.size
-    assert q8.figures["perplexity_rise"] < q4.figures["perplexity_rise"]
+    assert f16.size > 2 * q4.size  # 271 MB and 105 MB (q4_k_m keeps some tensors at 6 bits and more)
+    # f16 reports no rise (its check is the greedy tokens): its perplexity against the model's in transformers
+    assert abs(f16.figures["perplexity"] / f16.figures["hf_perplexity"] - 1) < 0.01 < q4.figures["perplexity_rise"]
