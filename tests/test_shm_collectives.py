@@ -99,6 +99,9 @@ def _fallback(rank: int, world: int, port: int, out: str, case: str) -> None:
         result = {"error": str(err)}
     result["left"] = sorted(p for p in os.listdir(sc.SHM_DIR) if p.startswith("tunelab-"))
     Path(out, f"{rank}.json").write_text(json.dumps(result))
+    # a rank that raised before any collective (the unknown choice) must not exit while the other still completes
+    # gloo's connection to it ("Connection closed by peer" in connectFullMesh, seen once under load)
+    dist.barrier()
     dist.destroy_process_group()
 
 
