@@ -83,7 +83,8 @@ def ui(tmp_path_factory):
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
         for proc in trained:
-            assert proc.wait(timeout=600) == 0, proc.output()[1][-2000:]
+            _, err = proc.communicate(timeout=600)  # (and its output folder removed)
+            assert proc.returncode == 0, err[-2000:]
         _wait(lambda: f"tunelab ui: http://127.0.0.1:{port}/" in log_path.read_text(), 300, "the server")
         browser.get(f"http://127.0.0.1:{port}/en/")
         _wait(lambda: browser.find_elements("id", "f-model-path"), 120, "the page")
