@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 import warm
 from conftest import assert_adam_close, shared, tiny_config, train_here
 from faults import Fault, subprocess_env
-from tunelab.train.cpu_tuning import scalable_malloc_libraries
+from tunelab.train.cpu_tuning import rank_environment, scalable_malloc_libraries
 from tunelab.train.shm_collectives import mapped_bytes
 
 COMMON = {"lr": 1e-3, "max_steps": 3, "grad_accum": 2, "schedule": "constant", "threads": 1}
@@ -58,11 +59,12 @@ def _train(root: Path, cfg: dict, *extra: str, env: dict | None = None, check: b
 
 
 def _tbb_ranks(cfg: dict, env: dict) -> bool:
-    """Whether the launcher gives this run's ranks TBB's allocator (cpu_tuning.rank_environment: a sharded engine,
-    cpu_tuning on, tbb installed, TUNELAB_MALLOC unset); such a run is forked from the warm server that has it."""
+    """Whether the launcher gives this run's ranks TBB's allocator (cpu_tuning.rank_environment, asked under the
+    run's environment); such a run is forked from the warm server that has it."""
     train = cfg["train"]
-    return train.get("distributed", "ddp") != "ddp" and train.get("cpu_tuning", True) and \
-        not env.get("TUNELAB_MALLOC") and scalable_malloc_libraries() is not None
+    with mock.patch.dict(os.environ, env, clear=True):
+        return "LD_PRELOAD" in rank_environment(SimpleNamespace(cpu_tuning=train.get("cpu_tuning", True)),
+                                                sharded=train.get("distributed", "ddp") != "ddp")
 
 
 def _losses(run: Path) -> list[float]:

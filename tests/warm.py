@@ -27,7 +27,6 @@ import atexit
 import gc
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -37,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tunelab.train.cpu_tuning import scalable_malloc_libraries
+from tunelab.train.cpu_tuning import with_scalable_malloc
 from tunelab.train.zygote import die_with_parent
 
 TESTS = Path(__file__).resolve().parent
@@ -122,11 +121,10 @@ def start(args: list[str], *, env: dict | None = None, cwd: str | Path | None = 
 
 
 def _tbb_preload(user: str) -> str:
-    """``LD_PRELOAD`` with TBB's allocator ahead of ``user``'s, as the launcher sets it for a sharded engine's
-    ranks (``cpu_tuning.rank_environment``)."""
-    libraries = scalable_malloc_libraries()
-    assert libraries is not None, "tbb= needs PyPI's tbb (make setup installs it)"
-    return " ".join([*libraries, *(lib for lib in re.split(r"[ :]+", user) if lib and lib not in libraries)])
+    """``LD_PRELOAD`` as the launcher sets it for a sharded engine's ranks (``cpu_tuning.rank_environment``)."""
+    preload = with_scalable_malloc(user)
+    assert preload is not None, "tbb= needs PyPI's tbb (make setup installs it)"
+    return preload
 
 
 def run(args: list[str], *, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

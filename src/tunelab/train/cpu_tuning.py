@@ -142,15 +142,23 @@ def rank_environment(train_cfg, *, sharded: bool) -> dict[str, str]:
         return {}
     if choice == "glibc" or gpu_visible():
         return {}
-    libraries = scalable_malloc_libraries()
-    if libraries is None:
+    preload = with_scalable_malloc(os.environ.get("LD_PRELOAD", ""))
+    if preload is None:
         if choice == "tbb":
             raise UserError("TUNELAB_MALLOC=tbb, but PyPI's tbb is not installed. pip install 'tunelab[tbb]' "
                             "(Linux x86-64), or unset TUNELAB_MALLOC")
         return {}
-    # ld.so splits LD_PRELOAD at spaces and colons; a library the user preloads already is not listed twice
-    user = [lib for lib in re.split(r"[ :]+", os.environ.get("LD_PRELOAD", "")) if lib and lib not in libraries]
-    return {"LD_PRELOAD": " ".join([*libraries, *user])}
+    return {"LD_PRELOAD": preload}
+
+
+def with_scalable_malloc(ld_preload: str) -> str | None:
+    """``LD_PRELOAD`` value ``ld_preload`` with TBB's allocator ahead of it (None where tbb is not installed).
+    ld.so splits the value at spaces and colons; a library already in it is not listed twice."""
+    libraries = scalable_malloc_libraries()
+    if libraries is None:
+        return None
+    user = [lib for lib in re.split(r"[ :]+", ld_preload) if lib and lib not in libraries]
+    return " ".join([*libraries, *user])
 
 
 #: The device nodes a GPU driver makes: NVIDIA's, and AMD's (ROCm).
