@@ -319,7 +319,8 @@ class TrainSection(_Strict):
         False, description="Recompute layer activations in the backward pass: less memory, one more forward pass of compute per step."
     )
     compile: bool = Field(
-        False, description="torch.compile the decoder (packed rows are padded to max_length for static shapes)."
+        False, description="torch.compile the decoder (packed rows are padded to max_length for static shapes); "
+        "tunelab's fused decoder layers and packed attention (train.fused_kernels) run eagerly inside it."
     )
     fused_kernels: bool = Field(
         True,
