@@ -408,6 +408,51 @@ def test_deepspeed_missing_is_one_line(monkeypatch, tmp_path, alpaca_path):
         engines.make_engine(cfg, acc, "fp32")
 
 
+def test_mlflow_is_hidden_only_while_deepspeed_imports(monkeypatch):
+    """engines.import_deepspeed: while DeepSpeed imports, `import mlflow` fails (its autotuner then skips mlflow);
+    afterwards, and when the import fails, nothing of it is left in sys.modules; with mlflow or DeepSpeed
+    imported already, nothing is hidden."""
+    from tunelab.errors import UserError
+    from tunelab.train import engines
+
+    seen = []
+
+    def fake_require(module, **_):
+        try:
+            import mlflow  # noqa: F401
+            seen.append("importable")
+        except ImportError:
+            seen.append("hidden")
+        if module == "deepspeed" and len(seen) == 2:
+            raise UserError("train.distributed: deepspeed needs deepspeed")
+        return "deepspeed module"
+
+    monkeypatch.setattr(engines, "require", fake_require)
+    for name in ("mlflow", "deepspeed"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert engines.import_deepspeed() == "deepspeed module" and "mlflow" not in sys.modules
+    with pytest.raises(UserError):
+        engines.import_deepspeed()
+    assert "mlflow" not in sys.modules
+    monkeypatch.setitem(sys.modules, "mlflow", SimpleNamespace())  # imported already (by the tracker)
+    engines.import_deepspeed()
+    assert seen == ["hidden", "hidden", "importable"]
+
+
+@pytest.mark.extended
+def test_deepspeed_imports_without_mlflow_and_mlflow_imports_after_it():
+    """The real DeepSpeed (9 s here: a new interpreter, where neither is imported yet): its autotuner does not
+    import mlflow (1.7 s of every rank's start here), and mlflow stays importable for tunelab's tracker."""
+    if not _has_deepspeed():
+        pytest.skip("DeepSpeed is not installed: pip install 'tunelab[deepspeed]'")
+    code = ("import sys\nfrom tunelab.train.engines import import_deepspeed\nimport_deepspeed()\n"
+            "from deepspeed.autotuning import autotuner\nprint(autotuner.has_mlflow, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    # not imported, and no None left in sys.modules: a later `import mlflow` imports it
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+
+
 def test_a_users_deepspeed_json_is_merged_and_a_conflict_names_both_values(tmp_path, alpaca_path):
     from tunelab.config import load_config
     from tunelab.errors import UserError
