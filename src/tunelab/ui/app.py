@@ -10,6 +10,7 @@ login page only).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import threading
@@ -50,6 +51,9 @@ def serve(o: UiOptions, verbs: dict[str, Any]) -> None:
     os.environ.setdefault("COLUMNS", "120")  # the verbs' rich tables, captured for the page
     os.chdir(ws.root)  # configs hold workspace-relative paths, as `tunelab train` run from the workspace reads them
     app = build_app(ws, verbs, accounts, o.lang)
+    # the form's first check imports the task and method registries (transformers, peft: 6 s here): import them
+    # while the page loads, so that the user's first keystroke is not the one that waits for them
+    threading.Thread(target=importlib.import_module, args=("tunelab.tasks",), name="preload", daemon=True).start()
     print(f"tunelab ui: http://{o.host}:{o.port}/ (workspace {ws.root}{', login required' if accounts else ''})",
           flush=True)
     uvicorn.run(app, host=o.host, port=o.port, log_level="warning")
