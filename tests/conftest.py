@@ -109,6 +109,16 @@ def train_one_and_two(tmp_path: Path, one: dict, two: dict, *, launcher: str = "
     return runs[0], runs[1]
 
 
+def fork_ranks(fn, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, but each rank forked from this test process, which has
+    imported torch and tunelab already: a spawned rank is a new interpreter that imports them again (3-8 s of
+    every rank here). The ranks run with one thread, make their own process group and leave with ``os._exit``
+    (multiprocessing's fork children), as the product's zygote ranks do."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
 def assert_adam_close(got, want, *, bulk: float = 1e-5, worst: float = 3e-4, outliers: float = 0.01) -> None:
     """Weights after a few AdamW steps taken two ways (1 vs 2 processes, accumulation vs one batch): all but
     ``outliers`` of the elements within ``bulk``, every element within ``worst``.

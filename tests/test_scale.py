@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import warm
-from conftest import assert_adam_close, shared, tiny_config, train_here
+from conftest import assert_adam_close, fork_ranks, shared, tiny_config, train_here
 from faults import Fault, subprocess_env
 from tunelab.train.cpu_tuning import rank_environment, scalable_malloc_libraries
 from tunelab.train.shm_collectives import mapped_bytes
@@ -607,7 +607,6 @@ def test_per_rank_estimates_are_within_20_percent_of_the_measured_peaks(tmp_path
     (engines._share_master_weights); ZeRO-1/2, bf16 and offload keep DeepSpeed's fp32 copy of the partition
     beside the model (offload: and a gradient buffer for it), which the estimate counts and ``states`` (the flat
     buffers kept between steps, fp32) checks to 5%."""
-    import torch.multiprocessing as mp
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tunelab.search.advise import Probes, estimate_with_layer, per_rank
@@ -627,7 +626,7 @@ def test_per_rank_estimates_are_within_20_percent_of_the_measured_peaks(tmp_path
                                                    precision=precision, checkpointing=False)
     finally:
         probes.close()
-    mp.spawn(_sharded_rank_peaks, args=(2, free_port(), str(folder), str(tmp_path), runs), nprocs=2, join=True)
+    fork_ranks(_sharded_rank_peaks, (2, free_port(), str(folder), str(tmp_path), runs), 2)
     single, _, _, _ = steps["fp32"]
     w, g, o = single.weights, single.gradients, single.optimizer
     kept = {"zero3": (w + g + o) / 2,  # half of one process's weights, gradients and optimiser state: one copy

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import fork_ranks
 
 from tunelab.errors import UserError
 from tunelab.train import shm_collectives as sc
@@ -20,7 +20,7 @@ from tunelab.train.launch import free_port
 
 def _spawn(fn, world: int, out: Path, *args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(fn, args=(world, free_port(), str(out), *args), nprocs=world, join=True)
+    fork_ranks(fn, (world, free_port(), str(out), *args), world)
     return [json.loads((out / f"{r}.json").read_text()) for r in range(world)]
 
 
