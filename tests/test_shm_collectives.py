@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import fork_ranks
 
+from conftest import fork_ranks
 from tunelab.errors import UserError
 from tunelab.train import shm_collectives as sc
 from tunelab.train.launch import free_port
