@@ -6,7 +6,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -162,8 +161,7 @@ def test_two_workers_share_one_postgres_study_without_losing_or_repeating_a_tria
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     # `--workers 2` starts two worker processes (`tunelab sweep sweep.yaml --worker`) on the one study
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "tunelab.cli", "sweep", str(path), "--workers", "2"], env=env,
-                          capture_output=True, text=True, timeout=400)
+    done = warm.run(["sweep", str(path), "--workers", "2"], env=env, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     outs = [done.stdout]
     trials = optuna.load_study(study_name="pg", storage=postgres).get_trials()
