@@ -7,18 +7,21 @@ venv that already had torch in 11 s on this 2-core host, where pip took 92 s, an
 uv reads none of pip's configuration, so this hands it pip's: the index, extra indexes, wheel folders, constraint
 files and certificate that `pip config list` shows (including the PIP_* environment), with pip's rule of taking
 the best version across all indexes. Torch itself stays pip's (the Makefile installs it first, from this
-machine's pip configuration, which is where the CPU build comes from); uv keeps an installed torch that meets the
-constraints and never replaces it.
+machine's pip configuration, which is where the CPU build comes from): uv gets the installed build as one more
+constraint (e.g. torch==2.13.0+cpu), so it never replaces it; where that conflicts, uv fails and pip runs.
 
 Without uv in the venv, with TUNELAB_PIP_ONLY set, or if uv fails, this runs pip with the same arguments.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # pip's options that uv takes under the same name (--cert included), given as flags: uv lets a flag replace, not
@@ -39,14 +42,30 @@ def pip_settings(python: str) -> list[str]:
     return [arg for option, values in settings.items() for value in values for arg in (f"--{option}", value)]
 
 
+def installed_torch_pin() -> list[str]:
+    """A constraint file holding the installed torch build (none if torch is not installed), as uv flags."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    pin = Path(tempfile.mkdtemp(prefix="fast-install-")) / "torch.txt"
+    pin.write_text(f"torch=={version}\n")
+    return ["--constraint", str(pin)]
+
+
 def main(args: list[str]) -> int:
     python = sys.executable
     uv = Path(python).with_name("uv")
     if uv.is_file() and not os.environ.get("TUNELAB_PIP_ONLY"):
+        pin = installed_torch_pin()
         command = [str(uv), "pip", "install", "--quiet", "--python", python, "--index-strategy", "unsafe-best-match",
-                   *pip_settings(python), *args]
-        if subprocess.run(command, check=False).returncode == 0:
-            return 0
+                   *pip_settings(python), *pin, *args]
+        try:
+            if subprocess.run(command, check=False).returncode == 0:
+                return 0
+        finally:
+            if pin:
+                shutil.rmtree(Path(pin[1]).parent, ignore_errors=True)
         print("fast_install: uv could not install this; pip will", file=sys.stderr)
     return subprocess.run([python, "-m", "pip", "install", "-q", *args], check=False).returncode
 
