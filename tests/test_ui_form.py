@@ -109,6 +109,21 @@ def test_non_loopback_host_needs_a_login(tmp_path):
     assert main(["ui", "--host", "0.0.0.0", "--workspace", str(tmp_path)]) == 2
 
 
+def test_the_port_listens_before_the_address_is_printed_and_a_busy_port_is_one_line():
+    import socket
+
+    from tunelab.ui.app import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:  # listening: a client connects (and waits in the backlog) before any server loop runs
+        socket.create_connection(sock.getsockname(), timeout=5).close()
+        with pytest.raises(UserError, match=rf"^--port {sock.getsockname()[1]}: 127.0.0.1:\d+ cannot be listened on "
+                                            r"\(Address already in use\)\. Stop what uses it, or choose another --port$"):
+            _listen("127.0.0.1", sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
 def test_without_login_a_request_gets_only_the_login_page(tmp_path):
     pytest.importorskip("gradio", reason="the [ui] extra is not installed")
     from fastapi.testclient import TestClient

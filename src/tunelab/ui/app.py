@@ -10,7 +10,6 @@ login page only).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import threading
@@ -51,12 +50,28 @@ def serve(o: UiOptions, verbs: dict[str, Any]) -> None:
     os.environ.setdefault("COLUMNS", "120")  # the verbs' rich tables, captured for the page
     os.chdir(ws.root)  # configs hold workspace-relative paths, as `tunelab train` run from the workspace reads them
     app = build_app(ws, verbs, accounts, o.lang)
-    # the form's first check imports the task and method registries (transformers, peft: 6 s here): import them
-    # while the page loads, so that the user's first keystroke is not the one that waits for them
-    threading.Thread(target=importlib.import_module, args=("tunelab.tasks",), name="preload", daemon=True).start()
+    listening = _listen(o.host, o.port)  # before the address is printed: a browser opened at it connects at once
     print(f"tunelab ui: http://{o.host}:{o.port}/ (workspace {ws.root}{', login required' if accounts else ''})",
           flush=True)
-    uvicorn.run(app, host=o.host, port=o.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
+
+
+def _listen(host: str, port: int):
+    """A TCP socket bound to ``host:port`` and listening (connections wait in its backlog until uvicorn serves
+    them); a port in use is a one-line error."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"--port {port}: {host}:{port} cannot be listened on ({err.strerror}). Stop what uses it, "
+                        "or choose another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def build_app(ws: Workspace, verbs: dict[str, Any], accounts: list[tuple[str, str]], lang: str = "en"):
