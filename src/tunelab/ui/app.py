@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import threading
 import typing
 from dataclasses import asdict, is_dataclass
@@ -59,8 +60,6 @@ def serve(o: UiOptions, verbs: dict[str, Any]) -> None:
 def _listen(host: str, port: int):
     """A TCP socket bound to ``host:port`` and listening (connections wait in its backlog until uvicorn serves
     them); a port in use is a one-line error."""
-    import socket
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
