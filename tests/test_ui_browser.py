@@ -137,8 +137,9 @@ def _click(browser, elem_id: str) -> None:
 
 
 def _tab(browser, name: str) -> None:
-    button = next(b for b in browser.find_elements("css selector", "button[role=tab]") if b.text.strip() == name)
-    button.click()
+    buttons = _wait(lambda: [b for b in browser.find_elements("css selector", "button[role=tab]")
+                             if b.text.strip() == name], 60, f"the {name} tab")
+    buttons[0].click()
 
 
 def _shot(browser, name: str, element_id: str | None = None) -> Path:
@@ -152,6 +153,7 @@ def _shot(browser, name: str, element_id: str | None = None) -> Path:
 
 def test_a_path_outside_the_workspace_is_refused(ui):
     browser, ws = ui
+    _tab(browser, "Train")  # each test picks its tab: the browser is per session, in whatever state the last left it
     _type(browser, "f-data-train", "[{path: ../secret.json}]")
     shown = _wait(lambda: "contains '..'" in _value(browser, "problems") and _value(browser, "problems"), 120,
                   "the problem line")
@@ -162,6 +164,7 @@ def test_a_path_outside_the_workspace_is_refused(ui):
 
 def test_train_start_watch_stop_resume(ui):
     browser, ws = ui
+    _tab(browser, "Train")
     for elem_id, text in (("f-run-name", "ui-a"), ("f-model-path", "tiny-random-llama"),
                           ("f-data-train", "[{path: alpaca.json}]"), ("f-data-max_length", "64"),
                           ("f-train-max_steps", "60"), ("f-train-lr", "0.002"), ("f-train-batch_size", "16"),
@@ -247,8 +250,11 @@ def test_the_chinese_page_and_the_language_switch(ui):
     href = browser.find_element("link text", "中文").get_attribute("href")  # Gradio opens links in a new tab
     assert href.endswith("/zh/")
     browser.get(href)
-    _wait(lambda: browser.find_elements("id", "btn-start") and "开始训练" in browser.find_element("id", "btn-start").text,
-          120, "the Chinese labels")
-    assert {"训练", "实验记录", "对话", "数据", "评估", "导出"} <= {b.text.strip() for b in browser.find_elements(
-        "css selector", "button[role=tab]")}
-    browser.get(url)
+    try:
+        _wait(lambda: browser.find_elements("id", "btn-start") and "开始训练" in browser.find_element("id", "btn-start").text,
+              120, "the Chinese labels")
+        assert {"训练", "实验记录", "对话", "数据", "评估", "导出"} <= {b.text.strip() for b in browser.find_elements(
+            "css selector", "button[role=tab]")}
+    finally:  # the English page again, loaded, for the tests this worker runs next (the browser is per session)
+        browser.get(url)
+        _wait(lambda: browser.find_elements("id", "f-model-path"), 120, "the English page")
