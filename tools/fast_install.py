@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,13 +43,14 @@ def pip_settings(python: str) -> list[str]:
     return [arg for option, values in settings.items() for value in values for arg in (f"--{option}", value)]
 
 
-def installed_torch_pin() -> list[str]:
-    """A constraint file holding the installed torch build (none if torch is not installed), as uv flags."""
+def installed_torch_pin(folder: Path) -> list[str]:
+    """A constraint file in ``folder`` holding the installed torch build (none if torch is not installed), as uv
+    flags."""
     try:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return []
-    pin = Path(tempfile.mkdtemp(prefix="fast-install-")) / "torch.txt"
+    pin = folder / "torch.txt"
     pin.write_text(f"torch=={version}\n")
     return ["--constraint", str(pin)]
 
@@ -59,15 +59,12 @@ def main(args: list[str]) -> int:
     python = sys.executable
     uv = Path(python).with_name("uv")
     if uv.is_file() and not os.environ.get("TUNELAB_PIP_ONLY"):
-        pin = installed_torch_pin()
-        command = [str(uv), "pip", "install", "--quiet", "--python", python, "--compile-bytecode",
-                   "--index-strategy", "unsafe-best-match", *pip_settings(python), *pin, *args]
-        try:
+        with tempfile.TemporaryDirectory(prefix="fast-install-") as folder:
+            command = [str(uv), "pip", "install", "--quiet", "--python", python, "--compile-bytecode",
+                       "--index-strategy", "unsafe-best-match", *pip_settings(python),
+                       *installed_torch_pin(Path(folder)), *args]
             if subprocess.run(command, check=False).returncode == 0:
                 return 0
-        finally:
-            if pin:
-                shutil.rmtree(Path(pin[1]).parent, ignore_errors=True)
         print("fast_install: uv could not install this; pip will", file=sys.stderr)
     return subprocess.run([python, "-m", "pip", "install", "-q", *args], check=False).returncode
 

@@ -69,7 +69,6 @@ def _listen(host: str, port: int):
         raise UserError(f"--port {port}: {host}:{port} cannot be listened on ({err.strerror}). Stop what uses it, "
                         "or choose another --port") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
