@@ -330,3 +330,36 @@ def test_smollm2_f16_is_greedy_identical_and_fewer_bits_cost_more_perplexity(tmp
     assert f16.size > 2 * q4.size  # 271 MB and 105 MB (q4_k_m keeps some tensors at 6 bits and more)
     # f16 reports no rise (its check is the greedy tokens): its perplexity against the model's in transformers
     assert abs(f16.figures["perplexity"] / f16.figures["hf_perplexity"] - 1) < 0.01 < q4.figures["perplexity_rise"]
+
+
+def test_a_near_tie_is_a_tie_and_a_clear_flip_fails_the_greedy_check():
+    """check_greedy, with a stand-in for llama.cpp: a different top-1 where Hugging Face ranks the two tokens
+    closer than the F16 logit tolerance is counted as a tie; a clear one is the one-line greedy error."""
+    import numpy as np
+
+    from tunelab.ship import llamacpp
+
+    want = np.zeros((5, 8), dtype=np.float32)
+    want[np.arange(4), [1, 2, 3, 4]] = 10.0  # HF's top-1 at each position (the prompt is 1 token)
+    want[2, 6] = 9.995  # a near-tie at position 2 (within 1e-3 of the largest logit)
+    ref = llamacpp.Reference(["p"], [[0]], [[0, 1, 2, 3, 4]], [want], [], 1.0)
+
+    class Runner:
+        def __init__(self, logits):
+            self.got = logits
+
+        def tokenize(self, text):
+            return [0]
+
+        def logits(self, seq):
+            return self.got
+
+    near = want.copy()
+    near[2, 6] = 10.005  # llama.cpp prefers the other token of the tie
+    figures = llamacpp.check_greedy(Runner(near), ref, "f16")
+    assert figures["greedy_ties"] == 1
+    clear = want.copy()
+    clear[1, 7] = 15.0  # a token Hugging Face scores 0
+    with pytest.raises(UserError, match=r"^--quant f16: greedy check failed: llama.cpp's token 2 of the continuation "
+                                        r"of 'p' is 7, the Hugging Face model's 2\."):
+        llamacpp.check_greedy(Runner(clear), ref, "f16")

@@ -304,7 +304,9 @@ def gguf_check_text(file) -> str:
                                ", not llama.cpp: pip install 'tunelab[gguf]' to run it there")
     if "greedy_tokens" in f:
         ppl = f", held-out perplexity {f['perplexity']:.2f}" if "perplexity" in f else ""
-        return (f"{where}: {f['greedy_tokens']} greedy tokens identical, top-1 logits within "
+        ties = f.get("greedy_ties", 0)
+        tied = f" and {ties} near-tie(s) (Hugging Face's top two logits within 1e-3)" if ties else ""
+        return (f"{where}: {f['greedy_tokens'] - ties} greedy tokens identical{tied}, top-1 logits within "
                 f"{f['top1_logit_error']:.1e}{ppl}")
     return f"{where}: held-out perplexity {f['perplexity']:.2f}, {f['perplexity_rise']:+.2%} vs F16"
 

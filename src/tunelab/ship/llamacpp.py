@@ -27,6 +27,7 @@ from tunelab.errors import UserError, require
 from tunelab.ship.gguf_types import GREEDY_LOGIT_TOLERANCE, QUANTS
 
 GREEDY_TOKENS = 32
+GREEDY_TIE = 1e-3  # of the largest Hugging Face logit: closer top-2 logits are a tie F16 may break either way
 HELD_OUT_TOKENS = 512  # at most (a small vocabulary spells HELD_OUT in many more tokens than a real one)
 #: Fixed probe prompts: plain text, digits and Chinese (byte-level merges), and a chat turn (special tokens).
 PROMPTS = (
@@ -191,7 +192,7 @@ def check_greedy(runner: Runner, ref: Reference, kind: str, what: str | None = N
     ``what`` names the option in the errors (default ``--quant KIND``).
     """
     what = what or f"--quant {kind}"
-    worst = 0.0
+    worst, ties = 0.0, 0
     for text, prompt, seq, want in zip(ref.texts, ref.prompts, ref.sequences, ref.logits, strict=True):
         got_ids = runner.tokenize(text)
         if got_ids != prompt:
@@ -203,18 +204,23 @@ def check_greedy(runner: Runner, ref: Reference, kind: str, what: str | None = N
         # Hugging Face's top-1 over the same sequence in one forward: its greedy continuation (chosen with the cache,
         # which moves logits by float rounding only), so a near-tie is compared like for like
         expected = want[start:-1].argmax(axis=1)
-        if not np.array_equal(top, expected):
-            i = int(np.flatnonzero(top != expected)[0])
+        rows = np.arange(start, len(seq) - 1)
+        scale = max(np.abs(want).max(), 1e-6)
+        # a different top-1 is a tie, not an error, where Hugging Face itself ranks the two tokens within GREEDY_TIE
+        # of each other (a real SmolLM2 fine-tune: 20.865 against 20.859, largest logit 38.8), which F16 rounds away
+        tie = (top != expected) & (want[rows, expected] - want[rows, top] <= GREEDY_TIE * scale)
+        ties += int(tie.sum())
+        if not np.array_equal(top[~tie], expected[~tie]):
+            i = int(np.flatnonzero((top != expected) & ~tie)[0])
             raise UserError(f"{what}: greedy check failed: llama.cpp's token {i + 1} of the continuation of "
                             f"{text[:40]!r} is {int(top[i])}, the Hugging Face model's {int(expected[i])}. "
                             "Report this model's config")
-        rows = np.arange(start, len(seq) - 1)
-        diff = np.abs(got[rows, expected] - want[rows, expected]).max() / max(np.abs(want).max(), 1e-6)
+        diff = np.abs(got[rows, expected] - want[rows, expected]).max() / scale
         worst = max(worst, float(diff))
     if worst > GREEDY_LOGIT_TOLERANCE[kind]:
         raise UserError(f"{what}: top-1 logit check failed: llama.cpp's differ from the Hugging Face model's "
                         f"by {worst:.2e} (relative) > {GREEDY_LOGIT_TOLERANCE[kind]:.0e}. Report this model's config")
-    return {"greedy_tokens": GREEDY_TOKENS * len(ref.sequences), "top1_logit_error": worst}
+    return {"greedy_tokens": GREEDY_TOKENS * len(ref.sequences), "greedy_ties": ties, "top1_logit_error": worst}
 
 
 def held_out_perplexity(runner: Runner, ref: Reference) -> float:
